@@ -1,0 +1,61 @@
+"""What a pipeline returns: the contract between pipeline stages, the writers and
+``result.json``. Pure data, no behaviour beyond derived properties."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: label values in ``AnalysisResult.lung_labels``
+RIGHT_LUNG = 1
+LEFT_LUNG = 2
+
+LABEL_POSITIVE = "COVID-19-like pneumonia"
+LABEL_NEGATIVE = "No COVID-19-like pneumonia"
+
+
+@dataclass(frozen=True)
+class AlgorithmInfo:
+    """Identifies the model in every output (SEG AlgorithmIdentification, SC caption, SR)."""
+
+    name: str  # e.g. "ct-ai-node method A (slice ResNet + fused Grad-CAM)"
+    version: str  # e.g. "0.1.0+phantom-a1b2c3d4"
+    family: str = "Artificial Intelligence"
+    #: short provenance shown to the radiologist
+    trained_on: str = "synthetic chest-CT phantoms only"
+    clinically_validated: bool = False
+
+
+@dataclass
+class AnalysisResult:
+    """Everything one analysis found, in the volume's geometry (z, y, x)."""
+
+    algorithm: AlgorithmInfo
+    pipeline: str
+    probability: float  # 0..1, COVID-19-like pneumonia
+    threshold: float
+    label: str  # LABEL_POSITIVE or LABEL_NEGATIVE
+    slice_scores: np.ndarray  # float32 (z,), 0 for slices without lung
+    positive_slice_ratio: float
+    positive_slices: list[int]  # z indices
+    lung_labels: np.ndarray  # uint8 (z, y, x): 0, RIGHT_LUNG, LEFT_LUNG
+    infection_mask: np.ndarray  # bool (z, y, x)
+    heatmap: np.ndarray  # float32 (z, y, x) in [0, 1]
+    lung_volume_ml: float
+    lesion_volume_ml: float
+    involvement_percent: float
+    corona_score_ml: float
+    #: z indices of the slices shown as key images, most important first
+    key_slices: list[int] = field(default_factory=list)
+    model_versions: dict[str, str] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def is_positive(self) -> bool:
+        return self.label == LABEL_POSITIVE
+
+    @property
+    def lung_slices(self) -> list[int]:
+        return [int(z) for z in np.flatnonzero(self.lung_labels.reshape(self.lung_labels.shape[0], -1).any(axis=1))]
