@@ -1,0 +1,116 @@
+"""Loading and saving model weights as safetensors, with a hash check.
+
+A weight file carries its own description in the safetensors metadata
+(``architecture``, ``arch_kwargs`` as JSON, ``version``, plus free keys such as the
+calibrated decision thresholds). The file's SHA-256 must match the manifest
+(``manifest.json`` beside the weights) before a single tensor is used, so a truncated
+or swapped file is refused with a clear reason. Sites bring their own weights the same
+way: a folder with ``*.safetensors`` files and a ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ct_ai_node.errors import ModelError
+from ct_ai_node.models.networks import build
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "weights"
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    module: nn.Module
+    metadata: dict[str, str]
+    sha256: str
+
+    @property
+    def version(self) -> str:
+        return f"{self.metadata.get('version', '0')}+{self.sha256[:8]}"
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(folder: Path) -> dict[str, str]:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ModelError(f"no {MANIFEST} in weights folder {folder}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc.msg})") from exc
+    return {name: entry["sha256"] if isinstance(entry, dict) else entry for name, entry in data.items()}
+
+
+def save_model(module: nn.Module, path: Path, *, architecture: str, arch_kwargs: dict, version: str,
+               extra: dict[str, str] | None = None, half: bool = True) -> str:
+    """Write ``module``'s state dict (fp16 for floating tensors when ``half``) and
+    update the folder's manifest; returns the file's SHA-256."""
+    state = {}
+    for k, v in module.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        if half and v.is_floating_point():
+            v = v.half()
+        state[k] = v
+    meta = {"architecture": architecture, "arch_kwargs": json.dumps(arch_kwargs), "version": version}
+    meta.update(extra or {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=meta)
+    digest = sha256_of(path)
+    manifest_path = path.parent / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest[path.name] = {"sha256": digest, "version": version, "architecture": architecture}
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return digest
+
+
+def load_model(name: str, folder: Path | None = None, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load ``folder/name.safetensors`` after checking its SHA-256 against the manifest."""
+    folder = Path(folder) if folder else BUNDLED_WEIGHTS
+    path = folder / f"{name}.safetensors"
+    if not path.is_file():
+        raise ModelError(f"weights {path.name} not found in {folder}; run `ct-ai-node train` or bring weights")
+    expected = read_manifest(folder).get(path.name)
+    if expected is None:
+        raise ModelError(f"{path.name} is not listed in {folder / MANIFEST}")
+    actual = sha256_of(path)
+    if actual != expected:
+        raise ModelError(f"{path.name}: SHA-256 {actual[:12]}... does not match the manifest ({expected[:12]}...)")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            metadata = dict(fh.metadata() or {})
+            state = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise ModelError(f"{path.name}: cannot read safetensors ({exc})") from exc
+    try:
+        module = build(metadata["architecture"], **json.loads(metadata.get("arch_kwargs", "{}")))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ModelError(f"{path.name}: metadata does not describe a known network ({exc})") from exc
+    reference = module.state_dict()
+    state = {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"{path.name}: tensors do not fit {metadata['architecture']} ({str(exc).splitlines()[0]})") from exc
+    module.to(device).eval()
+    logger.info("loaded %s (%s, sha256 %s)", path.name, metadata.get("architecture"), actual[:12])
+    return LoadedModel(name=name, module=module, metadata=metadata, sha256=actual)

@@ -1,0 +1,46 @@
+"""Fused multi-resolution Grad-CAM (Frid-Adar et al.): Grad-CAM on the stride-8 and
+stride-16 layers (28x28 and 14x14 for a 224 input), each normalised to [0, 1],
+resized to the input size and multiplied.
+
+The activations and gradients come from MONAI's ``monai.visualize`` hooks
+(``ModelWithHooks``); one forward and one backward pass serve both layers and the
+slice scores.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.visualize.class_activation_maps import ModelWithHooks
+from torch import nn
+
+
+def _normalise(maps: torch.Tensor) -> torch.Tensor:
+    """Per-sample min-max to [0, 1]; an all-constant map becomes zeros."""
+    flat = maps.flatten(1)
+    lo = flat.min(dim=1, keepdim=True).values
+    hi = flat.max(dim=1, keepdim=True).values
+    span = (hi - lo).clamp_min(1e-8)
+    return ((flat - lo) / span * (hi - lo > 1e-8)).view_as(maps)
+
+
+class FusedGradCAM:
+    """Callable: (n, 1, H, W) input -> (logits (n,), fused map (n, H, W) in [0, 1])."""
+
+    def __init__(self, model: nn.Module, target_layers: Sequence[str] = ("backbone.layer2", "backbone.layer3")):
+        self.model = model
+        self.target_layers = tuple(target_layers)
+        self.hooks = ModelWithHooks(model, self.target_layers, register_forward=True, register_backward=True)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, acts, grads = self.hooks(x, class_idx=0)
+        size = x.shape[-2:]
+        fused = torch.ones((x.shape[0], *size), device=x.device)
+        for a, g in zip(acts, grads):
+            weights = g.mean(dim=(2, 3), keepdim=True)
+            cam = F.relu((weights * a).sum(dim=1, keepdim=True))
+            cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[:, 0]
+            fused = fused * _normalise(cam)
+        return logits.detach()[:, 0], fused.detach()

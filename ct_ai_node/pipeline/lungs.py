@@ -1,0 +1,225 @@
+"""Lung segmentation: the classical threshold method and a trained 2D U-Net.
+
+Both return a label volume (0 background, 1 right lung, 2 left lung) in the source
+geometry. The classical method follows the recipe of methods.md (threshold at -600 HU,
+drop air connected to the outside, fill, close, split left/right); the U-Net produces a
+lung probability per slice and shares the same clean-up and split.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+
+from ct_ai_node.pipeline.geometry import patient_x_of_columns, resize_slices, zoom_volume
+from ct_ai_node.pipeline.types import LEFT_LUNG, RIGHT_LUNG
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LungSegmentationSettings:
+    threshold_hu: float = -600.0
+    #: in-plane size the work is done at (speed); the result is resampled back
+    work_size: int = 256
+    #: closing radius that pulls dense juxta-pleural lesions into the lung mask
+    closing_mm: float = 6.0
+    #: components smaller than this share of the largest are dropped
+    min_component_fraction: float = 0.05
+    airway_hu: float = -950.0
+
+
+def _disk(radius_px: int) -> np.ndarray:
+    r = max(int(radius_px), 1)
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return (yy * yy + xx * xx) <= r * r
+
+
+def _work_shape(shape: tuple[int, int, int], work_size: int) -> tuple[int, int, int]:
+    z, y, x = shape
+    f = min(1.0, work_size / max(y, x))
+    return z, max(int(round(y * f)), 1), max(int(round(x * f)), 1)
+
+
+def _outside_air(air: np.ndarray) -> np.ndarray:
+    """Air components (2D, per slice) that touch the image border: outside the body."""
+    out = np.zeros_like(air)
+    border = np.ones(air.shape[1:], bool)
+    border[1:-1, 1:-1] = False
+    for z in range(air.shape[0]):
+        lab, n = ndi.label(air[z])
+        if n == 0:
+            continue
+        touching = np.unique(lab[border & (lab > 0)])
+        out[z] = np.isin(lab, touching[touching > 0])
+    return out
+
+
+def superior_is_high_z(orientation) -> bool:
+    """True when increasing z (the slice normal, row x column cosines) points to the head."""
+    normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:6], float))
+    return bool(normal[2] >= 0)
+
+
+def _remove_airways(lung: np.ndarray, hu: np.ndarray, settings: LungSegmentationSettings, voxel_ml: float,
+                    orientation) -> np.ndarray:
+    """Remove the trachea and main bronchi: the very dark tube entering from the top slice."""
+    dark = lung & (hu < settings.airway_hu)
+    zs = np.flatnonzero(lung.reshape(lung.shape[0], -1).any(axis=1))
+    if zs.size == 0:
+        return lung
+    top = int(zs.max() if superior_is_high_z(orientation) else zs.min())
+    lab, n = ndi.label(dark)
+    seeds = np.unique(lab[top][lab[top] > 0])
+    if seeds.size == 0:
+        return lung
+    # The trachea is the dark component in the top lung slice that is small in-plane.
+    cand = np.isin(lab, seeds)
+    if cand.sum() * voxel_ml > 400:  # leaked into emphysema or the lungs: leave it
+        return lung
+    return lung & ~ndi.binary_dilation(cand, iterations=1)
+
+
+def _split_left_right(lung: np.ndarray, orientation, spacing_yx, min_fraction: float) -> np.ndarray:
+    """Label 1 (right) / 2 (left) by connected components, separating touching lungs by erosion."""
+    labels = np.zeros(lung.shape, np.uint8)
+    if not lung.any():
+        return labels
+    px = patient_x_of_columns(orientation, spacing_yx, lung.shape[1:])
+    work = lung.copy()
+    comps: list[np.ndarray] = []
+    for _ in range(8):
+        lab, n = ndi.label(work)
+        if n >= 2:
+            sizes = ndi.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
+            order = np.argsort(sizes)[::-1]
+            if sizes[order[1]] >= 0.15 * sizes[order[0]]:
+                comps = [lab == (order[0] + 1), lab == (order[1] + 1)]
+                break
+        work = np.stack([ndi.binary_erosion(s, iterations=2) for s in work])
+        if not work.any():
+            break
+    if len(comps) == 2:
+        seeds = np.zeros(lung.shape, np.int32)
+        seeds[comps[0]] = 1
+        seeds[comps[1]] = 2
+        # every lung voxel goes to the nearest seed
+        _, idx = ndi.distance_transform_edt(seeds == 0, return_indices=True)
+        nearest = seeds[tuple(idx)]
+        mean_x = [px[np.nonzero(c)[1:]].mean() for c in comps]
+        right_seed = 1 if mean_x[0] < mean_x[1] else 2
+        labels[(nearest == right_seed) & lung] = RIGHT_LUNG
+        labels[(nearest != right_seed) & (nearest > 0) & lung] = LEFT_LUNG
+        return labels
+    # one blob that would not split: cut at the patient midline of the mask
+    xs = np.broadcast_to(px, lung.shape)[lung]
+    mid = float(np.median(xs))
+    right = lung & (np.broadcast_to(px, lung.shape) < mid)
+    labels[right] = RIGHT_LUNG
+    labels[lung & ~right] = LEFT_LUNG
+    return labels
+
+
+def _clean(lung: np.ndarray, hu_work: np.ndarray, settings: LungSegmentationSettings, spacing_work, voxel_ml_work,
+           orientation) -> np.ndarray:
+    lab, n = ndi.label(lung)
+    if n == 0:
+        return lung
+    sizes = ndi.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
+    keep = np.flatnonzero(sizes >= settings.min_component_fraction * sizes.max()) + 1
+    lung = np.isin(lab, keep)
+    lung = _remove_airways(lung, hu_work, settings, voxel_ml_work, orientation)
+    radius = int(round(settings.closing_mm / spacing_work[1]))
+    disk = _disk(radius)
+    out = np.empty_like(lung)
+    for z in range(lung.shape[0]):
+        s = lung[z]
+        if s.any():
+            s = ndi.binary_closing(np.pad(s, radius + 1), structure=disk)[radius + 1 : -radius - 1, radius + 1 : -radius - 1]
+            s = ndi.binary_fill_holes(s)
+        out[z] = s
+    return out
+
+
+def _to_source(labels_work: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    if labels_work.shape == shape:
+        return labels_work
+    out = np.zeros(shape, np.uint8)
+    for lab in (RIGHT_LUNG, LEFT_LUNG):
+        prob = zoom_volume((labels_work == lab).astype(np.float32), shape, order=1)
+        out[prob >= 0.5] = lab
+    return out
+
+
+def _downsample_hu(hu: np.ndarray, work_shape) -> np.ndarray:
+    return zoom_volume(hu, work_shape, order=1)
+
+
+class ClassicalLungSegmenter:
+    """Threshold at -600 HU, drop outside air, keep large components, close, fill, split."""
+
+    name = "classical"
+    version = "1"
+
+    def __init__(self, settings: LungSegmentationSettings | None = None):
+        self.settings = settings or LungSegmentationSettings()
+
+    def __call__(self, hu: np.ndarray, spacing, orientation) -> np.ndarray:
+        s = self.settings
+        work_shape = _work_shape(hu.shape, s.work_size)
+        hu_w = _downsample_hu(hu, work_shape)
+        f = hu.shape[1] / work_shape[1]
+        spacing_w = (spacing[0], spacing[1] * f, spacing[2] * hu.shape[2] / work_shape[2])
+        voxel_ml = float(np.prod(spacing_w)) / 1000.0
+        air = hu_w < s.threshold_hu
+        lung = air & ~_outside_air(air)
+        lung = _clean(lung, hu_w, s, spacing_w, voxel_ml, orientation)
+        labels = _split_left_right(lung, orientation, spacing_w[1:], s.min_component_fraction)
+        return _to_source(labels, hu.shape)
+
+
+class UNetLungSegmenter:
+    """2D U-Net lung probability per slice (input clipped to [-1000, 0] HU, 256x256)."""
+
+    name = "unet"
+
+    def __init__(self, model: torch.nn.Module, version: str, device: torch.device | str = "cpu",
+                 settings: LungSegmentationSettings | None = None, batch_size: int = 16):
+        self.model = model.to(device).eval()
+        self.version = version
+        self.device = torch.device(device)
+        self.settings = settings or LungSegmentationSettings()
+        self.batch_size = batch_size
+
+    @staticmethod
+    def normalise(hu: np.ndarray | torch.Tensor):
+        return (hu.clip(-1000.0, 0.0) + 1000.0) / 1000.0
+
+    @torch.no_grad()
+    def probabilities(self, hu: np.ndarray) -> np.ndarray:
+        s = self.settings
+        work_shape = _work_shape(hu.shape, s.work_size)
+        size = (s.work_size, s.work_size)
+        probs = np.zeros(work_shape, np.float32)
+        for z0 in range(0, hu.shape[0], self.batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(hu[z0 : z0 + self.batch_size], np.float32))[:, None]
+            x = resize_slices(self.normalise(x), size).to(self.device)
+            p = torch.sigmoid(self.model(x))
+            p = resize_slices(p, work_shape[1:]).cpu().numpy()[:, 0]
+            probs[z0 : z0 + p.shape[0]] = p
+        return probs
+
+    def __call__(self, hu: np.ndarray, spacing, orientation) -> np.ndarray:
+        s = self.settings
+        probs = self.probabilities(hu)
+        work_shape = probs.shape
+        f = hu.shape[1] / work_shape[1]
+        spacing_w = (spacing[0], spacing[1] * f, spacing[2] * hu.shape[2] / work_shape[2])
+        hu_w = _downsample_hu(hu, work_shape)
+        lung = _clean(probs >= 0.5, hu_w, s, spacing_w, float(np.prod(spacing_w)) / 1000.0, orientation)
+        labels = _split_left_right(lung, orientation, spacing_w[1:], s.min_component_fraction)
+        return _to_source(labels, hu.shape)

@@ -1,0 +1,112 @@
+"""Method A (Frid-Adar et al., "RADLogics"): slice classifier on lung-ROI crops,
+fused multi-resolution Grad-CAM, case decision by the positive-slice ratio."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ct_ai_node import __version__
+from ct_ai_node.models.weights import LoadedModel, load_model
+from ct_ai_node.pipeline.localisation import FusedGradCAM
+from ct_ai_node.pipeline.methods import MethodOutput, register_pipeline
+from ct_ai_node.pipeline.scoring import CaseDecision
+from ct_ai_node.pipeline.slice_input import (
+    SliceInputSettings,
+    dilated_mask,
+    lung_slice_indices,
+    paste_back,
+    roi_box,
+    slice_tensors,
+)
+from ct_ai_node.pipeline.types import AlgorithmInfo
+
+WEIGHTS_NAME = "method_a_slice_classifier"
+
+
+@dataclass(frozen=True)
+class MethodASettings:
+    batch_size: int = 16
+    #: Grad-CAM is computed for slices scoring at least this (others are clearly
+    #: negative; their map would be noise and costs a backward pass)
+    gradcam_min_score: float = 0.3
+    input: SliceInputSettings = SliceInputSettings()
+
+
+class RadLogicsMethod:
+    name = "radlogics"
+
+    def __init__(self, model: LoadedModel, device: torch.device, settings: MethodASettings | None = None):
+        self.model = model
+        self.device = device
+        self.settings = settings or MethodASettings()
+        meta = model.metadata
+        self.decision = CaseDecision(**json.loads(meta["case_decision"])) if "case_decision" in meta else CaseDecision()
+        net = model.module.to(device).eval()
+        # Gradients are needed only from the logit down to layer2 (the finer CAM layer).
+        for part in (net.backbone.conv1, net.backbone.bn1, net.backbone.layer1):
+            for p in part.parameters():
+                p.requires_grad_(False)
+        self.cam = FusedGradCAM(net)
+        self.algorithm = AlgorithmInfo(
+            name="ct-ai-node method A (slice ResNet + fused Grad-CAM)",
+            version=f"{__version__}/{model.version}",
+        )
+
+    @torch.no_grad()
+    def _scores(self, x: torch.Tensor) -> np.ndarray:
+        out = []
+        for i in range(0, x.shape[0], self.settings.batch_size):
+            logits = self.model.module(x[i : i + self.settings.batch_size].to(self.device))
+            out.append(torch.sigmoid(logits[:, 0]).cpu())
+        return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+    def _maps(self, x: torch.Tensor) -> np.ndarray:
+        out = []
+        for i in range(0, x.shape[0], self.settings.batch_size):
+            _, fused = self.cam(x[i : i + self.settings.batch_size].to(self.device))
+            out.append(fused.cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0,) + tuple(x.shape[-2:]), np.float32)
+
+    def __call__(self, hu, spacing, orientation, lung_labels) -> MethodOutput:
+        s = self.settings
+        t0 = time.perf_counter()
+        lung = lung_labels > 0
+        zs = lung_slice_indices(lung, s.input.min_lung_fraction)
+        box = roi_box(lung, spacing, s.input)
+        x = slice_tensors(hu[zs], lung[zs], box, spacing, s.input)
+        scores = np.zeros(hu.shape[0], np.float32)
+        scores[zs] = self._scores(x)
+        t1 = time.perf_counter()
+        heat = np.zeros(hu.shape, np.float32)
+        cam_idx = np.flatnonzero(scores[zs] >= s.gradcam_min_score)
+        if cam_idx.size:
+            maps = self._maps(x[cam_idx])
+            sel = zs[cam_idx]
+            inside = dilated_mask(lung[sel], spacing, s.input.mask_dilation_mm)
+            heat[sel] = paste_back(maps, box, hu.shape[1:]) * inside
+        t2 = time.perf_counter()
+        d = self.decision
+        ratio = d.ratio(scores, zs)
+        return MethodOutput(
+            probability=d.probability(ratio),
+            threshold=0.5,
+            slice_scores=scores,
+            positive_slices=d.positive_slices(scores, zs),
+            positive_slice_ratio=ratio,
+            heatmap=heat,
+            algorithm=self.algorithm,
+            model_versions={WEIGHTS_NAME: self.model.version},
+            timings_s={"classification": round(t1 - t0, 3), "localisation": round(t2 - t1, 3)},
+        )
+
+
+@register_pipeline("radlogics", "Method A: slice ResNet-50 layout on lung-ROI crops, fused 14x14/28x28 Grad-CAM, "
+                   "positive-slice ratio (Frid-Adar et al. 2020)")
+def _factory(device: torch.device, weights_dir: Path | None) -> RadLogicsMethod:
+    return RadLogicsMethod(load_model(WEIGHTS_NAME, weights_dir, device), device)

@@ -1,0 +1,102 @@
+"""Pipeline stages on one volume: lungs -> classification + localisation ->
+infection mask -> scores. Returns an :class:`AnalysisResult` for the writers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ct_ai_node.errors import InputRejected
+from ct_ai_node.pipeline import scoring
+from ct_ai_node.pipeline.lungs import ClassicalLungSegmenter, UNetLungSegmenter
+from ct_ai_node.pipeline.methods import Method
+from ct_ai_node.pipeline.types import LABEL_NEGATIVE, LABEL_POSITIVE, AnalysisResult
+from ct_ai_node.volume.types import Volume
+
+logger = logging.getLogger(__name__)
+
+LUNG_UNET_WEIGHTS = "lung_unet2d"
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    #: a series whose segmented lungs are smaller than this is not a chest CT we can read
+    min_lung_volume_ml: float = 400.0
+    key_images: int = 5
+    infection_threshold: float = 0.5
+    infection_min_hu: float = -750.0
+
+
+def create_lung_segmenter(kind: str, device: torch.device | str = "cpu", weights_dir: Path | None = None):
+    if kind == "classical":
+        return ClassicalLungSegmenter()
+    if kind == "unet":
+        from ct_ai_node.models.weights import load_model
+
+        loaded = load_model(LUNG_UNET_WEIGHTS, weights_dir, device)
+        return UNetLungSegmenter(loaded.module, loaded.version, device)
+    raise ValueError(f"unknown lung segmentation {kind!r}; use 'classical' or 'unet'")
+
+
+def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: PipelineSettings | None = None,
+                   pipeline_name: str | None = None) -> AnalysisResult:
+    s = settings or PipelineSettings()
+    timings: dict[str, float] = {}
+    warnings = list(volume.warnings)
+
+    t = time.perf_counter()
+    labels = lung_segmenter(volume.hu, volume.spacing, volume.orientation)
+    timings["lungs"] = round(time.perf_counter() - t, 3)
+    lung = labels > 0
+    lung_ml = scoring.volume_ml(lung, volume.spacing)
+    if lung_ml < s.min_lung_volume_ml:
+        raise InputRejected(f"no lungs found: segmented lung volume {lung_ml:.0f} ml < {s.min_lung_volume_ml:.0f} ml "
+                            "(is this a chest CT?)")
+    zs = np.flatnonzero(lung.reshape(lung.shape[0], -1).any(axis=1))
+    if zs[0] == 0 or zs[-1] == lung.shape[0] - 1:
+        warnings.append("the lungs reach the first or last slice: the scan may not cover the whole chest")
+
+    out = method(volume.hu, volume.spacing, volume.orientation, labels)
+    timings.update(out.timings_s)
+
+    t = time.perf_counter()
+    heat_pos = np.zeros_like(out.heatmap)
+    heat_pos[out.positive_slices] = out.heatmap[out.positive_slices]
+    infection = scoring.infection_mask_from_heatmap(
+        heat_pos, lung, volume.hu, volume.spacing, threshold=s.infection_threshold, min_hu=s.infection_min_hu
+    )
+    lesion_ml = scoring.volume_ml(infection, volume.spacing)
+    corona = scoring.corona_score_ml(out.heatmap, out.positive_slices, volume.spacing)
+    positive = out.probability >= out.threshold
+    candidates = out.positive_slices if len(out.positive_slices) else zs
+    key = scoring.top_slices(out.slice_scores, candidates, s.key_images)
+    timings["infection_and_scores"] = round(time.perf_counter() - t, 3)
+
+    model_versions = dict(out.model_versions)
+    model_versions["lungs"] = f"{getattr(lung_segmenter, 'name', 'lungs')}/{getattr(lung_segmenter, 'version', '1')}"
+    return AnalysisResult(
+        algorithm=out.algorithm,
+        pipeline=pipeline_name or getattr(method, "name", "unknown"),
+        probability=float(out.probability),
+        threshold=float(out.threshold),
+        label=LABEL_POSITIVE if positive else LABEL_NEGATIVE,
+        slice_scores=out.slice_scores,
+        positive_slice_ratio=float(out.positive_slice_ratio),
+        positive_slices=[int(z) for z in out.positive_slices],
+        lung_labels=labels,
+        infection_mask=infection,
+        heatmap=out.heatmap,
+        lung_volume_ml=lung_ml,
+        lesion_volume_ml=lesion_ml,
+        involvement_percent=scoring.involvement_percent(lesion_ml, lung_ml),
+        corona_score_ml=corona,
+        key_slices=key,
+        model_versions=model_versions,
+        timings_s=timings,
+        warnings=warnings,
+    )

@@ -1,0 +1,95 @@
+"""Pure scoring: case decision, calibrated probability, volumes, Corona score.
+
+No disk, no network, no torch: numbers in, numbers out, so the rules are easy to test
+with hand-made cases.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+
+@dataclass(frozen=True)
+class CaseDecision:
+    """Case-level rule of method A: positive when the share of lung slices classified
+    positive exceeds ``ratio_threshold``. ``slope`` turns the ratio into a calibrated
+    probability, ``p = sigmoid(slope * (ratio - ratio_threshold))``, so p = 0.5 exactly
+    at the decision threshold (both fitted on validation phantoms, see the model card)."""
+
+    slice_threshold: float = 0.5
+    ratio_threshold: float = 0.1
+    slope: float = 30.0
+
+    def positive_slices(self, slice_scores: np.ndarray, lung_slices: np.ndarray) -> np.ndarray:
+        scores = np.asarray(slice_scores)
+        lung = np.asarray(lung_slices, dtype=int)
+        return lung[scores[lung] >= self.slice_threshold]
+
+    def ratio(self, slice_scores: np.ndarray, lung_slices: np.ndarray) -> float:
+        lung = np.asarray(lung_slices, dtype=int)
+        if lung.size == 0:
+            return 0.0
+        return float(self.positive_slices(slice_scores, lung).size / lung.size)
+
+    def probability(self, ratio: float) -> float:
+        return 1.0 / (1.0 + math.exp(-self.slope * (ratio - self.ratio_threshold)))
+
+    def is_positive(self, ratio: float) -> bool:
+        return ratio > self.ratio_threshold
+
+
+def volume_ml(mask: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    return float(np.count_nonzero(mask)) * float(np.prod(spacing)) / 1000.0
+
+
+def involvement_percent(lesion_ml: float, lung_ml: float) -> float:
+    return 0.0 if lung_ml <= 0 else 100.0 * lesion_ml / lung_ml
+
+
+def corona_score_ml(heatmap: np.ndarray, positive_slices: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    """Sum of the localisation maps over the positive slices times the voxel size
+    (x, y, z), in cm³ (= ml) as in Frid-Adar et al."""
+    idx = np.asarray(positive_slices, dtype=int)
+    if idx.size == 0:
+        return 0.0
+    return float(heatmap[idx].sum(dtype=np.float64)) * float(np.prod(spacing)) / 1000.0
+
+
+def infection_mask_from_heatmap(
+    heatmap: np.ndarray,
+    lung: np.ndarray,
+    hu: np.ndarray,
+    spacing: tuple[float, float, float],
+    threshold: float = 0.5,
+    sigma_mm: float = 3.0,
+    min_hu: float = -750.0,
+    min_component_ml: float = 0.1,
+) -> np.ndarray:
+    """Stack of slice maps -> 3D Gaussian smoothing -> threshold -> inside the lungs.
+
+    Voxels darker than ``min_hu`` are not infection whatever the map says: ground-glass
+    opacity starts around -750 HU, so this keeps the mask on abnormal parenchyma instead
+    of the whole blob that Grad-CAM's coarse resolution draws.
+    """
+    sigma = [max(sigma_mm / s, 0.0) for s in spacing]
+    smooth = ndi.gaussian_filter(heatmap.astype(np.float32), sigma=sigma)
+    mask = (smooth >= threshold) & lung & (hu >= min_hu)
+    if not mask.any():
+        return mask
+    lab, n = ndi.label(mask)
+    sizes = ndi.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1)) * float(np.prod(spacing)) / 1000.0
+    keep = np.flatnonzero(sizes >= min_component_ml) + 1
+    return np.isin(lab, keep)
+
+
+def top_slices(slice_scores: np.ndarray, candidates: np.ndarray, k: int) -> list[int]:
+    """The ``k`` candidate slices with the highest scores, best first."""
+    cand = np.asarray(candidates, dtype=int)
+    if cand.size == 0:
+        return []
+    order = np.argsort(-np.asarray(slice_scores)[cand], kind="stable")
+    return [int(z) for z in cand[order[:k]]]
