@@ -1,0 +1,234 @@
+"""What every result object shares: identity of the node, series numbering, the AI
+marking, the caption text, references to source slices and error wrapping.
+
+Pure functions and small value types; no disk, no network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from ct_ai_node import __version__
+from ct_ai_node.errors import OutputError
+from ct_ai_node.pipeline.types import AlgorithmInfo, AnalysisResult
+from ct_ai_node.volume.types import Volume
+
+#: (0008,0070) Manufacturer of every object the node writes
+MANUFACTURER = "ct-ai-node"
+#: (0008,1090) Manufacturer's Model Name
+MODEL_NAME = "ct-ai-node"
+#: (0018,1020) Software Versions
+SOFTWARE_VERSION = __version__
+#: (0018,1000) Device Serial Number; the node is software, there is no hardware serial
+DEVICE_SERIAL_NUMBER = "ct-ai-node-" + __version__
+NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
+
+#: Local coding scheme for concepts no public terminology has (DICOM PS3.16 8.2 allows
+#: private schemes; the "99" prefix marks it as local).
+LOCAL_SCHEME = "99CTAI"
+
+_LO_MAX = 64  # VR LO: 64 characters
+
+
+@dataclass(frozen=True)
+class SeriesNumbers:
+    """(0020,0011) Series Number of each output series, counted from ``base``."""
+
+    base: int = 900
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.base, int) or not 0 <= self.base <= 2**31 - 10:
+            raise ValueError(f"series_number_base must be a non-negative int, got {self.base!r}")
+
+    @property
+    def seg(self) -> int:
+        return self.base + 1
+
+    @property
+    def heatmap(self) -> int:
+        return self.base + 2
+
+    @property
+    def key_images(self) -> int:
+        return self.base + 3
+
+    @property
+    def sr(self) -> int:
+        return self.base + 4
+
+    @property
+    def key_object_selection(self) -> int:
+        return self.base + 5
+
+
+def lo(text: str) -> str:
+    """Clip ``text`` to the 64 characters a LO attribute may hold."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= _LO_MAX else text[: _LO_MAX - 1] + "~"
+
+
+def needs_disclaimer(algorithm: AlgorithmInfo) -> bool:
+    return not algorithm.clinically_validated
+
+
+def method_label(pipeline: str) -> str:
+    """A short, human name of the pipeline: ``"a"``/``"method_a"`` -> ``"method A"``."""
+    text = str(pipeline).strip()
+    match = re.fullmatch(r"(?:method[ _-]?)?([a-zA-Z])", text)
+    if match:
+        return f"method {match.group(1).upper()}"
+    return text.replace("_", " ") or "unknown method"
+
+
+def series_description(kind: str, result: AnalysisResult) -> str:
+    """(0008,103E) Series Description, e.g. ``AI heat map (method A) NOT FOR DIAGNOSTIC USE``.
+
+    The disclaimer is always kept, so ``kind`` and the method are shortened first.
+    """
+    suffix = f" {NOT_FOR_DIAGNOSTIC_USE}" if needs_disclaimer(result.algorithm) else ""
+    text = f"{kind} ({method_label(result.pipeline)})"
+    room = _LO_MAX - len(suffix)
+    if len(text) > room:
+        text = text[: room - 1] + "~"
+    return text + suffix
+
+
+def algorithm_family_code(algorithm: AlgorithmInfo):
+    """A code of CID 7162 "Algorithm Family" matching ``algorithm.family`` by meaning."""
+    wanted = algorithm.family.strip().lower()
+    cid = codes.cid7162
+    for name in cid.dir():
+        code = getattr(cid, name)
+        if code.meaning.lower() == wanted:
+            return code
+    return cid.ArtificialIntelligence
+
+
+def now() -> datetime.datetime:
+    return datetime.datetime.now()
+
+
+def content_date_time(when: datetime.datetime | None = None) -> dict[str, object]:
+    """Keyword arguments for highdicom's (0008,0023) Content Date / (0008,0033) Time and
+    (0008,0021) Series Date / (0008,0031) Series Time."""
+    when = when or now()
+    return {
+        "content_date": when.date(),
+        "content_time": when.time().replace(microsecond=0),
+        "series_date": when.date(),
+        "series_time": when.time().replace(microsecond=0),
+    }
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """One source slice as a DICOM image reference."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    #: 1-based frame number inside a multi-frame source, else None
+    frame_number: int | None
+
+    def as_item(self, purpose: object | None = None) -> Dataset:
+        """An Image SOP Instance Reference Macro item (optionally with purpose)."""
+        item = Dataset()
+        item.ReferencedSOPClassUID = self.sop_class_uid
+        item.ReferencedSOPInstanceUID = self.sop_instance_uid
+        if self.frame_number is not None:
+            item.ReferencedFrameNumber = self.frame_number
+        if purpose is not None:
+            from highdicom.sr import CodedConcept
+
+            item.PurposeOfReferenceCodeSequence = [CodedConcept.from_code(purpose)]
+        return item
+
+
+def source_ref(volume: Volume, z: int) -> SourceRef:
+    if not 0 <= z < len(volume.slices):
+        raise ValueError(f"slice index z={z} is outside the volume (0..{len(volume.slices) - 1})")
+    ref = volume.slices[z]
+    return SourceRef(ref.sop_class_uid, ref.sop_instance_uid, ref.frame_number)
+
+
+def check_result_matches(volume: Volume, result: AnalysisResult) -> None:
+    """Raise ValueError naming the field whose shape does not fit the volume."""
+    shape = volume.shape
+    if len(volume.slices) != shape[0]:
+        raise ValueError(
+            f"volume.slices has {len(volume.slices)} entries, volume.hu has {shape[0]} slices"
+        )
+    if not volume.datasets:
+        raise ValueError("volume.datasets is empty: the writers need the source headers")
+    for name in ("lung_labels", "infection_mask", "heatmap"):
+        arr = getattr(result, name)
+        if tuple(arr.shape) != shape:
+            raise ValueError(f"result.{name} has shape {tuple(arr.shape)}, volume is {shape}")
+    if len(result.slice_scores) != shape[0]:
+        raise ValueError(
+            f"result.slice_scores has {len(result.slice_scores)} values, volume has {shape[0]} slices"
+        )
+
+
+@contextlib.contextmanager
+def building(what: str) -> Iterator[None]:
+    """Wrap third-party failures while building ``what`` into one OutputError."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, RuntimeError) as exc:
+        raise OutputError(f"{what}: {' '.join(str(exc).split())}") from exc
+
+
+# --- caption text --------------------------------------------------------------------
+
+
+def _fmt_ml(value: float) -> str:
+    return f"{value:.0f} ml" if abs(value) >= 10 else f"{value:.1f} ml"
+
+
+def headline(result: AnalysisResult) -> str:
+    """``AI: COVID-19-like pneumonia  p=0.87``"""
+    return f"AI: {result.label}  p={result.probability:.2f}"
+
+
+def numbers_line(result: AnalysisResult) -> str:
+    """The SR's key numbers, for viewers that do not show SR."""
+    return (
+        f"lesion {_fmt_ml(result.lesion_volume_ml)} ({result.involvement_percent:.1f}% of lungs)"
+        f"  corona score {_fmt_ml(result.corona_score_ml)}"
+    )
+
+
+def provenance_line(result: AnalysisResult) -> str:
+    """``ct-ai-node method A 0.1.0 (trained on synthetic phantoms)``"""
+    algo = result.algorithm
+    return f"{MANUFACTURER} {method_label(result.pipeline)} {algo.version} (trained on {algo.trained_on})"
+
+
+@dataclass(frozen=True)
+class Caption:
+    """Lines burned into a secondary capture: ``top`` first line first, ``bottom``
+    last line last."""
+
+    top: tuple[str, ...]
+    bottom: tuple[str, ...]
+
+
+def caption_for(result: AnalysisResult, z: int, key: tuple[int, int] | None = None) -> Caption:
+    """The caption of slice ``z``; ``key=(k, n)`` adds the key-image line."""
+    score = float(result.slice_scores[z])
+    top = [f"{headline(result)}  slice score {score:.2f}", numbers_line(result)]
+    if key is not None:
+        top.append(f"Key image {key[0]}/{key[1]}: highest AI slice score")
+    bottom = [provenance_line(result)]
+    if needs_disclaimer(result.algorithm):
+        bottom.append(NOT_FOR_DIAGNOSTIC_USE)
+    return Caption(tuple(top), tuple(bottom))

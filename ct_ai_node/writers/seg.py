@@ -1,0 +1,211 @@
+"""DICOM Segmentation (SEG) of the lungs and the suspected infection.
+
+BINARY segmentation, one segment per non-empty structure (an empty segment hangs
+OHIF's loader), SNOMED CT codes, the algorithm identified in every segment, and frames
+that reference the exact source slice (SOP instance, and frame number for a
+multi-frame source).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+from pydicom.sr.codedict import codes
+
+from ct_ai_node.errors import OutputError
+from ct_ai_node.pipeline.types import LEFT_LUNG, RIGHT_LUNG, AnalysisResult
+from ct_ai_node.volume.types import Volume
+from ct_ai_node.writers import common
+
+logger = logging.getLogger(__name__)
+
+#: Weasis refuses SEG objects with more frames than this
+WEASIS_MAX_FRAMES = 400
+
+# (0062,0003) Segmented Property Category / (0062,000F) Type and its modifier, from
+# CID 7150, CID 7151/7159 and CID 244 (pydicom.sr.codedict; no code invented here)
+ANATOMICAL_STRUCTURE = codes.cid7150.AnatomicalStructure  # SCT 91723000
+MORPHOLOGICALLY_ABNORMAL = codes.cid7150.MorphologicallyAbnormalStructure  # SCT 49755003
+LUNG = codes.SCT.Lung  # SCT 39607008
+RIGHT = codes.SCT.Right  # SCT 24028007
+LEFT = codes.SCT.Left  # SCT 7771000
+#: SCT 409774005 "Inflammation" (morphologic abnormality, CID 7159): the closest
+#: SNOMED CT morphology to "suspected infection" (pneumonic opacity) in CID 7151/7159
+INFLAMMATION = codes.cid7159.Inflammation
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """One possible segment; ``key`` names it across SEG and SR."""
+
+    key: str
+    label: str
+    category: object
+    type: object
+    modifier: object | None
+    rgb: tuple[int, int, int]
+
+
+RIGHT_LUNG_SEGMENT = SegmentSpec("right_lung", "Right lung", ANATOMICAL_STRUCTURE, LUNG, RIGHT, (64, 160, 255))
+LEFT_LUNG_SEGMENT = SegmentSpec("left_lung", "Left lung", ANATOMICAL_STRUCTURE, LUNG, LEFT, (64, 220, 120))
+INFECTION_SEGMENT = SegmentSpec(
+    "infection", "Suspected infection", MORPHOLOGICALLY_ABNORMAL, INFLAMMATION, None, (255, 64, 32)
+)
+SEGMENT_SPECS = (RIGHT_LUNG_SEGMENT, LEFT_LUNG_SEGMENT, INFECTION_SEGMENT)
+
+
+def segment_masks(result: AnalysisResult) -> list[tuple[SegmentSpec, np.ndarray]]:
+    """The non-empty segments, in SEG order, with their (z, y, x) bool masks."""
+    labels = np.asarray(result.lung_labels)
+    candidates = [
+        (RIGHT_LUNG_SEGMENT, labels == RIGHT_LUNG),
+        (LEFT_LUNG_SEGMENT, labels == LEFT_LUNG),
+        (INFECTION_SEGMENT, np.asarray(result.infection_mask, dtype=bool)),
+    ]
+    return [(spec, mask) for spec, mask in candidates if mask.any()]
+
+
+def segment_number(seg: hd.seg.Segmentation, key: str) -> int | None:
+    """The segment number of ``key`` (a SegmentSpec key) in ``seg``, None if omitted."""
+    label = {spec.key: spec.label for spec in SEGMENT_SPECS}[key]
+    for item in seg.SegmentSequence:
+        if item.SegmentLabel == label:
+            return int(item.SegmentNumber)
+    return None
+
+
+def _description(
+    number: int, spec: SegmentSpec, algorithm: hd.AlgorithmIdentificationSequence
+) -> hd.seg.SegmentDescription:
+    desc = hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=spec.label,
+        segmented_property_category=spec.category,
+        segmented_property_type=spec.type,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+        tracking_uid=hd.UID(),
+        tracking_id=spec.label,
+        anatomic_regions=[LUNG] if spec.modifier is None else None,
+        display_color=hd.color.CIELabColor.from_rgb(*spec.rgb),
+    )
+    if spec.modifier is not None:
+        # Laterality is a modifier of the property type (PS3.3 C.8.20.4, Segment
+        # Description Macro: (0062,0011) nested in (0062,000F)).
+        desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            hd.sr.CodedConcept.from_code(spec.modifier)
+        ]
+    return desc
+
+
+def _source_stack(volume: Volume, masks: list[np.ndarray]):
+    """Source images and the (frames, rows, cols, segments) array highdicom expects:
+    ``array[i]`` belongs to ``source_images[i]`` (single-frame) or to frame ``i + 1``
+    of the one multi-frame source."""
+    n_z, rows, cols = volume.shape
+    n_seg = len(masks)
+    if volume.is_multiframe:
+        uids = {ref.sop_instance_uid for ref in volume.slices}
+        if len(uids) != 1 or len(volume.datasets) != 1:
+            raise OutputError(
+                f"SEG: a multi-frame source must be one instance, got {len(uids)} instances"
+            )
+        source = volume.datasets[0]
+        n_frames = int(source.NumberOfFrames)
+        frame_index = np.array([ref.frame_number for ref in volume.slices], dtype=np.int64) - 1
+        if frame_index.min() < 0 or frame_index.max() >= n_frames:
+            raise OutputError(f"SEG: a frame number is outside 1..{n_frames} of the source")
+        stack = np.zeros((n_frames, rows, cols, n_seg), dtype=np.uint8)
+        for s, mask in enumerate(masks):
+            stack[frame_index, :, :, s] = mask
+        return [source], stack
+    by_uid = {ds.SOPInstanceUID: ds for ds in volume.datasets}
+    try:
+        sources = [by_uid[ref.sop_instance_uid] for ref in volume.slices]
+    except KeyError as exc:
+        raise OutputError(f"SEG: no source dataset for slice SOP instance {exc.args[0]}") from exc
+    # Only the slices holding a segment: the same SEG, but highdicom's overlap check
+    # and frame loop see fewer frames (about 0.5 s less for a 300-slice chest CT).
+    present = np.flatnonzero(np.logical_or.reduce([m.any(axis=(1, 2)) for m in masks]))
+    stack = np.stack([m[present] for m in masks], axis=-1).astype(np.uint8, copy=False)
+    return [sources[z] for z in present], stack
+
+
+def build_seg(
+    volume: Volume,
+    result: AnalysisResult,
+    series_number: int,
+    *,
+    omit_empty_frames: bool = True,
+    institution_name: str | None = None,
+) -> hd.seg.Segmentation:
+    """Build the lung + infection SEG.
+
+    Parameters
+    ----------
+    volume
+        The analysed source series (its datasets become (0008,1115) Referenced Series
+        Sequence and each frame's Derivation Image / Source Image Sequence).
+    result
+        The analysis; ``lung_labels`` gives segments "Right lung" and "Left lung",
+        ``infection_mask`` gives "Suspected infection". Empty segments are omitted.
+    series_number
+        (0020,0011) Series Number of the new SEG series.
+    omit_empty_frames
+        Store only frames where a segment is present (fewer frames: Weasis refuses
+        more than 400).
+    institution_name
+        (0008,0080) Institution Name, optional.
+
+    Raises
+    ------
+    OutputError
+        If no segment is non-empty or highdicom cannot build the object.
+    """
+    common.check_result_matches(volume, result)
+    present = segment_masks(result)
+    if not present:
+        raise OutputError("SEG: lungs and infection are all empty; nothing to segment")
+    algo = result.algorithm
+    algorithm_id = hd.AlgorithmIdentificationSequence(
+        name=common.lo(algo.name),
+        family=common.algorithm_family_code(algo),
+        version=common.lo(algo.version),
+        source=common.MANUFACTURER,
+    )
+    with common.building("SEG"):
+        descriptions = [
+            _description(i, spec, algorithm_id) for i, (spec, _) in enumerate(present, start=1)
+        ]
+        sources, stack = _source_stack(volume, [mask for _, mask in present])
+        seg = hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=stack,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(),
+            series_number=series_number,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer=common.MANUFACTURER,
+            manufacturer_model_name=common.lo(algo.name),
+            software_versions=common.SOFTWARE_VERSION,
+            device_serial_number=common.DEVICE_SERIAL_NUMBER,
+            content_description=common.lo(
+                "AI segmentation: " + ", ".join(spec.label.lower() for spec, _ in present)
+            ),
+            content_label="AI_LUNG_INFECT",
+            omit_empty_frames=omit_empty_frames,
+            series_description=common.series_description("AI lung + infection SEG", result),
+            institution_name=institution_name,
+            **common.content_date_time(),
+        )
+    n_frames = int(seg.NumberOfFrames)
+    if n_frames > WEASIS_MAX_FRAMES:
+        logger.warning(
+            "SEG has %d frames; Weasis refuses SEG objects over %d frames", n_frames, WEASIS_MAX_FRAMES
+        )
+    return seg
