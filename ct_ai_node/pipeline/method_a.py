@@ -47,6 +47,7 @@ class RadLogicsMethod:
         self.settings = settings or MethodASettings()
         meta = model.metadata
         self.decision = CaseDecision(**json.loads(meta["case_decision"])) if "case_decision" in meta else CaseDecision()
+        self.infection_threshold = float(meta["infection_threshold"]) if "infection_threshold" in meta else None
         net = model.module.to(device).eval()
         # Gradients are needed only from the logit down to layer2 (the finer CAM layer).
         for part in (net.backbone.conv1, net.backbone.bn1, net.backbone.layer1):
@@ -103,6 +104,7 @@ class RadLogicsMethod:
             algorithm=self.algorithm,
             model_versions={WEIGHTS_NAME: self.model.version},
             timings_s={"classification": round(t1 - t0, 3), "localisation": round(t2 - t1, 3)},
+            infection_threshold=self.infection_threshold,
         )
 
 

@@ -29,6 +29,8 @@ class MethodOutput:
     algorithm: AlgorithmInfo
     model_versions: dict[str, str] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
+    #: heat-map level above which a voxel joins the infection mask (calibrated per model)
+    infection_threshold: float | None = None
 
 
 class Method(Protocol):

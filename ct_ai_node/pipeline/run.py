@@ -68,7 +68,9 @@ def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: Pip
     heat_pos = np.zeros_like(out.heatmap)
     heat_pos[out.positive_slices] = out.heatmap[out.positive_slices]
     infection = scoring.infection_mask_from_heatmap(
-        heat_pos, lung, volume.hu, volume.spacing, threshold=s.infection_threshold, min_hu=s.infection_min_hu
+        heat_pos, lung, volume.hu, volume.spacing,
+        threshold=out.infection_threshold if out.infection_threshold is not None else s.infection_threshold,
+        min_hu=s.infection_min_hu,
     )
     lesion_ml = scoring.volume_ml(infection, volume.spacing)
     corona = scoring.corona_score_ml(out.heatmap, out.positive_slices, volume.spacing)

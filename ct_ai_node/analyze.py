@@ -1,0 +1,123 @@
+"""``ct-ai-node analyze``: a folder of DICOM files in, result objects and
+``result.json`` out. This is the thin edge around the pure stages:
+
+    folder -> scan + select series -> volume -> pipeline -> writers -> files
+
+Bad input never raises out of :func:`analyze_folder`: it returns a rejected
+:class:`ResultDocument` with a one-line reason (and writes it to ``result.json``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pydicom
+import torch
+
+from ct_ai_node import __version__
+from ct_ai_node.errors import CtAiNodeError, InputRejected
+from ct_ai_node.pipeline.methods import DEFAULT_PIPELINE, create_method
+from ct_ai_node.pipeline.run import PipelineSettings, analyse_volume, create_lung_segmenter
+from ct_ai_node.result import ResultDocument, result_document
+
+logger = logging.getLogger(__name__)
+
+#: lung segmentation used unless asked otherwise: it measured better (docs/models.md)
+DEFAULT_LUNGS = "classical"
+
+
+@dataclass
+class AnalyzeOptions:
+    pipeline: str = DEFAULT_PIPELINE
+    device: str = "auto"
+    lungs: str = DEFAULT_LUNGS
+    weights_dir: Path | None = None
+    series_number_base: int = 900
+    pipeline_settings: PipelineSettings = field(default_factory=PipelineSettings)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputRejected("--device cuda asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def write_dataset(ds: pydicom.Dataset, path: Path) -> None:
+    """Write atomically: a half-written file is never seen under its final name."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    ds.save_as(tmp, enforce_file_format=True)
+    os.replace(tmp, path)
+
+
+def write_result(doc: ResultDocument, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "result.json"
+    tmp = out_dir / ".result.json.tmp"
+    tmp.write_text(doc.model_dump_json(indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+@contextmanager
+def _stage(timings: dict[str, float], name: str, report: Callable[[str], None] | None):
+    if report:
+        report(name)
+    t = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - t, 3)
+
+
+def analyze_folder(input_dir: Path, out_dir: Path, options: AnalyzeOptions | None = None,
+                   report: Callable[[str], None] | None = None) -> ResultDocument:
+    """Run the whole analysis; always writes ``out_dir/result.json``."""
+    from ct_ai_node.volume import load_series_from_folder
+    from ct_ai_node.writers import build_all
+
+    opts = options or AnalyzeOptions()
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    out_dir = Path(out_dir)
+    try:
+        device = resolve_device(opts.device)
+        with _stage(timings, "load", report):
+            volume, selection, scan = load_series_from_folder(Path(input_dir))
+        skipped = [f"{uid}: {why}" for uid, why in getattr(selection, "skipped", [])]
+        with _stage(timings, "models", report):
+            method = create_method(opts.pipeline, device, opts.weights_dir)
+            lungs = create_lung_segmenter(opts.lungs, device, opts.weights_dir)
+        with _stage(timings, "pipeline", report):
+            result = analyse_volume(volume, method, lungs, opts.pipeline_settings, opts.pipeline)
+        with _stage(timings, "writers", report):
+            named = build_all(volume, result, series_number_base=opts.series_number_base)
+        with _stage(timings, "write_files", report):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            outputs = {}
+            for name, ds in named:
+                write_dataset(ds, out_dir / name)
+                outputs[name] = str(ds.SOPClassUID)
+    except InputRejected as exc:
+        logger.warning("analysis rejected: %s", exc.reason)
+        doc = ResultDocument(status="rejected", reason=exc.reason, pipeline=opts.pipeline, version=__version__,
+                             timings_s=timings)
+        write_result(doc, out_dir)
+        return doc
+    except CtAiNodeError as exc:
+        reason = " ".join(str(exc).split())
+        logger.error("analysis failed: %s", reason)
+        doc = ResultDocument(status="failed", reason=reason, pipeline=opts.pipeline, version=__version__,
+                             timings_s=timings)
+        write_result(doc, out_dir)
+        return doc
+    stage_times = {**{f"pipeline.{k}": v for k, v in result.timings_s.items()}, **timings}
+    stage_times["total"] = round(time.perf_counter() - t_all, 3)
+    doc = result_document(volume, result, outputs, stage_times, skipped, __version__)
+    write_result(doc, out_dir)
+    return doc

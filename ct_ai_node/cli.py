@@ -1,0 +1,147 @@
+"""Command line: ``ct-ai-node analyze | train | evaluate | pipelines``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from ct_ai_node import __version__
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="ct-ai-node: chest-CT AI node beside a PACS.")
+err = Console(stderr=True)
+
+EXIT_REJECTED = 2
+EXIT_FAILED = 3
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def analyze(
+    input_dir: Path = typer.Argument(..., help="folder with the DICOM files (searched recursively)"),
+    out: Path = typer.Option(..., "--out", help="folder for the result .dcm files and result.json"),
+    pipeline: str = typer.Option("radlogics", help="pipeline name (see `ct-ai-node pipelines`)"),
+    device: str = typer.Option("auto", help="cpu, cuda or auto"),
+    lungs: str = typer.Option("classical", help="lung segmentation: classical or unet"),
+    weights_dir: Optional[Path] = typer.Option(None, help="folder with a site's own weights + manifest.json"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Analyse one chest CT series and write SEG, heat-map SC, key images, SR and result.json."""
+    from ct_ai_node.analyze import AnalyzeOptions, analyze_folder, write_result
+    from ct_ai_node.result import ResultDocument
+
+    _logging(verbose)
+    opts = AnalyzeOptions(pipeline=pipeline, device=device, lungs=lungs, weights_dir=weights_dir)
+    try:
+        with err.status("analysing ...") as status:
+            doc = analyze_folder(input_dir, out, opts, report=lambda stage: status.update(f"analysing: {stage} ..."))
+    except Exception as exc:  # a bug, not bad input: one line here, the traceback in the output folder
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "error.log").write_text(traceback.format_exc())
+        reason = f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"
+        write_result(ResultDocument(status="failed", reason=reason, version=__version__), out)
+        err.print(f"[red]failed[/red]: {reason} (traceback in {out / 'error.log'})")
+        raise typer.Exit(EXIT_FAILED)
+    if doc.status == "rejected":
+        err.print(f"rejected: {doc.reason}")
+        raise typer.Exit(EXIT_REJECTED)
+    if doc.status == "failed":
+        err.print(f"failed: {doc.reason}")
+        raise typer.Exit(EXIT_FAILED)
+    _print_summary(doc, out)
+
+
+def _print_summary(doc, out: Path) -> None:
+    from rich.table import Table
+
+    con = Console()
+    t = Table(title="ct-ai-node analysis (model trained on synthetic phantoms; NOT FOR DIAGNOSTIC USE)",
+              show_header=False)
+    rows = [
+        ("result", f"{doc.label} (p = {doc.probability:.3f}, threshold {doc.threshold})"),
+        ("positive slices", f"{len(doc.positive_slices)} ({doc.positive_slice_ratio:.1%} of lung slices)"),
+        ("lung volume", f"{doc.lung_volume_ml:.0f} ml (R {doc.right_lung_volume_ml:.0f}, L {doc.left_lung_volume_ml:.0f})"),
+        ("suspected infection", f"{doc.lesion_volume_ml:.1f} ml ({doc.involvement_percent:.1f} % of lung)"),
+        ("Corona score", f"{doc.corona_score_ml:.1f} cm³"),
+        ("pipeline", f"{doc.pipeline}: {doc.algorithm}"),
+        ("outputs", f"{len(doc.outputs)} DICOM files in {out}"),
+        ("time", f"{doc.timings_s.get('total', 0):.1f} s"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    con.print(t)
+    for w in doc.warnings:
+        con.print(f"[yellow]warning[/yellow]: {w}")
+
+
+@app.command()
+def pipelines() -> None:
+    """List the selectable pipelines."""
+    from ct_ai_node.pipeline.methods import DEFAULT_PIPELINE, available_pipelines
+
+    for spec in available_pipelines():
+        mark = " (default)" if spec.name == DEFAULT_PIPELINE else ""
+        typer.echo(f"{spec.name}{mark}: {spec.description}")
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(Path("ct_ai_node/models/weights"), help="folder for the weights and manifest"),
+    cases: int = typer.Option(300, help="training phantoms"),
+    val_cases: int = typer.Option(60, help="validation phantoms (calibration)"),
+    epochs: int = typer.Option(12, help="classifier epochs"),
+    lung_epochs: int = typer.Option(4, help="lung U-Net epochs"),
+    shape: str = typer.Option("40,512,512", help="phantom shape z,y,x"),
+    device: str = typer.Option("auto"),
+    workers: Optional[int] = typer.Option(None, help="phantom generator processes"),
+) -> None:
+    """Train the bundled models on synthetic phantoms (method A classifier, lung U-Net)."""
+    from ct_ai_node.analyze import resolve_device
+    from ct_ai_node.training.train import TrainSettings, train_default_models
+
+    z, y, x = (int(v) for v in shape.split(","))
+    settings = TrainSettings(n_train_cases=cases, n_val_cases=val_cases, classifier_epochs=epochs,
+                             lung_epochs=lung_epochs, shape=(z, y, x), workers=workers)
+    report = train_default_models(out, settings, resolve_device(device), log=err.print)
+    typer.echo(json.dumps(report, indent=2, default=float))
+
+
+@app.command()
+def evaluate(
+    out: Path = typer.Option(Path("out/evaluation"), help="folder for the per-case table and summary"),
+    cases: int = typer.Option(24, help="held-out phantoms (seeds never used in training)"),
+    device: str = typer.Option("auto"),
+    lungs: str = typer.Option("classical"),
+    pipeline: str = typer.Option("radlogics"),
+) -> None:
+    """Evaluate a pipeline on held-out synthetic phantoms and print the metrics."""
+    from ct_ai_node.analyze import resolve_device
+    from ct_ai_node.training.evaluate import evaluate_pipeline
+
+    summary = evaluate_pipeline(out, cases, resolve_device(device), pipeline=pipeline, lungs=lungs, log=err.print)
+    typer.echo(json.dumps(summary, indent=2, default=float))
+
+
+@app.callback(invoke_without_command=True)
+def _main(version: bool = typer.Option(False, "--version", help="print the version")) -> None:
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="ct-ai-node")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

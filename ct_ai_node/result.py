@@ -1,0 +1,95 @@
+"""``result.json``: the machine-readable outcome of one analysis (design.md contract).
+
+Keys are stable; new ones may be added. Built purely from the volume, the analysis
+result and the written outputs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from ct_ai_node.pipeline.types import AnalysisResult
+from ct_ai_node.volume.types import Volume
+
+
+class SliceScore(BaseModel):
+    sop_instance_uid: str
+    instance_number: int | None
+    frame_number: int | None = None
+    score: float
+
+
+class ResultDocument(BaseModel):
+    status: Literal["done", "rejected", "failed"]
+    reason: str | None = None
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    pipeline: str | None = None
+    model_versions: dict[str, str] = Field(default_factory=dict)
+    algorithm: str | None = None
+    trained_on: str | None = None
+    probability: float | None = None
+    threshold: float | None = None
+    label: str | None = None
+    positive_slice_ratio: float | None = None
+    positive_slices: list[int] = Field(default_factory=list, description="instance numbers")
+    lung_volume_ml: float | None = None
+    right_lung_volume_ml: float | None = None
+    left_lung_volume_ml: float | None = None
+    lesion_volume_ml: float | None = None
+    involvement_percent: float | None = None
+    corona_score_ml: float | None = None
+    key_slices: list[int] = Field(default_factory=list, description="instance numbers, best first")
+    outputs: dict[str, str] = Field(default_factory=dict, description="file name -> SOP Class UID")
+    timings_s: dict[str, float] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)
+    skipped_series: list[str] = Field(default_factory=list)
+    slice_scores: list[SliceScore] = Field(default_factory=list)
+    version: str | None = None
+
+
+def _instance_numbers(volume: Volume, zs) -> list[int]:
+    out = []
+    for z in zs:
+        ref = volume.slices[int(z)]
+        out.append(int(ref.instance_number) if ref.instance_number is not None else int(z) + 1)
+    return out
+
+
+def result_document(volume: Volume, result: AnalysisResult, outputs: dict[str, str], timings: dict[str, float],
+                    skipped: list[str], version: str) -> ResultDocument:
+    from ct_ai_node.pipeline.scoring import volume_ml
+    from ct_ai_node.pipeline.types import LEFT_LUNG, RIGHT_LUNG
+
+    return ResultDocument(
+        status="done",
+        study_instance_uid=volume.study_instance_uid,
+        series_instance_uid=volume.series_instance_uid,
+        pipeline=result.pipeline,
+        model_versions=result.model_versions,
+        algorithm=f"{result.algorithm.name} {result.algorithm.version}",
+        trained_on=result.algorithm.trained_on,
+        probability=round(result.probability, 4),
+        threshold=result.threshold,
+        label=result.label,
+        positive_slice_ratio=round(result.positive_slice_ratio, 4),
+        positive_slices=sorted(_instance_numbers(volume, result.positive_slices)),
+        lung_volume_ml=round(result.lung_volume_ml, 1),
+        right_lung_volume_ml=round(volume_ml(result.lung_labels == RIGHT_LUNG, volume.spacing), 1),
+        left_lung_volume_ml=round(volume_ml(result.lung_labels == LEFT_LUNG, volume.spacing), 1),
+        lesion_volume_ml=round(result.lesion_volume_ml, 2),
+        involvement_percent=round(result.involvement_percent, 2),
+        corona_score_ml=round(result.corona_score_ml, 2),
+        key_slices=_instance_numbers(volume, result.key_slices),
+        outputs=outputs,
+        timings_s=timings,
+        warnings=result.warnings,
+        skipped_series=skipped,
+        slice_scores=[
+            SliceScore(sop_instance_uid=ref.sop_instance_uid, instance_number=ref.instance_number,
+                       frame_number=ref.frame_number, score=round(float(result.slice_scores[z]), 4))
+            for z, ref in enumerate(volume.slices)
+        ],
+        version=version,
+    )

@@ -1,0 +1,113 @@
+"""Training data from synthetic phantoms (or a site's own labelled volumes).
+
+Seeds are split so that no case is shared: training seeds start at
+``TRAIN_SEED0``, validation (threshold calibration) at ``VAL_SEED0``, the held-out
+test set at ``TEST_SEED0``. The held-out set is never used to fit anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from ct_ai_node.pipeline.geometry import resize_slices
+from ct_ai_node.pipeline.slice_input import SliceInputSettings, lung_slice_indices, roi_box, slice_tensors
+
+logger = logging.getLogger(__name__)
+
+TRAIN_SEED0 = 1_000
+VAL_SEED0 = 50_000
+TEST_SEED0 = 90_000
+
+KINDS = ("covid", "cap", "normal")
+
+
+@dataclass(frozen=True)
+class SliceLabelRule:
+    """A slice of a COVID-like case is positive when its lesion covers at least
+    ``min_lesion_mm2`` and ``min_lesion_fraction`` of the slice's lung area; slices
+    with some lesion below that are ambiguous and left out of training."""
+
+    min_lesion_mm2: float = 40.0
+    min_lesion_fraction: float = 0.005
+
+
+def kind_for_index(i: int) -> str:
+    return KINDS[i % len(KINDS)]
+
+
+def slice_labels(lesion: np.ndarray, lung: np.ndarray, kind: str, spacing, rule: SliceLabelRule) -> tuple[np.ndarray, np.ndarray]:
+    """Per-slice (label, weight): label 1 for clearly infected slices of a COVID-like case;
+    weight 0 for ambiguous slices."""
+    px_mm2 = spacing[1] * spacing[2]
+    les = lesion.reshape(lesion.shape[0], -1).sum(axis=1) * px_mm2
+    lung_a = lung.reshape(lung.shape[0], -1).sum(axis=1) * px_mm2
+    clear = (les >= rule.min_lesion_mm2) & (les >= rule.min_lesion_fraction * np.maximum(lung_a, 1))
+    labels = np.zeros(lesion.shape[0], np.float32)
+    weights = np.ones(lesion.shape[0], np.float32)
+    if kind == "covid":
+        labels[clear] = 1.0
+        weights[(les > 0) & ~clear] = 0.0
+    return labels, weights
+
+
+def phantom_samples(seed: int, kind: str, shape: tuple[int, int, int] | None,
+                    settings: SliceInputSettings = SliceInputSettings(), rule: SliceLabelRule = SliceLabelRule(),
+                    lung_size: int = 256) -> dict[str, np.ndarray]:
+    """One phantom -> classifier inputs (uint8, 224x224) with labels, and lung U-Net
+    inputs (uint8 HU window, ``lung_size``²) with lung masks."""
+    from ct_ai_node.synthetic import generate_phantom
+
+    ph = generate_phantom(seed, kind=kind, shape=shape)
+    hu = ph.hu.astype(np.float32)
+    lung = ph.lung_labels > 0
+    zs = lung_slice_indices(lung, settings.min_lung_fraction)
+    box = roi_box(lung, ph.spacing, settings)
+    x = slice_tensors(hu[zs], lung[zs], box, ph.spacing, settings)
+    labels, weights = slice_labels(ph.lesion_mask, lung, ph.kind, ph.spacing, rule)
+    crops_lesion = ph.lesion_mask[zs][:, box.y0 : box.y1, box.x0 : box.x1].astype(np.float32)
+    lesion_224 = resize_slices(torch.from_numpy(crops_lesion)[:, None], (settings.size, settings.size))[:, 0] >= 0.5
+    # lung U-Net: every slice (also those without lung), input window [-1000, 0]
+    t = torch.from_numpy(np.clip((hu + 1000.0) / 1000.0, 0, 1))[:, None]
+    lung_x = resize_slices(t, (lung_size, lung_size))[:, 0]
+    lung_y = resize_slices(torch.from_numpy(lung.astype(np.float32))[:, None], (lung_size, lung_size))[:, 0] >= 0.5
+    return {
+        "x": (x[:, 0].numpy() * 255).round().astype(np.uint8),
+        "y": labels[zs],
+        "w": weights[zs],
+        "lesion": lesion_224.numpy(),
+        "case": np.full(zs.size, seed, np.int64),
+        "lung_x": (lung_x.numpy() * 255).round().astype(np.uint8),
+        "lung_y": lung_y.numpy(),
+    }
+
+
+def _job(args):
+    seed, kind, shape = args
+    return phantom_samples(seed, kind, shape)
+
+
+def build_slice_dataset(seeds: Iterable[int], shape: tuple[int, int, int] | None, workers: int | None = None,
+                        progress=None) -> dict[str, np.ndarray]:
+    """Generate phantoms in parallel processes and concatenate their samples."""
+    jobs = [(s, kind_for_index(s), shape) for s in seeds]
+    workers = workers or max(1, (os.cpu_count() or 2))
+    parts: list[dict[str, np.ndarray]] = []
+    if workers == 1:
+        for j in jobs:
+            parts.append(_job(j))
+            if progress:
+                progress()
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            for part in pool.map(_job, jobs, chunksize=1):
+                parts.append(part)
+                if progress:
+                    progress()
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
