@@ -1,0 +1,99 @@
+"""Folder of DICOM files -> series -> selection -> HU ``Volume``.
+
+    scan_folder(path)            headers of every file, grouped by series   (reader)
+    summarise(datasets)          SeriesSummary from header datasets, pure   (series)
+    select_series(summaries)     the series to analyse, pure rules          (rules.selection)
+    load_volume(paths)           pixel data -> sorted, checked HU volume    (assemble)
+    load_series_from_folder(...) all of the above, one call
+
+Every refusal is ``InputRejected`` with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from ct_ai_node.errors import InputRejected
+
+from .assemble import assemble, load_volume
+from .geometry import Orientation, StackLimits
+from .reader import ScannedInstance, ScanReport, ScanResult, SkippedFile, read_dataset, scan_folder
+from .series import SeriesSummary, summarise
+from .types import SliceRef, Volume
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Orientation",
+    "ScanReport",
+    "ScanResult",
+    "ScannedInstance",
+    "SeriesSummary",
+    "SkippedFile",
+    "SliceRef",
+    "StackLimits",
+    "Volume",
+    "assemble",
+    "load_series_from_folder",
+    "load_volume",
+    "read_dataset",
+    "scan_folder",
+    "summarise",
+]
+
+
+def load_series_from_folder(path: str | os.PathLike[str], policy=None):
+    """Scan a folder, choose the series to analyse and load it.
+
+    Parameters
+    ----------
+    path
+        Folder walked recursively (any file names, non-DICOM files skipped).
+    policy
+        ``ct_ai_node.rules.selection.SelectionPolicy``; the default policy when None.
+
+    Returns
+    -------
+    (Volume, Selection, ScanReport)
+        The volume also carries the selection's warnings.
+
+    Raises
+    ------
+    InputRejected
+        With a one-line reason: no files, no DICOM files, no CT series, no
+        suitable series (the best candidate's reason), or the chosen series
+        cannot be loaded (missing slices, corrupt or truncated file, ...).
+    """
+    from ct_ai_node.rules.selection import SelectionPolicy, select_series
+
+    if policy is None:
+        policy = SelectionPolicy()
+    root = Path(path)
+    if not root.exists():
+        raise InputRejected(f"input not found: {root}")
+    scan = scan_folder(root)
+    if scan.n_files == 0:
+        raise InputRejected(f"no files in {root}")
+    if not scan.series:
+        raise InputRejected(f"no DICOM files among {scan.n_files} files")
+    summaries = scan.summaries()
+    report = scan.report(summaries)
+    selection = select_series(summaries, policy)
+    for _key, reason in selection.skipped:
+        logger.info("series skipped: %s", reason)
+    if selection.chosen is None:
+        raise InputRejected(selection.reason or "no suitable series")
+    chosen = selection.chosen
+    logger.info(
+        "series chosen: %s, %d slices, %s mm",
+        chosen.label,
+        chosen.n_frames,
+        chosen.effective_thickness_mm,
+    )
+    volume = load_volume(scan.paths(chosen.key), limits=policy.stack_limits())
+    for text in [*scan.warnings, *selection.warnings]:
+        if text not in volume.warnings:
+            volume.warnings.append(text)
+    return volume, selection, report

@@ -1,0 +1,319 @@
+"""The disk edge for headers: walk a folder, keep the DICOM files, group by series.
+
+``scan_folder`` reads headers only (``stop_before_pixels``), so a 300-file
+series scans in a fraction of a second. Everything it decides per file is
+recorded: a file that is not DICOM, a DICOMDIR, a damaged header each appear in
+``ScanResult.skipped`` with a one-line reason, never as an exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydantic import BaseModel, ConfigDict
+from pydicom.errors import InvalidDicomError
+
+from ct_ai_node.errors import InputRejected
+
+from .frames import MEDIA_STORAGE_DIRECTORY_STORAGE, sop_class_uid, sop_instance_uid, uid_of
+from .series import SeriesSummary, series_key, summarise
+
+logger = logging.getLogger(__name__)
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)+$")
+#: first element groups that a DICOM stream without preamble can start with
+_RAW_START_GROUPS = (0x0002, 0x0008)
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file that is not part of any series, and why."""
+
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class ScannedInstance:
+    """One DICOM file: where it is and its header (no pixel data)."""
+
+    path: Path
+    header: pydicom.Dataset
+    #: why the file's pixel data cannot be used (truncated, too short), else None
+    damage: str | None = None
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return sop_instance_uid(self.header)
+
+
+class ScanReport(BaseModel):
+    """What a folder scan found, without the datasets: safe to log and serialise.
+
+    Holds no patient data: paths are relative to the scanned folder.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    n_files: int
+    n_dicom: int
+    #: (relative path, reason) of every file that was not used
+    skipped_files: list[tuple[str, str]] = []
+    series: list[SeriesSummary] = []
+    warnings: list[str] = []
+
+    @property
+    def skipped_by_reason(self) -> dict[str, int]:
+        return dict(Counter(reason for _, reason in self.skipped_files))
+
+
+@dataclass
+class ScanResult:
+    """DICOM files of a folder, grouped by series."""
+
+    root: Path
+    n_files: int = 0
+    #: series key (SeriesInstanceUID, or a derived key) -> instances
+    series: dict[str, list[ScannedInstance]] = field(default_factory=dict)
+    skipped: list[SkippedFile] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_dicom(self) -> int:
+        return sum(len(v) for v in self.series.values())
+
+    def paths(self, key: str) -> list[Path]:
+        """File paths of one series."""
+        return [inst.path for inst in self.series[key]]
+
+    def summaries(self) -> list[SeriesSummary]:
+        """One ``SeriesSummary`` per series, largest first.
+
+        Damaged files found by the scan (truncated, pixel data too short) are
+        added to the summary's ``problems``, first, naming the file.
+        """
+        out = []
+        for key, insts in self.series.items():
+            summary = summarise([i.header for i in insts], key=key)
+            damaged = [i for i in insts if i.damage]
+            if damaged:
+                text = f"file {damaged[0].path.name}: {damaged[0].damage}"
+                if len(damaged) > 1:
+                    text += f" (and {len(damaged) - 1} more damaged files)"
+                summary = summary.model_copy(update={"problems": (text, *summary.problems)})
+            out.append(summary)
+        return sorted(out, key=lambda s: (-s.n_frames, s.key))
+
+    def report(self, summaries: list[SeriesSummary] | None = None) -> ScanReport:
+        def rel(path: Path) -> str:
+            try:
+                return str(path.relative_to(self.root))
+            except ValueError:
+                return path.name
+
+        return ScanReport(
+            n_files=self.n_files,
+            n_dicom=self.n_dicom,
+            skipped_files=[(rel(s.path), s.reason) for s in self.skipped],
+            series=summaries if summaries is not None else self.summaries(),
+            warnings=list(self.warnings),
+        )
+
+
+def iter_files(root: Path):
+    """Every regular file below ``root``, recursively, in a stable order."""
+    if root.is_file():
+        yield root
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if path.is_file():
+                yield path
+
+
+def _looks_like_raw_dicom(head: bytes) -> bool:
+    """A DICOM stream written without preamble starts with a low group tag."""
+    if len(head) < 8:
+        return False
+    group, element = struct.unpack("<HH", head[:4])
+    return group in _RAW_START_GROUPS and element < 0x0100
+
+
+def _expected_pixel_bytes(ds: pydicom.Dataset) -> int | None:
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if bits % 8:
+        return None
+    return rows * cols * samples * frames * bits // 8
+
+
+def _pixel_data_damage(fp, ds: pydicom.Dataset, file_size: int) -> str | None:
+    """Check the Pixel Data element that ``fp`` stands at without reading it.
+
+    ``dcmread(..., stop_before_pixels=True)`` leaves ``fp`` at the Pixel Data
+    tag; its length field tells whether the file holds all the bytes it
+    announces, and whether that is as many as Rows x Columns x frames need.
+    """
+    position = fp.tell()
+    head = fp.read(12)
+    if len(head) < 8:
+        if "Rows" in ds and "PixelData" not in ds:
+            return "truncated (the file ends before the pixel data)"
+        return None
+    file_meta = getattr(ds, "file_meta", None)
+    syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if syntax is not None and getattr(syntax, "is_transfer_syntax", False):
+        little, implicit = syntax.is_little_endian, syntax.is_implicit_VR
+    else:  # raw stream without file meta: explicit VR shows two letters here
+        little, implicit = True, not (head[4:6].isalpha() and head[4:6].isupper())
+    fmt = "<" if little else ">"
+    group, element = struct.unpack(fmt + "HH", head[:4])
+    if (group, element) != (0x7FE0, 0x0010):
+        return None
+    if implicit:
+        (length,) = struct.unpack(fmt + "I", head[4:8])
+        header_length = 8
+    elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN"):
+        (length,) = struct.unpack(fmt + "I", head[8:12])
+        header_length = 12
+    else:
+        (length,) = struct.unpack(fmt + "H", head[6:8])
+        header_length = 8
+    if length == 0xFFFFFFFF:  # encapsulated (compressed): checked when decoded
+        return None
+    available = file_size - position - header_length
+    if available < length:
+        return f"truncated (pixel data {max(available, 0)} of {length} bytes)"
+    expected = _expected_pixel_bytes(ds)
+    if expected is not None and length < expected:
+        return f"corrupt pixel data ({length} bytes, {expected} expected)"
+    return None
+
+
+def read_header(path: Path) -> tuple[pydicom.Dataset | None, str | None]:  # noqa: C901
+    """Read the header of ``path`` if it is a DICOM file.
+
+    Returns ``(dataset, damage)`` for a DICOM file, where ``damage`` says why
+    its pixel data is unusable (or is None), and ``(None, reason)`` otherwise.
+    A file without the 128-byte preamble and "DICM" prefix counts as DICOM only
+    if it starts like a DICOM data set and carries a valid SOP Class UID, so
+    random binary files are not mistaken for images.
+    """
+    try:
+        with open(path, "rb") as fp:
+            head = fp.read(132)
+    except OSError as exc:
+        return None, f"cannot be read ({type(exc).__name__})"
+    if not head:
+        return None, "empty file"
+    has_prefix = len(head) == 132 and head[128:132] == b"DICM"
+    if not has_prefix and not _looks_like_raw_dicom(head):
+        return None, "not DICOM"
+    try:
+        with open(path, "rb") as fp:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=not has_prefix)
+            damage = _pixel_data_damage(fp, ds, os.fstat(fp.fileno()).st_size)
+    except InvalidDicomError:
+        return None, "not DICOM"
+    except Exception as exc:  # noqa: BLE001 - any parser failure means a damaged header
+        logger.debug("header of %s unreadable: %r", path, exc)
+        reason = "damaged DICOM header" if has_prefix else "not DICOM"
+        return None, f"{reason} ({type(exc).__name__})"
+    if not has_prefix:
+        uid = uid_of(ds, "SOPClassUID")
+        if not _UID_RE.match(uid):
+            return None, "not DICOM"
+    media_class = uid_of(getattr(ds, "file_meta", pydicom.Dataset()), "MediaStorageSOPClassUID")
+    if (
+        path.name.upper() == "DICOMDIR"
+        or media_class == MEDIA_STORAGE_DIRECTORY_STORAGE
+        or "DirectoryRecordSequence" in ds
+    ):
+        return None, "DICOMDIR (media index, not an image)"
+    if not sop_class_uid(ds):
+        return None, "DICOM without SOP Class UID"
+    return ds, damage
+
+
+def scan_folder(path: str | os.PathLike[str]) -> ScanResult:
+    """Read the headers of every file below ``path`` and group them by series.
+
+    Parameters
+    ----------
+    path
+        A folder (walked recursively; any file names, any order) or one file.
+
+    Returns
+    -------
+    ScanResult
+        Series keyed by SeriesInstanceUID (0020,000E); instances without one are
+        grouped by a key derived from study, frame of reference, series number
+        and description, with a warning.
+    """
+    root = Path(path)
+    result = ScanResult(root=root)
+    derived = 0
+    for file in iter_files(root):
+        result.n_files += 1
+        ds, reason = read_header(file)
+        if ds is None:
+            result.skipped.append(SkippedFile(file, reason or "not DICOM"))
+            continue
+        key = series_key(ds)
+        if not uid_of(ds, "SeriesInstanceUID"):
+            derived += 1
+        result.series.setdefault(key, []).append(ScannedInstance(file, ds, damage=reason))
+    if derived:
+        result.warnings.append(
+            f"{derived} file(s) without SeriesInstanceUID grouped by study, frame of "
+            "reference, series number and description"
+        )
+    logger.info(
+        "scanned folder: %d files, %d DICOM, %d series, %d skipped",
+        result.n_files,
+        result.n_dicom,
+        len(result.series),
+        len(result.skipped),
+    )
+    logger.debug("scanned %s", root)
+    return result
+
+
+def read_dataset(path: str | os.PathLike[str]) -> pydicom.Dataset:
+    """Read one DICOM file with its pixel data.
+
+    Raises
+    ------
+    InputRejected
+        If the file cannot be read or is not DICOM; the reason names the file
+        (its name only, never the folder, which may carry patient data).
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fp:
+            head = fp.read(132)
+    except OSError as exc:
+        raise InputRejected(f"file {path.name}: cannot be read ({type(exc).__name__})") from exc
+    has_prefix = len(head) == 132 and head[128:132] == b"DICM"
+    if not has_prefix and not _looks_like_raw_dicom(head):
+        raise InputRejected(f"file {path.name}: not DICOM")
+    try:
+        return pydicom.dcmread(path, force=not has_prefix)
+    except Exception as exc:  # noqa: BLE001 - wrapped into a one-line reason
+        raise InputRejected(
+            f"file {path.name}: damaged DICOM ({type(exc).__name__})"
+        ) from exc
