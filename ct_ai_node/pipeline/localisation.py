@@ -9,6 +9,7 @@ slice scores.
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -35,7 +36,10 @@ class FusedGradCAM:
         self.hooks = ModelWithHooks(model, self.target_layers, register_forward=True, register_backward=True)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, acts, grads = self.hooks(x, class_idx=0)
+        with warnings.catch_warnings():
+            # the input needs no gradient; the hooks still get the layer outputs' gradients
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            logits, acts, grads = self.hooks(x, class_idx=0)
         size = x.shape[-2:]
         fused = torch.ones((x.shape[0], *size), device=x.device)
         for a, g in zip(acts, grads):
