@@ -44,6 +44,17 @@ __all__ = [
 ]
 
 
+def _damage_note(scan: ScanResult) -> str:
+    """"; damaged DICOM file x.dcm skipped (...)" when the scan set damaged files aside."""
+    damaged = scan.damaged
+    if not damaged:
+        return ""
+    first = damaged[0]
+    detail = first.reason.split(": ", 1)[-1]
+    more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+    return f"; damaged DICOM file {first.path.name}{more} skipped ({detail})"
+
+
 def load_series_from_folder(path: str | os.PathLike[str], policy=None):
     """Scan a folder, choose the series to analyse and load it.
 
@@ -84,7 +95,7 @@ def load_series_from_folder(path: str | os.PathLike[str], policy=None):
     for _key, reason in selection.skipped:
         logger.info("series skipped: %s", reason)
     if selection.chosen is None:
-        raise InputRejected(selection.reason or "no suitable series")
+        raise InputRejected((selection.reason or "no suitable series") + _damage_note(scan))
     chosen = selection.chosen
     logger.info(
         "series chosen: %s, %d slices, %s mm",
@@ -92,7 +103,13 @@ def load_series_from_folder(path: str | os.PathLike[str], policy=None):
         chosen.n_frames,
         chosen.effective_thickness_mm,
     )
-    volume = load_volume(scan.paths(chosen.key), limits=policy.stack_limits())
+    try:
+        volume = load_volume(scan.paths(chosen.key), limits=policy.stack_limits())
+    except InputRejected as exc:
+        note = _damage_note(scan)
+        if not note:
+            raise
+        raise InputRejected(exc.reason + note) from exc
     for text in [*scan.warnings, *selection.warnings]:
         if text not in volume.warnings:
             volume.warnings.append(text)

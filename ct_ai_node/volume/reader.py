@@ -12,17 +12,26 @@ import logging
 import os
 import re
 import struct
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
+import pydicom.dataset
+import pydicom.uid
 from pydantic import BaseModel, ConfigDict
 from pydicom.errors import InvalidDicomError
 
 from ct_ai_node.errors import InputRejected
 
-from .frames import MEDIA_STORAGE_DIRECTORY_STORAGE, sop_class_uid, sop_instance_uid, uid_of
+from .frames import (
+    CT_SOP_CLASSES,
+    MEDIA_STORAGE_DIRECTORY_STORAGE,
+    sop_class_uid,
+    sop_instance_uid,
+    uid_of,
+)
 from .series import SeriesSummary, series_key, summarise
 
 logger = logging.getLogger(__name__)
@@ -30,6 +39,8 @@ logger = logging.getLogger(__name__)
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 #: first element groups that a DICOM stream without preamble can start with
 _RAW_START_GROUPS = (0x0002, 0x0008)
+#: prefix of the skip reason of a DICOM file that is damaged (vs. not DICOM at all)
+DAMAGED = "damaged DICOM file"
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,11 @@ class ScanResult:
     @property
     def n_dicom(self) -> int:
         return sum(len(v) for v in self.series.values())
+
+    @property
+    def damaged(self) -> list[SkippedFile]:
+        """DICOM files skipped because they are damaged (not part of any series)."""
+        return [s for s in self.skipped if s.reason.startswith(DAMAGED)]
 
     def paths(self, key: str) -> list[Path]:
         """File paths of one series."""
@@ -171,8 +187,8 @@ def _pixel_data_damage(fp, ds: pydicom.Dataset, file_size: int) -> str | None:
     position = fp.tell()
     head = fp.read(12)
     if len(head) < 8:
-        if "Rows" in ds and "PixelData" not in ds:
-            return "truncated (the file ends before the pixel data)"
+        if "PixelData" not in ds and ("Rows" in ds or sop_class_uid(ds) in CT_SOP_CLASSES):
+            return "truncated before the pixel data"
         return None
     file_meta = getattr(ds, "file_meta", None)
     syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
@@ -197,10 +213,10 @@ def _pixel_data_damage(fp, ds: pydicom.Dataset, file_size: int) -> str | None:
         return None
     available = file_size - position - header_length
     if available < length:
-        return f"truncated (pixel data {max(available, 0)} of {length} bytes)"
+        return f"truncated, pixel data {max(available, 0)} of {length} bytes"
     expected = _expected_pixel_bytes(ds)
     if expected is not None and length < expected:
-        return f"corrupt pixel data ({length} bytes, {expected} expected)"
+        return f"corrupt pixel data, {length} bytes instead of {expected}"
     return None
 
 
@@ -221,22 +237,28 @@ def read_header(path: Path) -> tuple[pydicom.Dataset | None, str | None]:  # noq
     if not head:
         return None, "empty file"
     has_prefix = len(head) == 132 and head[128:132] == b"DICM"
+    if len(head) < 132 and not head.strip(b"\0"):
+        return None, f"{DAMAGED}: truncated in the preamble"
     if not has_prefix and not _looks_like_raw_dicom(head):
         return None, "not DICOM"
     try:
-        with open(path, "rb") as fp:
+        with open(path, "rb") as fp, warnings.catch_warnings():
+            if not has_prefix:  # a guess: garbage must not spray charset warnings
+                warnings.simplefilter("ignore")
             ds = pydicom.dcmread(fp, stop_before_pixels=True, force=not has_prefix)
             damage = _pixel_data_damage(fp, ds, os.fstat(fp.fileno()).st_size)
     except InvalidDicomError:
         return None, "not DICOM"
     except Exception as exc:  # noqa: BLE001 - any parser failure means a damaged header
         logger.debug("header of %s unreadable: %r", path, exc)
-        reason = "damaged DICOM header" if has_prefix else "not DICOM"
-        return None, f"{reason} ({type(exc).__name__})"
+        if not has_prefix:
+            return None, "not DICOM"
+        return None, f"{DAMAGED}: unreadable header ({type(exc).__name__})"
     if not has_prefix:
         uid = uid_of(ds, "SOPClassUID")
         if not _UID_RE.match(uid):
             return None, "not DICOM"
+        _ensure_transfer_syntax(ds)
     media_class = uid_of(getattr(ds, "file_meta", pydicom.Dataset()), "MediaStorageSOPClassUID")
     if (
         path.name.upper() == "DICOMDIR"
@@ -246,6 +268,9 @@ def read_header(path: Path) -> tuple[pydicom.Dataset | None, str | None]:  # noq
         return None, "DICOMDIR (media index, not an image)"
     if not sop_class_uid(ds):
         return None, "DICOM without SOP Class UID"
+    if damage and not uid_of(ds, "SeriesInstanceUID"):
+        # cut off before it says which series it belongs to
+        return None, f"{DAMAGED}: {damage}"
     return ds, damage
 
 
@@ -312,8 +337,28 @@ def read_dataset(path: str | os.PathLike[str]) -> pydicom.Dataset:
     if not has_prefix and not _looks_like_raw_dicom(head):
         raise InputRejected(f"file {path.name}: not DICOM")
     try:
-        return pydicom.dcmread(path, force=not has_prefix)
+        ds = pydicom.dcmread(path, force=not has_prefix)
     except Exception as exc:  # noqa: BLE001 - wrapped into a one-line reason
         raise InputRejected(
             f"file {path.name}: damaged DICOM ({type(exc).__name__})"
         ) from exc
+    _ensure_transfer_syntax(ds)
+    return ds
+
+
+def _ensure_transfer_syntax(ds: pydicom.Dataset) -> None:
+    """Give a data set read without file meta the transfer syntax it was read with."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    if meta is None:
+        ds.file_meta = meta = pydicom.dataset.FileMetaDataset()
+    implicit, little = getattr(ds, "original_encoding", (True, True))
+    if implicit is None:
+        implicit, little = True, True
+    if implicit:
+        meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    else:
+        meta.TransferSyntaxUID = (
+            pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
+        )
