@@ -1,0 +1,554 @@
+"""Chest anatomy of the phantom: patient parameters and per-slice rendering of
+everything outside the lung parenchyma (body, fat, muscle, bones, mediastinum,
+heart, great vessels, airways, upper abdomen), plus the lung masks, lobes and
+helper coordinates the lung renderer needs.
+
+Model coordinates (mm): x towards the patient's LEFT (LPS x), y towards
+POSTERIOR (LPS y), z towards the HEAD; origin in-plane at the thoracic-cavity
+centre, z = 0 at the lowest point of the lungs (posterior costophrenic recess),
+z = H at the lung apices. The image grid maps onto these coordinates with a
+scale factor so that any field of view holds the whole chest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# ---------------------------------------------------------------- parameters
+
+
+@dataclass
+class Tube:
+    """A straight tube (capsule) between two points (model mm, (x, y, z))."""
+
+    p0: tuple[float, float, float]
+    p1: tuple[float, float, float]
+    r: float
+    kind: str  # "blood", "air", "soft"
+    wall: float = 0.0  # wall thickness for airways
+    margin: float = 5.0  # mediastinal fat margin around it
+
+
+@dataclass
+class Patient:
+    H: float  # lung height (base to apex), mm
+    ac: float  # cavity half width
+    bca: float  # cavity half depth, anterior
+    bcp: float  # cavity half depth, posterior
+    p_cav: float  # superellipse exponent of the cavity
+    fat: float  # subcutaneous fat thickness (lateral), mm
+    fat_ant: float
+    fat_post: float
+    muscle: float  # lateral chest-wall muscle
+    pect: float  # anterior (pectoral) muscle
+    back: float  # posterior paraspinal muscle
+    p_body: float
+    dome_r: float  # right dome top height (mm above base)
+    dome_l: float
+    rib_period: float
+    rib_descent: float
+    rib_h: float
+    rib_t: float
+    rib_z1: float  # z of rib 1 posteriorly
+    vert_period: float
+    vert_phase: float
+    x_mid: float  # mediastinal midline
+    heart: tuple  # (cx, cy, cz, A, B, C, angle)
+    contrast: float  # 0 = none, else HU of enhanced blood
+    hu: dict = field(default_factory=dict)  # tissue HU values
+    tubes: list = field(default_factory=list)
+    female: bool = False
+    breast: float = 0.0
+    fissure_tilt: tuple = (0.0, 0.0)
+    stomach_gas: float = 0.0
+    bowel_gas: list = field(default_factory=list)
+
+    @property
+    def body_half_width(self) -> float:
+        return self.ac + self.rib_t + 2 + self.muscle + self.fat + 2
+
+    @property
+    def body_ant(self) -> float:
+        return self.bca + self.rib_t + 2 + self.pect + self.fat_ant + self.breast
+
+    @property
+    def body_post(self) -> float:
+        return self.bcp + self.rib_t + 2 + self.back + self.fat_post
+
+
+def draw_patient(rng: np.random.Generator) -> Patient:
+    u = rng.random
+    habitus = float(rng.beta(2.0, 2.5))  # 0 thin .. 1 obese
+    frame = float(rng.normal(0.0, 1.0))
+    ac = float(np.clip(123 + 9 * frame, 100, 148))
+    bca = float(ac * rng.uniform(0.56, 0.68))
+    bcp = float(bca * rng.uniform(1.05, 1.18))
+    H = float(np.clip(rng.normal(250, 18) + 8 * frame, 205, 300))
+    fat = 4 + 45 * habitus ** 1.6 + rng.uniform(-2, 4)
+    female = bool(u() < 0.45)
+    breast = float(rng.uniform(0, 30) * (0.5 + habitus)) if female else 0.0
+    contrast = 0.0
+    if u() < 0.3:
+        contrast = float(rng.uniform(140, 320))
+    hu = dict(
+        fat=float(rng.uniform(-110, -85)),
+        muscle=float(rng.uniform(40, 60)),
+        blood=float(rng.uniform(35, 50)),
+        myocard=float(rng.uniform(38, 50)),
+        liver=float(rng.uniform(50, 68)),
+        spleen=float(rng.uniform(42, 52)),
+        soft=float(rng.uniform(25, 45)),
+        cortical=float(rng.uniform(650, 1000)),
+        cancellous=float(rng.uniform(170, 300)),
+        cartilage=float(rng.uniform(90, 220)),
+        med_fat=float(rng.uniform(-105, -75)),
+        table=float(rng.uniform(150, 450)),
+    )
+    if contrast:
+        hu["myocard"] = float(rng.uniform(80, 120))
+    dome_r = float(H * rng.uniform(0.2, 0.32))
+    dome_l = float(dome_r - rng.uniform(8, 25))
+    heart_c = (
+        float(rng.uniform(0.14, 0.26) * ac),
+        float(-rng.uniform(0.15, 0.32) * bca),
+        float(dome_l + rng.uniform(0.1, 0.16) * H + 25),
+        float(rng.uniform(0.46, 0.56) * ac),
+        float(rng.uniform(0.36, 0.45) * ac),
+        float(rng.uniform(0.2, 0.25) * H),
+        float(np.deg2rad(rng.uniform(25, 45))),
+    )
+    p = Patient(
+        H=H, ac=ac, bca=bca, bcp=bcp, p_cav=float(rng.uniform(2.0, 2.5)),
+        fat=float(fat), fat_ant=float(fat * rng.uniform(0.7, 1.1)), fat_post=float(fat * rng.uniform(0.8, 1.3)),
+        muscle=float(rng.uniform(6, 14)), pect=float(rng.uniform(8, 22)), back=float(rng.uniform(22, 36)),
+        p_body=float(rng.uniform(2.1, 2.8)),
+        dome_r=dome_r, dome_l=dome_l,
+        rib_period=float(H * rng.uniform(0.085, 0.1)), rib_descent=float(H * rng.uniform(0.28, 0.4)),
+        rib_h=float(rng.uniform(9, 13)), rib_t=float(rng.uniform(7, 10)),
+        rib_z1=float(H * rng.uniform(1.0, 1.06)),
+        vert_period=float(H * rng.uniform(0.085, 0.1)), vert_phase=float(u()),
+        x_mid=float(rng.uniform(-3, 6)), heart=heart_c, contrast=contrast, hu=hu,
+        female=female, breast=breast,
+        fissure_tilt=(float(rng.uniform(-0.1, 0.1)), float(rng.uniform(-0.1, 0.1))),
+        stomach_gas=float(rng.uniform(0, 1) if u() < 0.7 else 0.0),
+    )
+    p.tubes = _mediastinal_tubes(p, rng)
+    for _ in range(int(rng.integers(0, 5))):
+        p.bowel_gas.append((float(rng.uniform(-0.2, 0.8) * ac), float(rng.uniform(-0.7, 0.3) * bca),
+                            float(rng.uniform(-60, dome_l * 0.3)), float(rng.uniform(6, 22))))
+    return p
+
+
+def _mediastinal_tubes(p: Patient, rng) -> list[Tube]:
+    H, ac, bca = p.H, p.ac, p.bca
+    j = lambda s: float(rng.normal(0, s))  # noqa: E731
+    y_vb = p.bcp - 22
+    y_eso = y_vb - 15 - 9
+    y_tr = y_eso - 17
+    zc = H * (0.6 + j(0.02))  # carina
+    t: list[Tube] = []
+    # trachea and main bronchi (air, wall)
+    rt = float(np.clip(9.5 + j(1.0), 7.5, 12))
+    t.append(Tube((-1, y_tr, H * 1.3), (-1 + j(2), y_tr, zc + 6), rt, "air", wall=1.8, margin=4))
+    hil_r = (-0.44 * ac, y_tr + 18 + j(4), zc - 22 + j(4))
+    hil_l = (0.45 * ac, y_tr + 24 + j(4), zc - 36 + j(4))
+    t.append(Tube((-1, y_tr, zc + 6), (-0.27 * ac, y_tr + 6, zc - 14), rt * 0.75, "air", wall=1.6, margin=3))
+    t.append(Tube((-0.27 * ac, y_tr + 6, zc - 14), hil_r, rt * 0.6, "air", wall=1.4, margin=2))
+    t.append(Tube((-1, y_tr, zc + 6), (0.3 * ac, y_tr + 14, zc - 28), rt * 0.7, "air", wall=1.6, margin=3))
+    t.append(Tube((0.3 * ac, y_tr + 14, zc - 28), hil_l, rt * 0.6, "air", wall=1.4, margin=2))
+    # oesophagus
+    t.append(Tube((6, y_eso, H * 1.3), (14, y_eso + 4, -60), 7.5, "soft", margin=4))
+    # aorta: ascending, arch, descending
+    ra = float(np.clip(14 + j(1.5), 11, 19))
+    z_arch = zc + H * 0.08 + j(5)
+    hx, hy, hz = p.heart[:3]
+    a0 = (hx - 0.28 * ac, hy + 10, hz + 0.05 * H)
+    a1 = (-0.1 * ac, -0.35 * bca, z_arch - 15)
+    a2 = (0.0, -0.1 * bca, z_arch + 5)
+    a3 = (0.15 * ac, y_vb - 40, z_arch + 2)
+    a4 = (0.2 * ac, y_vb - 12, z_arch - 20)
+    a5 = (0.17 * ac, y_vb - 6, -80)
+    for q0, q1 in ((a0, a1), (a1, a2), (a2, a3), (a3, a4), (a4, a5)):
+        t.append(Tube(q0, q1, ra, "blood", margin=5))
+    # supra-aortic vessels
+    for xo, rr in ((-0.12 * ac, 6.5), (0.02 * ac, 4.5), (0.12 * ac, 5.0)):
+        t.append(Tube((xo * 0.5, a2[1] + 10, z_arch), (xo * 1.6, a2[1] + 5, H * 1.35), rr, "blood", margin=4))
+    # SVC and brachiocephalic veins
+    t.append(Tube((-0.28 * ac, -0.2 * bca, hz + 0.1 * H), (-0.26 * ac, -0.25 * bca, z_arch + 25), 9.5, "blood", margin=4))
+    t.append(Tube((-0.26 * ac, -0.25 * bca, z_arch + 25), (-0.35 * ac, -0.3 * bca, H * 1.35), 7.5, "blood", margin=4))
+    t.append(Tube((-0.26 * ac, -0.25 * bca, z_arch + 25), (0.45 * ac, -0.35 * bca, z_arch + 45), 5.5, "blood", margin=3))
+    # pulmonary trunk and arteries to the hila
+    pt0 = (hx - 0.05 * ac, hy - 0.2 * bca, hz + 0.12 * H)
+    pt1 = (0.06 * ac, -0.2 * bca, zc - 4)
+    rp = float(np.clip(13 + j(1.5), 10, 17))
+    t.append(Tube(pt0, pt1, rp, "blood", margin=4))
+    t.append(Tube(pt1, (0.3 * ac, hil_l[1] - 12, zc - 8), rp * 0.75, "blood", margin=3))
+    t.append(Tube((0.3 * ac, hil_l[1] - 12, zc - 8), (hil_l[0] + 4, hil_l[1] - 2, hil_l[2] + 8), rp * 0.6, "blood", margin=2))
+    t.append(Tube(pt1, (-0.15 * ac, -0.05 * bca, zc - 14), rp * 0.75, "blood", margin=3))
+    t.append(Tube((-0.15 * ac, -0.05 * bca, zc - 14), (hil_r[0] + 6, hil_r[1] - 10, hil_r[2] + 2), rp * 0.6, "blood", margin=2))
+    # pulmonary veins into the left atrium
+    la = (hx - 0.1 * ac, hy + 0.45 * p.heart[4], hz + 0.05 * H)
+    for side in (-1, 1):
+        for dz in (12, -12):
+            end = (side * 0.42 * ac, la[1] + 12, la[2] + dz * 1.6)
+            t.append(Tube(la, end, 6.5, "blood", margin=2))
+    p.hila = dict(right=hil_r, left=hil_l, carina=(-1, y_tr, zc), z_arch=z_arch,
+                  vein_r=(-0.42 * ac, la[1] + 12, la[2]), vein_l=(0.42 * ac, la[1] + 12, la[2]))
+    return t
+
+
+# ------------------------------------------------------------ slice geometry
+
+
+def superellipse_radius(c_p: np.ndarray, s_p: np.ndarray, a: float, b_neg: float, b_pos: float, s_sign: np.ndarray, p: float) -> np.ndarray:
+    """Radius of the superellipse |x/a|^p + |y/b|^p = 1 along the directions whose
+    |cos|^p, |sin|^p are given; b = b_pos where sin > 0 (posterior)."""
+    b = np.where(s_sign > 0, b_pos, b_neg)
+    return (c_p * a ** -p + s_p * b ** -p) ** (-1.0 / p)
+
+
+@dataclass
+class SliceOut:
+    hu: np.ndarray  # float32 (ny, nx), lung voxels hold 0 (filled by the lung renderer)
+    label: np.ndarray  # uint8, 1 right lung, 2 left lung
+    lobe: np.ndarray | None  # uint8 lobe id inside lungs (1 RUL, 2 RML, 3 RLL, 4 LUL, 5 LLL)
+    post: np.ndarray | None  # float32 dependent-position coordinate in [0, 1] (1 = most posterior)
+    fissure: np.ndarray | None  # float32 distance to nearest fissure (mm)
+
+
+class Grid2D:
+    """In-plane model coordinates (mm) of an image grid and polar helpers."""
+
+    def __init__(self, y: np.ndarray, x: np.ndarray, p_cav: float, p_body: float):
+        self.y1 = np.asarray(y, np.float32)
+        self.x1 = np.asarray(x, np.float32)
+        Y, X = np.meshgrid(self.y1, self.x1, indexing="ij")
+        self.X, self.Y = X, Y
+        self.R = np.sqrt(X * X + Y * Y) + 1e-3
+        C = np.abs(X) / self.R
+        S = Y / self.R
+        self.S = S
+        self.cp_cav = C ** p_cav
+        self.sp_cav = np.abs(S) ** p_cav
+        self.cp_body = C ** p_body
+        self.sp_body = np.abs(S) ** p_body
+        self.phi = np.arctan2(np.abs(X), Y)  # 0 posterior midline .. pi anterior
+
+
+def _smoothstep(x):
+    t = np.clip(x, 0.0, 1.0)
+    return t * t * (3 - 2 * t)
+
+
+class Anatomy:
+    """Renders axial slices of one patient's chest (model coordinates)."""
+
+    def __init__(self, p: Patient):
+        self.p = p
+        self.y_vb = p.bcp - 22.0
+
+    # --- z profiles -------------------------------------------------------
+    def cavity_axes(self, z: float) -> tuple[float, float, float]:
+        p = self.p
+        t = z / p.H
+        widen = 1.0 + 0.05 * float(np.clip(0.45 - t, 0.0, 0.45)) / 0.45
+        e = float(np.clip((t - 0.5) / 0.75, 0.0, 1.0))
+        g = float(np.sqrt(max(0.0, 1.0 - e * e)))
+        fa = widen * (0.55 + 0.45 * g)
+        fb_ant = widen * (0.35 + 0.65 * g)
+        fb_post = widen * (0.75 + 0.25 * g)
+        return p.ac * fa, p.bca * fb_ant, p.bcp * fb_post
+
+    def body_axes(self, z: float) -> tuple[float, float, float]:
+        p = self.p
+        t = z / p.H
+        sh = float(_smoothstep((t - 0.7) / 0.35))
+        a = p.body_half_width * (1.0 + 0.1 * sh) + 6.0 * sh
+        ba = p.bca + p.rib_t + 2 + p.pect + p.fat_ant + p.breast * float(_smoothstep((0.65 - abs(t - 0.42)) / 0.3))
+        bp = p.body_post
+        return a, ba, bp
+
+    def dome(self, X, Y):
+        """Diaphragm height z_dia(x, y) per side (mm)."""
+        p = self.p
+        xd = 0.33 * p.ac
+        yd = -0.2 * p.bca
+        dy = Y - yd
+        Dy = np.where(dy < 0, 1.6 * p.bca, 0.95 * (p.bcp - yd))
+        q = ((np.abs(X) - xd) / (0.62 * p.ac)) ** 2 + (dy / Dy) ** 2
+        h = np.where(X < p.x_mid, p.dome_r, p.dome_l)
+        return h * (1.0 - q)
+
+    # --- slice ------------------------------------------------------------
+    def render(self, z: float, g: Grid2D, need_hu: bool = True) -> SliceOut:
+        p = self.p
+        X, Y, R = g.X, g.Y, g.R
+        hu_ = p.hu
+        a_c, bca, bcp = self.cavity_axes(z)
+        r_cav = superellipse_radius(g.cp_cav, g.sp_cav, a_c, bca, bcp, g.S, p.p_cav)
+        cavity = R < r_cav
+        zd = self.dome(X, Y)
+        above = z > zd
+        # apex caps (paraboloid domes per side)
+        xa = np.where(X < p.x_mid, -0.47 * p.ac, 0.47 * p.ac)
+        qa = ((X - xa) / (0.56 * p.ac)) ** 2 + ((Y - 0.12 * p.bcp) / (0.95 * p.bca)) ** 2
+        z_ap = np.where(X < p.x_mid, p.H + 4.0, p.H)
+        below_apex = z < z_ap - 0.5 * p.H * qa
+        # mediastinum
+        med = np.abs(X - p.x_mid) < 9.0
+        med &= (Y < self.y_vb)
+        hx, hy, hz, A, B, C, ang = p.heart
+        ca, sa = np.cos(ang), np.sin(ang)
+        heart = None
+        if abs(z - hz) < C + 8:
+            U = (X - hx) * ca - (Y - hy) * sa
+            V = (X - hx) * sa + (Y - hy) * ca
+            wz = 1.0 - ((z - hz) / C) ** 2
+            qh = (U / A) ** 2 + (V / B) ** 2
+            if wz > 0:
+                heart = (qh < wz) & (z > zd - 2)
+            wz2 = 1.0 - ((z - hz) / (C + 6)) ** 2
+            if wz2 > 0:
+                med |= ((U / (A + 6)) ** 2 + (V / (B + 6)) ** 2 < wz2) & (z > zd - 4)
+        # spine
+        t = z / p.H
+        vs = 0.82 + 0.18 * float(np.clip(1.0 - t, 0.0, 1.0))
+        vrx, vry = 17.0 * vs, 14.0 * vs
+        qv = (X / vrx) ** 2 + ((Y - self.y_vb) / vry) ** 2
+        med |= qv < 1.6
+        # tubes (great vessels, airways, oesophagus)
+        tube_hits = []
+        for tb in p.tubes:
+            d2, box = _tube_dist2(tb, z, g)
+            if d2 is None:
+                continue
+            sl = (slice(box[0], box[1]), slice(box[2], box[3]))
+            med[sl] |= d2 < (tb.r + tb.margin) ** 2
+            tube_hits.append((tb, d2, sl))
+        inner = R < r_cav - 1.5
+        lung = inner & above & below_apex & ~med
+        label = np.zeros(X.shape, np.uint8)
+        label[lung & (X < p.x_mid)] = 1
+        label[lung & (X >= p.x_mid)] = 2
+        if not need_hu:
+            return SliceOut(None, label, None, None, None)
+
+        # --- HU ---------------------------------------------------------
+        hu = np.full(X.shape, -1000.0, np.float32)
+        a_b, ba_b, bp_b = self.body_axes(z)
+        r_body = superellipse_radius(g.cp_body, g.sp_body, a_b, ba_b, bp_b, g.S, p.p_body)
+        # table under the patient
+        y_t = bp_b + 6.0 + 0.0006 * X * X
+        tbl = (np.abs(Y - y_t) < 1.6) | (np.abs(Y - y_t - 28.0) < 2.2)
+        tbl &= np.abs(X) < 0.95 * 240
+        hu[tbl] = hu_["table"]
+        foam = (Y > y_t + 1.6) & (Y < y_t + 25.8) & (np.abs(X) < 228)
+        hu[foam] = -940.0
+        body = R < r_body
+        hu[body] = hu_["soft"]
+        Sp = np.maximum(g.S, 0.0)
+        Sn = np.maximum(-g.S, 0.0)
+        fat_t = p.fat + (p.fat_ant - p.fat) * Sn * Sn + (p.fat_post - p.fat) * Sp * Sp
+        fatz = body & (R < r_body - 1.8)
+        hu[fatz] = hu_["fat"]
+        mus = R < r_body - 1.8 - fat_t
+        hu[mus] = hu_["muscle"]
+        if p.breast > 0:
+            for sx in (-1, 1):
+                cx, cy = sx * 0.5 * a_b, -ba_b * 0.75
+                pass  # breasts are folded into the anterior body depth
+        hu[R < r_cav] = hu_["med_fat"]
+        # abdomen below the diaphragm
+        abd = cavity & (z < zd)
+        if abd.any():
+            self._abdomen(z, X, Y, zd, abd, hu)
+        dia = cavity & (z >= zd) & (z < zd + 4.5)
+        hu[dia] = hu_["muscle"]
+        # heart
+        if heart is not None:
+            blood = p.contrast if p.contrast else hu_["blood"]
+            hu[heart] = hu_["myocard"]
+            if p.contrast:
+                hu[heart & (qh < 0.6 * wz)] = blood
+        # tubes
+        for tb, d2, sl in tube_hits:
+            inside = d2 < tb.r ** 2
+            sub = hu[sl]
+            if tb.kind == "blood":
+                sub[inside] = p.contrast if p.contrast else hu_["blood"]
+            elif tb.kind == "air":
+                sub[inside] = hu_["soft"]
+                sub[d2 < (tb.r - tb.wall) ** 2] = -1000.0
+            else:
+                sub[inside] = hu_["soft"]
+        self._bones(z, g, r_cav, r_body, fat_t, hu)
+        # placeholders in the lungs (filled by the lung renderer)
+        hu[lung] = 0.0
+        # lobes, fissures, dependent coordinate
+        k = 0.32 * p.H / (0.5 * (p.bca + p.bcp))
+        ft = np.where(X < p.x_mid, p.fissure_tilt[0], p.fissure_tilt[1])
+        z_obl = np.where(X < p.x_mid, 0.4 * p.H, 0.43 * p.H) + k * Y + ft * np.abs(X)
+        lower = z < z_obl
+        d_obl = np.abs(z - z_obl) / np.sqrt(1.0 + k * k)
+        z_hor = 0.56 * p.H + 0.05 * X
+        lobe = np.zeros(X.shape, np.uint8)
+        right = label == 1
+        left = label == 2
+        lobe[right] = 1
+        lobe[right & ~lower & (z < z_hor)] = 2
+        lobe[right & lower] = 3
+        lobe[left] = 4
+        lobe[left & lower] = 5
+        d_fis = d_obl
+        hor_part = right & ~lower
+        d_fis = np.where(hor_part, np.minimum(d_obl, np.abs(z - z_hor)), d_obl)
+        post = np.clip((Y + bca) / (bca + bcp), 0.0, 1.0).astype(np.float32)
+        return SliceOut(hu, label, lobe, post, d_fis.astype(np.float32))
+
+    # --- helpers ----------------------------------------------------------
+    def _abdomen(self, z, X, Y, zd, abd, hu):
+        p = self.p
+        h = p.hu
+        # liver: right side and, anteriorly, across the midline
+        x_lv = -0.05 * p.ac + 0.55 * p.ac * np.clip(-Y / p.bca, 0.0, 1.0)
+        liver = abd & (X < x_lv) & (z < zd - 4.5)
+        hu[abd] = h["fat"] * 0.4 + h["soft"] * 0.6
+        hu[liver] = h["liver"]
+        # spleen (left posterior)
+        qs = ((X - 0.68 * p.ac) / (0.2 * p.ac)) ** 2 + ((Y - 0.35 * p.bcp) / (0.42 * p.bcp)) ** 2 + ((z - p.dome_l + 50) / 48) ** 2
+        hu[abd & (qs < 1)] = h["spleen"]
+        # stomach (left anterior) with an air-fluid level
+        cz = p.dome_l - 40
+        qst = ((X - 0.42 * p.ac) / (0.3 * p.ac)) ** 2 + ((Y + 0.28 * p.bca) / (0.42 * p.bca)) ** 2 + ((z - cz) / 60) ** 2
+        st = abd & (qst < 1) & (z < zd - 4)
+        hu[st] = 25.0
+        wall = abd & (qst < 1) & (qst > 0.8) & (z < zd - 4)
+        hu[wall] = h["soft"] + 10
+        if p.stomach_gas > 0:
+            y_lvl = -0.28 * p.bca - 0.42 * p.bca + p.stomach_gas * 0.5 * p.bca
+            hu[st & (qst < 0.8) & (Y < y_lvl)] = -1000.0
+        for gx, gy, gz, gr in p.bowel_gas:
+            qg = ((X - gx) ** 2 + (Y - gy) ** 2 + (z - gz) ** 2) / gr ** 2
+            m = abd & (qg < 1)
+            if m.any():
+                hu[m] = -1000.0
+                hu[abd & (qg >= 1) & (qg < 1.3)] = h["soft"]
+        # kidneys (upper poles at the bottom of the scan)
+        for sx in (-1, 1):
+            qk = ((X - sx * 0.42 * p.ac) / 26) ** 2 + ((Y - 0.55 * p.bcp) / 32) ** 2 + ((z + 85) / 55) ** 2
+            hu[abd & (qk < 1)] = 32.0
+
+    def _bones(self, z, g: Grid2D, r_cav, r_body, fat_t, hu):
+        p = self.p
+        h = p.hu
+        X, Y, R = g.X, g.Y, g.R
+        cort, canc = h["cortical"], h["cancellous"]
+        t = z / p.H
+        # --- vertebra
+        vs = 0.82 + 0.18 * float(np.clip(1.0 - t, 0.0, 1.0))
+        vrx, vry = 17.0 * vs, 14.0 * vs
+        phase = ((z / p.vert_period) + p.vert_phase) % 1.0
+        disc = phase < 0.17
+        qv = (X / vrx) ** 2 + ((Y - self.y_vb) / vry) ** 2
+        if disc:
+            hu[qv < 1] = 85.0
+        else:
+            hu[qv < 1] = cort
+            hu[qv < 0.8] = canc
+        yc = self.y_vb + vry + 8.5 * vs
+        dc2 = X * X + (Y - yc) ** 2
+        ring = (dc2 < (13.5 * vs) ** 2) & (Y > yc - 6)
+        proc = np.zeros_like(ring)
+        if phase > 0.25:
+            # transverse processes and spinous process
+            proc |= (np.abs(X) < 4.5) & (Y > yc) & (Y < yc + 38 * vs)
+            ux = np.abs(X)
+            proc |= (ux > 8) & (ux < 32 * vs) & (np.abs(Y - (yc - 2 + 0.35 * (ux - 8))) < 4.5)
+        bone = ring | proc
+        hu[bone] = canc + 150
+        hu[bone & ~((dc2 < (11.5 * vs) ** 2) | ((np.abs(X) < 2.8) & (Y > yc + 2)))] = cort * 0.9
+        hu[dc2 < (7.5 * vs) ** 2] = 15.0  # canal (CSF / cord)
+        # --- ribs
+        phi = g.phi
+        ring_in = r_cav + 1.0
+        rr = (R - ring_in) / p.rib_t  # 0..1 across the rib band
+        band = (rr > 0) & (rr < 1)
+        if band.any():
+            gph = (phi / np.pi) ** 1.25
+            zk = p.rib_z1 - p.rib_descent * gph
+            kf = (zk - z) / p.rib_period
+            k = np.rint(kf)
+            dz = (kf - k) * p.rib_period
+            q = ((rr - 0.5) / 0.5) ** 2 + (dz / (0.5 * p.rib_h)) ** 2
+            kk = k + 1  # rib number 1..12
+            end = np.where(kk <= 7, 2.75, np.where(kk <= 10, 2.45, 1.5 + 0.15 * (12 - kk)))
+            cart_start = np.where(kk <= 7, 2.25, 2.05)
+            valid = band & (kk >= 1) & (kk <= 12) & (phi > 0.2) & (phi < end) & (q < 1)
+            if valid.any():
+                cart = valid & (phi > cart_start)
+                hu[valid] = cort
+                hu[valid & (q < 0.45)] = canc
+                hu[cart] = h["cartilage"]
+        # --- sternum
+        if 0.2 < t < 0.9:
+            w = 7.0 if t < 0.3 else (25.0 if t > 0.76 else 15.0)
+            th = 7.0 if t > 0.76 else 5.5
+            a_c, bca, bcp = self.cavity_axes(z)
+            yc_s = -(bca + 1.0 + th)
+            qs = (X / w) ** 4 + ((Y - yc_s) / th) ** 2
+            hu[qs < 1] = cort
+            hu[qs < 0.6] = canc
+        # --- scapulae
+        if 0.45 < t < 1.15:
+            top = float(_smoothstep((t - 0.45) / 0.2))
+            r0 = r_cav + p.rib_t + 4.0
+            sc = (R > r0) & (R < r0 + 4.5) & (phi > 0.6) & (phi < 0.6 + 0.85 * top) & (R < r_body - fat_t - 1)
+            hu[sc] = cort * 0.8
+        # --- clavicles
+        if t > 0.9:
+            a_b, ba_b, bp_b = self.body_axes(z)
+            ax = np.abs(X)
+            z_cl = p.H * 1.04 + 0.12 * ax
+            y_cl = -(ba_b - p.fat_ant - 10.0) + 0.25 * ax
+            dq = ((z - z_cl) / 8.0) ** 2 + ((Y - y_cl) / 7.0) ** 2
+            cl = (dq < 1) & (ax > 14) & (ax < 0.8 * a_b)
+            hu[cl] = cort
+            hu[cl & (dq < 0.5)] = canc
+
+
+def _tube_dist2(tb: Tube, z: float, g: Grid2D):
+    """Squared 3-D distance from the slice pixels to the tube axis, in the
+    tube's bounding box on this slice; (None, None) if the slice misses it."""
+    x0, y0, z0 = tb.p0
+    x1, y1, z1 = tb.p1
+    reach = tb.r + tb.margin
+    if z < min(z0, z1) - reach or z > max(z0, z1) + reach:
+        return None, None
+    d = np.array([x1 - x0, y1 - y0, z1 - z0], np.float64)
+    L2 = float(d @ d) + 1e-9
+    # in-plane extent of the part of the segment within reach of this slice
+    if abs(d[2]) > 1e-6:
+        ta = (z - reach - z0) / d[2]
+        tb_ = (z + reach - z0) / d[2]
+        lo, hi = max(0.0, min(ta, tb_)), min(1.0, max(ta, tb_))
+    else:
+        lo, hi = 0.0, 1.0
+    xs = (x0 + lo * d[0], x0 + hi * d[0])
+    ys = (y0 + lo * d[1], y0 + hi * d[1])
+    xmin, xmax = min(xs) - reach, max(xs) + reach
+    ymin, ymax = min(ys) - reach, max(ys) + reach
+    ix0, ix1 = np.searchsorted(g.x1, [xmin, xmax])
+    iy0, iy1 = np.searchsorted(g.y1, [ymin, ymax])
+    if ix1 <= ix0 or iy1 <= iy0:
+        return None, None
+    Xs = g.x1[ix0:ix1][None, :]
+    Ys = g.y1[iy0:iy1][:, None]
+    px, py, pz = Xs - x0, Ys - y0, z - z0
+    tt = np.clip((px * d[0] + py * d[1] + pz * d[2]) / L2, 0.0, 1.0)
+    ex = px - tt * d[0]
+    ey = py - tt * d[1]
+    ez = pz - tt * d[2]
+    d2 = ex * ex + ey * ey + ez * ez
+    return d2, (iy0, iy1, ix0, ix1)

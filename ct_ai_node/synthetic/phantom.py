@@ -1,0 +1,342 @@
+"""The phantom generator: draws a patient and a scan, renders the chest slice by
+slice, mixes in lung parenchyma, vessels, airways, lesions, distractors, then
+reconstruction blur and CT noise.
+
+Array convention (``Phantom``): (z, y, x); z index 0 = most INFERIOR slice,
+y = anterior (0) -> posterior, x = patient right (0) -> patient left.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .anatomy import Anatomy, Grid2D, Patient, draw_patient
+from .fields import NoiseBank, SmoothField
+from .lesions import CoarseLungs, LesionPlan, plan_distractors, plan_lesions
+from .vessels import SplatVolume, grow_tree
+
+KINDS = ("covid", "cap", "normal")
+
+# (name, blur sigma in px at 0.7 mm, noise peak frequency (cycles/px), noise factor)
+KERNELS = {
+    "soft": [("B30f", 0.95, 0.16, 0.8), ("STANDARD", 0.9, 0.17, 0.85), ("FC17", 0.9, 0.17, 0.85), ("B", 0.85, 0.18, 0.9)],
+    "medium": [("B40f", 0.75, 0.22, 1.0), ("FC51", 0.7, 0.23, 1.05), ("YB", 0.75, 0.22, 1.0)],
+    "sharp": [("B70f", 0.5, 0.33, 1.6), ("LUNG", 0.55, 0.3, 1.5), ("FC86", 0.5, 0.34, 1.6), ("BONE", 0.5, 0.35, 1.7)],
+}
+
+
+@dataclass
+class Phantom:
+    hu: np.ndarray  # int16 (z, y, x)
+    lung_labels: np.ndarray  # uint8: 0 background, 1 right lung, 2 left lung
+    lesion_mask: np.ndarray  # bool
+    spacing: tuple[float, float, float]  # (z, y, x) mm
+    kind: str
+    seed: int
+    params: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.hu.shape)  # type: ignore[return-value]
+
+
+@dataclass
+class ScanGeometry:
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]  # physical mm
+    s_xy: float  # physical mm per model mm in-plane
+    s_z: float
+    zm: np.ndarray  # model z of each slice
+    ym: np.ndarray
+    xm: np.ndarray
+    thickness: float  # physical slice thickness
+
+
+def _draw_geometry(rng, p: Patient, an: Anatomy, shape, spacing) -> ScanGeometry:
+    m_inf = float(rng.uniform(15, 55))
+    m_sup = float(rng.uniform(12, 40))
+    z0, z1 = -m_inf, p.H + m_sup
+    a_body = max(an.body_axes(z)[0] for z in (0.0, 0.5 * p.H, p.H, z1))
+    width = 2 * a_body
+    ant = an.body_axes(0.4 * p.H)[1]
+    depth = ant + p.body_post + 45.0  # + table
+    need = max(width, depth) * 1.04
+    if shape is None:
+        if spacing is None:
+            fov = max(need * rng.uniform(1.02, 1.25), 0.55 * 512)
+            px = min(0.9, fov / 512)
+            dz = float(rng.choice([0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0], p=[.08, .2, .2, .1, .1, .12, .05, .15]))
+            spacing = (dz, px, px)
+        nz = int(math.ceil((z1 - z0) / spacing[0]))
+        shape = (nz, 512, 512)
+    nz, ny, nx = shape
+    if spacing is None:
+        fov = need * rng.uniform(1.02, 1.2)
+        px = fov / max(ny, nx)
+        dz = (z1 - z0) / nz
+        spacing = (dz, px, px)
+    dz, dy, dx = (float(v) for v in spacing)
+    fov_x, fov_y = nx * dx, ny * dy
+    s_xy = min(1.0, fov_x / (width * 1.03), fov_y / (depth * 1.03))
+    L = nz * dz
+    s_z = min(1.0, L / (z1 - z0))
+    # centre the scan on the chest (z), with the surplus split at random
+    z_len_model = L / s_z
+    z_start = z0 - rng.uniform(0, 1) * max(0.0, z_len_model - (z1 - z0))
+    zm = z_start + (np.arange(nz) + 0.5) * dz / s_z
+    c_y = (p.body_post + 45.0 - ant) / 2.0
+    jx = rng.uniform(-0.03, 0.03) * fov_x
+    jy = rng.uniform(-0.02, 0.02) * fov_y
+    ym = ((np.arange(ny) - (ny - 1) / 2) * dy + jy) / s_xy + c_y
+    xm = ((np.arange(nx) - (nx - 1) / 2) * dx + jx) / s_xy
+    thickness = dz if dz >= 1.0 else float(rng.choice([dz, 1.0]))
+    return ScanGeometry(tuple(shape), (dz, dy, dx), s_xy, s_z, zm, ym, xm, float(thickness))
+
+
+def _coarse_lungs(an: Anatomy, geo: ScanGeometry, step: float) -> CoarseLungs:
+    p = an.p
+    y = np.arange(geo.ym[0], geo.ym[-1] + 1e-6, step)
+    x = np.arange(geo.xm[0], geo.xm[-1] + 1e-6, step)
+    z = np.arange(max(geo.zm[0], -80.0), min(geo.zm[-1], p.H + 10) + 1e-6, step)
+    g = Grid2D(y, x, p.p_cav, p.p_body)
+    lab = np.zeros((len(z), len(y), len(x)), np.uint8)
+    lobe = np.zeros_like(lab)
+    for i, zz in enumerate(z):
+        o = an.render(float(zz), g, need_hu=False)
+        lab[i] = o.label
+    # lobes from the fissure geometry (same formulas as the full render)
+    Z, Y, X = np.meshgrid(z, y, x, indexing="ij")
+    k = 0.32 * p.H / (0.5 * (p.bca + p.bcp))
+    right = X < p.x_mid
+    ft = np.where(right, p.fissure_tilt[0], p.fissure_tilt[1])
+    z_obl = np.where(right, 0.4 * p.H, 0.43 * p.H) + k * Y + ft * np.abs(X)
+    lower = Z < z_obl
+    z_hor = 0.56 * p.H + 0.05 * X
+    lobe[lab == 1] = 1
+    lobe[(lab == 1) & ~lower & (Z < z_hor)] = 2
+    lobe[(lab == 1) & lower] = 3
+    lobe[lab == 2] = 4
+    lobe[(lab == 2) & lower] = 5
+    return CoarseLungs(z, y, x, lab, lobe, step)
+
+
+def _to_vox(geo: ScanGeometry, pts_zyx: np.ndarray) -> np.ndarray:
+    """Model mm (z, y, x) -> voxel index coordinates."""
+    out = np.empty_like(pts_zyx, dtype=np.float64)
+    out[:, 0] = (pts_zyx[:, 0] - geo.zm[0]) / (geo.zm[1] - geo.zm[0] if len(geo.zm) > 1 else 1.0)
+    out[:, 1] = (pts_zyx[:, 1] - geo.ym[0]) / (geo.ym[1] - geo.ym[0])
+    out[:, 2] = (pts_zyx[:, 2] - geo.xm[0]) / (geo.xm[1] - geo.xm[0])
+    return out
+
+
+def _build_trees(rng, an: Anatomy, geo: ScanGeometry, c: CoarseLungs):
+    """Vessel occupancy and airway (wall, lumen) splat volumes."""
+    p = an.p
+    px_model = (geo.xm[1] - geo.xm[0])
+    dz_model = (geo.zm[1] - geo.zm[0]) if len(geo.zm) > 1 else px_model
+    zr = px_model / dz_model
+    vessels = SplatVolume(geo.shape, zr)
+    walls = SplatVolume(geo.shape, zr)
+    lumen = SplatVolume(geo.shape, zr)
+    r_leaf = max(0.26, 0.3 * px_model)
+    info = {}
+    for side, lab in (("right", 1), ("left", 2)):
+        cells = np.argwhere(c.label == lab)
+        if len(cells) < 20:
+            continue
+        for tree_kind, root in (("artery", p.hila[side]), ("vein", p.hila["vein_r" if side == "right" else "vein_l"])):
+            r_root = rng.uniform(6.0, 7.5) if tree_kind == "artery" else rng.uniform(5.5, 7.0)
+            n_pts = int(np.clip((r_root / r_leaf) ** 2.6, 200, 5000))
+            j = rng.integers(0, len(cells), n_pts)
+            pts = np.stack([c.z[cells[j, 0]], c.y[cells[j, 1]], c.x[cells[j, 2]]], 1)
+            pts += rng.uniform(-0.5, 0.5, pts.shape) * c.step
+            root_zyx = np.array([root[2], root[1], root[0]], np.float64)
+            tr = grow_tree(pts, root_zyx, rng, r_leaf=r_root / n_pts ** (1 / 2.6))
+            a = _to_vox(geo, tr.p0)
+            b = _to_vox(geo, tr.p1)
+            vessels.add_segments(a, b, tr.r / px_model)
+            info[f"{side}_{tree_kind}_segments"] = int(len(tr.r))
+            if tree_kind == "artery":
+                # bronchi run beside the arteries: offset each segment sideways
+                big = tr.r > 0.55
+                if big.any():
+                    d = tr.p1[big] - tr.p0[big]
+                    d /= np.linalg.norm(d, axis=1, keepdims=True) + 1e-9
+                    ref = np.array([0.0, 1.0, 0.0]) if side == "right" else np.array([0.0, 1.0, 0.3])
+                    off = np.cross(d, ref)
+                    off /= np.linalg.norm(off, axis=1, keepdims=True) + 1e-9
+                    rb = tr.r[big] * 0.85
+                    wall = np.maximum(0.35, 0.18 * 2 * rb)
+                    shift = off * (tr.r[big] + rb + wall)[:, None]
+                    a2 = _to_vox(geo, tr.p0[big] + shift)
+                    b2 = _to_vox(geo, tr.p1[big] + shift)
+                    vis = rb > 1.0
+                    if vis.any():
+                        walls.add_segments(a2[vis], b2[vis], (rb[vis] + wall[vis]) / px_model)
+                        walls.add_segments(a2[vis], b2[vis], rb[vis] / px_model, weight=-1.0)
+                    lumen.add_segments(a2, b2, rb / px_model)
+    return vessels, walls, lumen, info
+
+
+def generate_phantom(seed: int, kind: str | None = None, shape: tuple[int, int, int] | None = None,
+                     spacing: tuple[float, float, float] | None = None) -> Phantom:
+    """A synthetic chest CT (see module docstring for axes). Deterministic per seed."""
+    t_start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    if kind is None:
+        kind = str(rng.choice(KINDS))
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    p = draw_patient(rng)
+    an = Anatomy(p)
+    geo = _draw_geometry(rng, p, an, shape, spacing)
+    nz, ny, nx = geo.shape
+    dz, dy, dx = geo.spacing
+    px_model = dx / geo.s_xy
+    dz_model = dz / geo.s_z
+    # scan / reconstruction
+    family = str(rng.choice(["soft", "medium", "sharp"], p=[0.45, 0.3, 0.25]))
+    kname, blur0, fpk, nfac = KERNELS[family][int(rng.integers(len(KERNELS[family])))]
+    blur_px = float(np.clip(blur0 * 0.7 / dx * rng.uniform(0.85, 1.15), 0.35, 1.3))
+    size_factor = (p.body_half_width / 165.0) ** 1.5
+    noise_sd = float(np.clip(rng.uniform(10, 26) * nfac * size_factor, 8, 60))
+    if dz >= 2.5:
+        noise_sd *= 0.75  # thick slices average more photons
+    lung_hu0 = float(rng.uniform(-900, -848))
+    grav = float(rng.uniform(35, 110))
+
+    # coarse lungs, lesions, trees
+    c = _coarse_lungs(an, geo, step=max(3.0, 1.5 * px_model))
+    plan = plan_lesions(kind, rng, c, p.H)
+    distract = plan_distractors(kind, rng, c, p.H)
+    vessels, walls, lumen, tree_info = _build_trees(rng, an, geo, c)
+    box = ((geo.zm[0] - 5, geo.zm[-1] + 5), (geo.ym[0], geo.ym[-1]), (geo.xm[0], geo.xm[-1]))
+    tex = SmoothField(rng, box, 9.0)
+    fine = SmoothField(rng, box, (4.0, 3.0, 3.0)) if (plan.crazy > 0 or "emphysema" in distract) else None
+    noise_bank = NoiseBank(rng, ny, nx, f_peak=fpk * (0.7 / max(dx, 0.3)) ** 0.3, n_bank=8 if nx >= 384 else 12)
+
+    g = Grid2D(geo.ym, geo.xm, p.p_cav, p.p_body)
+    n_sub = int(np.clip(round(geo.thickness / (1.8 * geo.s_z)), 1, 3))
+    sub_off = (np.arange(n_sub) - (n_sub - 1) / 2) * (geo.thickness / geo.s_z) / n_sub
+
+    hu_out = np.empty(geo.shape, np.int16)
+    lab_out = np.zeros(geo.shape, np.uint8)
+    les_out = np.zeros(geo.shape, bool)
+    blood = p.contrast if p.contrast else p.hu["blood"]
+    tex_amp = float(rng.uniform(6, 14))
+    fis_amp = float(rng.uniform(0, 350)) if rng.random() < 0.7 else 0.0
+    tex_m = tex.matrices(geo.zm, geo.ym, geo.xm)
+    fine_m = fine.matrices(geo.zm, geo.ym, geo.xm) if fine is not None else None
+    nod = distract.get("nodule")
+    emph = distract.get("emphysema")
+    atel = distract.get("atelectasis")
+    noise_prev = None
+    rho = 0.0 if dz >= 2.0 else float(np.clip(0.6 - 0.3 * dz, 0.0, 0.5))
+    for iz in range(nz):
+        zc = float(geo.zm[iz])
+        acc = None
+        lungfrac = None
+        centre = None
+        for k, off in enumerate(sub_off):
+            o = an.render(zc + float(off), g)
+            lm = o.label > 0
+            base = lung_hu0 + grav * o.post ** 3
+            h = o.hu
+            h[lm] = base[lm]
+            if acc is None:
+                acc = h
+                lungfrac = lm.astype(np.float32)
+            else:
+                acc += h
+                lungfrac += lm
+            if k == n_sub // 2:
+                centre = o
+        if n_sub > 1:
+            acc /= n_sub
+            lungfrac /= n_sub
+        hu = acc
+        lab = centre.label
+        lm = lungfrac > 0
+        les = None
+        if lm.any():
+            # lung texture, fissures
+            tz = np.tensordot(tex_m[0][iz], tex.lattice, axes=(0, 0))
+            t2 = tex_m[1] @ tz @ tex_m[2].T
+            hu += lungfrac * (tex_amp * t2)
+            if fis_amp > 0:
+                hu += lungfrac * fis_amp * np.exp(-(centre.fissure / 0.7) ** 2) * (lab > 0)
+            # distractors
+            if atel is not None and zc < atel["zmax"]:
+                da = np.clip((centre.post - atel["thr"]) / 0.02, 0, 1) * (lab > 0)
+                hu += lungfrac * da * (atel["hu"] - hu)
+            if emph is not None and zc > emph["zmin"] and fine_m is not None:
+                fz = np.tensordot(fine_m[0][iz], fine.lattice, axes=(0, 0))
+                f2 = fine_m[1] @ fz @ fine_m[2].T
+                holes = (f2 > 2.0 - 8 * emph["density"]) & (lab > 0)
+                hu[holes] = emph["hu"]
+            # lesions
+            ggo, cons = plan.slice_fields(zc, geo.ym, geo.xm, centre.lobe)
+            if ggo is not None:
+                ggo *= lungfrac
+                delta_g = ggo * (plan.ggo_hu - hu)
+                if plan.crazy > 0 and fine_m is not None:
+                    fz = np.tensordot(fine_m[0][iz], fine.lattice, axes=(0, 0))
+                    f2 = fine_m[1] @ fz @ fine_m[2].T
+                    delta_g += ggo * plan.crazy * np.exp(-(f2 / 0.25) ** 2)
+                hu += delta_g
+                les = delta_g > 100.0
+                if cons is not None:
+                    cons *= lungfrac
+                    hu += cons * (plan.cons_hu - hu)
+                    les |= cons > 0.5
+                les &= lab > 0
+            if nod is not None and abs(zc - nod["z"]) < nod["r"] + dz_model:
+                dd = (g.X - nod["x"]) ** 2 + (g.Y - nod["y"]) ** 2 + (zc - nod["z"]) ** 2
+                hu[(dd < nod["r"] ** 2) & (lab > 0)] = nod["hu"]
+            # vessels and airways (partial volume occupancy)
+            v = vessels.slice(iz)
+            if v is not None:
+                np.clip(v, 0, 1, out=v)
+                v *= lungfrac
+                hu += v * (blood - hu)
+            w = walls.slice(iz)
+            if w is not None:
+                np.clip(w, 0, 1, out=w)
+                w *= lungfrac
+                hu += w * (p.hu["soft"] - hu)
+            lu = lumen.slice(iz)
+            if lu is not None:
+                np.clip(lu, 0, 1, out=lu)
+                lu *= lungfrac
+                hu += lu * (-1000.0 - hu)
+        # reconstruction blur and noise
+        hu = ndi.gaussian_filter(hu, blur_px, mode="nearest", truncate=3.0)
+        nz_slice = noise_bank.draw()
+        if noise_prev is not None and rho > 0:
+            nz_slice = rho * noise_prev + math.sqrt(1 - rho * rho) * nz_slice
+        noise_prev = nz_slice
+        hu += noise_sd * nz_slice
+        np.clip(hu, -1024, 3071, out=hu)
+        hu_out[iz] = np.rint(hu)
+        lab_out[iz] = lab
+        if les is not None:
+            les_out[iz] = les
+    ratio = float(les_out.sum() / max(1, (lab_out > 0).sum()))
+    params = dict(
+        kind=kind, seed=int(seed), shape=list(geo.shape), spacing=[float(v) for v in geo.spacing],
+        slice_thickness=float(geo.thickness), scale_inplane=float(geo.s_xy), scale_z=float(geo.s_z),
+        kernel=kname, kernel_family=family, blur_px=blur_px, noise_sd=noise_sd,
+        lung_hu=lung_hu0, gravity_gradient_hu=grav, contrast_hu=float(p.contrast),
+        patient=dict(lung_height_mm=p.H, cavity_half_width_mm=p.ac, fat_mm=p.fat, female=p.female,
+                     body_width_mm=2 * p.body_half_width),
+        lesion=plan.params, distractors=sorted(distract), lesion_lung_ratio=ratio,
+        lung_volume_ml=float((lab_out > 0).sum() * dz * dy * dx / 1000.0),
+        lesion_volume_ml=float(les_out.sum() * dz * dy * dx / 1000.0),
+        trees=tree_info,
+    )
+    return Phantom(hu_out, lab_out, les_out, (float(dz), float(dy), float(dx)), kind, int(seed), params)
