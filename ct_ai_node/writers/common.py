@@ -207,10 +207,13 @@ def numbers_line(result: AnalysisResult) -> str:
     )
 
 
-def provenance_line(result: AnalysisResult) -> str:
-    """``ct-ai-node method A 0.1.0 (trained on synthetic phantoms)``"""
+def provenance_lines(result: AnalysisResult) -> tuple[str, str]:
+    """``("ct-ai-node method A 0.1.0", "trained on synthetic chest-CT phantoms only")``"""
     algo = result.algorithm
-    return f"{MANUFACTURER} {method_label(result.pipeline)} {algo.version} (trained on {algo.trained_on})"
+    return (
+        f"{MANUFACTURER} {method_label(result.pipeline)} {algo.version}",
+        f"trained on {algo.trained_on}",
+    )
 
 
 @dataclass(frozen=True)
@@ -228,7 +231,7 @@ def caption_for(result: AnalysisResult, z: int, key: tuple[int, int] | None = No
     top = [f"{headline(result)}  slice score {score:.2f}", numbers_line(result)]
     if key is not None:
         top.append(f"Key image {key[0]}/{key[1]}: highest AI slice score")
-    bottom = [provenance_line(result)]
+    bottom = list(provenance_lines(result))
     if needs_disclaimer(result.algorithm):
         bottom.append(NOT_FOR_DIAGNOSTIC_USE)
     return Caption(tuple(top), tuple(bottom))

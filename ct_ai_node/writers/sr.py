@@ -1,0 +1,364 @@
+"""TID 1500 Measurement Report (Comprehensive 3D SR) of one analysis.
+
+Content, under an observer context that names the algorithm as the device:
+
+- one volumetric ROI group (TID 1411) per lung, referencing its SEG segment, with the
+  lung's volume;
+- one volumetric ROI group for the suspected infection (SEG segment), with its volume
+  and the percentage of lung involved;
+- one measurement group (TID 1501) with the total lung volume;
+- one measurement group for the classification: probability of COVID-19-like
+  pneumonia, the decision threshold, COVID-19 present/absent, the Corona score and the
+  positive slice ratio;
+- one planar ROI group (TID 1410) with a closed SCOORD POLYLINE (first point == last) on the source CT: the outline
+  of the largest infection region on the top key slice (or of the right lung when there
+  is no infection), with its area. OHIF draws SRs only when such a region exists.
+
+Codes come from pydicom's code dictionary; concepts no public terminology has (Corona
+score, positive slice ratio, percentage of lung involved, decision threshold) use the
+local scheme ``99CTAI``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from ct_ai_node.errors import OutputError
+from ct_ai_node.pipeline.types import LEFT_LUNG, RIGHT_LUNG, AnalysisResult
+from ct_ai_node.volume.types import Volume
+from ct_ai_node.writers import common, seg as seg_writer
+from ct_ai_node.writers.contour import largest_component, outline, polygon_area
+
+logger = logging.getLogger(__name__)
+
+CodedConcept = hd.sr.CodedConcept
+
+# --- codes ---------------------------------------------------------------------------
+#: SCT 840539006, "Disease caused by severe acute respiratory syndrome coronavirus 2";
+#: "COVID-19" is its SNOMED CT synonym (the full name exceeds the 64 characters of
+#: (0008,0104) Code Meaning)
+COVID_19 = CodedConcept("840539006", "SCT", "COVID-19")
+#: LOINC 24627-2 "CT Chest" (procedure reported)
+CT_CHEST = CodedConcept("24627-2", "LN", "CT Chest")
+PROBABILITY = codes.DCM.Probability  # DCM 122157
+VOLUME = codes.SCT.Volume  # SCT 118565006
+AREA = codes.SCT.Area  # SCT 42798000
+PRESENT = codes.SCT.Present
+ABSENT = codes.SCT.Absent
+CORONA_SCORE = CodedConcept("CORONA-SCORE", common.LOCAL_SCHEME, "Corona score")
+POSITIVE_SLICE_RATIO = CodedConcept("POS-SLICE-RATIO", common.LOCAL_SCHEME, "Positive slice ratio")
+LUNG_INVOLVEMENT = CodedConcept("LUNG-INVOLVED", common.LOCAL_SCHEME, "Percentage of lung volume involved")
+DECISION_THRESHOLD = CodedConcept("DECISION-THRESH", common.LOCAL_SCHEME, "AI decision threshold")
+
+#: (0008,0110) Coding Scheme Identification of the local scheme
+LOCAL_CODING_SCHEME = CodingSchemeIdentificationItem(
+    designator=common.LOCAL_SCHEME,
+    name="ct-ai-node local codes",
+    responsible_organization=common.MANUFACTURER,
+)
+
+ML = CodedConcept("ml", "UCUM", "milliliter")
+MM2 = codes.UCUM.SquareMillimeter
+PERCENT = codes.UCUM.Percent
+RATIO = codes.UCUM.Ratio
+PROBABILITY_UNIT = CodedConcept("{probability}", "UCUM", "probability")
+
+
+@dataclass(frozen=True)
+class DrawnRegion:
+    """The planar region put into the SR: where and what."""
+
+    z: int
+    points: np.ndarray  # (n, 2) (column, row), closed
+    area_mm2: float
+    is_infection: bool
+    laterality: object | None  # codes.SCT.Right / Left / None
+
+
+def _laterality_of(labels_2d: np.ndarray, region: np.ndarray):
+    inside = labels_2d[region]
+    right, left = int((inside == RIGHT_LUNG).sum()), int((inside == LEFT_LUNG).sum())
+    if right == left == 0:
+        return None
+    return codes.SCT.Right if right >= left else codes.SCT.Left
+
+
+def choose_region(volume: Volume, result: AnalysisResult) -> DrawnRegion:
+    """The region to draw: the largest infection region on the top key slice that has
+    infection (else on the slice with most infection); without infection, the right
+    lung (else the left lung) on the top key slice or its largest slice."""
+    infection = np.asarray(result.infection_mask, dtype=bool)
+    labels = np.asarray(result.lung_labels)
+    is_infection = bool(infection.any())
+    if is_infection:
+        target = infection
+    elif (labels == RIGHT_LUNG).any():
+        target = labels == RIGHT_LUNG
+    elif (labels == LEFT_LUNG).any():
+        target = labels == LEFT_LUNG
+    else:
+        raise OutputError("SR: neither infection nor lungs found; no region to draw")
+    area_per_slice = target.reshape(target.shape[0], -1).sum(axis=1)
+    keys = [int(z) for z in result.key_slices if 0 <= int(z) < len(area_per_slice)]
+    with_target = [z for z in keys if area_per_slice[z] > 0]
+    z = with_target[0] if with_target else int(np.argmax(area_per_slice))
+    region = largest_component(target[z])
+    points = outline(region)
+    _, dy, dx = volume.spacing
+    area_mm2 = polygon_area(points) * dy * dx
+    return DrawnRegion(z, points, float(area_mm2), is_infection, _laterality_of(labels[z], region))
+
+
+def _device_context(result: AnalysisResult) -> hd.sr.ObserverContext:
+    algo = result.algorithm
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            # the same algorithm version is the same device, run after run
+            uid=generate_uid(entropy_srcs=[common.MANUFACTURER, algo.name, algo.version]),
+            name=common.lo(algo.name),
+            manufacturer_name=common.MANUFACTURER,
+            model_name=common.lo(f"{common.method_label(result.pipeline)} {algo.version}"),
+        ),
+    )
+
+
+def _algorithm_id(result: AnalysisResult) -> hd.sr.AlgorithmIdentification:
+    algo = result.algorithm
+    return hd.sr.AlgorithmIdentification(
+        name=common.lo(algo.name),
+        version=common.lo(algo.version),
+        family=common.algorithm_family_code(algo),
+        manufacturer=common.MANUFACTURER,
+    )
+
+
+def _tracking(text: str) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=text)
+
+
+def _measurement(name, value: float, unit, algorithm_id=None) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=name, value=float(value), unit=unit, algorithm_id=algorithm_id)
+
+
+def _segment_ref(seg: Dataset, number: int, volume: Volume) -> hd.sr.ReferencedSegment:
+    """Segment ``number`` of ``seg``, derived from the source series.
+
+    The source is named as a series (TID 1411 allows either), not image by image as
+    ``ReferencedSegment.from_segmentation`` does: 250 image items per lung would
+    triple the SR and its build time.
+    """
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=seg.SOPClassUID,
+        sop_instance_uid=seg.SOPInstanceUID,
+        segment_number=number,
+        source_series=hd.sr.SourceSeriesForSegmentation(volume.series_instance_uid),
+    )
+
+
+def _segment_groups(
+    volume: Volume,
+    result: AnalysisResult,
+    seg: Dataset,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+) -> list:
+    groups = []
+    labels = np.asarray(result.lung_labels)
+    voxel_ml = volume.voxel_volume_ml
+    for spec, value, laterality in (
+        (seg_writer.RIGHT_LUNG_SEGMENT, RIGHT_LUNG, codes.SCT.Right),
+        (seg_writer.LEFT_LUNG_SEGMENT, LEFT_LUNG, codes.SCT.Left),
+    ):
+        number = seg_writer.segment_number(seg, spec.key)
+        if number is None:
+            continue
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking(f"{spec.label} (AI segmentation)"),
+                referenced_segment=_segment_ref(seg, number, volume),
+                finding_type=seg_writer.LUNG,
+                finding_category=seg_writer.ANATOMICAL_STRUCTURE,
+                finding_sites=[hd.sr.FindingSite(seg_writer.LUNG, laterality=laterality)],
+                algorithm_id=algorithm_id,
+                measurements=[_measurement(VOLUME, np.count_nonzero(labels == value) * voxel_ml, ML)],
+            )
+        )
+    number = seg_writer.segment_number(seg, seg_writer.INFECTION_SEGMENT.key)
+    if number is not None:
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking("Suspected infection (AI segmentation)"),
+                referenced_segment=_segment_ref(seg, number, volume),
+                finding_type=seg_writer.INFLAMMATION,
+                finding_category=seg_writer.MORPHOLOGICALLY_ABNORMAL,
+                finding_sites=[hd.sr.FindingSite(seg_writer.LUNG)],
+                algorithm_id=algorithm_id,
+                measurements=[
+                    _measurement(VOLUME, result.lesion_volume_ml, ML),
+                    _measurement(LUNG_INVOLVEMENT, result.involvement_percent, PERCENT),
+                ],
+            )
+        )
+    return groups
+
+
+def _summary_groups(result: AnalysisResult, algorithm_id) -> list:
+    lungs = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking("Both lungs (AI segmentation)"),
+        finding_type=seg_writer.LUNG,
+        finding_category=seg_writer.ANATOMICAL_STRUCTURE,
+        finding_sites=[hd.sr.FindingSite(seg_writer.LUNG)],
+        algorithm_id=algorithm_id,
+        measurements=[_measurement(VOLUME, result.lung_volume_ml, ML)],
+    )
+    classification = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(
+            f"AI classification: {result.label} (p={result.probability:.2f})"
+        ),
+        finding_type=COVID_19,
+        finding_sites=[hd.sr.FindingSite(seg_writer.LUNG)],
+        algorithm_id=algorithm_id,
+        measurements=[
+            _measurement(PROBABILITY, result.probability, PROBABILITY_UNIT),
+            _measurement(DECISION_THRESHOLD, result.threshold, PROBABILITY_UNIT),
+            _measurement(CORONA_SCORE, result.corona_score_ml, ML),
+            _measurement(POSITIVE_SLICE_RATIO, result.positive_slice_ratio, RATIO),
+        ],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(COVID_19, PRESENT if result.is_positive else ABSENT)
+        ],
+    )
+    return [lungs, classification]
+
+
+def _planar_group(
+    volume: Volume, result: AnalysisResult, region: DrawnRegion, algorithm_id
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    ref = common.source_ref(volume, region.z)
+    source = hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=ref.sop_class_uid,
+        referenced_sop_instance_uid=ref.sop_instance_uid,
+        referenced_frame_numbers=[ref.frame_number] if ref.frame_number is not None else None,
+    )
+    where = f"slice {region.z + 1}/{volume.shape[0]}"
+    if region.is_infection:
+        text = f"Largest suspected infection region on key slice ({where})"
+        finding_type, category = seg_writer.INFLAMMATION, seg_writer.MORPHOLOGICALLY_ABNORMAL
+    else:
+        side = "right" if region.laterality == codes.SCT.Right else "left"
+        text = f"No infection found: outline of the {side} lung ({where})"
+        finding_type, category = seg_writer.LUNG, seg_writer.ANATOMICAL_STRUCTURE
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(text),
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,  # closed: first == last (PS3.3 C.18.6.1.2)
+            graphic_data=region.points,
+            source_image=source,
+        ),
+        finding_type=finding_type,
+        finding_category=category,
+        finding_sites=[hd.sr.FindingSite(seg_writer.LUNG, laterality=region.laterality)],
+        algorithm_id=algorithm_id,
+        measurements=[_measurement(AREA, region.area_mm2, MM2)],
+    )
+
+
+def _library_images(volume: Volume, region: DrawnRegion) -> list[Dataset] | None:
+    """TID 1600 image library: the image the drawn region lies on.
+
+    Only the referenced image, not the whole series: each entry adds about 20 content
+    items, and 300 of them make building the SR take seconds. A multi-frame source gets
+    no library: highdicom's entry descriptors (TID 1604) need single-frame geometry
+    attributes, and the instance is listed as evidence anyway.
+    """
+    if volume.is_multiframe:
+        return None
+    return [volume.dataset_for(region.z)]
+
+
+def build_sr(
+    volume: Volume,
+    result: AnalysisResult,
+    seg_dataset: Dataset,
+    key_images: Sequence[Dataset] = (),
+    series_number: int = 904,
+    *,
+    institution_name: str | None = None,
+    image_library: bool = True,
+) -> hd.sr.Comprehensive3DSR:
+    """Build the TID 1500 measurement report.
+
+    Parameters
+    ----------
+    volume, result
+        The source series and the analysis.
+    seg_dataset
+        The SEG built by :func:`ct_ai_node.writers.seg.build_seg` for this result;
+        volumetric groups reference its segments.
+    key_images
+        Key-image (or heat-map) instances to list as evidence, optional.
+    series_number
+        (0020,0011) Series Number of the new SR series.
+    institution_name
+        (0008,0080) Institution Name, optional.
+    image_library
+        Add the image the drawn region lies on to the TID 1600 image library
+        (single-frame sources only).
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+        COMPLETE, PRELIMINARY and UNVERIFIED (a machine report nobody signed). The
+        source images, the SEG and ``key_images`` are its evidence ((0040,A375)
+        Current Requested Procedure Evidence Sequence).
+    """
+    common.check_result_matches(volume, result)
+    if seg_dataset is None or getattr(seg_dataset, "Modality", None) != "SEG":
+        raise ValueError("seg_dataset must be the SEG dataset built for this result")
+    if seg_dataset.StudyInstanceUID != volume.study_instance_uid:
+        raise ValueError(
+            "seg_dataset belongs to another study "
+            f"({seg_dataset.StudyInstanceUID} != {volume.study_instance_uid})"
+        )
+    with common.building("SR"):
+        algorithm_id = _algorithm_id(result)
+        region = choose_region(volume, result)
+        groups = [
+            *_segment_groups(volume, result, seg_dataset, algorithm_id),
+            *_summary_groups(result, algorithm_id),
+            _planar_group(volume, result, region, algorithm_id),
+        ]
+        report = hd.sr.MeasurementReport(
+            observation_context=hd.sr.ObservationContext(observer_device_context=_device_context(result)),
+            procedure_reported=CT_CHEST,
+            imaging_measurements=groups,
+            referenced_images=_library_images(volume, region) if image_library else None,
+        )
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=[*volume.datasets, seg_dataset, *key_images],
+            content=report[0],
+            series_instance_uid=hd.UID(),
+            series_number=series_number,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer=common.MANUFACTURER,
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            institution_name=institution_name,
+            series_description=common.series_description("AI report", result),
+            manufacturer_model_name=common.MODEL_NAME,
+            software_versions=common.SOFTWARE_VERSION,
+            coding_schemes=[LOCAL_CODING_SCHEME],
+            **common.content_date_time(),
+        )
+    return sr
