@@ -20,7 +20,7 @@ from ct_ai_node.errors import InputRejected
 from ct_ai_node.rules.selection import SelectionPolicy
 from ct_ai_node.volume import load_series_from_folder, load_volume, scan_folder, summarise
 from ct_ai_node.volume.geometry import Orientation
-from tests.helpers_dicom import (
+from helpers_dicom import (
     stored_pattern,
     write_ct_series,
     write_enhanced_ct,

@@ -18,7 +18,7 @@ from ct_ai_node.errors import InputRejected
 from ct_ai_node.rules.selection import SelectionPolicy, select_series
 from ct_ai_node.volume import load_series_from_folder, load_volume, scan_folder
 from ct_ai_node.volume.geometry import Orientation
-from tests.helpers_dicom import REAL_DATA
+from helpers_dicom import REAL_DATA
 
 pytestmark = pytest.mark.skipif(
     not REAL_DATA.is_dir(), reason=f"real DICOM samples not found at {REAL_DATA}"
