@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ct_ai_node.errors import InputRejected
 
@@ -22,6 +23,9 @@ from .geometry import Orientation, StackLimits
 from .reader import ScannedInstance, ScanReport, ScanResult, SkippedFile, read_dataset, scan_folder
 from .series import SeriesSummary, summarise
 from .types import SliceRef, Volume
+
+if TYPE_CHECKING:  # rules.selection imports this package: no import cycle at run time
+    from ct_ai_node.rules.selection import Selection, SelectionPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +59,9 @@ def _damage_note(scan: ScanResult) -> str:
     return f"; damaged DICOM file {first.path.name}{more} skipped ({detail})"
 
 
-def load_series_from_folder(path: str | os.PathLike[str], policy=None):
+def load_series_from_folder(
+    path: str | os.PathLike[str], policy: SelectionPolicy | None = None
+) -> tuple[Volume, Selection, ScanReport]:
     """Scan a folder, choose the series to analyse and load it.
 
     Parameters
@@ -88,7 +94,7 @@ def load_series_from_folder(path: str | os.PathLike[str], policy=None):
     if scan.n_files == 0:
         raise InputRejected(f"no files in {root}")
     if not scan.series:
-        raise InputRejected(f"no DICOM files among {scan.n_files} files")
+        raise InputRejected(f"no DICOM files among {scan.n_files} files" + _damage_note(scan))
     summaries = scan.summaries()
     report = scan.report(summaries)
     selection = select_series(summaries, policy)

@@ -30,7 +30,14 @@ from pydicom.uid import generate_uid
 from ct_ai_node.errors import InputRejected
 
 from .frames import FrameHeader, frame_headers, is_multiframe, sop_class_uid, sop_instance_uid
-from .geometry import SAME_POSITION_MM, StackLimits, check_stack, same_orientation, slice_normal, stack_stats
+from .geometry import (
+    SAME_POSITION_MM,
+    StackLimits,
+    check_stack,
+    same_orientation,
+    slice_normal,
+    stack_stats,
+)
 from .reader import read_dataset
 from .types import SliceRef, Volume
 
@@ -105,45 +112,46 @@ def _check_images(datasets: Sequence[pydicom.Dataset], names: Sequence[str]) -> 
     return next(iter(sizes))
 
 
-def _check_frames(slices: Sequence[_Slice], names: Sequence[str], warnings: list[str]):
+def _check_frames(
+    slices: Sequence[_Slice], names: Sequence[str], warnings: list[str]
+) -> tuple[tuple[float, ...], tuple[float, float]]:
     """Common orientation and pixel spacing; returns (iop, pixel_spacing)."""
-    iops = [s.header.orientation for s in slices]
-    if any(iop is None for iop in iops):
-        if len(slices) > 1:
-            missing = next(s for s in slices if s.header.orientation is None)
-            raise InputRejected(
-                f"file {_name(names, missing.source)}: image orientation "
-                "(ImageOrientationPatient) missing"
-            )
+    missing = [s for s in slices if s.header.orientation is None]
+    if missing and len(slices) > 1:
+        raise InputRejected(
+            f"file {_name(names, missing[0].source)}: image orientation "
+            "(ImageOrientationPatient) missing"
+        )
+    if missing:
         warnings.append("image orientation missing: assumed axial")
-        iop = _AXIAL_IOP
+        iop: tuple[float, ...] = _AXIAL_IOP
     else:
-        iop = iops[0]
+        iop = tuple(float(v) for v in slices[0].header.orientation or ())
         for s in slices:
-            if not same_orientation(iop, s.header.orientation):  # type: ignore[arg-type]
+            if not same_orientation(iop, s.header.orientation or ()):
                 raise InputRejected(
                     f"mixed orientations in one series (file {_name(names, s.source)})"
                 )
     try:
-        slice_normal(iop)  # type: ignore[arg-type]
+        slice_normal(iop)
     except ValueError as exc:
-        raise InputRejected(f"invalid image orientation {list(iop)}") from exc  # type: ignore[arg-type]
+        raise InputRejected(f"invalid image orientation {list(iop)}") from exc
 
-    spacings = [s.header.pixel_spacing for s in slices]
-    if any(ps is None for ps in spacings):
-        missing = next(s for s in slices if s.header.pixel_spacing is None)
-        raise InputRejected(
-            f"file {_name(names, missing.source)}: PixelSpacing missing (volumes cannot be measured)"
-        )
-    spacing = spacings[0]
+    first = slices[0].header.pixel_spacing
     for s in slices:
         ps = s.header.pixel_spacing
-        if max(abs(ps[0] - spacing[0]), abs(ps[1] - spacing[1])) > 1e-3:  # type: ignore[index]
+        if ps is None:
             raise InputRejected(
-                f"mixed pixel spacing in one series: {spacing[0]:g} and {ps[0]:g} mm "  # type: ignore[index]
+                f"file {_name(names, s.source)}: PixelSpacing missing "
+                "(volumes cannot be measured)"
+            )
+        if first is None or max(abs(ps[0] - first[0]), abs(ps[1] - first[1])) > 1e-3:
+            raise InputRejected(
+                f"mixed pixel spacing in one series: {first[0]:g} and {ps[0]:g} mm "
                 f"(file {_name(names, s.source)})"
             )
-    return tuple(float(v) for v in iop), (float(spacing[0]), float(spacing[1]))  # type: ignore[union-attr]
+    assert first is not None
+    return iop, (float(first[0]), float(first[1]))
 
 
 def _sort(
