@@ -403,3 +403,21 @@ def test_validated_model_drops_disclaimer(volume):
     seg = build_seg(volume, result, 901)
     assert "NOT FOR DIAGNOSTIC USE" not in seg.SeriesDescription
     assert "NOT FOR DIAGNOSTIC USE" not in caption_for(result, 0).bottom
+
+
+def test_seg_and_sc_follow_uids_not_dataset_order(volume, result):
+    """Source datasets in another order than the slices: frames still land by UID."""
+    from dataclasses import replace
+
+    shuffled = replace(volume, datasets=list(reversed(volume.datasets)))
+    seg = hd.seg.segread(io.BytesIO(to_bytes(build_seg(shuffled, result, 901))))
+    arr = seg.get_pixels_by_source_instance(
+        [ref.sop_instance_uid for ref in volume.slices],
+        segment_numbers=[1, 2, 3],
+        assert_missing_frames_are_empty=True,
+    )
+    for s, mask in enumerate(expected_masks(result)):
+        assert dice(arr[..., s], mask) == 1.0
+    (key,) = build_key_image_series(shuffled, result, 903, max_images=1)
+    z = result.key_slices[0]
+    assert key.SourceImageSequence[0].ReferencedSOPInstanceUID == volume.slices[z].sop_instance_uid

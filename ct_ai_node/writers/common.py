@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -144,8 +145,6 @@ class SourceRef:
         if self.frame_number is not None:
             item.ReferencedFrameNumber = self.frame_number
         if purpose is not None:
-            from highdicom.sr import CodedConcept
-
             item.PurposeOfReferenceCodeSequence = [CodedConcept.from_code(purpose)]
         return item
 

@@ -180,7 +180,7 @@ def _paint(rgb: np.ndarray, y: int, x: int, masks: tuple[np.ndarray, np.ndarray]
     rgb[y : y + h, x : x + w] = (region + 0.5).astype(np.uint8)
 
 
-def _colour_of(line: str, top: bool, index: int) -> tuple[int, int, int]:
+def _colour_of(line: str, top: bool) -> tuple[int, int, int]:
     if line == NOT_FOR_DIAGNOSTIC_USE:
         return _YELLOW
     if line.startswith("Key image"):
@@ -197,14 +197,14 @@ def burn_caption(rgb: np.ndarray, caption: Caption) -> np.ndarray:
     base = font_size_for(cols)
     line_height = _font(base).getbbox("Ag")[3] + max(2, base // 4)
     y = margin
-    for i, line in enumerate(caption.top):
+    for line in caption.top:
         size = _line_size(line, cols, margin)
-        _paint(rgb, y, margin, _line_masks(line, size), _colour_of(line, True, i))
+        _paint(rgb, y, margin, _line_masks(line, size), _colour_of(line, True))
         y += line_height
     y = rows - margin - line_height * len(caption.bottom)
-    for i, line in enumerate(caption.bottom):
+    for line in caption.bottom:
         size = _line_size(line, cols, margin)
-        _paint(rgb, y + (base - size), margin, _line_masks(line, size), _colour_of(line, False, i))
+        _paint(rgb, y + (base - size), margin, _line_masks(line, size), _colour_of(line, False))
         y += line_height
     return rgb
 

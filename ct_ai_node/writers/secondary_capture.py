@@ -56,9 +56,9 @@ def _display_order(volume: Volume, zs: Sequence[int]) -> list[int]:
 
 
 class _SeriesWriter:
-    """Per-series constants, computed once: patient/study attributes and the
-    acquisition equipment of each source instance (highdicom's ``from_ref_dataset``
-    recomputes them for every image, about 8 ms each)."""
+    """Per-series constants, computed once: UIDs, dates, geometry, patient/study
+    attributes and the acquisition equipment (highdicom's ``from_ref_dataset``
+    recomputes the latter for every image, about 8 ms each)."""
 
     def __init__(
         self,
