@@ -201,40 +201,54 @@ def _mediastinal_tubes(p: Patient, rng) -> list[Tube]:
 
 # ------------------------------------------------------------ slice geometry
 
-
-def superellipse_radius(c_p: np.ndarray, s_p: np.ndarray, a: float, b_neg: float, b_pos: float, s_sign: np.ndarray, p: float) -> np.ndarray:
-    """Radius of the superellipse |x/a|^p + |y/b|^p = 1 along the directions whose
-    |cos|^p, |sin|^p are given; b = b_pos where sin > 0 (posterior)."""
-    b = np.where(s_sign > 0, b_pos, b_neg)
-    return (c_p * a ** -p + s_p * b ** -p) ** (-1.0 / p)
+NT = 2048  # angular resolution of the outline look-up tables
 
 
 @dataclass
 class SliceOut:
-    hu: np.ndarray  # float32 (ny, nx), lung voxels hold 0 (filled by the lung renderer)
+    hu: np.ndarray | None  # float32 (ny, nx); lung voxels hold 0 (filled by the lung renderer)
     label: np.ndarray  # uint8, 1 right lung, 2 left lung
     lobe: np.ndarray | None  # uint8 lobe id inside lungs (1 RUL, 2 RML, 3 RLL, 4 LUL, 5 LLL)
     post: np.ndarray | None  # float32 dependent-position coordinate in [0, 1] (1 = most posterior)
-    fissure: np.ndarray | None  # float32 distance to nearest fissure (mm)
+    fissure: np.ndarray | None  # float32 distance to the nearest fissure (mm)
 
 
 class Grid2D:
-    """In-plane model coordinates (mm) of an image grid and polar helpers."""
+    """In-plane model coordinates (mm) of an image grid, with per-grid caches."""
 
-    def __init__(self, y: np.ndarray, x: np.ndarray, p_cav: float, p_body: float):
+    def __init__(self, y: np.ndarray, x: np.ndarray, p_cav: float = 2.0, p_body: float = 2.0):
         self.y1 = np.asarray(y, np.float32)
         self.x1 = np.asarray(x, np.float32)
         Y, X = np.meshgrid(self.y1, self.x1, indexing="ij")
         self.X, self.Y = X, Y
-        self.R = np.sqrt(X * X + Y * Y) + 1e-3
-        C = np.abs(X) / self.R
-        S = Y / self.R
-        self.S = S
-        self.cp_cav = C ** p_cav
-        self.sp_cav = np.abs(S) ** p_cav
-        self.cp_body = C ** p_body
-        self.sp_body = np.abs(S) ** p_body
-        self.phi = np.arctan2(np.abs(X), Y)  # 0 posterior midline .. pi anterior
+        self.R = np.sqrt(X * X + Y * Y) + np.float32(1e-3)
+        th = np.arctan2(Y, X)  # -pi..pi
+        self.ang = np.clip(((th + np.pi) / (2 * np.pi) * NT).astype(np.int32), 0, NT - 1)
+        self.S = (Y / self.R).astype(np.float32)
+        self.phi = np.arctan2(np.abs(X), Y).astype(np.float32)  # 0 posterior midline .. pi anterior
+        self.cache: dict = {}
+
+    def window(self, mask: np.ndarray, pad: int = 2):
+        """Bounding slices of a 2-D mask (or None)."""
+        rows = np.flatnonzero(mask.any(axis=1))
+        if rows.size == 0:
+            return None
+        cols = np.flatnonzero(mask.any(axis=0))
+        ny, nx = mask.shape
+        return (slice(max(0, rows[0] - pad), min(ny, rows[-1] + pad + 1)),
+                slice(max(0, cols[0] - pad), min(nx, cols[-1] + pad + 1)))
+
+
+_TH = (np.arange(NT) + 0.5) / NT * 2 * np.pi - np.pi
+_TC = np.abs(np.cos(_TH))
+_TS = np.sin(_TH)
+
+
+def outline_table(a: float, b_ant: float, b_post: float, p: float) -> np.ndarray:
+    """Radius of the superellipse |x/a|^p + |y/b|^p = 1 for each table angle
+    (b = b_post where y > 0, i.e. posterior)."""
+    b = np.where(_TS > 0, b_post, b_ant)
+    return ((_TC ** p) * a ** -p + (np.abs(_TS) ** p) * b ** -p) ** (-1.0 / p)
 
 
 def _smoothstep(x):
@@ -248,18 +262,16 @@ class Anatomy:
     def __init__(self, p: Patient):
         self.p = p
         self.y_vb = p.bcp - 22.0
+        self.k_obl = 0.32 * p.H / (0.5 * (p.bca + p.bcp))
 
     # --- z profiles -------------------------------------------------------
     def cavity_axes(self, z: float) -> tuple[float, float, float]:
         p = self.p
         t = z / p.H
         widen = 1.0 + 0.05 * float(np.clip(0.45 - t, 0.0, 0.45)) / 0.45
-        e = float(np.clip((t - 0.5) / 0.75, 0.0, 1.0))
+        e = float(np.clip((t - 0.55) / 0.65, 0.0, 1.0))
         g = float(np.sqrt(max(0.0, 1.0 - e * e)))
-        fa = widen * (0.55 + 0.45 * g)
-        fb_ant = widen * (0.35 + 0.65 * g)
-        fb_post = widen * (0.75 + 0.25 * g)
-        return p.ac * fa, p.bca * fb_ant, p.bcp * fb_post
+        return p.ac * widen * (0.72 + 0.28 * g), p.bca * widen * (0.55 + 0.45 * g), p.bcp * widen * (0.85 + 0.15 * g)
 
     def body_axes(self, z: float) -> tuple[float, float, float]:
         p = self.p
@@ -267,58 +279,88 @@ class Anatomy:
         sh = float(_smoothstep((t - 0.7) / 0.35))
         a = p.body_half_width * (1.0 + 0.1 * sh) + 6.0 * sh
         ba = p.bca + p.rib_t + 2 + p.pect + p.fat_ant + p.breast * float(_smoothstep((0.65 - abs(t - 0.42)) / 0.3))
-        bp = p.body_post
-        return a, ba, bp
+        return a, ba, p.body_post
 
-    def dome(self, X, Y):
-        """Diaphragm height z_dia(x, y) per side (mm)."""
+    def lobe_planes(self, X, Y):
         p = self.p
-        xd = 0.33 * p.ac
-        yd = -0.2 * p.bca
+        right = X < p.x_mid
+        ft = np.where(right, p.fissure_tilt[0], p.fissure_tilt[1])
+        z_obl = np.where(right, 0.4 * p.H, 0.43 * p.H) + self.k_obl * Y + ft * np.abs(X)
+        z_hor = 0.56 * p.H + 0.05 * X
+        return z_obl.astype(np.float32), z_hor.astype(np.float32)
+
+    def _prepare(self, g: Grid2D) -> dict:
+        c = g.cache
+        if c.get("_anat") is self:
+            return c
+        c.clear()
+        c["_anat"] = self
+        p = self.p
+        X, Y = g.X, g.Y
+        c["right"] = X < p.x_mid
+        # diaphragm domes
+        xd, yd = 0.33 * p.ac, -0.2 * p.bca
         dy = Y - yd
         Dy = np.where(dy < 0, 1.6 * p.bca, 0.95 * (p.bcp - yd))
-        q = ((np.abs(X) - xd) / (0.62 * p.ac)) ** 2 + (dy / Dy) ** 2
-        h = np.where(X < p.x_mid, p.dome_r, p.dome_l)
-        return h * (1.0 - q)
+        q = ((np.abs(X) - xd) / (0.6 * p.ac)) ** 2 + (dy / Dy) ** 2
+        c["zd"] = (np.where(c["right"], p.dome_r, p.dome_l) * (1.0 - q)).astype(np.float32)
+        # apex caps (half ellipsoids above z0)
+        xa = np.where(c["right"], -0.46 * p.ac, 0.46 * p.ac)
+        c["qa"] = (((X - xa) / (0.62 * p.ac)) ** 2 + ((Y - 0.15 * p.bcp) / (1.05 * p.bca)) ** 2).astype(np.float32)
+        c["z_ap"] = np.where(c["right"], p.H + 4.0, p.H).astype(np.float32)
+        # heart (in-plane quadratic form; the z factor is applied per slice)
+        hx, hy, hz, A, B, C, ang = p.heart
+        ca, sa = np.cos(ang), np.sin(ang)
+        U = (X - hx) * ca - (Y - hy) * sa
+        V = (X - hx) * sa + (Y - hy) * ca
+        c["qh"] = ((U / A) ** 2 + (V / B) ** 2).astype(np.float32)
+        c["qh_m"] = ((U / (A + 6)) ** 2 + (V / (B + 6)) ** 2).astype(np.float32)
+        c["strip"] = (np.abs(X - p.x_mid) < 9.0) & (Y < self.y_vb)
+        c["q_vb"] = ((X / 17.0) ** 2 + ((Y - self.y_vb) / 14.0) ** 2).astype(np.float32)
+        # lobes and dependent coordinate
+        c["z_obl"], c["z_hor"] = self.lobe_planes(X, Y)
+        c["post"] = np.clip((Y + p.bca) / (p.bca + p.bcp), 0.0, 1.0).astype(np.float32)
+        # fat thickness per direction (anterior / lateral / posterior)
+        Sp = np.maximum(g.S, 0.0)
+        Sn = np.maximum(-g.S, 0.0)
+        c["fat_t"] = (p.fat + (p.fat_ant - p.fat) * Sn * Sn + (p.fat_post - p.fat) * Sp * Sp).astype(np.float32)
+        # ribs: posterior-to-anterior descent
+        c["zk"] = (p.rib_z1 - p.rib_descent * (g.phi / np.pi) ** 1.25).astype(np.float32)
+        # table and mattress (z invariant)
+        bg = np.full(X.shape, -1000.0, np.float32)
+        y_t = p.body_post + 6.0 + 0.0006 * X * X
+        bg[(Y > y_t + 1.6) & (Y < y_t + 25.8) & (np.abs(X) < 228)] = -940.0
+        tbl = ((np.abs(Y - y_t) < 1.6) | (np.abs(Y - y_t - 28.0) < 2.2)) & (np.abs(X) < 230)
+        bg[tbl] = p.hu["table"]
+        c["bg"] = bg
+        return c
 
     # --- slice ------------------------------------------------------------
     def render(self, z: float, g: Grid2D, need_hu: bool = True) -> SliceOut:
         p = self.p
-        X, Y, R = g.X, g.Y, g.R
+        c = self._prepare(g)
+        R = g.R
         hu_ = p.hu
         a_c, bca, bcp = self.cavity_axes(z)
-        r_cav = superellipse_radius(g.cp_cav, g.sp_cav, a_c, bca, bcp, g.S, p.p_cav)
+        r_cav = outline_table(a_c, bca, bcp, p.p_cav).astype(np.float32)[g.ang]
         cavity = R < r_cav
-        zd = self.dome(X, Y)
+        zd = c["zd"]
         above = z > zd
-        # apex caps (paraboloid domes per side)
-        xa = np.where(X < p.x_mid, -0.47 * p.ac, 0.47 * p.ac)
-        qa = ((X - xa) / (0.56 * p.ac)) ** 2 + ((Y - 0.12 * p.bcp) / (0.95 * p.bca)) ** 2
-        z_ap = np.where(X < p.x_mid, p.H + 4.0, p.H)
-        below_apex = z < z_ap - 0.5 * p.H * qa
+        lungable = (R < r_cav - 1.5) & above
+        z0 = 0.55 * p.H
+        if z > z0:
+            lungable &= c["qa"] + ((z - z0) / (c["z_ap"] - z0)) ** 2 < 1.0
+        win = g.window(lungable, pad=4)
         # mediastinum
-        med = np.abs(X - p.x_mid) < 9.0
-        med &= (Y < self.y_vb)
         hx, hy, hz, A, B, C, ang = p.heart
-        ca, sa = np.cos(ang), np.sin(ang)
-        heart = None
-        if abs(z - hz) < C + 8:
-            U = (X - hx) * ca - (Y - hy) * sa
-            V = (X - hx) * sa + (Y - hy) * ca
-            wz = 1.0 - ((z - hz) / C) ** 2
-            qh = (U / A) ** 2 + (V / B) ** 2
-            if wz > 0:
-                heart = (qh < wz) & (z > zd - 2)
-            wz2 = 1.0 - ((z - hz) / (C + 6)) ** 2
-            if wz2 > 0:
-                med |= ((U / (A + 6)) ** 2 + (V / (B + 6)) ** 2 < wz2) & (z > zd - 4)
-        # spine
+        wz = 1.0 - ((z - hz) / C) ** 2
+        wz2 = 1.0 - ((z - hz) / (C + 6)) ** 2
         t = z / p.H
         vs = 0.82 + 0.18 * float(np.clip(1.0 - t, 0.0, 1.0))
-        vrx, vry = 17.0 * vs, 14.0 * vs
-        qv = (X / vrx) ** 2 + ((Y - self.y_vb) / vry) ** 2
-        med |= qv < 1.6
-        # tubes (great vessels, airways, oesophagus)
+        med = c["strip"] | (c["q_vb"] < 1.6 * vs * vs)
+        if wz2 > 0:
+            med |= (c["qh_m"] < wz2) & (z > zd - 4)
+        heart = (c["qh"] < wz) & (z > zd - 2) if wz > 0 else None
         tube_hits = []
         for tb in p.tubes:
             d2, box = _tube_dist2(tb, z, g)
@@ -327,195 +369,181 @@ class Anatomy:
             sl = (slice(box[0], box[1]), slice(box[2], box[3]))
             med[sl] |= d2 < (tb.r + tb.margin) ** 2
             tube_hits.append((tb, d2, sl))
-        inner = R < r_cav - 1.5
-        lung = inner & above & below_apex & ~med
-        label = np.zeros(X.shape, np.uint8)
-        label[lung & (X < p.x_mid)] = 1
-        label[lung & (X >= p.x_mid)] = 2
+        lung = lungable & ~med
+        right = c["right"]
+        label = np.zeros(R.shape, np.uint8)
+        if win is not None:
+            lw = lung[win]
+            lab_w = label[win]
+            lab_w[lw] = 2
+            lab_w[lw & right[win]] = 1
         if not need_hu:
             return SliceOut(None, label, None, None, None)
 
         # --- HU ---------------------------------------------------------
-        hu = np.full(X.shape, -1000.0, np.float32)
+        hu = c["bg"].copy()
         a_b, ba_b, bp_b = self.body_axes(z)
-        r_body = superellipse_radius(g.cp_body, g.sp_body, a_b, ba_b, bp_b, g.S, p.p_body)
-        # table under the patient
-        y_t = bp_b + 6.0 + 0.0006 * X * X
-        tbl = (np.abs(Y - y_t) < 1.6) | (np.abs(Y - y_t - 28.0) < 2.2)
-        tbl &= np.abs(X) < 0.95 * 240
-        hu[tbl] = hu_["table"]
-        foam = (Y > y_t + 1.6) & (Y < y_t + 25.8) & (np.abs(X) < 228)
-        hu[foam] = -940.0
-        body = R < r_body
-        hu[body] = hu_["soft"]
-        Sp = np.maximum(g.S, 0.0)
-        Sn = np.maximum(-g.S, 0.0)
-        fat_t = p.fat + (p.fat_ant - p.fat) * Sn * Sn + (p.fat_post - p.fat) * Sp * Sp
-        fatz = body & (R < r_body - 1.8)
-        hu[fatz] = hu_["fat"]
-        mus = R < r_body - 1.8 - fat_t
-        hu[mus] = hu_["muscle"]
-        if p.breast > 0:
-            for sx in (-1, 1):
-                cx, cy = sx * 0.5 * a_b, -ba_b * 0.75
-                pass  # breasts are folded into the anterior body depth
-        hu[R < r_cav] = hu_["med_fat"]
-        # abdomen below the diaphragm
-        abd = cavity & (z < zd)
-        if abd.any():
-            self._abdomen(z, X, Y, zd, abd, hu)
-        dia = cavity & (z >= zd) & (z < zd + 4.5)
-        hu[dia] = hu_["muscle"]
-        # heart
+        r_body = outline_table(a_b, ba_b, bp_b, p.p_body).astype(np.float32)[g.ang]
+        hu[R < r_body] = hu_["soft"]
+        hu[R < r_body - 1.8] = hu_["fat"]
+        hu[R < r_body - 1.8 - c["fat_t"]] = hu_["muscle"]
+        hu[cavity] = hu_["med_fat"]
+        abd = cavity & ~above
+        wa = g.window(abd)
+        if wa is not None:
+            self._abdomen(z, g, wa, zd[wa], abd[wa], hu)
+        hu[cavity & above & (z < zd + 4.5)] = hu_["muscle"]  # diaphragm
         if heart is not None:
-            blood = p.contrast if p.contrast else hu_["blood"]
             hu[heart] = hu_["myocard"]
             if p.contrast:
-                hu[heart & (qh < 0.6 * wz)] = blood
-        # tubes
+                hu[heart & (c["qh"] < 0.6 * wz)] = p.contrast
+        blood = p.contrast if p.contrast else hu_["blood"]
         for tb, d2, sl in tube_hits:
             inside = d2 < tb.r ** 2
             sub = hu[sl]
             if tb.kind == "blood":
-                sub[inside] = p.contrast if p.contrast else hu_["blood"]
+                sub[inside] = blood
             elif tb.kind == "air":
                 sub[inside] = hu_["soft"]
                 sub[d2 < (tb.r - tb.wall) ** 2] = -1000.0
             else:
                 sub[inside] = hu_["soft"]
-        self._bones(z, g, r_cav, r_body, fat_t, hu)
-        # placeholders in the lungs (filled by the lung renderer)
+        self._bones(z, g, r_cav, r_body, hu)
         hu[lung] = 0.0
-        # lobes, fissures, dependent coordinate
-        k = 0.32 * p.H / (0.5 * (p.bca + p.bcp))
-        ft = np.where(X < p.x_mid, p.fissure_tilt[0], p.fissure_tilt[1])
-        z_obl = np.where(X < p.x_mid, 0.4 * p.H, 0.43 * p.H) + k * Y + ft * np.abs(X)
-        lower = z < z_obl
-        d_obl = np.abs(z - z_obl) / np.sqrt(1.0 + k * k)
-        z_hor = 0.56 * p.H + 0.05 * X
-        lobe = np.zeros(X.shape, np.uint8)
-        right = label == 1
-        left = label == 2
-        lobe[right] = 1
-        lobe[right & ~lower & (z < z_hor)] = 2
-        lobe[right & lower] = 3
-        lobe[left] = 4
-        lobe[left & lower] = 5
-        d_fis = d_obl
-        hor_part = right & ~lower
-        d_fis = np.where(hor_part, np.minimum(d_obl, np.abs(z - z_hor)), d_obl)
-        post = np.clip((Y + bca) / (bca + bcp), 0.0, 1.0).astype(np.float32)
-        return SliceOut(hu, label, lobe, post, d_fis.astype(np.float32))
+        lobe = np.zeros(R.shape, np.uint8)
+        d_fis = None
+        if win is not None:
+            zo = c["z_obl"][win]
+            zh = c["z_hor"][win]
+            lab_w = label[win]
+            lower = z < zo
+            lob = lobe[win]
+            r_ = lab_w == 1
+            l_ = lab_w == 2
+            lob[r_] = 1
+            lob[r_ & ~lower & (z < zh)] = 2
+            lob[r_ & lower] = 3
+            lob[l_] = 4
+            lob[l_ & lower] = 5
+            d = np.abs(z - zo) / np.float32(np.sqrt(1.0 + self.k_obl ** 2))
+            d = np.where(r_ & ~lower, np.minimum(d, np.abs(z - zh)), d)
+            d_fis = np.full(R.shape, 1e3, np.float32)
+            d_fis[win] = d
+        return SliceOut(hu, label, lobe, c["post"], d_fis)
 
     # --- helpers ----------------------------------------------------------
-    def _abdomen(self, z, X, Y, zd, abd, hu):
+    def _abdomen(self, z, g: Grid2D, w, zd, abd, hu_full):
         p = self.p
         h = p.hu
-        # liver: right side and, anteriorly, across the midline
+        X, Y = g.X[w], g.Y[w]
+        hu = hu_full[w]
         x_lv = -0.05 * p.ac + 0.55 * p.ac * np.clip(-Y / p.bca, 0.0, 1.0)
-        liver = abd & (X < x_lv) & (z < zd - 4.5)
-        hu[abd] = h["fat"] * 0.4 + h["soft"] * 0.6
-        hu[liver] = h["liver"]
-        # spleen (left posterior)
+        is_liver = X < x_lv
+        hu[abd] = h["fat"] * 0.35 + h["soft"] * 0.65
+        hu[abd & is_liver & (z < zd - 4.5)] = h["liver"]
         qs = ((X - 0.68 * p.ac) / (0.2 * p.ac)) ** 2 + ((Y - 0.35 * p.bcp) / (0.42 * p.bcp)) ** 2 + ((z - p.dome_l + 50) / 48) ** 2
-        hu[abd & (qs < 1)] = h["spleen"]
-        # stomach (left anterior) with an air-fluid level
+        hu[abd & (qs < 1) & ~is_liver] = h["spleen"]
         cz = p.dome_l - 40
         qst = ((X - 0.42 * p.ac) / (0.3 * p.ac)) ** 2 + ((Y + 0.28 * p.bca) / (0.42 * p.bca)) ** 2 + ((z - cz) / 60) ** 2
-        st = abd & (qst < 1) & (z < zd - 4)
-        hu[st] = 25.0
-        wall = abd & (qst < 1) & (qst > 0.8) & (z < zd - 4)
-        hu[wall] = h["soft"] + 10
-        if p.stomach_gas > 0:
-            y_lvl = -0.28 * p.bca - 0.42 * p.bca + p.stomach_gas * 0.5 * p.bca
-            hu[st & (qst < 0.8) & (Y < y_lvl)] = -1000.0
+        st = abd & (qst < 1) & (z < zd - 4) & ~is_liver
+        if st.any():
+            hu[st] = h["soft"] + 10
+            inner = st & (qst < 0.8)
+            hu[inner] = 22.0
+            if p.stomach_gas > 0:
+                y_lvl = -0.7 * p.bca + p.stomach_gas * 0.5 * p.bca
+                hu[inner & (Y < y_lvl)] = -1000.0
         for gx, gy, gz, gr in p.bowel_gas:
             qg = ((X - gx) ** 2 + (Y - gy) ** 2 + (z - gz) ** 2) / gr ** 2
-            m = abd & (qg < 1)
+            m = abd & (qg < 1.3) & ~is_liver
             if m.any():
-                hu[m] = -1000.0
-                hu[abd & (qg >= 1) & (qg < 1.3)] = h["soft"]
-        # kidneys (upper poles at the bottom of the scan)
+                hu[m] = h["soft"]
+                hu[m & (qg < 1)] = -1000.0
         for sx in (-1, 1):
             qk = ((X - sx * 0.42 * p.ac) / 26) ** 2 + ((Y - 0.55 * p.bcp) / 32) ** 2 + ((z + 85) / 55) ** 2
             hu[abd & (qk < 1)] = 32.0
+        hu_full[w] = hu
 
-    def _bones(self, z, g: Grid2D, r_cav, r_body, fat_t, hu):
+    def _bones(self, z, g: Grid2D, r_cav, r_body, hu):
         p = self.p
         h = p.hu
-        X, Y, R = g.X, g.Y, g.R
+        c = g.cache
         cort, canc = h["cortical"], h["cancellous"]
         t = z / p.H
-        # --- vertebra
+        # --- vertebra (local window)
         vs = 0.82 + 0.18 * float(np.clip(1.0 - t, 0.0, 1.0))
-        vrx, vry = 17.0 * vs, 14.0 * vs
-        phase = ((z / p.vert_period) + p.vert_phase) % 1.0
-        disc = phase < 0.17
-        qv = (X / vrx) ** 2 + ((Y - self.y_vb) / vry) ** 2
-        if disc:
-            hu[qv < 1] = 85.0
-        else:
-            hu[qv < 1] = cort
-            hu[qv < 0.8] = canc
-        yc = self.y_vb + vry + 8.5 * vs
-        dc2 = X * X + (Y - yc) ** 2
-        ring = (dc2 < (13.5 * vs) ** 2) & (Y > yc - 6)
-        proc = np.zeros_like(ring)
-        if phase > 0.25:
-            # transverse processes and spinous process
-            proc |= (np.abs(X) < 4.5) & (Y > yc) & (Y < yc + 38 * vs)
-            ux = np.abs(X)
-            proc |= (ux > 8) & (ux < 32 * vs) & (np.abs(Y - (yc - 2 + 0.35 * (ux - 8))) < 4.5)
-        bone = ring | proc
-        hu[bone] = canc + 150
-        hu[bone & ~((dc2 < (11.5 * vs) ** 2) | ((np.abs(X) < 2.8) & (Y > yc + 2)))] = cort * 0.9
-        hu[dc2 < (7.5 * vs) ** 2] = 15.0  # canal (CSF / cord)
-        # --- ribs
-        phi = g.phi
-        ring_in = r_cav + 1.0
-        rr = (R - ring_in) / p.rib_t  # 0..1 across the rib band
-        band = (rr > 0) & (rr < 1)
-        if band.any():
-            gph = (phi / np.pi) ** 1.25
-            zk = p.rib_z1 - p.rib_descent * gph
-            kf = (zk - z) / p.rib_period
+        ix0, ix1 = np.searchsorted(g.x1, [-40.0, 40.0])
+        iy0, iy1 = np.searchsorted(g.y1, [self.y_vb - 20.0, self.y_vb + 75.0])
+        if ix1 > ix0 and iy1 > iy0:
+            w = (slice(iy0, iy1), slice(ix0, ix1))
+            X, Y = g.X[w], g.Y[w]
+            sub = hu[w]
+            vrx, vry = 17.0 * vs, 14.0 * vs
+            phase = ((z / p.vert_period) + p.vert_phase) % 1.0
+            qv = (X / vrx) ** 2 + ((Y - self.y_vb) / vry) ** 2
+            if phase < 0.17:
+                sub[qv < 1] = 85.0
+            else:
+                sub[qv < 1] = cort
+                sub[qv < 0.8] = canc
+            yc = self.y_vb + vry + 8.5 * vs
+            dc2 = X * X + (Y - yc) ** 2
+            bone = (dc2 < (13.5 * vs) ** 2) & (Y > yc - 6)
+            if phase > 0.25:
+                bone |= (np.abs(X) < 4.5) & (Y > yc) & (Y < yc + 38 * vs)
+                ux = np.abs(X)
+                bone |= (ux > 8) & (ux < 32 * vs) & (np.abs(Y - (yc - 2 + 0.35 * (ux - 8))) < 4.5)
+            sub[bone] = canc + 150
+            sub[bone & ~((dc2 < (11.5 * vs) ** 2) | ((np.abs(X) < 2.8) & (Y > yc + 2)))] = cort * 0.9
+            sub[dc2 < (7.5 * vs) ** 2] = 15.0
+        # --- ribs (only on the pixels of the rib band)
+        R = g.R
+        rr_full = (R - (r_cav + 1.0)) / p.rib_t
+        idx = np.flatnonzero((rr_full > 0) & (rr_full < 1))
+        if idx.size:
+            hf = hu.reshape(-1)
+            rr = rr_full.reshape(-1)[idx]
+            phi = g.phi.reshape(-1)[idx]
+            kf = (c["zk"].reshape(-1)[idx] - z) / p.rib_period
             k = np.rint(kf)
             dz = (kf - k) * p.rib_period
             q = ((rr - 0.5) / 0.5) ** 2 + (dz / (0.5 * p.rib_h)) ** 2
-            kk = k + 1  # rib number 1..12
+            kk = k + 1
             end = np.where(kk <= 7, 2.75, np.where(kk <= 10, 2.45, 1.5 + 0.15 * (12 - kk)))
             cart_start = np.where(kk <= 7, 2.25, 2.05)
-            valid = band & (kk >= 1) & (kk <= 12) & (phi > 0.2) & (phi < end) & (q < 1)
-            if valid.any():
-                cart = valid & (phi > cart_start)
-                hu[valid] = cort
-                hu[valid & (q < 0.45)] = canc
-                hu[cart] = h["cartilage"]
+            valid = (kk >= 1) & (kk <= 12) & (phi > 0.2) & (phi < end) & (q < 1)
+            vals = np.where(q < 0.45, canc, cort)
+            vals = np.where(phi > cart_start, h["cartilage"], vals)
+            hf[idx[valid]] = vals[valid]
         # --- sternum
         if 0.2 < t < 0.9:
-            w = 7.0 if t < 0.3 else (25.0 if t > 0.76 else 15.0)
+            w_ = 7.0 if t < 0.3 else (25.0 if t > 0.76 else 15.0)
             th = 7.0 if t > 0.76 else 5.5
             a_c, bca, bcp = self.cavity_axes(z)
             yc_s = -(bca + 1.0 + th)
-            qs = (X / w) ** 4 + ((Y - yc_s) / th) ** 2
-            hu[qs < 1] = cort
-            hu[qs < 0.6] = canc
+            ix0, ix1 = np.searchsorted(g.x1, [-w_ - 2, w_ + 2])
+            iy0, iy1 = np.searchsorted(g.y1, [yc_s - th - 2, yc_s + th + 2])
+            if ix1 > ix0 and iy1 > iy0:
+                w = (slice(iy0, iy1), slice(ix0, ix1))
+                qs = (g.X[w] / w_) ** 4 + ((g.Y[w] - yc_s) / th) ** 2
+                sub = hu[w]
+                sub[qs < 1] = cort
+                sub[qs < 0.6] = canc
         # --- scapulae
         if 0.45 < t < 1.15:
             top = float(_smoothstep((t - 0.45) / 0.2))
             r0 = r_cav + p.rib_t + 4.0
-            sc = (R > r0) & (R < r0 + 4.5) & (phi > 0.6) & (phi < 0.6 + 0.85 * top) & (R < r_body - fat_t - 1)
+            sc = (R > r0) & (R < r0 + 4.5) & (g.phi > 0.6) & (g.phi < 0.6 + 0.85 * top) & (R < r_body - c["fat_t"] - 1)
             hu[sc] = cort * 0.8
         # --- clavicles
         if t > 0.9:
             a_b, ba_b, bp_b = self.body_axes(z)
-            ax = np.abs(X)
+            ax = np.abs(g.X)
             z_cl = p.H * 1.04 + 0.12 * ax
             y_cl = -(ba_b - p.fat_ant - 10.0) + 0.25 * ax
-            dq = ((z - z_cl) / 8.0) ** 2 + ((Y - y_cl) / 7.0) ** 2
+            dq = ((z - z_cl) / 8.0) ** 2 + ((g.Y - y_cl) / 7.0) ** 2
             cl = (dq < 1) & (ax > 14) & (ax < 0.8 * a_b)
-            hu[cl] = cort
-            hu[cl & (dq < 0.5)] = canc
+            hu[cl] = np.where(dq[cl] < 0.5, canc, cort)
 
 
 def _tube_dist2(tb: Tube, z: float, g: Grid2D):
@@ -528,7 +556,6 @@ def _tube_dist2(tb: Tube, z: float, g: Grid2D):
         return None, None
     d = np.array([x1 - x0, y1 - y0, z1 - z0], np.float64)
     L2 = float(d @ d) + 1e-9
-    # in-plane extent of the part of the segment within reach of this slice
     if abs(d[2]) > 1e-6:
         ta = (z - reach - z0) / d[2]
         tb_ = (z + reach - z0) / d[2]
@@ -537,18 +564,15 @@ def _tube_dist2(tb: Tube, z: float, g: Grid2D):
         lo, hi = 0.0, 1.0
     xs = (x0 + lo * d[0], x0 + hi * d[0])
     ys = (y0 + lo * d[1], y0 + hi * d[1])
-    xmin, xmax = min(xs) - reach, max(xs) + reach
-    ymin, ymax = min(ys) - reach, max(ys) + reach
-    ix0, ix1 = np.searchsorted(g.x1, [xmin, xmax])
-    iy0, iy1 = np.searchsorted(g.y1, [ymin, ymax])
+    ix0, ix1 = np.searchsorted(g.x1, [min(xs) - reach, max(xs) + reach])
+    iy0, iy1 = np.searchsorted(g.y1, [min(ys) - reach, max(ys) + reach])
     if ix1 <= ix0 or iy1 <= iy0:
         return None, None
     Xs = g.x1[ix0:ix1][None, :]
     Ys = g.y1[iy0:iy1][:, None]
-    px, py, pz = Xs - x0, Ys - y0, z - z0
-    tt = np.clip((px * d[0] + py * d[1] + pz * d[2]) / L2, 0.0, 1.0)
-    ex = px - tt * d[0]
-    ey = py - tt * d[1]
-    ez = pz - tt * d[2]
-    d2 = ex * ex + ey * ey + ez * ez
-    return d2, (iy0, iy1, ix0, ix1)
+    px, py, pz = Xs - x0, Ys - y0, np.float32(z - z0)
+    tt = np.clip((px * np.float32(d[0]) + py * np.float32(d[1]) + pz * np.float32(d[2])) / np.float32(L2), 0.0, 1.0)
+    ex = px - tt * np.float32(d[0])
+    ey = py - tt * np.float32(d[1])
+    ez = pz - tt * np.float32(d[2])
+    return ex * ex + ey * ey + ez * ez, (iy0, iy1, ix0, ix1)

@@ -55,10 +55,11 @@ class SmoothField:
         """Field on the tensor grid zc x yc x xc (1-D coordinate arrays in mm)."""
         mz, my, mx = self.matrices(np.atleast_1d(zc), np.atleast_1d(yc), np.atleast_1d(xc))
         # contract z first (small), then y and x per slice via tensordot
-        a = np.tensordot(mz, self.lattice, axes=(1, 0))  # (nz, ny_l, nx_l)
-        a = np.matmul(my[None], a)  # (nz, ny, nx_l)
-        a = np.matmul(a, mx.T[None])  # (nz, ny, nx)
-        return a
+        nzl, nyl, nxl = self.lattice.shape
+        a = (mz @ self.lattice.reshape(nzl, -1)).reshape(-1, nxl)  # (nz*ny_l, nx_l)
+        a = (a @ mx.T).reshape(len(mz), nyl, len(mx))  # (nz, ny_l, nx)
+        a = my @ a.transpose(1, 0, 2).reshape(nyl, -1)  # (ny, nz*nx)
+        return np.ascontiguousarray(a.reshape(len(my), len(mz), len(mx)).transpose(1, 0, 2))
 
     def slice_at(self, z_mm: float, yc, xc, _cache={}) -> np.ndarray:
         return self.grid(np.array([z_mm]), yc, xc)[0]

@@ -105,7 +105,14 @@ class LesionPlan:
 
 
 def _pleura_distance(c: CoarseLungs) -> np.ndarray:
-    return ndi.distance_transform_edt(c.label > 0) * c.step
+    lung = c.label > 0
+    out = np.zeros(lung.shape, np.float32)
+    sl = ndi.find_objects(lung.astype(np.uint8))
+    if not sl or sl[0] is None:
+        return out
+    box = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in sl[0])
+    out[box] = ndi.distance_transform_edt(lung[box]) * c.step
+    return out
 
 
 def plan_lesions(kind: str, rng: np.random.Generator, c: CoarseLungs, H: float) -> LesionPlan:
@@ -156,8 +163,16 @@ def plan_lesions(kind: str, rng: np.random.Generator, c: CoarseLungs, H: float) 
             r = (3 * V_each[k] / (4 * np.pi)) ** (1 / 3) * 1.25
             r = float(np.clip(r, 4.0, 120.0))
             ax = r * rng.uniform(0.6, 1.4, 3)
-            q = ((Z - c.z[cz[k]]) / ax[0]) ** 2 + ((Y - c.y[cy[k]]) / ax[1]) ** 2 + ((X - c.x[cx[k]]) / ax[2]) ** 2
-            np.maximum(F, (1 - q).astype(np.float32), out=F)
+            # only the focus' bounding box (q < 1 + margin) matters: F starts at -1
+            bb = []
+            for coord, cc, a_ in ((c.z, c.z[cz[k]], ax[0]), (c.y, c.y[cy[k]], ax[1]), (c.x, c.x[cx[k]], ax[2])):
+                i0, i1 = np.searchsorted(coord, [cc - 1.5 * a_, cc + 1.5 * a_])
+                bb.append(slice(int(i0), int(max(i1, i0 + 1))))
+            bb = tuple(bb)
+            q = (((c.z[bb[0]] - c.z[cz[k]]) / ax[0]) ** 2)[:, None, None] \
+                + (((c.y[bb[1]] - c.y[cy[k]]) / ax[1]) ** 2)[None, :, None] \
+                + (((c.x[bb[2]] - c.x[cx[k]]) / ax[2]) ** 2)[None, None, :]
+            np.maximum(F[bb], (1 - q).astype(np.float32), out=F[bb])
         F = F + 0.45 * noise
         F[~lung] = -5.0
         vals = F[lung]

@@ -18,9 +18,13 @@ from scipy import ndimage as ndi
 from .anatomy import Anatomy, Grid2D, Patient, draw_patient
 from .fields import NoiseBank, SmoothField
 from .lesions import CoarseLungs, LesionPlan, plan_distractors, plan_lesions
+from ._blas import single_threaded_blas
 from .vessels import SplatVolume, grow_tree
 
 KINDS = ("covid", "cap", "normal")
+
+#: stage timings (s) of the last ``generate_phantom`` call in this process
+LAST_TIMINGS: dict[str, float] = {}
 
 # (name, blur sigma in px at 0.7 mm, noise peak frequency (cycles/px), noise factor)
 KERNELS = {
@@ -100,10 +104,10 @@ def _draw_geometry(rng, p: Patient, an: Anatomy, shape, spacing) -> ScanGeometry
 
 def _coarse_lungs(an: Anatomy, geo: ScanGeometry, step: float) -> CoarseLungs:
     p = an.p
-    y = np.arange(geo.ym[0], geo.ym[-1] + 1e-6, step)
-    x = np.arange(geo.xm[0], geo.xm[-1] + 1e-6, step)
+    y = np.arange(max(geo.ym[0], -p.bca - 12), min(geo.ym[-1], p.bcp + 12) + 1e-6, step)
+    x = np.arange(max(geo.xm[0], -p.ac - 12), min(geo.xm[-1], p.ac + 12) + 1e-6, step)
     z = np.arange(max(geo.zm[0], -80.0), min(geo.zm[-1], p.H + 10) + 1e-6, step)
-    g = Grid2D(y, x, p.p_cav, p.p_body)
+    g = Grid2D(y, x)
     lab = np.zeros((len(z), len(y), len(x)), np.uint8)
     lobe = np.zeros_like(lab)
     for i, zz in enumerate(z):
@@ -185,7 +189,20 @@ def _build_trees(rng, an: Anatomy, geo: ScanGeometry, c: CoarseLungs):
 
 def generate_phantom(seed: int, kind: str | None = None, shape: tuple[int, int, int] | None = None,
                      spacing: tuple[float, float, float] | None = None) -> Phantom:
-    """A synthetic chest CT (see module docstring for axes). Deterministic per seed."""
+    """A synthetic chest CT, deterministic per seed.
+
+    ``kind``: "covid", "cap", "normal" or None (drawn from the seed). ``shape``
+    (z, y, x) and ``spacing`` (z, y, x) mm: None draws a realistic scan (512x512,
+    0.55-0.9 mm pixels, 0.8-5 mm slices covering the chest); with a given shape
+    the anatomy is scaled to fit the field of view. Arrays are (z, y, x) with z
+    index 0 the most inferior slice, y anterior -> posterior, x patient right ->
+    left.
+    """
+    with single_threaded_blas():
+        return _generate(int(seed), kind, shape, spacing)
+
+
+def _generate(seed, kind, shape, spacing) -> Phantom:
     t_start = time.perf_counter()
     rng = np.random.default_rng(seed)
     if kind is None:
@@ -211,16 +228,26 @@ def generate_phantom(seed: int, kind: str | None = None, shape: tuple[int, int, 
     grav = float(rng.uniform(35, 110))
 
     # coarse lungs, lesions, trees
+    tm = LAST_TIMINGS
+    tm.clear()
+    t0 = time.perf_counter()
     c = _coarse_lungs(an, geo, step=max(3.0, 1.5 * px_model))
+    tm["coarse"] = time.perf_counter() - t0
     plan = plan_lesions(kind, rng, c, p.H)
     distract = plan_distractors(kind, rng, c, p.H)
+    tm["plan"] = time.perf_counter() - t0 - tm["coarse"]
     vessels, walls, lumen, tree_info = _build_trees(rng, an, geo, c)
+    for sv in (vessels, walls, lumen):
+        sv.finalize()
+    tm["trees"] = time.perf_counter() - t0 - tm["coarse"] - tm["plan"]
+    t_anat = t_lung = t_post = 0.0
+    t_prep0 = time.perf_counter()
     box = ((geo.zm[0] - 5, geo.zm[-1] + 5), (geo.ym[0], geo.ym[-1]), (geo.xm[0], geo.xm[-1]))
     tex = SmoothField(rng, box, 9.0)
     fine = SmoothField(rng, box, (4.0, 3.0, 3.0)) if (plan.crazy > 0 or "emphysema" in distract) else None
     noise_bank = NoiseBank(rng, ny, nx, f_peak=fpk * (0.7 / max(dx, 0.3)) ** 0.3, n_bank=8 if nx >= 384 else 12)
 
-    g = Grid2D(geo.ym, geo.xm, p.p_cav, p.p_body)
+    g = Grid2D(geo.ym, geo.xm)
     n_sub = int(np.clip(round(geo.thickness / (1.8 * geo.s_z)), 1, 3))
     sub_off = (np.arange(n_sub) - (n_sub - 1) / 2) * (geo.thickness / geo.s_z) / n_sub
 
@@ -236,12 +263,14 @@ def generate_phantom(seed: int, kind: str | None = None, shape: tuple[int, int, 
     emph = distract.get("emphysema")
     atel = distract.get("atelectasis")
     noise_prev = None
+    tm["prep"] = time.perf_counter() - t_prep0
     rho = 0.0 if dz >= 2.0 else float(np.clip(0.6 - 0.3 * dz, 0.0, 0.5))
     for iz in range(nz):
         zc = float(geo.zm[iz])
         acc = None
         lungfrac = None
         centre = None
+        t1 = time.perf_counter()
         for k, off in enumerate(sub_off):
             o = an.render(zc + float(off), g)
             lm = o.label > 0
@@ -261,14 +290,16 @@ def generate_phantom(seed: int, kind: str | None = None, shape: tuple[int, int, 
             lungfrac /= n_sub
         hu = acc
         lab = centre.label
+        t2 = time.perf_counter()
+        t_anat += t2 - t1
         lm = lungfrac > 0
         les = None
         if lm.any():
             # lung texture, fissures
             tz = np.tensordot(tex_m[0][iz], tex.lattice, axes=(0, 0))
-            t2 = tex_m[1] @ tz @ tex_m[2].T
-            hu += lungfrac * (tex_amp * t2)
-            if fis_amp > 0:
+            tx2 = tex_m[1] @ tz @ tex_m[2].T
+            hu += lungfrac * (tex_amp * tx2)
+            if fis_amp > 0 and centre.fissure is not None:
                 hu += lungfrac * fis_amp * np.exp(-(centre.fissure / 0.7) ** 2) * (lab > 0)
             # distractors
             if atel is not None and zc < atel["zmax"]:
@@ -314,6 +345,8 @@ def generate_phantom(seed: int, kind: str | None = None, shape: tuple[int, int, 
                 np.clip(lu, 0, 1, out=lu)
                 lu *= lungfrac
                 hu += lu * (-1000.0 - hu)
+        t3 = time.perf_counter()
+        t_lung += t3 - t2
         # reconstruction blur and noise
         hu = ndi.gaussian_filter(hu, blur_px, mode="nearest", truncate=3.0)
         nz_slice = noise_bank.draw()
@@ -326,6 +359,9 @@ def generate_phantom(seed: int, kind: str | None = None, shape: tuple[int, int, 
         lab_out[iz] = lab
         if les is not None:
             les_out[iz] = les
+        t_post += time.perf_counter() - t3
+    tm["setup"] = t0 - t_start
+    tm.update(anatomy=t_anat, lung=t_lung, blur_noise=t_post, total=time.perf_counter() - t_start)
     ratio = float(les_out.sum() / max(1, (lab_out > 0).sum()))
     params = dict(
         kind=kind, seed=int(seed), shape=list(geo.shape), spacing=[float(v) for v in geo.spacing],
