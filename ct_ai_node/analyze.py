@@ -39,6 +39,8 @@ class AnalyzeOptions:
     lungs: str = DEFAULT_LUNGS
     weights_dir: Path | None = None
     series_number_base: int = 900
+    #: which series qualify (ct_ai_node.rules.selection.SelectionPolicy); default when None
+    selection: object | None = None
     pipeline_settings: PipelineSettings = field(default_factory=PipelineSettings)
 
 
@@ -79,7 +81,7 @@ def analyze_folder(input_dir: Path, out_dir: Path, options: AnalyzeOptions | Non
                    report: Callable[[str], None] | None = None) -> ResultDocument:
     """Run the whole analysis; always writes ``out_dir/result.json``."""
     from ct_ai_node.volume import load_series_from_folder
-    from ct_ai_node.writers import build_all
+    from ct_ai_node.writers import build_outputs
 
     opts = options or AnalyzeOptions()
     timings: dict[str, float] = {}
@@ -88,23 +90,23 @@ def analyze_folder(input_dir: Path, out_dir: Path, options: AnalyzeOptions | Non
     try:
         device = resolve_device(opts.device)
         with _stage(timings, "load", report):
-            volume, selection, scan = load_series_from_folder(Path(input_dir))
-        skipped = [f"{uid}: {why}" for uid, why in getattr(selection, "skipped", [])]
+            volume, selection, scan = load_series_from_folder(Path(input_dir), opts.selection)
+        skipped = [why for _key, why in selection.skipped]
         with _stage(timings, "models", report):
             method = create_method(opts.pipeline, device, opts.weights_dir)
             lungs = create_lung_segmenter(opts.lungs, device, opts.weights_dir)
         with _stage(timings, "pipeline", report):
             result = analyse_volume(volume, method, lungs, opts.pipeline_settings, opts.pipeline)
         with _stage(timings, "writers", report):
-            named = build_all(volume, result, series_number_base=opts.series_number_base)
+            built = build_outputs(volume, result, series_number_base=opts.series_number_base)
         with _stage(timings, "write_files", report):
             out_dir.mkdir(parents=True, exist_ok=True)
             outputs = {}
-            for name, ds in named:
+            for name, ds in built.named():
                 write_dataset(ds, out_dir / name)
                 outputs[name] = str(ds.SOPClassUID)
     except InputRejected as exc:
-        logger.warning("analysis rejected: %s", exc.reason)
+        logger.info("analysis rejected: %s", exc.reason)
         doc = ResultDocument(status="rejected", reason=exc.reason, pipeline=opts.pipeline, version=__version__,
                              timings_s=timings)
         write_result(doc, out_dir)
@@ -116,7 +118,8 @@ def analyze_folder(input_dir: Path, out_dir: Path, options: AnalyzeOptions | Non
                              timings_s=timings)
         write_result(doc, out_dir)
         return doc
-    stage_times = {**{f"pipeline.{k}": v for k, v in result.timings_s.items()}, **timings}
+    stage_times = {**{f"pipeline.{k}": v for k, v in result.timings_s.items()},
+                   **{f"writers.{k}": v for k, v in built.timings_s.items()}, **timings}
     stage_times["total"] = round(time.perf_counter() - t_all, 3)
     doc = result_document(volume, result, outputs, stage_times, skipped, __version__)
     write_result(doc, out_dir)

@@ -34,6 +34,8 @@ def analyze(
     device: str = typer.Option("auto", help="cpu, cuda or auto"),
     lungs: str = typer.Option("classical", help="lung segmentation: classical or unet"),
     weights_dir: Optional[Path] = typer.Option(None, help="folder with a site's own weights + manifest.json"),
+    max_thickness_mm: float = typer.Option(5.0, help="thickest slices accepted (mm)"),
+    min_slices: int = typer.Option(20, help="fewest slices a series must have"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Analyse one chest CT series and write SEG, heat-map SC, key images, SR and result.json."""
@@ -41,7 +43,18 @@ def analyze(
     from ct_ai_node.result import ResultDocument
 
     _logging(verbose)
-    opts = AnalyzeOptions(pipeline=pipeline, device=device, lungs=lungs, weights_dir=weights_dir)
+    from pydantic import ValidationError
+
+    from ct_ai_node.rules.selection import SelectionPolicy
+
+    try:
+        policy = SelectionPolicy(max_thickness_mm=max_thickness_mm, max_spacing_mm=max(max_thickness_mm, 5.0),
+                                 min_slices=min_slices)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        typer.echo(f"invalid option {first['loc'][0]}: {first['msg']}", err=True)
+        raise typer.Exit(EXIT_REJECTED)
+    opts = AnalyzeOptions(pipeline=pipeline, device=device, lungs=lungs, weights_dir=weights_dir, selection=policy)
     try:
         with err.status("analysing ...") as status:
             doc = analyze_folder(input_dir, out, opts, report=lambda stage: status.update(f"analysing: {stage} ..."))
@@ -50,13 +63,13 @@ def analyze(
         (out / "error.log").write_text(traceback.format_exc())
         reason = f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"
         write_result(ResultDocument(status="failed", reason=reason, version=__version__), out)
-        err.print(f"[red]failed[/red]: {reason} (traceback in {out / 'error.log'})")
+        typer.echo(f"failed: {reason} (traceback in {out / 'error.log'})", err=True)
         raise typer.Exit(EXIT_FAILED)
     if doc.status == "rejected":
-        err.print(f"rejected: {doc.reason}")
+        typer.echo(f"rejected: {doc.reason}", err=True)
         raise typer.Exit(EXIT_REJECTED)
     if doc.status == "failed":
-        err.print(f"failed: {doc.reason}")
+        typer.echo(f"failed: {doc.reason}", err=True)
         raise typer.Exit(EXIT_FAILED)
     _print_summary(doc, out)
 
@@ -65,7 +78,7 @@ def _print_summary(doc, out: Path) -> None:
     from rich.table import Table
 
     con = Console()
-    t = Table(title="ct-ai-node analysis (model trained on synthetic phantoms; NOT FOR DIAGNOSTIC USE)",
+    t = Table(title="ct-ai-node result - NOT FOR DIAGNOSTIC USE", caption="model trained on synthetic phantoms only",
               show_header=False)
     rows = [
         ("result", f"{doc.label} (p = {doc.probability:.3f}, threshold {doc.threshold})"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -106,6 +107,16 @@ def build_outputs(
     ct_ai_node.errors.OutputError
         When an object cannot be built (e.g. no lung and no infection at all).
     """
+    with warnings.catch_warnings():
+        # highdicom warns about single-component person names and prints the name:
+        # patient data must not reach the log, and the name is copied unchanged anyway
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        return _build_outputs(volume, result, series_number_base, institution_name, heatmaps, key_images,
+                              key_object_selection, style)
+
+
+def _build_outputs(volume, result, series_number_base, institution_name, heatmaps, key_images,
+                   key_object_selection, style) -> OutputSet:
     numbers = SeriesNumbers(series_number_base)
     timings: dict[str, float] = {}
 
