@@ -67,7 +67,18 @@ def test_fused_gradcam_shapes_and_range():
     logits, maps = cam(x)
     assert logits.shape == (3,) and maps.shape == (3, 224, 224)
     assert float(maps.min()) >= 0.0 and float(maps.max()) <= 1.0
-    assert float(maps.max()) > 0.0
+    # equals the product of MONAI's own Grad-CAM on each layer (min-max normalised)
+    from monai.visualize import GradCAM
+
+    def minmax(t):
+        flat = t.flatten(1)
+        lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+        return ((flat - lo) / (hi - lo).clamp_min(1e-8) * (hi - lo > 1e-8)).view_as(t)
+
+    product = torch.ones_like(maps)
+    for layer in ("backbone.layer2", "backbone.layer3"):
+        product = product * GradCAM(net, target_layers=layer, postprocessing=minmax)(x, class_idx=0)[:, 0]
+    assert torch.allclose(maps, product, atol=1e-5)
     _, again = cam(x)
     assert torch.allclose(maps, again, atol=1e-6)  # same input, same map
 
