@@ -489,3 +489,29 @@ def test_scan_of_300_files_is_fast(tmp_path):
     elapsed = time.perf_counter() - start
     assert scan.n_dicom == 300 and summaries[0].n_frames == 300
     assert elapsed < 1.0, f"scan took {elapsed:.2f} s"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on the damaged values
+def test_random_header_damage_never_escapes_as_a_traceback(tmp_path):
+    """Bytes flipped in headers (and files cut short): a volume or InputRejected, nothing else."""
+    source = write_ct_series(tmp_path / "src", n=20, rows=16, cols=16)
+    rng = random.Random(11)
+    outcomes = {"ok": 0, "rejected": 0}
+    for iteration in range(30):
+        folder = tmp_path / f"fuzz{iteration}"
+        shutil.copytree(source.paths[0].parent, folder)
+        for path in rng.sample(sorted(folder.iterdir()), rng.randint(1, 3)):
+            data = bytearray(path.read_bytes())
+            header_end = len(data) - 16 * 16 * 2
+            for _ in range(rng.randint(1, 8)):
+                data[rng.randrange(header_end)] = rng.randrange(256)
+            if rng.random() < 0.2:
+                data = data[: rng.randrange(len(data))]
+            path.write_bytes(bytes(data))
+        try:
+            load_series_from_folder(folder)
+            outcomes["ok"] += 1
+        except InputRejected as exc:
+            assert "\n" not in str(exc)
+            outcomes["rejected"] += 1
+    assert outcomes["rejected"] > 0
