@@ -447,6 +447,13 @@ def test_legacy_converted_enhanced_ct_from_highdicom(tmp_path):
 # --- contract, reporting, privacy, speed -------------------------------------------------
 
 
+def test_arguments_are_checked(tmp_path):
+    with pytest.raises(TypeError, match="paths"):
+        load_volume(tmp_path)  # a folder is not a list of files
+    with pytest.raises(InputRejected, match="no files"):
+        load_volume([])
+
+
 def test_volume_datasets_hold_pixel_data_in_slice_order(tmp_path):
     written = write_ct_series(tmp_path, n=20)
     volume = load_volume(shuffled(written.paths))

@@ -316,8 +316,12 @@ def assemble(
     InputRejected
         With a one-line reason when the stack cannot be trusted.
     """
+    if isinstance(datasets, pydicom.Dataset):
+        raise TypeError("datasets must be a sequence of pydicom.Dataset, got one Dataset")
     if not datasets:
         raise InputRejected("no images in the series")
+    if names is not None and len(names) != len(datasets):
+        raise ValueError(f"names must match datasets: {len(names)} names, {len(datasets)} datasets")
     limits = limits or StackLimits()
     names = list(names) if names is not None else [f"image {i + 1}" for i in range(len(datasets))]
     warnings: list[str] = []
@@ -416,6 +420,8 @@ def load_volume(
         With a one-line reason naming the file when a file cannot be read or
         the stack cannot be trusted.
     """
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        raise TypeError(f"paths must be a sequence of file paths, got one path: {paths!r}")
     if not paths:
         raise InputRejected("no files given for the series")
     with ThreadPoolExecutor(max_workers=_workers(len(paths))) as pool:
