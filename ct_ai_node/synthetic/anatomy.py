@@ -37,7 +37,8 @@ class Patient:
     ac: float  # cavity half width
     bca: float  # cavity half depth, anterior
     bcp: float  # cavity half depth, posterior
-    p_cav: float  # superellipse exponent of the cavity
+    p_cav: float  # superellipse exponent of the cavity (anterior half)
+    p_cav_post: float  # ... posterior half
     fat: float  # subcutaneous fat thickness (lateral), mm
     fat_ant: float
     fat_post: float
@@ -55,10 +56,12 @@ class Patient:
     vert_period: float
     vert_phase: float
     x_mid: float  # mediastinal midline
+    med_w: float  # half width of the upper mediastinum (mm, near the spine)
     heart: tuple  # (cx, cy, cz, A, B, C, angle)
     contrast: float  # 0 = none, else HU of enhanced blood
     hu: dict = field(default_factory=dict)  # tissue HU values
     tubes: list = field(default_factory=list)
+    shoulder: float = 30.0  # extra half width at shoulder level
     female: bool = False
     breast: float = 0.0
     fissure_tilt: tuple = (0.0, 0.0)
@@ -83,10 +86,10 @@ def draw_patient(rng: np.random.Generator) -> Patient:
     habitus = float(rng.beta(2.0, 2.5))  # 0 thin .. 1 obese
     frame = float(rng.normal(0.0, 1.0))
     ac = float(np.clip(123 + 9 * frame, 100, 148))
-    bca = float(ac * rng.uniform(0.56, 0.68))
-    bcp = float(bca * rng.uniform(1.05, 1.18))
+    bca = float(ac * rng.uniform(0.6, 0.72))
+    bcp = float(bca * rng.uniform(1.1, 1.28))
     H = float(np.clip(rng.normal(250, 18) + 8 * frame, 205, 300))
-    fat = 4 + 45 * habitus ** 1.6 + rng.uniform(-2, 4)
+    fat = 4 + 42 * habitus ** 1.8 + rng.uniform(-1, 4)
     female = bool(u() < 0.45)
     breast = float(rng.uniform(0, 30) * (0.5 + habitus)) if female else 0.0
     contrast = 0.0
@@ -114,13 +117,13 @@ def draw_patient(rng: np.random.Generator) -> Patient:
         float(rng.uniform(0.14, 0.26) * ac),
         float(-rng.uniform(0.15, 0.32) * bca),
         float(dome_l + rng.uniform(0.1, 0.16) * H + 25),
-        float(rng.uniform(0.46, 0.56) * ac),
-        float(rng.uniform(0.36, 0.45) * ac),
+        float(rng.uniform(0.4, 0.48) * ac),
+        float(rng.uniform(0.33, 0.4) * ac),
         float(rng.uniform(0.2, 0.25) * H),
         float(np.deg2rad(rng.uniform(25, 45))),
     )
     p = Patient(
-        H=H, ac=ac, bca=bca, bcp=bcp, p_cav=float(rng.uniform(2.0, 2.5)),
+        H=H, ac=ac, bca=bca, bcp=bcp, p_cav=float(rng.uniform(1.6, 1.95)), p_cav_post=float(rng.uniform(2.0, 2.4)),
         fat=float(fat), fat_ant=float(fat * rng.uniform(0.7, 1.1)), fat_post=float(fat * rng.uniform(0.8, 1.3)),
         muscle=float(rng.uniform(6, 14)), pect=float(rng.uniform(8, 22)), back=float(rng.uniform(22, 36)),
         p_body=float(rng.uniform(2.1, 2.8)),
@@ -129,8 +132,8 @@ def draw_patient(rng: np.random.Generator) -> Patient:
         rib_h=float(rng.uniform(9, 13)), rib_t=float(rng.uniform(7, 10)),
         rib_z1=float(H * rng.uniform(1.0, 1.06)),
         vert_period=float(H * rng.uniform(0.085, 0.1)), vert_phase=float(u()),
-        x_mid=float(rng.uniform(-3, 6)), heart=heart_c, contrast=contrast, hu=hu,
-        female=female, breast=breast,
+        x_mid=float(rng.uniform(-3, 6)), med_w=float(rng.uniform(20, 34)), heart=heart_c, contrast=contrast, hu=hu,
+        female=female, breast=breast, shoulder=float(rng.uniform(15, 45)),
         fissure_tilt=(float(rng.uniform(-0.1, 0.1)), float(rng.uniform(-0.1, 0.1))),
         stomach_gas=float(rng.uniform(0, 1) if u() < 0.7 else 0.0),
     )
@@ -155,9 +158,9 @@ def _mediastinal_tubes(p: Patient, rng) -> list[Tube]:
     hil_r = (-0.44 * ac, y_tr + 18 + j(4), zc - 22 + j(4))
     hil_l = (0.45 * ac, y_tr + 24 + j(4), zc - 36 + j(4))
     t.append(Tube((-1, y_tr, zc + 6), (-0.27 * ac, y_tr + 6, zc - 14), rt * 0.75, "air", wall=1.6, margin=3))
-    t.append(Tube((-0.27 * ac, y_tr + 6, zc - 14), hil_r, rt * 0.6, "air", wall=1.4, margin=2))
+    t.append(Tube((-0.27 * ac, y_tr + 6, zc - 14), hil_r, rt * 0.55, "air", wall=1.0, margin=1))
     t.append(Tube((-1, y_tr, zc + 6), (0.3 * ac, y_tr + 14, zc - 28), rt * 0.7, "air", wall=1.6, margin=3))
-    t.append(Tube((0.3 * ac, y_tr + 14, zc - 28), hil_l, rt * 0.6, "air", wall=1.4, margin=2))
+    t.append(Tube((0.3 * ac, y_tr + 14, zc - 28), hil_l, rt * 0.55, "air", wall=1.0, margin=1))
     # oesophagus
     t.append(Tube((6, y_eso, H * 1.3), (14, y_eso + 4, -60), 7.5, "soft", margin=4))
     # aorta: ascending, arch, descending
@@ -185,15 +188,15 @@ def _mediastinal_tubes(p: Patient, rng) -> list[Tube]:
     rp = float(np.clip(13 + j(1.5), 10, 17))
     t.append(Tube(pt0, pt1, rp, "blood", margin=4))
     t.append(Tube(pt1, (0.3 * ac, hil_l[1] - 12, zc - 8), rp * 0.75, "blood", margin=3))
-    t.append(Tube((0.3 * ac, hil_l[1] - 12, zc - 8), (hil_l[0] + 4, hil_l[1] - 2, hil_l[2] + 8), rp * 0.6, "blood", margin=2))
+    t.append(Tube((0.3 * ac, hil_l[1] - 12, zc - 8), (hil_l[0] + 4, hil_l[1] - 2, hil_l[2] + 8), rp * 0.6, "blood", margin=1))
     t.append(Tube(pt1, (-0.15 * ac, -0.05 * bca, zc - 14), rp * 0.75, "blood", margin=3))
-    t.append(Tube((-0.15 * ac, -0.05 * bca, zc - 14), (hil_r[0] + 6, hil_r[1] - 10, hil_r[2] + 2), rp * 0.6, "blood", margin=2))
+    t.append(Tube((-0.15 * ac, -0.05 * bca, zc - 14), (hil_r[0] + 6, hil_r[1] - 10, hil_r[2] + 2), rp * 0.6, "blood", margin=1))
     # pulmonary veins into the left atrium
     la = (hx - 0.1 * ac, hy + 0.45 * p.heart[4], hz + 0.05 * H)
     for side in (-1, 1):
         for dz in (12, -12):
             end = (side * 0.42 * ac, la[1] + 12, la[2] + dz * 1.6)
-            t.append(Tube(la, end, 6.5, "blood", margin=2))
+            t.append(Tube(la, end, 6.5, "blood", margin=1))
     p.hila = dict(right=hil_r, left=hil_l, carina=(-1, y_tr, zc), z_arch=z_arch,
                   vein_r=(-0.42 * ac, la[1] + 12, la[2]), vein_l=(0.42 * ac, la[1] + 12, la[2]))
     return t
@@ -211,6 +214,7 @@ class SliceOut:
     lobe: np.ndarray | None  # uint8 lobe id inside lungs (1 RUL, 2 RML, 3 RLL, 4 LUL, 5 LLL)
     post: np.ndarray | None  # float32 dependent-position coordinate in [0, 1] (1 = most posterior)
     fissure: np.ndarray | None  # float32 distance to the nearest fissure (mm)
+    body: np.ndarray | None = None  # bool, inside the patient's skin
 
 
 class Grid2D:
@@ -244,11 +248,12 @@ _TC = np.abs(np.cos(_TH))
 _TS = np.sin(_TH)
 
 
-def outline_table(a: float, b_ant: float, b_post: float, p: float) -> np.ndarray:
+def outline_table(a: float, b_ant: float, b_post: float, p: float, p_post: float | None = None) -> np.ndarray:
     """Radius of the superellipse |x/a|^p + |y/b|^p = 1 for each table angle
-    (b = b_post where y > 0, i.e. posterior)."""
+    (b = b_post and exponent p_post where y > 0, i.e. posterior)."""
     b = np.where(_TS > 0, b_post, b_ant)
-    return ((_TC ** p) * a ** -p + (np.abs(_TS) ** p) * b ** -p) ** (-1.0 / p)
+    pp = np.where(_TS > 0, p if p_post is None else p_post, p)
+    return ((_TC ** pp) * a ** -pp + (np.abs(_TS) ** pp) * b ** -pp) ** (-1.0 / pp)
 
 
 def _smoothstep(x):
@@ -261,7 +266,7 @@ class Anatomy:
 
     def __init__(self, p: Patient):
         self.p = p
-        self.y_vb = p.bcp - 22.0
+        self.y_vb = p.bcp - 30.0
         self.k_obl = 0.32 * p.H / (0.5 * (p.bca + p.bcp))
 
     # --- z profiles -------------------------------------------------------
@@ -276,8 +281,8 @@ class Anatomy:
     def body_axes(self, z: float) -> tuple[float, float, float]:
         p = self.p
         t = z / p.H
-        sh = float(_smoothstep((t - 0.7) / 0.35))
-        a = p.body_half_width * (1.0 + 0.1 * sh) + 6.0 * sh
+        sh = float(_smoothstep((t - 0.62) / 0.38))
+        a = p.body_half_width + p.shoulder * sh
         ba = p.bca + p.rib_t + 2 + p.pect + p.fat_ant + p.breast * float(_smoothstep((0.65 - abs(t - 0.42)) / 0.3))
         return a, ba, p.body_post
 
@@ -302,11 +307,15 @@ class Anatomy:
         xd, yd = 0.33 * p.ac, -0.2 * p.bca
         dy = Y - yd
         Dy = np.where(dy < 0, 1.6 * p.bca, 0.95 * (p.bcp - yd))
-        q = ((np.abs(X) - xd) / (0.6 * p.ac)) ** 2 + (dy / Dy) ** 2
-        c["zd"] = (np.where(c["right"], p.dome_r, p.dome_l) * (1.0 - q)).astype(np.float32)
-        # apex caps (half ellipsoids above z0)
-        xa = np.where(c["right"], -0.46 * p.ac, 0.46 * p.ac)
-        c["qa"] = (((X - xa) / (0.62 * p.ac)) ** 2 + ((Y - 0.15 * p.bcp) / (1.05 * p.bca)) ** 2).astype(np.float32)
+        q = ((np.abs(X) - xd) / (0.52 * p.ac)) ** 2 + (dy / Dy) ** 2
+        zd = np.where(c["right"], p.dome_r, p.dome_l) * (1.0 - q)
+        c["zd"] = np.maximum(zd, -0.12 * p.H).astype(np.float32)
+        # apices: the allowed in-plane ellipse shrinks linearly in area from z0 up
+        # to the apex (a paraboloid), centred postero-laterally
+        xa = np.where(c["right"], -0.45 * p.ac, 0.45 * p.ac)
+        ya = 0.2 * p.bcp
+        Ay = np.where(Y < ya, 1.45 * p.bca, 0.95 * p.bcp)
+        c["qa"] = (((X - xa) / (0.62 * p.ac)) ** 2 + ((Y - ya) / Ay) ** 2).astype(np.float32)
         c["z_ap"] = np.where(c["right"], p.H + 4.0, p.H).astype(np.float32)
         # heart (in-plane quadratic form; the z factor is applied per slice)
         hx, hy, hz, A, B, C, ang = p.heart
@@ -314,8 +323,11 @@ class Anatomy:
         U = (X - hx) * ca - (Y - hy) * sa
         V = (X - hx) * sa + (Y - hy) * ca
         c["qh"] = ((U / A) ** 2 + (V / B) ** 2).astype(np.float32)
-        c["qh_m"] = ((U / (A + 6)) ** 2 + (V / (B + 6)) ** 2).astype(np.float32)
-        c["strip"] = (np.abs(X - p.x_mid) < 9.0) & (Y < self.y_vb)
+        c["qh_m"] = ((U / (A + 3)) ** 2 + (V / (B + 3)) ** 2).astype(np.float32)
+        c["strip"] = ((np.abs(X - p.x_mid) < 2.5) & (Y < -0.3 * p.bca)) | ((np.abs(X) < 16.0) & (Y > self.y_vb))
+        # upper mediastinal envelope: narrow behind the sternum, wider towards the spine
+        shape_y = 0.4 + 0.6 * np.clip((Y + p.bca) / (0.75 * (p.bca + self.y_vb)), 0.0, 1.0)
+        c["med_env"] = np.where(Y < self.y_vb + 4, np.abs(X - p.x_mid - 4.0) / shape_y, 1e3).astype(np.float32)
         c["q_vb"] = ((X / 17.0) ** 2 + ((Y - self.y_vb) / 14.0) ** 2).astype(np.float32)
         # lobes and dependent coordinate
         c["z_obl"], c["z_hor"] = self.lobe_planes(X, Y)
@@ -342,22 +354,25 @@ class Anatomy:
         R = g.R
         hu_ = p.hu
         a_c, bca, bcp = self.cavity_axes(z)
-        r_cav = outline_table(a_c, bca, bcp, p.p_cav).astype(np.float32)[g.ang]
+        r_cav = outline_table(a_c, bca, bcp, p.p_cav, p.p_cav_post).astype(np.float32)[g.ang]
         cavity = R < r_cav
         zd = c["zd"]
         above = z > zd
         lungable = (R < r_cav - 1.5) & above
-        z0 = 0.55 * p.H
+        z0 = 0.4 * p.H
         if z > z0:
-            lungable &= c["qa"] + ((z - z0) / (c["z_ap"] - z0)) ** 2 < 1.0
+            lungable &= c["qa"] < (c["z_ap"] - z) / (c["z_ap"] - z0)
         win = g.window(lungable, pad=4)
         # mediastinum
         hx, hy, hz, A, B, C, ang = p.heart
         wz = 1.0 - ((z - hz) / C) ** 2
-        wz2 = 1.0 - ((z - hz) / (C + 6)) ** 2
+        wz2 = 1.0 - ((z - hz) / (C + 3)) ** 2
         t = z / p.H
         vs = 0.82 + 0.18 * float(np.clip(1.0 - t, 0.0, 1.0))
         med = c["strip"] | (c["q_vb"] < 1.6 * vs * vs)
+        w_env = p.med_w * float(_smoothstep((t - 0.45) / 0.18))
+        if w_env > 0:
+            med |= c["med_env"] < w_env
         if wz2 > 0:
             med |= (c["qh_m"] < wz2) & (z > zd - 4)
         heart = (c["qh"] < wz) & (z > zd - 2) if wz > 0 else None
@@ -384,7 +399,8 @@ class Anatomy:
         hu = c["bg"].copy()
         a_b, ba_b, bp_b = self.body_axes(z)
         r_body = outline_table(a_b, ba_b, bp_b, p.p_body).astype(np.float32)[g.ang]
-        hu[R < r_body] = hu_["soft"]
+        body = R < r_body
+        hu[body] = hu_["soft"]
         hu[R < r_body - 1.8] = hu_["fat"]
         hu[R < r_body - 1.8 - c["fat_t"]] = hu_["muscle"]
         hu[cavity] = hu_["med_fat"]
@@ -429,7 +445,7 @@ class Anatomy:
             d = np.where(r_ & ~lower, np.minimum(d, np.abs(z - zh)), d)
             d_fis = np.full(R.shape, 1e3, np.float32)
             d_fis[win] = d
-        return SliceOut(hu, label, lobe, c["post"], d_fis)
+        return SliceOut(hu, label, lobe, c["post"], d_fis, body)
 
     # --- helpers ----------------------------------------------------------
     def _abdomen(self, z, g: Grid2D, w, zd, abd, hu_full):

@@ -64,6 +64,7 @@ class LesionPlan:
     w_ggo: float = 0.1
     tau_cons: float = 1e9
     w_cons: float = 0.05
+    rough: float = 1.0  # border roughness (in units of w_ggo)
     ggo_hu: float = -550.0
     cons_hu: float = 0.0
     crazy: float = 0.0  # crazy-paving line amplitude (HU)
@@ -75,8 +76,10 @@ class LesionPlan:
     _my: dict = field(default_factory=dict)
 
     # ---------------------------------------------------------------- render
-    def slice_fields(self, zm: float, ym: np.ndarray, xm: np.ndarray, lobe_slice: np.ndarray | None):
-        """(ggo density, consolidation density) on one full-res slice, or (None, None)."""
+    def slice_fields(self, zm: float, ym: np.ndarray, xm: np.ndarray, lobe_slice: np.ndarray | None,
+                     perturb: np.ndarray | None = None, win=None):
+        """(ggo density, consolidation density) on one full-res slice (or window),
+        or (None, None). ``perturb`` (unit-variance texture) roughens the borders."""
         if self.F is None:
             return None, None
         c = self.coarse
@@ -84,8 +87,11 @@ class LesionPlan:
             return None, None
         key = (len(ym), len(xm), float(ym[0]), float(xm[0]))
         if key not in self._my:
+            self._my.clear()
             self._my[key] = (linear_matrix(ym, c.y), linear_matrix(xm, c.x))
         my, mx = self._my[key]
+        if win is not None:
+            my, mx = my[win[0]], mx[win[1]]
         u = np.clip((zm - c.z[0]) / c.step, 0, len(c.z) - 1)
         i0 = int(min(np.floor(u), len(c.z) - 2)) if len(c.z) > 1 else 0
         f = float(u - i0)
@@ -93,6 +99,8 @@ class LesionPlan:
         if Fz.max() < self.tau_ggo - 2 * self.w_ggo and Fz.max() < self.tau_cons - 2 * self.w_cons:
             return None, None
         Ff = my @ Fz @ mx.T
+        if perturb is not None:
+            Ff = Ff + (self.rough * self.w_ggo) * perturb
         ggo = smoothstep((Ff - self.tau_ggo) / self.w_ggo + 0.5)
         cons = smoothstep((Ff - self.tau_cons) / self.w_cons + 0.5) if self.tau_cons < 1e8 else None
         if self.lobes and lobe_slice is not None:
@@ -187,7 +195,7 @@ def plan_lesions(kind: str, rng: np.random.Generator, c: CoarseLungs, H: float) 
             plan.tau_cons = float(np.quantile(vals, 1.0 - ratio * cons_frac))
             plan.w_cons = 0.04
             plan.cons_hu = float(rng.uniform(-90, 40))
-        if rng.random() < 0.3:
+        if rng.random() < 0.45:
             plan.crazy = float(rng.uniform(80, 220))
         plan.params = dict(lesion_ratio_target=ratio, n_foci=n_foci, bilateral=bool(bilateral),
                            ggo_hu=plan.ggo_hu, consolidation_fraction=cons_frac,
@@ -209,10 +217,12 @@ def plan_lesions(kind: str, rng: np.random.Generator, c: CoarseLungs, H: float) 
         seg_info = []
         for lb in chosen:
             m = c.lobe == lb
-            zz, yy, xx = np.nonzero(m)
-            if rng.random() < 0.5:  # segmental: a ball inside the lobe
+            inner = ndi.distance_transform_edt(m) * c.step
+            deep = inner >= min(12.0, 0.6 * inner.max())
+            zz, yy, xx = np.nonzero(deep)
+            if rng.random() < 0.5:  # segmental: a ball well inside the lobe
                 j = int(rng.integers(len(zz)))
-                rad = float(rng.uniform(28, 60))
+                rad = float(rng.uniform(32, 65))
                 d = np.sqrt((Z - c.z[zz[j]]) ** 2 + (Y - c.y[yy[j]]) ** 2 + (X - c.x[xx[j]]) ** 2)
                 f = 1 - d / rad
                 seg_info.append("segmental")

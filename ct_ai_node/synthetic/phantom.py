@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .anatomy import Anatomy, Grid2D, Patient, draw_patient
-from .fields import NoiseBank, SmoothField
+from .fields import NoiseBank, SmoothField, TextureBank
 from .lesions import CoarseLungs, LesionPlan, plan_distractors, plan_lesions
 from ._blas import single_threaded_blas
 from .vessels import SplatVolume, grow_tree
@@ -30,7 +30,7 @@ LAST_TIMINGS: dict[str, float] = {}
 KERNELS = {
     "soft": [("B30f", 0.95, 0.16, 0.8), ("STANDARD", 0.9, 0.17, 0.85), ("FC17", 0.9, 0.17, 0.85), ("B", 0.85, 0.18, 0.9)],
     "medium": [("B40f", 0.75, 0.22, 1.0), ("FC51", 0.7, 0.23, 1.05), ("YB", 0.75, 0.22, 1.0)],
-    "sharp": [("B70f", 0.5, 0.33, 1.6), ("LUNG", 0.55, 0.3, 1.5), ("FC86", 0.5, 0.34, 1.6), ("BONE", 0.5, 0.35, 1.7)],
+    "sharp": [("B70f", 0.45, 0.33, 2.6), ("LUNG", 0.5, 0.3, 2.2), ("FC86", 0.45, 0.34, 2.5), ("BONE", 0.45, 0.35, 2.8)],
 }
 
 
@@ -147,23 +147,27 @@ def _build_trees(rng, an: Anatomy, geo: ScanGeometry, c: CoarseLungs):
     vessels = SplatVolume(geo.shape, zr)
     walls = SplatVolume(geo.shape, zr)
     lumen = SplatVolume(geo.shape, zr)
-    r_leaf = max(0.26, 0.3 * px_model)
+    r_leaf = max(0.25, 0.3 * px_model)
     info = {}
+    tree_store = []
     for side, lab in (("right", 1), ("left", 2)):
         cells = np.argwhere(c.label == lab)
         if len(cells) < 20:
             continue
         for tree_kind, root in (("artery", p.hila[side]), ("vein", p.hila["vein_r" if side == "right" else "vein_l"])):
-            r_root = rng.uniform(6.0, 7.5) if tree_kind == "artery" else rng.uniform(5.5, 7.0)
-            n_pts = int(np.clip((r_root / r_leaf) ** 2.6, 200, 5000))
+            r_root = rng.uniform(5.5, 7.0) if tree_kind == "artery" else rng.uniform(5.0, 6.5)
+            n_pts = int(np.clip((r_root / r_leaf) ** 3, 200, 12000))
             j = rng.integers(0, len(cells), n_pts)
             pts = np.stack([c.z[cells[j, 0]], c.y[cells[j, 1]], c.x[cells[j, 2]]], 1)
             pts += rng.uniform(-0.5, 0.5, pts.shape) * c.step
             root_zyx = np.array([root[2], root[1], root[0]], np.float64)
-            tr = grow_tree(pts, root_zyx, rng, r_leaf=r_root / n_pts ** (1 / 2.6))
-            a = _to_vox(geo, tr.p0)
-            b = _to_vox(geo, tr.p1)
-            vessels.add_segments(a, b, tr.r / px_model)
+            tr = grow_tree(pts, root_zyx, rng, r_leaf=r_root / n_pts ** (1 / 3), murray=3.0)
+            tree_store.append((side, tree_kind, tr))
+            # the finest twigs (single-point territories) are below CT resolution: not drawn
+            vis = tr.n >= 2
+            a = _to_vox(geo, tr.p0[vis])
+            b = _to_vox(geo, tr.p1[vis])
+            vessels.add_segments(a, b, tr.r[vis] / px_model, ctrl=_to_vox(geo, tr.ctrl[vis]))
             info[f"{side}_{tree_kind}_segments"] = int(len(tr.r))
             if tree_kind == "artery":
                 # bronchi run beside the arteries: offset each segment sideways
@@ -175,7 +179,7 @@ def _build_trees(rng, an: Anatomy, geo: ScanGeometry, c: CoarseLungs):
                     off = np.cross(d, ref)
                     off /= np.linalg.norm(off, axis=1, keepdims=True) + 1e-9
                     rb = tr.r[big] * 0.85
-                    wall = np.maximum(0.35, 0.18 * 2 * rb)
+                    wall = np.maximum(0.3, 0.22 * rb)
                     shift = off * (tr.r[big] + rb + wall)[:, None]
                     a2 = _to_vox(geo, tr.p0[big] + shift)
                     b2 = _to_vox(geo, tr.p1[big] + shift)
@@ -184,7 +188,7 @@ def _build_trees(rng, an: Anatomy, geo: ScanGeometry, c: CoarseLungs):
                         walls.add_segments(a2[vis], b2[vis], (rb[vis] + wall[vis]) / px_model)
                         walls.add_segments(a2[vis], b2[vis], rb[vis] / px_model, weight=-1.0)
                     lumen.add_segments(a2, b2, rb / px_model)
-    return vessels, walls, lumen, info
+    return vessels, walls, lumen, info, tree_store
 
 
 def generate_phantom(seed: int, kind: str | None = None, shape: tuple[int, int, int] | None = None,
@@ -220,12 +224,12 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
     family = str(rng.choice(["soft", "medium", "sharp"], p=[0.45, 0.3, 0.25]))
     kname, blur0, fpk, nfac = KERNELS[family][int(rng.integers(len(KERNELS[family])))]
     blur_px = float(np.clip(blur0 * 0.7 / dx * rng.uniform(0.85, 1.15), 0.35, 1.3))
-    size_factor = (p.body_half_width / 165.0) ** 1.5
-    noise_sd = float(np.clip(rng.uniform(10, 26) * nfac * size_factor, 8, 60))
-    if dz >= 2.5:
-        noise_sd *= 0.75  # thick slices average more photons
-    lung_hu0 = float(rng.uniform(-900, -848))
-    grav = float(rng.uniform(35, 110))
+    size_factor = (p.body_half_width / 160.0) ** 1.5
+    # measured on real scans: soft-tissue noise ~15 HU at 5 mm, ~20 at 2.5 mm, ~40 at 1.25 mm
+    # (standard kernels); sharp kernels 2-3x; air outside the body about 0.4x
+    noise_sd = float(np.clip(21.0 * (2.5 / geo.thickness) ** 0.6 * rng.uniform(0.7, 1.3) * nfac * size_factor, 7, 90))
+    lung_hu0 = float(rng.uniform(-925, -860))
+    grav = float(rng.uniform(50, 150))
 
     # coarse lungs, lesions, trees
     tm = LAST_TIMINGS
@@ -236,15 +240,20 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
     plan = plan_lesions(kind, rng, c, p.H)
     distract = plan_distractors(kind, rng, c, p.H)
     tm["plan"] = time.perf_counter() - t0 - tm["coarse"]
-    vessels, walls, lumen, tree_info = _build_trees(rng, an, geo, c)
+    vessels, walls, lumen, tree_info, trees = _build_trees(rng, an, geo, c)
     for sv in (vessels, walls, lumen):
         sv.finalize()
     tm["trees"] = time.perf_counter() - t0 - tm["coarse"] - tm["plan"]
     t_anat = t_lung = t_post = 0.0
     t_prep0 = time.perf_counter()
     box = ((geo.zm[0] - 5, geo.zm[-1] + 5), (geo.ym[0], geo.ym[-1]), (geo.xm[0], geo.xm[-1]))
-    tex = SmoothField(rng, box, 9.0)
-    fine = SmoothField(rng, box, (4.0, 3.0, 3.0)) if (plan.crazy > 0 or "emphysema" in distract) else None
+    tex = SmoothField(rng, box, 10.0)  # regional lung density variation
+    px_phys = dx
+    zstep = lambda mm: mm / dz_model  # noqa: E731  (z node spacing in slices)
+    micro = TextureBank(rng, nz, ny, nx, corr_px=1.6 / px_phys, z_step=zstep(2.0))
+    patchy = TextureBank(rng, nz, ny, nx, corr_px=4.0 / px_phys, z_step=zstep(4.0))
+    lines = TextureBank(rng, nz, ny, nx, corr_px=3.0 / px_phys, z_step=zstep(3.0)) \
+        if (plan.crazy > 0 or "emphysema" in distract) else None
     noise_bank = NoiseBank(rng, ny, nx, f_peak=fpk * (0.7 / max(dx, 0.3)) ** 0.3, n_bank=8 if nx >= 384 else 12)
 
     g = Grid2D(geo.ym, geo.xm)
@@ -256,9 +265,10 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
     les_out = np.zeros(geo.shape, bool)
     blood = p.contrast if p.contrast else p.hu["blood"]
     tex_amp = float(rng.uniform(6, 14))
+    micro_amp = float(rng.uniform(8, 22))
     fis_amp = float(rng.uniform(0, 350)) if rng.random() < 0.7 else 0.0
+    ggo_var = float(rng.uniform(40, 110))  # local spread of GGO density (HU)
     tex_m = tex.matrices(geo.zm, geo.ym, geo.xm)
-    fine_m = fine.matrices(geo.zm, geo.ym, geo.xm) if fine is not None else None
     nod = distract.get("nodule")
     emph = distract.get("emphysema")
     atel = distract.get("atelectasis")
@@ -267,14 +277,14 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
     rho = 0.0 if dz >= 2.0 else float(np.clip(0.6 - 0.3 * dz, 0.0, 0.5))
     for iz in range(nz):
         zc = float(geo.zm[iz])
+        t1 = time.perf_counter()
         acc = None
         lungfrac = None
         centre = None
-        t1 = time.perf_counter()
         for k, off in enumerate(sub_off):
             o = an.render(zc + float(off), g)
             lm = o.label > 0
-            base = lung_hu0 + grav * o.post ** 3
+            base = lung_hu0 + grav * o.post ** 2.5
             h = o.hu
             h[lm] = base[lm]
             if acc is None:
@@ -292,59 +302,68 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
         lab = centre.label
         t2 = time.perf_counter()
         t_anat += t2 - t1
-        lm = lungfrac > 0
         les = None
-        if lm.any():
-            # lung texture, fissures
+        win = g.window(lungfrac > 0, pad=3)
+        if win is not None:
+            # everything lung-specific happens in the lungs' bounding window
+            h = hu[win]
+            lf = lungfrac[win]
+            lb = lab[win] > 0
             tz = np.tensordot(tex_m[0][iz], tex.lattice, axes=(0, 0))
-            tx2 = tex_m[1] @ tz @ tex_m[2].T
-            hu += lungfrac * (tex_amp * tx2)
+            tx2 = tex_m[1][win[0]] @ tz @ tex_m[2][win[1]].T
+            h += lf * (tex_amp * tx2 + micro_amp * micro.slice(iz, win))
             if fis_amp > 0 and centre.fissure is not None:
-                hu += lungfrac * fis_amp * np.exp(-(centre.fissure / 0.7) ** 2) * (lab > 0)
-            # distractors
+                h += lf * fis_amp * np.exp(-(centre.fissure[win] / 0.7) ** 2) * lb
+            # distractors (not part of the lesion mask)
             if atel is not None and zc < atel["zmax"]:
-                da = np.clip((centre.post - atel["thr"]) / 0.02, 0, 1) * (lab > 0)
-                hu += lungfrac * da * (atel["hu"] - hu)
-            if emph is not None and zc > emph["zmin"] and fine_m is not None:
-                fz = np.tensordot(fine_m[0][iz], fine.lattice, axes=(0, 0))
-                f2 = fine_m[1] @ fz @ fine_m[2].T
-                holes = (f2 > 2.0 - 8 * emph["density"]) & (lab > 0)
-                hu[holes] = emph["hu"]
+                da = np.clip((centre.post[win] - atel["thr"]) / 0.02 + 0.3 * patchy.slice(iz, win), 0, 1) * lb
+                h += lf * da * (atel["hu"] - h)
+            if emph is not None and zc > emph["zmin"] and lines is not None:
+                holes = (lines.slice(iz, win) > 2.2 - 6 * emph["density"]) & lb
+                h[holes] = emph["hu"] + 10 * micro.slice(iz, win)[holes]
             # lesions
-            ggo, cons = plan.slice_fields(zc, geo.ym, geo.xm, centre.lobe)
+            pt = patchy.slice(iz, win)
+            ggo, cons = plan.slice_fields(zc, geo.ym, geo.xm, centre.lobe[win] if centre.lobe is not None else None,
+                                          perturb=pt, win=win)
             if ggo is not None:
-                ggo *= lungfrac
-                delta_g = ggo * (plan.ggo_hu - hu)
-                if plan.crazy > 0 and fine_m is not None:
-                    fz = np.tensordot(fine_m[0][iz], fine.lattice, axes=(0, 0))
-                    f2 = fine_m[1] @ fz @ fine_m[2].T
-                    delta_g += ggo * plan.crazy * np.exp(-(f2 / 0.25) ** 2)
-                hu += delta_g
+                ggo *= lf
+                target = plan.ggo_hu + ggo_var * pt
+                het = np.clip(0.7 + 0.3 * pt, 0.25, 1.0)
+                delta_g = ggo * het * (target - h)
+                if plan.crazy > 0 and lines is not None:
+                    delta_g += ggo * plan.crazy * np.exp(-(lines.slice(iz, win) / 0.22) ** 2)
+                h += delta_g
                 les = delta_g > 100.0
                 if cons is not None:
-                    cons *= lungfrac
-                    hu += cons * (plan.cons_hu - hu)
+                    cons *= lf
+                    h += cons * (plan.cons_hu + 25 * pt - h)
                     les |= cons > 0.5
-                les &= lab > 0
+                les &= lb
             if nod is not None and abs(zc - nod["z"]) < nod["r"] + dz_model:
-                dd = (g.X - nod["x"]) ** 2 + (g.Y - nod["y"]) ** 2 + (zc - nod["z"]) ** 2
-                hu[(dd < nod["r"] ** 2) & (lab > 0)] = nod["hu"]
-            # vessels and airways (partial volume occupancy)
+                dd = (g.X[win] - nod["x"]) ** 2 + (g.Y[win] - nod["y"]) ** 2 + (zc - nod["z"]) ** 2
+                h[(dd < nod["r"] ** 2) & lb] = nod["hu"]
+            # vessels and airways (partial volume occupancy); vessels look fuller in inflamed lung
             v = vessels.slice(iz)
             if v is not None:
+                v = v[win]
+                if ggo is not None:
+                    v *= 1.0 + 0.6 * ggo
                 np.clip(v, 0, 1, out=v)
-                v *= lungfrac
-                hu += v * (blood - hu)
+                v *= lf
+                h += v * (blood - h)
             w = walls.slice(iz)
             if w is not None:
+                w = w[win]
                 np.clip(w, 0, 1, out=w)
-                w *= lungfrac
-                hu += w * (p.hu["soft"] - hu)
+                w *= lf
+                h += w * (p.hu["soft"] - h)
             lu = lumen.slice(iz)
             if lu is not None:
+                lu = lu[win]
                 np.clip(lu, 0, 1, out=lu)
-                lu *= lungfrac
-                hu += lu * (-1000.0 - hu)
+                lu *= lf
+                h += lu * (-1000.0 - h)
+            hu[win] = h
         t3 = time.perf_counter()
         t_lung += t3 - t2
         # reconstruction blur and noise
@@ -353,12 +372,13 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
         if noise_prev is not None and rho > 0:
             nz_slice = rho * noise_prev + math.sqrt(1 - rho * rho) * nz_slice
         noise_prev = nz_slice
-        hu += noise_sd * nz_slice
+        sd_map = ndi.uniform_filter(centre.body.astype(np.float32), 9) * np.float32(0.6 * noise_sd) + np.float32(0.4 * noise_sd)
+        hu += sd_map * nz_slice
         np.clip(hu, -1024, 3071, out=hu)
         hu_out[iz] = np.rint(hu)
         lab_out[iz] = lab
         if les is not None:
-            les_out[iz] = les
+            les_out[iz][win] = les
         t_post += time.perf_counter() - t3
     tm["setup"] = t0 - t_start
     tm.update(anatomy=t_anat, lung=t_lung, blur_noise=t_post, total=time.perf_counter() - t_start)

@@ -27,11 +27,18 @@ class Tree:
     r: np.ndarray  # (M,) radius mm
     n: np.ndarray  # (M,) number of target points served (territory size)
     depth: np.ndarray  # (M,) generation
+    ctrl: np.ndarray | None = None  # (M, 3) quadratic Bezier control points (gently curved vessels)
 
 
 def grow_tree(points: np.ndarray, root: np.ndarray, rng: np.random.Generator, r_leaf: float,
-              murray: float = 2.6, frac=(0.35, 0.6)) -> Tree:
-    """Bisection tree over ``points`` (N, 3) from ``root`` (3,)."""
+              murray: float = 3.0, frac=(0.35, 0.6), split=(0.22, 0.5), bend: float = 0.12,
+              angular_levels: int = 4) -> Tree:
+    """Bisection tree over ``points`` (N, 3) from ``root`` (3,).
+
+    Each node's points are cut along their longest extent into a side branch
+    (fraction ``split`` of the points) and a main branch that continues, which
+    gives the monopodial look of real vascular trees rather than symmetric
+    Y-forks."""
     pts = np.asarray(points, np.float64)
     N = len(pts)
     node_of = np.zeros(N, np.int64)
@@ -48,20 +55,28 @@ def grow_tree(points: np.ndarray, root: np.ndarray, rng: np.random.Generator, r_
         P = pts[active_pts]
         cnt = np.bincount(inv, minlength=k)
         # split axis: largest extent of each node's points
+        if depth < angular_levels:
+            # near the hilum: split by direction as seen from the node (fan out)
+            Q = P - cur_pos[inv]
+            Q = Q / (np.linalg.norm(Q, axis=1, keepdims=True) + 1e-9)
+        else:
+            Q = P
         mins = np.full((k, 3), np.inf)
         maxs = np.full((k, 3), -np.inf)
         for a in range(3):
-            np.minimum.at(mins[:, a], inv, P[:, a])
-            np.maximum.at(maxs[:, a], inv, P[:, a])
+            np.minimum.at(mins[:, a], inv, Q[:, a])
+            np.maximum.at(maxs[:, a], inv, Q[:, a])
         ext = maxs - mins
         ext[:, 0] *= rng.uniform(0.8, 1.2, k)
         axis = np.argmax(ext, axis=1)
-        v = P[np.arange(len(P)), axis[inv]]
+        v = Q[np.arange(len(P)), axis[inv]]
         order = np.lexsort((v, inv))
         starts = np.concatenate([[0], np.cumsum(cnt)[:-1]])
         rank = np.empty(len(P), np.int64)
         rank[order] = np.arange(len(P)) - starts[inv[order]]
-        half = (cnt + 1) // 2
+        sf = rng.uniform(split[0], split[1], k) if depth >= angular_levels else rng.uniform(0.4, 0.6, k)
+        sf = np.where(rng.random(k) < 0.5, sf, 1.0 - sf)
+        half = np.clip(np.rint(cnt * sf).astype(np.int64), 1, np.maximum(cnt - 1, 1))
         side = (rank >= half[inv]).astype(np.int64)
         child = inv * 2 + side  # child index 0..2k-1
         ccnt = np.bincount(child, minlength=2 * k)
@@ -69,7 +84,11 @@ def grow_tree(points: np.ndarray, root: np.ndarray, rng: np.random.Generator, r_
         has = ccnt > 0
         cent = csum / np.maximum(ccnt, 1)[:, None]
         parent_pos = cur_pos[np.repeat(np.arange(k), 2)]
-        f = rng.uniform(frac[0], frac[1], 2 * k)[:, None]
+        # the first generations branch close to the hilum, so that the big
+        # vessels fan out from it instead of running through the lung centre
+        lo = min(frac[0], 0.08 + 0.06 * depth)
+        hi = min(frac[1], 0.22 + 0.08 * depth)
+        f = rng.uniform(lo, hi, 2 * k)[:, None]
         newpos = parent_pos + f * (cent - parent_pos)
         leaf = ccnt == 1
         newpos[leaf] = cent[leaf]  # leaves end at their point
@@ -94,7 +113,14 @@ def grow_tree(points: np.ndarray, root: np.ndarray, rng: np.random.Generator, r_
     p1 = np.concatenate(seg_p1)
     n = np.concatenate(seg_n)
     r = r_leaf * n.astype(np.float64) ** (1.0 / murray)
-    return Tree(p0, p1, r, n, np.concatenate(seg_d))
+    # gentle curvature: control point off the chord, perpendicular to it
+    d = p1 - p0
+    L = np.linalg.norm(d, axis=1, keepdims=True) + 1e-9
+    rnd = rng.standard_normal(d.shape)
+    perp = rnd - (rnd * d).sum(1, keepdims=True) / L ** 2 * d
+    perp /= np.linalg.norm(perp, axis=1, keepdims=True) + 1e-9
+    ctrl = 0.5 * (p0 + p1) + perp * L * rng.uniform(-bend, bend, (len(d), 1))
+    return Tree(p0, p1, r, n, np.concatenate(seg_d), ctrl)
 
 
 class SplatVolume:
@@ -109,7 +135,7 @@ class SplatVolume:
         self._ready = False
 
     def add_segments(self, a: np.ndarray, b: np.ndarray, r_vox: np.ndarray, weight: float | np.ndarray = 1.0,
-                     ball_above: float = 0.8):
+                     ball_above: float = 0.8, ctrl: np.ndarray | None = None):
         """Segments from ``a`` to ``b`` ((M, 3) voxel coords z, y, x) with radius in
         in-plane voxels ``r_vox`` (M,) and z anisotropy taken from ``self.zratio``."""
         a = np.asarray(a, np.float64)
@@ -117,27 +143,33 @@ class SplatVolume:
         r_vox = np.asarray(r_vox, np.float64)
         w_all = np.broadcast_to(np.asarray(weight, np.float64), r_vox.shape)
         zr = self.zratio  # in-plane voxel size / slice spacing
+        c = 0.5 * (a + b) if ctrl is None else np.asarray(ctrl, np.float64)
         small = r_vox < ball_above
         if small.any():
-            self._add_small(a[small], b[small], r_vox[small], w_all[small], zr)
+            self._add_small(a[small], b[small], c[small], r_vox[small], w_all[small], zr)
         big = ~small
         if big.any():
-            self._add_balls(a[big], b[big], r_vox[big], w_all[big], zr)
+            self._add_balls(a[big], b[big], c[big], r_vox[big], w_all[big], zr)
 
-    def _lengths(self, a, b, zr):
-        d = b - a
-        d_phys = d.copy()
-        d_phys[:, 0] /= zr  # z in in-plane voxel units
-        return d, np.sqrt((d_phys ** 2).sum(1))
+    @staticmethod
+    def _lengths(a, b, c, zr):
+        """Polyline length a-c-b in in-plane voxel units (z scaled)."""
+        s = np.array([1.0 / zr, 1.0, 1.0])
+        return np.linalg.norm((c - a) * s, axis=1) + np.linalg.norm((b - c) * s, axis=1)
 
-    def _add_small(self, a, b, r, w, zr):
-        d, L = self._lengths(a, b, zr)
-        step = 0.5
-        ns = np.maximum(1, np.ceil(L / step).astype(np.int64))
+    @staticmethod
+    def _samples(a, b, c, ns):
         seg = np.repeat(np.arange(len(a)), ns)
         off = np.arange(ns.sum()) - np.repeat(np.cumsum(ns) - ns, ns)
-        tt = (off + 0.5) / ns[seg]
-        p = a[seg] + tt[:, None] * d[seg]
+        tt = ((off + 0.5) / ns[seg])[:, None]
+        p = (1 - tt) ** 2 * a[seg] + 2 * (1 - tt) * tt * c[seg] + tt ** 2 * b[seg]
+        return seg, p
+
+    def _add_small(self, a, b, c, r, w, zr):
+        L = self._lengths(a, b, c, zr)
+        step = 0.5
+        ns = np.maximum(1, np.ceil(L / step).astype(np.int64))
+        seg, p = self._samples(a, b, c, ns)
         # occupied volume per sample, in voxel units (in-plane voxel area * slice spacing)
         vol = np.pi * r[seg] ** 2 * (L[seg] / ns[seg]) * zr * w[seg]
         self._trilinear(p, vol)
@@ -160,15 +192,12 @@ class SplatVolume:
                     self._lin.append((iy[ok] * nx + ix[ok]).astype(np.int32))
                     self._w.append((vol[ok] * wz[ok] * wy[ok] * wx[ok]).astype(np.float32))
 
-    def _add_balls(self, a, b, r, w, zr):
+    def _add_balls(self, a, b, c, r, w, zr):
         nz, ny, nx = self.shape
-        d, L = self._lengths(a, b, zr)
+        L = self._lengths(a, b, c, zr)
         step = np.maximum(0.5, 0.5 * r)
         ns = np.maximum(1, np.ceil(L / step).astype(np.int64))
-        seg = np.repeat(np.arange(len(a)), ns)
-        off = np.arange(ns.sum()) - np.repeat(np.cumsum(ns) - ns, ns)
-        tt = (off + 0.5) / ns[seg]
-        p = a[seg] + tt[:, None] * d[seg]
+        seg, p = self._samples(a, b, c, ns)
         rs = r[seg]
         ws = w[seg]
         hstep = L[seg] / ns[seg]
