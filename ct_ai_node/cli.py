@@ -136,12 +136,16 @@ def evaluate(
     device: str = typer.Option("auto"),
     lungs: str = typer.Option("classical"),
     pipeline: str = typer.Option("radlogics"),
+    weights_dir: Optional[Path] = typer.Option(None, help="weights folder (default: the bundled weights)"),
+    shape: Optional[str] = typer.Option(None, help="phantom shape z,y,x (default: drawn per case, full size)"),
 ) -> None:
     """Evaluate a pipeline on held-out synthetic phantoms and print the metrics."""
     from ct_ai_node.analyze import resolve_device
     from ct_ai_node.training.evaluate import evaluate_pipeline
 
-    summary = evaluate_pipeline(out, cases, resolve_device(device), pipeline=pipeline, lungs=lungs, log=err.print)
+    dims = tuple(int(v) for v in shape.split(",")) if shape else None
+    summary = evaluate_pipeline(out, cases, resolve_device(device), pipeline=pipeline, lungs=lungs, log=err.print,
+                                weights_dir=weights_dir, shape=dims)
     typer.echo(json.dumps(summary, indent=2, default=float))
 
 

@@ -92,13 +92,14 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def evaluate_pipeline(out_dir: Path, n_cases: int, device: torch.device, pipeline: str = "radlogics",
-                      lungs: str = "classical", shape=None, log=print, seed0: int = TEST_SEED0) -> dict:
+                      lungs: str = "classical", shape=None, log=print, seed0: int = TEST_SEED0,
+                      weights_dir: Path | None = None) -> dict:
     from ct_ai_node.synthetic import generate_phantom
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    method = create_method(pipeline, device)
-    seg = create_lung_segmenter(lungs, device)
-    other = create_lung_segmenter("unet" if lungs == "classical" else "classical", device)
+    method = create_method(pipeline, device, weights_dir)
+    seg = create_lung_segmenter(lungs, device, weights_dir)
+    other = create_lung_segmenter("unet" if lungs == "classical" else "classical", device, weights_dir)
     rows = []
     for i in range(n_cases):
         seed = seed0 + i
