@@ -206,7 +206,7 @@ def test_write_case_and_cli(tmp_path):
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) is not on PATH")
 def test_dciodvfy_clean(tmp_path):
-    for seed in (3, 6):  # signed and unsigned pixel representations
+    for seed in (3, 7):  # signed 16-bit and unsigned 12-bit pixel representations
         p = ph(seed, "covid")
         files = write_dicom_series(p, tmp_path / f"s{seed}")
         for f in (files[0], files[len(files) // 2], files[-1]):

@@ -456,7 +456,7 @@ class Anatomy:
         x_lv = -0.05 * p.ac + 0.55 * p.ac * np.clip(-Y / p.bca, 0.0, 1.0)
         is_liver = X < x_lv
         hu[abd] = h["fat"] * 0.35 + h["soft"] * 0.65
-        hu[abd & is_liver & (z < zd - 4.5)] = h["liver"]
+        hu[abd & (is_liver | (z > zd - 6.0))] = h["liver"]
         qs = ((X - 0.68 * p.ac) / (0.2 * p.ac)) ** 2 + ((Y - 0.35 * p.bcp) / (0.42 * p.bcp)) ** 2 + ((z - p.dome_l + 50) / 48) ** 2
         hu[abd & (qs < 1) & ~is_liver] = h["spleen"]
         cz = p.dome_l - 40

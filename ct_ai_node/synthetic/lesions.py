@@ -60,6 +60,7 @@ class LesionPlan:
     kind: str
     coarse: CoarseLungs | None = None
     F: np.ndarray | None = None  # main extent field (coarse)
+    Fc: np.ndarray | None = None  # consolidation field (coarse), default F
     tau_ggo: float = 1e9
     w_ggo: float = 0.1
     tau_cons: float = 1e9
@@ -95,14 +96,24 @@ class LesionPlan:
         u = np.clip((zm - c.z[0]) / c.step, 0, len(c.z) - 1)
         i0 = int(min(np.floor(u), len(c.z) - 2)) if len(c.z) > 1 else 0
         f = float(u - i0)
-        Fz = self.F[i0] * (1 - f) + (self.F[min(i0 + 1, len(c.z) - 1)] * f if f > 0 else 0)
-        if Fz.max() < self.tau_ggo - 2 * self.w_ggo and Fz.max() < self.tau_cons - 2 * self.w_cons:
+        i1 = min(i0 + 1, len(c.z) - 1)
+        Fz = self.F[i0] * (1 - f) + self.F[i1] * f
+        if Fz.max() < self.tau_ggo - 2 * self.w_ggo:
             return None, None
         Ff = my @ Fz @ mx.T
         if perturb is not None:
             Ff = Ff + (self.rough * self.w_ggo) * perturb
         ggo = smoothstep((Ff - self.tau_ggo) / self.w_ggo + 0.5)
-        cons = smoothstep((Ff - self.tau_cons) / self.w_cons + 0.5) if self.tau_cons < 1e8 else None
+        cons = None
+        if self.tau_cons < 1e8:
+            if self.Fc is not None:
+                Fcz = self.Fc[i0] * (1 - f) + self.Fc[i1] * f
+                Fcf = my @ Fcz @ mx.T
+                if perturb is not None:
+                    Fcf = Fcf + (0.5 * self.w_cons) * perturb
+            else:
+                Fcf = Ff
+            cons = smoothstep((Fcf - self.tau_cons) / self.w_cons + 0.5)
         if self.lobes and lobe_slice is not None:
             inl = np.isin(lobe_slice, self.lobes)
             if cons is not None:
@@ -181,7 +192,7 @@ def plan_lesions(kind: str, rng: np.random.Generator, c: CoarseLungs, H: float) 
                 + (((c.y[bb[1]] - c.y[cy[k]]) / ax[1]) ** 2)[None, :, None] \
                 + (((c.x[bb[2]] - c.x[cx[k]]) / ax[2]) ** 2)[None, None, :]
             np.maximum(F[bb], (1 - q).astype(np.float32), out=F[bb])
-        F = F + 0.45 * noise
+        F = F + 0.3 * noise
         F[~lung] = -5.0
         vals = F[lung]
         tau = float(np.quantile(vals, 1.0 - ratio))
@@ -192,7 +203,11 @@ def plan_lesions(kind: str, rng: np.random.Generator, c: CoarseLungs, H: float) 
         cons_frac = 0.0
         if rng.random() < 0.5:
             cons_frac = float(rng.uniform(0.05, 0.4))
-            plan.tau_cons = float(np.quantile(vals, 1.0 - ratio * cons_frac))
+            # consolidation: inside the lesions, dependent (posterior) and peripheral parts first
+            Fc = F + 0.5 * (post - 0.5) - 0.01 * dist + 0.15 * SmoothField(rng, box, 8.0).grid(c.z, c.y, c.x)
+            Fc = np.where(F > tau, Fc, -5.0).astype(np.float32)
+            plan.Fc = Fc
+            plan.tau_cons = float(np.quantile(Fc[lung], 1.0 - ratio * cons_frac))
             plan.w_cons = 0.04
             plan.cons_hu = float(rng.uniform(-90, 40))
         if rng.random() < 0.45:

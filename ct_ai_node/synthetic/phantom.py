@@ -251,7 +251,7 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
     px_phys = dx
     zstep = lambda mm: mm / dz_model  # noqa: E731  (z node spacing in slices)
     micro = TextureBank(rng, nz, ny, nx, corr_px=1.6 / px_phys, z_step=zstep(2.0))
-    patchy = TextureBank(rng, nz, ny, nx, corr_px=4.0 / px_phys, z_step=zstep(4.0))
+    patchy = TextureBank(rng, nz, ny, nx, corr_px=5.0 / px_phys, z_step=zstep(5.0))
     lines = TextureBank(rng, nz, ny, nx, corr_px=3.0 / px_phys, z_step=zstep(3.0)) \
         if (plan.crazy > 0 or "emphysema" in distract) else None
     noise_bank = NoiseBank(rng, ny, nx, f_peak=fpk * (0.7 / max(dx, 0.3)) ** 0.3, n_bank=8 if nx >= 384 else 12)
@@ -328,12 +328,14 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
             if ggo is not None:
                 ggo *= lf
                 target = plan.ggo_hu + ggo_var * pt
-                het = np.clip(0.7 + 0.3 * pt, 0.25, 1.0)
+                het = np.clip(0.78 + 0.22 * pt, 0.5, 1.0)
                 delta_g = ggo * het * (target - h)
                 if plan.crazy > 0 and lines is not None:
                     delta_g += ggo * plan.crazy * np.exp(-(lines.slice(iz, win) / 0.22) ** 2)
                 h += delta_g
-                les = delta_g > 100.0
+                # ground truth: the lesion's extent (as an annotator outlines it), where it
+                # raises the density by a clearly visible amount
+                les = (ggo > 0.5) & (delta_g > 60.0)
                 if cons is not None:
                     cons *= lf
                     h += cons * (plan.cons_hu + 25 * pt - h)
