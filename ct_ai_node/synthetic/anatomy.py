@@ -62,6 +62,7 @@ class Patient:
     hu: dict = field(default_factory=dict)  # tissue HU values
     tubes: list = field(default_factory=list)
     shoulder: float = 30.0  # extra half width at shoulder level
+    arms: dict | None = None  # arms down beside the chest (ICU-style scans), else None
     female: bool = False
     breast: float = 0.0
     fissure_tilt: tuple = (0.0, 0.0)
@@ -137,6 +138,10 @@ def draw_patient(rng: np.random.Generator) -> Patient:
         fissure_tilt=(float(rng.uniform(-0.1, 0.1)), float(rng.uniform(-0.1, 0.1))),
         stomach_gas=float(rng.uniform(0, 1) if u() < 0.7 else 0.0),
     )
+    if rng.random() < 0.25:
+        p.arms = dict(gap=float(rng.uniform(3, 25)), ra=float(rng.uniform(34, 48)), rb=float(rng.uniform(42, 58)),
+                      fat=float(np.clip(fat * rng.uniform(0.5, 1.0), 3, 30)), lift=float(rng.uniform(0, 10)),
+                      in_fov=bool(rng.random() < 0.5))
     p.tubes = _mediastinal_tubes(p, rng)
     for _ in range(int(rng.integers(0, 5))):
         p.bowel_gas.append((float(rng.uniform(-0.2, 0.8) * ac), float(rng.uniform(-0.7, 0.3) * bca),
@@ -404,6 +409,8 @@ class Anatomy:
         hu[R < r_body - 1.8] = hu_["fat"]
         hu[R < r_body - 1.8 - c["fat_t"]] = hu_["muscle"]
         hu[cavity] = hu_["med_fat"]
+        if p.arms is not None and z < 1.12 * p.H:
+            self._arms(z, g, hu)
         abd = cavity & ~above
         wa = g.window(abd)
         if wa is not None:
@@ -448,6 +455,37 @@ class Anatomy:
         return SliceOut(hu, label, lobe, c["post"], d_fis, body)
 
     # --- helpers ----------------------------------------------------------
+    def arm_centres(self, z: float):
+        p = self.p
+        a = p.arms
+        t = z / p.H
+        merge = float(_smoothstep((t - 0.8) / 0.3))
+        off = p.body_half_width + a["gap"] * (1 - merge) + a["ra"] * (1 - 0.5 * merge) + p.shoulder * merge * 0.3
+        cy = p.body_post - a["rb"] - a["lift"]  # resting on the table
+        return [(-off, cy), (off, cy)]
+
+    def _arms(self, z, g: Grid2D, hu):
+        p = self.p
+        a = p.arms
+        h = p.hu
+        for cx, cy in self.arm_centres(z):
+            ix0, ix1 = np.searchsorted(g.x1, [cx - a["ra"] - 2, cx + a["ra"] + 2])
+            iy0, iy1 = np.searchsorted(g.y1, [cy - a["rb"] - 2, cy + a["rb"] + 2])
+            if ix1 <= ix0 or iy1 <= iy0:
+                continue
+            w = (slice(iy0, iy1), slice(ix0, ix1))
+            X, Y = g.X[w] - cx, g.Y[w] - cy
+            sub = hu[w]
+            q = np.sqrt((X / a["ra"]) ** 2 + (Y / a["rb"]) ** 2)
+            rr = q * a["ra"]  # ~ distance scale in mm
+            sub[q < 1] = h["soft"]
+            sub[q < 1 - 1.8 / a["ra"]] = h["fat"]
+            sub[q < 1 - (1.8 + a["fat"]) / a["ra"]] = h["muscle"]
+            d2 = (X + 0.1 * a["ra"] * np.sign(cx)) ** 2 + Y ** 2
+            sub[d2 < 11.0 ** 2] = h["cortical"]
+            sub[d2 < 7.5 ** 2] = -40.0  # fatty marrow
+            del rr
+
     def _abdomen(self, z, g: Grid2D, w, zd, abd, hu_full):
         p = self.p
         h = p.hu

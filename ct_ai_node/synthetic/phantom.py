@@ -22,6 +22,7 @@ from ._blas import single_threaded_blas
 from .vessels import SplatVolume, grow_tree
 
 KINDS = ("covid", "cap", "normal")
+MURRAY = 2.7  # vessel radius ~ territory^(1/MURRAY)
 
 #: stage timings (s) of the last ``generate_phantom`` call in this process
 LAST_TIMINGS: dict[str, float] = {}
@@ -66,6 +67,8 @@ def _draw_geometry(rng, p: Patient, an: Anatomy, shape, spacing) -> ScanGeometry
     m_sup = float(rng.uniform(12, 40))
     z0, z1 = -m_inf, p.H + m_sup
     a_body = max(an.body_axes(z)[0] for z in (0.0, 0.5 * p.H, p.H, z1))
+    if p.arms is not None and p.arms["in_fov"]:  # otherwise the arms are cut by the field of view
+        a_body = max(a_body, max(abs(cx) + p.arms["ra"] for z in (0.0, 0.5 * p.H) for cx, _ in an.arm_centres(z)))
     width = 2 * a_body
     ant = an.body_axes(0.4 * p.H)[1]
     depth = ant + p.body_post + 45.0  # + table
@@ -147,7 +150,7 @@ def _build_trees(rng, an: Anatomy, geo: ScanGeometry, c: CoarseLungs):
     vessels = SplatVolume(geo.shape, zr)
     walls = SplatVolume(geo.shape, zr)
     lumen = SplatVolume(geo.shape, zr)
-    r_leaf = max(0.25, 0.3 * px_model)
+    r_leaf = max(0.18, 0.25 * px_model)
     info = {}
     tree_store = []
     for side, lab in (("right", 1), ("left", 2)):
@@ -155,13 +158,14 @@ def _build_trees(rng, an: Anatomy, geo: ScanGeometry, c: CoarseLungs):
         if len(cells) < 20:
             continue
         for tree_kind, root in (("artery", p.hila[side]), ("vein", p.hila["vein_r" if side == "right" else "vein_l"])):
-            r_root = rng.uniform(5.5, 7.0) if tree_kind == "artery" else rng.uniform(5.0, 6.5)
-            n_pts = int(np.clip((r_root / r_leaf) ** 3, 200, 12000))
+            r_root = rng.uniform(6.0, 7.5) if tree_kind == "artery" else rng.uniform(5.5, 7.0)
+            n_pts = int(np.clip((r_root / r_leaf) ** MURRAY, 200, 20000))
             j = rng.integers(0, len(cells), n_pts)
             pts = np.stack([c.z[cells[j, 0]], c.y[cells[j, 1]], c.x[cells[j, 2]]], 1)
             pts += rng.uniform(-0.5, 0.5, pts.shape) * c.step
             root_zyx = np.array([root[2], root[1], root[0]], np.float64)
-            tr = grow_tree(pts, root_zyx, rng, r_leaf=r_root / n_pts ** (1 / 3), murray=3.0)
+            tr = grow_tree(pts, root_zyx, rng, r_leaf=r_root / n_pts ** (1 / MURRAY), murray=MURRAY,
+                           frac=(0.45, 0.75))
             tree_store.append((side, tree_kind, tr))
             # the finest twigs (single-point territories) are below CT resolution: not drawn
             vis = tr.n >= 2
@@ -228,8 +232,9 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
     # measured on real scans: soft-tissue noise ~15 HU at 5 mm, ~20 at 2.5 mm, ~40 at 1.25 mm
     # (standard kernels); sharp kernels 2-3x; air outside the body about 0.4x
     noise_sd = float(np.clip(21.0 * (2.5 / geo.thickness) ** 0.6 * rng.uniform(0.7, 1.3) * nfac * size_factor, 7, 90))
-    lung_hu0 = float(rng.uniform(-925, -860))
-    grav = float(rng.uniform(50, 150))
+    lung_hu0 = float(rng.uniform(-895, -835))
+    grav = float(rng.uniform(40, 130))
+    sharpen = float(rng.uniform(0.25, 0.6)) if family == "sharp" else 0.0
 
     # coarse lungs, lesions, trees
     tm = LAST_TIMINGS
@@ -257,7 +262,7 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
     noise_bank = NoiseBank(rng, ny, nx, f_peak=fpk * (0.7 / max(dx, 0.3)) ** 0.3, n_bank=8 if nx >= 384 else 12)
 
     g = Grid2D(geo.ym, geo.xm)
-    n_sub = int(np.clip(round(geo.thickness / (1.8 * geo.s_z)), 1, 3))
+    n_sub = int(np.clip(round(geo.thickness / (2.5 * geo.s_z)), 1, 3))
     sub_off = (np.arange(n_sub) - (n_sub - 1) / 2) * (geo.thickness / geo.s_z) / n_sub
 
     hu_out = np.empty(geo.shape, np.int16)
@@ -370,12 +375,14 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
         t_lung += t3 - t2
         # reconstruction blur and noise
         hu = ndi.gaussian_filter(hu, blur_px, mode="nearest", truncate=3.0)
+        if sharpen > 0:  # edge-enhancing (sharp / lung) reconstruction kernels
+            hu += sharpen * (hu - ndi.gaussian_filter(hu, 1.6, mode="nearest", truncate=3.0))
         nz_slice = noise_bank.draw()
         if noise_prev is not None and rho > 0:
             nz_slice = rho * noise_prev + math.sqrt(1 - rho * rho) * nz_slice
         noise_prev = nz_slice
-        sd_map = ndi.uniform_filter(centre.body.astype(np.float32), 9) * np.float32(0.6 * noise_sd) + np.float32(0.4 * noise_sd)
-        hu += sd_map * nz_slice
+        # noise is lower in the air around the patient (about 0.4x, measured on real scans)
+        hu += nz_slice * np.where(centre.body, np.float32(noise_sd), np.float32(0.4 * noise_sd))
         np.clip(hu, -1024, 3071, out=hu)
         hu_out[iz] = np.rint(hu)
         lab_out[iz] = lab

@@ -32,7 +32,7 @@ class Tree:
 
 def grow_tree(points: np.ndarray, root: np.ndarray, rng: np.random.Generator, r_leaf: float,
               murray: float = 3.0, frac=(0.35, 0.6), split=(0.22, 0.5), bend: float = 0.12,
-              angular_levels: int = 4) -> Tree:
+              angular_levels: int = 4, radial: float = 0.35) -> Tree:
     """Bisection tree over ``points`` (N, 3) from ``root`` (3,).
 
     Each node's points are cut along their longest extent into a side branch
@@ -40,6 +40,7 @@ def grow_tree(points: np.ndarray, root: np.ndarray, rng: np.random.Generator, r_
     gives the monopodial look of real vascular trees rather than symmetric
     Y-forks."""
     pts = np.asarray(points, np.float64)
+    root_pt = np.asarray(root, np.float64)[None]
     N = len(pts)
     node_of = np.zeros(N, np.int64)
     pos = [np.asarray(root, np.float64)[None]]
@@ -90,6 +91,12 @@ def grow_tree(points: np.ndarray, root: np.ndarray, rng: np.random.Generator, r_
         hi = min(frac[1], 0.22 + 0.08 * depth)
         f = rng.uniform(lo, hi, 2 * k)[:, None]
         newpos = parent_pos + f * (cent - parent_pos)
+        if depth >= angular_levels and radial > 0:
+            # vessels run outwards from the hilum: bend each step towards the radial direction
+            rad = parent_pos - root_pt
+            rad /= np.linalg.norm(rad, axis=1, keepdims=True) + 1e-9
+            step = np.linalg.norm(newpos - parent_pos, axis=1, keepdims=True)
+            newpos = newpos + radial * step * rad
         leaf = ccnt == 1
         newpos[leaf] = cent[leaf]  # leaves end at their point
         sel = np.nonzero(has)[0]
