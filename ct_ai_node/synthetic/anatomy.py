@@ -63,6 +63,7 @@ class Patient:
     tubes: list = field(default_factory=list)
     shoulder: float = 30.0  # extra half width at shoulder level
     arms: dict | None = None  # arms down beside the chest (ICU-style scans), else None
+    effusion: dict | None = None  # dependent pleural fluid (not lung), else None
     female: bool = False
     breast: float = 0.0
     fissure_tilt: tuple = (0.0, 0.0)
@@ -142,6 +143,10 @@ def draw_patient(rng: np.random.Generator) -> Patient:
         p.arms = dict(gap=float(rng.uniform(3, 25)), ra=float(rng.uniform(34, 48)), rb=float(rng.uniform(42, 58)),
                       fat=float(np.clip(fat * rng.uniform(0.5, 1.0), 3, 30)), lift=float(rng.uniform(0, 10)),
                       in_fov=bool(rng.random() < 0.5))
+    if rng.random() < 0.12:
+        side = str(rng.choice(["right", "left", "both"], p=[0.4, 0.25, 0.35]))
+        p.effusion = dict(side=side, depth=float(rng.uniform(8, 40)), top=float(rng.uniform(0.3, 0.75) * H),
+                          hu=float(rng.uniform(2, 22)), atel=float(rng.uniform(3, 9)))
     p.tubes = _mediastinal_tubes(p, rng)
     for _ in range(int(rng.integers(0, 5))):
         p.bowel_gas.append((float(rng.uniform(-0.2, 0.8) * ac), float(rng.uniform(-0.7, 0.3) * bca),
@@ -220,6 +225,7 @@ class SliceOut:
     post: np.ndarray | None  # float32 dependent-position coordinate in [0, 1] (1 = most posterior)
     fissure: np.ndarray | None  # float32 distance to the nearest fissure (mm)
     body: np.ndarray | None = None  # bool, inside the patient's skin
+    dense: np.ndarray | None = None  # bool, compressed (atelectatic) lung next to an effusion
 
 
 class Grid2D:
@@ -391,6 +397,19 @@ class Anatomy:
             tube_hits.append((tb, d2, sl))
         lung = lungable & ~med
         right = c["right"]
+        eff = None
+        eff_atel = None
+        if p.effusion is not None and z < p.effusion["top"] and win is not None:
+            e = p.effusion
+            depth = e["depth"] * float(np.sqrt(max(0.0, 1.0 - max(0.0, z) / e["top"])))
+            y_lvl = bcp - depth
+            eff = lung & (g.Y > y_lvl)
+            if e["side"] != "both":
+                eff &= right if e["side"] == "right" else ~right
+            lung = lung & ~eff
+            eff_atel = lung & (g.Y > y_lvl - e["atel"]) & (g.Y <= y_lvl)
+            if e["side"] != "both":
+                eff_atel &= right if e["side"] == "right" else ~right
         label = np.zeros(R.shape, np.uint8)
         if win is not None:
             lw = lung[win]
@@ -433,6 +452,8 @@ class Anatomy:
                 sub[inside] = hu_["soft"]
         self._bones(z, g, r_cav, r_body, hu)
         hu[lung] = 0.0
+        if eff is not None:
+            hu[eff] = p.effusion["hu"]
         lobe = np.zeros(R.shape, np.uint8)
         d_fis = None
         if win is not None:
@@ -452,7 +473,7 @@ class Anatomy:
             d = np.where(r_ & ~lower, np.minimum(d, np.abs(z - zh)), d)
             d_fis = np.full(R.shape, 1e3, np.float32)
             d_fis[win] = d
-        return SliceOut(hu, label, lobe, c["post"], d_fis, body)
+        return SliceOut(hu, label, lobe, c["post"], d_fis, body, eff_atel)
 
     # --- helpers ----------------------------------------------------------
     def arm_centres(self, z: float):

@@ -232,8 +232,12 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
     # measured on real scans: soft-tissue noise ~15 HU at 5 mm, ~20 at 2.5 mm, ~40 at 1.25 mm
     # (standard kernels); sharp kernels 2-3x; air outside the body about 0.4x
     noise_sd = float(np.clip(21.0 * (2.5 / geo.thickness) ** 0.6 * rng.uniform(0.7, 1.3) * nfac * size_factor, 7, 90))
-    lung_hu0 = float(rng.uniform(-895, -835))
-    grav = float(rng.uniform(40, 130))
+    # lung density: non-dependent level, supine gravity gradient (measured on real
+    # scans: about -930 anteriorly to -720 in the dependent lung), slight apex-base gradient
+    lung_hu0 = float(rng.uniform(-945, -875))
+    grav = float(rng.uniform(80, 190))
+    grav_exp = float(rng.uniform(1.3, 2.2))
+    cc_grad = float(rng.uniform(0, 35))
     sharpen = float(rng.uniform(0.25, 0.6)) if family == "sharp" else 0.0
 
     # coarse lungs, lesions, trees
@@ -269,7 +273,7 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
     lab_out = np.zeros(geo.shape, np.uint8)
     les_out = np.zeros(geo.shape, bool)
     blood = p.contrast if p.contrast else p.hu["blood"]
-    tex_amp = float(rng.uniform(6, 14))
+    tex_amp = float(rng.uniform(10, 24))
     micro_amp = float(rng.uniform(8, 22))
     fis_amp = float(rng.uniform(0, 350)) if rng.random() < 0.7 else 0.0
     ggo_var = float(rng.uniform(40, 110))  # local spread of GGO density (HU)
@@ -289,9 +293,11 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
         for k, off in enumerate(sub_off):
             o = an.render(zc + float(off), g)
             lm = o.label > 0
-            base = lung_hu0 + grav * o.post ** 2.5
+            base = lung_hu0 + grav * o.post ** grav_exp + cc_grad * float(np.clip(0.6 - zc / p.H, -0.4, 0.6))
             h = o.hu
             h[lm] = base[lm]
+            if o.dense is not None:
+                h[o.dense] = -180.0 + 60.0 * float(np.sin(zc))
             if acc is None:
                 acc = h
                 lungfrac = lm.astype(np.float32)
@@ -396,7 +402,7 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
         kind=kind, seed=int(seed), shape=list(geo.shape), spacing=[float(v) for v in geo.spacing],
         slice_thickness=float(geo.thickness), scale_inplane=float(geo.s_xy), scale_z=float(geo.s_z),
         kernel=kname, kernel_family=family, blur_px=blur_px, noise_sd=noise_sd,
-        lung_hu=lung_hu0, gravity_gradient_hu=grav, contrast_hu=float(p.contrast),
+        lung_hu=lung_hu0, gravity_gradient_hu=grav, gravity_exponent=grav_exp, contrast_hu=float(p.contrast),
         patient=dict(lung_height_mm=p.H, cavity_half_width_mm=p.ac, fat_mm=p.fat, female=p.female,
                      body_width_mm=2 * p.body_half_width),
         lesion=plan.params, distractors=sorted(distract), lesion_lung_ratio=ratio,
