@@ -115,14 +115,18 @@ def draw_patient(rng: np.random.Generator) -> Patient:
         hu["myocard"] = float(rng.uniform(80, 120))
     dome_r = float(H * rng.uniform(0.2, 0.32))
     dome_l = float(dome_r - rng.uniform(8, 25))
+    hA = float(rng.uniform(0.4, 0.48) * ac)
+    hB = float(rng.uniform(0.33, 0.4) * ac)
+    h_ang = float(np.deg2rad(rng.uniform(25, 45)))
+    ap_half = float(np.hypot(hA * np.sin(h_ang), hB * np.cos(h_ang)))
     heart_c = (
         float(rng.uniform(0.14, 0.26) * ac),
-        float(-rng.uniform(0.15, 0.32) * bca),
+        # the heart lies against the anterior chest wall (behind the sternum)
+        float(-bca + ap_half * rng.uniform(0.82, 0.98)),
         float(dome_l + rng.uniform(0.1, 0.16) * H + 25),
-        float(rng.uniform(0.4, 0.48) * ac),
-        float(rng.uniform(0.33, 0.4) * ac),
+        hA, hB,
         float(rng.uniform(0.2, 0.25) * H),
-        float(np.deg2rad(rng.uniform(25, 45))),
+        h_ang,
     )
     p = Patient(
         H=H, ac=ac, bca=bca, bcp=bcp, p_cav=float(rng.uniform(1.6, 1.95)), p_cav_post=float(rng.uniform(2.0, 2.4)),
@@ -130,8 +134,8 @@ def draw_patient(rng: np.random.Generator) -> Patient:
         muscle=float(rng.uniform(6, 14)), pect=float(rng.uniform(8, 22)), back=float(rng.uniform(22, 36)),
         p_body=float(rng.uniform(2.1, 2.8)),
         dome_r=dome_r, dome_l=dome_l,
-        rib_period=float(H * rng.uniform(0.085, 0.1)), rib_descent=float(H * rng.uniform(0.28, 0.4)),
-        rib_h=float(rng.uniform(9, 13)), rib_t=float(rng.uniform(7, 10)),
+        rib_period=float(H * rng.uniform(0.085, 0.1)), rib_descent=float(H * rng.uniform(0.38, 0.5)),
+        rib_h=float(rng.uniform(7.5, 11)), rib_t=float(rng.uniform(7, 10)),
         rib_z1=float(H * rng.uniform(1.0, 1.06)),
         vert_period=float(H * rng.uniform(0.085, 0.1)), vert_phase=float(u()),
         x_mid=float(rng.uniform(-3, 6)), med_w=float(rng.uniform(20, 34)), heart=heart_c, contrast=contrast, hu=hu,
@@ -226,6 +230,7 @@ class SliceOut:
     fissure: np.ndarray | None  # float32 distance to the nearest fissure (mm)
     body: np.ndarray | None = None  # bool, inside the patient's skin
     dense: np.ndarray | None = None  # bool, compressed (atelectatic) lung next to an effusion
+    pleura: np.ndarray | None = None  # float32, distance to the chest wall (mm, radial), lungs only
 
 
 class Grid2D:
@@ -402,12 +407,14 @@ class Anatomy:
         if p.effusion is not None and z < p.effusion["top"] and win is not None:
             e = p.effusion
             depth = e["depth"] * float(np.sqrt(max(0.0, 1.0 - max(0.0, z) / e["top"])))
-            y_lvl = bcp - depth
-            eff = lung & (g.Y > y_lvl)
+            # a dependent crescent along the posterior chest wall (meniscus), thickest posteriorly
+            thick = depth * np.clip((g.S - 0.15) / 0.85, 0.0, 1.0) ** 0.7
+            d_wall = r_cav - R
+            eff = lung & (d_wall < thick)
             if e["side"] != "both":
                 eff &= right if e["side"] == "right" else ~right
             lung = lung & ~eff
-            eff_atel = lung & (g.Y > y_lvl - e["atel"]) & (g.Y <= y_lvl)
+            eff_atel = lung & (d_wall < thick + e["atel"] * (thick > 1.0))
             if e["side"] != "both":
                 eff_atel &= right if e["side"] == "right" else ~right
         label = np.zeros(R.shape, np.uint8)
@@ -473,7 +480,11 @@ class Anatomy:
             d = np.where(r_ & ~lower, np.minimum(d, np.abs(z - zh)), d)
             d_fis = np.full(R.shape, 1e3, np.float32)
             d_fis[win] = d
-        return SliceOut(hu, label, lobe, c["post"], d_fis, body, eff_atel)
+        pleura = None
+        if win is not None:
+            pleura = np.full(R.shape, 1e3, np.float32)
+            pleura[win] = (r_cav[win] - R[win])
+        return SliceOut(hu, label, lobe, c["post"], d_fis, body, eff_atel, pleura)
 
     # --- helpers ----------------------------------------------------------
     def arm_centres(self, z: float):

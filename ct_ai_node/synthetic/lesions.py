@@ -265,7 +265,7 @@ def plan_distractors(kind: str, rng: np.random.Generator, c: CoarseLungs, H: flo
     p = 0.65 if kind == "normal" else 0.3
     d: dict = {}
     if rng.random() < p:
-        d["atelectasis"] = dict(thr=float(rng.uniform(0.9, 0.965)), hu=float(rng.uniform(-450, -150)),
+        d["atelectasis"] = dict(width=float(rng.uniform(2.0, 7.0)), hu=float(rng.uniform(-450, -100)),
                                 zmax=float(H * rng.uniform(0.25, 0.6)))
     if rng.random() < p * 0.6:
         lung_idx = np.argwhere(c.label > 0)

@@ -261,8 +261,7 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
     zstep = lambda mm: mm / dz_model  # noqa: E731  (z node spacing in slices)
     micro = TextureBank(rng, nz, ny, nx, corr_px=1.6 / px_phys, z_step=zstep(2.0))
     patchy = TextureBank(rng, nz, ny, nx, corr_px=5.0 / px_phys, z_step=zstep(5.0))
-    lines = TextureBank(rng, nz, ny, nx, corr_px=3.0 / px_phys, z_step=zstep(3.0)) \
-        if (plan.crazy > 0 or "emphysema" in distract) else None
+    lines = TextureBank(rng, nz, ny, nx, corr_px=5.0 / px_phys, z_step=zstep(4.0)) if plan.crazy > 0 else None
     noise_bank = NoiseBank(rng, ny, nx, f_peak=fpk * (0.7 / max(dx, 0.3)) ** 0.3, n_bank=8 if nx >= 384 else 12)
 
     g = Grid2D(geo.ym, geo.xm)
@@ -326,12 +325,14 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
             if fis_amp > 0 and centre.fissure is not None:
                 h += lf * fis_amp * np.exp(-(centre.fissure[win] / 0.7) ** 2) * lb
             # distractors (not part of the lesion mask)
-            if atel is not None and zc < atel["zmax"]:
-                da = np.clip((centre.post[win] - atel["thr"]) / 0.02 + 0.3 * patchy.slice(iz, win), 0, 1) * lb
+            if atel is not None and zc < atel["zmax"] and centre.pleura is not None:
+                # dependent subpleural atelectasis: a thin band along the posterior chest wall
+                band = atel["width"] * (1.0 + 0.4 * patchy.slice(iz, win))
+                da = np.clip((band - centre.pleura[win]) / 1.0, 0, 1) * (centre.post[win] > 0.55) * lb
                 h += lf * da * (atel["hu"] - h)
-            if emph is not None and zc > emph["zmin"] and lines is not None:
-                holes = (lines.slice(iz, win) > 2.2 - 6 * emph["density"]) & lb
-                h[holes] = emph["hu"] + 10 * micro.slice(iz, win)[holes]
+            if emph is not None and zc > emph["zmin"]:
+                holes = (patchy.slice(iz, win) > 1.9 - 5 * emph["density"]) & lb
+                h[holes] = emph["hu"] + 8 * micro.slice(iz, win)[holes]
             # lesions
             pt = patchy.slice(iz, win)
             ggo, cons = plan.slice_fields(zc, geo.ym, geo.xm, centre.lobe[win] if centre.lobe is not None else None,
