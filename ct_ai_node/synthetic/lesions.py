@@ -198,17 +198,18 @@ def plan_lesions(kind: str, rng: np.random.Generator, c: CoarseLungs, H: float) 
         tau = float(np.quantile(vals, 1.0 - ratio))
         plan.F = F.astype(np.float32)
         plan.tau_ggo = tau
-        plan.w_ggo = float(rng.uniform(0.08, 0.2))
+        plan.w_ggo = float(rng.uniform(0.2, 0.45))
+        plan.rough = float(rng.uniform(0.3, 0.7))
         plan.ggo_hu = float(rng.uniform(-680, -380))
         cons_frac = 0.0
         if rng.random() < 0.5:
-            cons_frac = float(rng.uniform(0.05, 0.4))
+            cons_frac = float(rng.uniform(0.03, 0.25))
             # consolidation: inside the lesions, dependent (posterior) and peripheral parts first
             Fc = F + 0.5 * (post - 0.5) - 0.01 * dist + 0.15 * SmoothField(rng, box, 8.0).grid(c.z, c.y, c.x)
             Fc = np.where(F > tau, Fc, -5.0).astype(np.float32)
             plan.Fc = Fc
             plan.tau_cons = float(np.quantile(Fc[lung], 1.0 - ratio * cons_frac))
-            plan.w_cons = 0.04
+            plan.w_cons = float(rng.uniform(0.12, 0.25))
             plan.cons_hu = float(rng.uniform(-90, 40))
         if rng.random() < 0.45:
             plan.crazy = float(rng.uniform(80, 220))

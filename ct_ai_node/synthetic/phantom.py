@@ -260,8 +260,10 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
     px_phys = dx
     zstep = lambda mm: mm / dz_model  # noqa: E731  (z node spacing in slices)
     micro = TextureBank(rng, nz, ny, nx, corr_px=1.6 / px_phys, z_step=zstep(2.0))
-    patchy = TextureBank(rng, nz, ny, nx, corr_px=5.0 / px_phys, z_step=zstep(5.0))
-    lines = TextureBank(rng, nz, ny, nx, corr_px=5.0 / px_phys, z_step=zstep(4.0)) if plan.crazy > 0 else None
+    patchy = TextureBank(rng, nz, ny, nx, corr_px=8.0 / px_phys, z_step=zstep(6.0))
+    lines = TextureBank(rng, nz, ny, nx, corr_px=4.0 / px_phys, z_step=zstep(3.0)) if plan.F is not None else None
+    reticular = float(rng.uniform(25, 90))  # fine septal lines inside every GGO
+    ggo_micro = float(rng.uniform(20, 45))  # fine-scale heterogeneity inside GGO
     noise_bank = NoiseBank(rng, ny, nx, f_peak=fpk * (0.7 / max(dx, 0.3)) ** 0.3, n_bank=8 if nx >= 384 else 12)
 
     g = Grid2D(geo.ym, geo.xm)
@@ -275,7 +277,7 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
     tex_amp = float(rng.uniform(10, 24))
     micro_amp = float(rng.uniform(8, 22))
     fis_amp = float(rng.uniform(0, 350)) if rng.random() < 0.7 else 0.0
-    ggo_var = float(rng.uniform(40, 110))  # local spread of GGO density (HU)
+    ggo_var = float(rng.uniform(20, 70))  # local spread of GGO density (HU)
     tex_m = tex.matrices(geo.zm, geo.ym, geo.xm)
     nod = distract.get("nodule")
     emph = distract.get("emphysema")
@@ -340,17 +342,18 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
             if ggo is not None:
                 ggo *= lf
                 target = plan.ggo_hu + ggo_var * pt
-                het = np.clip(0.78 + 0.22 * pt, 0.5, 1.0)
+                het = np.clip(0.85 + 0.15 * pt, 0.55, 1.0)
                 delta_g = ggo * het * (target - h)
-                if plan.crazy > 0 and lines is not None:
-                    delta_g += ggo * plan.crazy * np.exp(-(lines.slice(iz, win) / 0.22) ** 2)
+                if lines is not None:
+                    web = np.exp(-(lines.slice(iz, win) / 0.22) ** 2)
+                    delta_g += ggo * ((reticular + plan.crazy) * web + ggo_micro * micro.slice(iz, win))
                 h += delta_g
                 # ground truth: the lesion's extent (as an annotator outlines it), where it
                 # raises the density by a clearly visible amount
                 les = (ggo > 0.5) & (delta_g > 60.0)
                 if cons is not None:
-                    cons *= lf
-                    h += cons * (plan.cons_hu + 25 * pt - h)
+                    cons *= lf * np.clip(0.8 + 0.25 * pt, 0.4, 1.0)
+                    h += cons * (plan.cons_hu + 25 * pt + 20 * micro.slice(iz, win) - h)
                     les |= cons > 0.5
                 les &= lb
             if nod is not None and abs(zc - nod["z"]) < nod["r"] + dz_model:
