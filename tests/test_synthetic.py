@@ -225,3 +225,20 @@ def test_noise_stays_bounded_on_thin_slices():
     p = generate_phantom(12, kind="normal", shape=(60, 96, 96), spacing=(0.8, 4.0, 4.0))
     corner = p.hu[:, :4, :4].astype(np.float32)
     assert corner.std() < 60 and np.median(corner) < -950
+
+
+def test_sample_series_are_loadable_and_match_their_truth():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "sample_series"
+    for name, n_min in (("covid_like", 1), ("normal", 0)):
+        files = sorted((root / name).glob("*.dcm"))
+        assert len(files) >= 20, name
+        assert all(f.suffix == ".dcm" for f in (root / name).iterdir()), "DICOM only in the series folder"
+        t = np.load(root / f"{name}_truth" / "truth.npz")
+        assert t["lung_labels"].shape[0] == len(files)
+        assert (t["lesion_mask"].sum() >= n_min) and (n_min or not t["lesion_mask"].any())
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+        assert float(ds.SliceThickness) <= 5.0 and ds.Manufacturer == "ct-ai-node synthetic phantom"
+    total = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    assert total <= 30 * 1024 * 1024
