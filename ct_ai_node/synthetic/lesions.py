@@ -193,6 +193,8 @@ def plan_lesions(kind: str, rng: np.random.Generator, c: CoarseLungs, H: float) 
                 + (((c.x[bb[2]] - c.x[cx[k]]) / ax[2]) ** 2)[None, None, :]
             np.maximum(F[bb], (1 - q).astype(np.float32), out=F[bb])
         F = F + 0.3 * noise
+        # peripheral (subpleural) predominance: the deep central lung is involved last
+        F -= 0.7 * np.clip((dist - 12.0) / 40.0, 0.0, 1.0)
         F[~lung] = -5.0
         vals = F[lung]
         tau = float(np.quantile(vals, 1.0 - ratio))
