@@ -509,14 +509,12 @@ class Anatomy:
             X, Y = g.X[w] - cx, g.Y[w] - cy
             sub = hu[w]
             q = np.sqrt((X / a["ra"]) ** 2 + (Y / a["rb"]) ** 2)
-            rr = q * a["ra"]  # ~ distance scale in mm
             sub[q < 1] = h["soft"]
             sub[q < 1 - 1.8 / a["ra"]] = h["fat"]
             sub[q < 1 - (1.8 + a["fat"]) / a["ra"]] = h["muscle"]
             d2 = (X + 0.1 * a["ra"] * np.sign(cx)) ** 2 + Y ** 2
             sub[d2 < 11.0 ** 2] = h["cortical"]
             sub[d2 < 7.5 ** 2] = -40.0  # fatty marrow
-            del rr
 
     def _abdomen(self, z, g: Grid2D, w, zd, abd, hu_full):
         p = self.p

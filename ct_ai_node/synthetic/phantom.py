@@ -17,7 +17,7 @@ from scipy import ndimage as ndi
 
 from .anatomy import Anatomy, Grid2D, Patient, draw_patient
 from .fields import NoiseBank, SmoothField, TextureBank
-from .lesions import CoarseLungs, LesionPlan, plan_distractors, plan_lesions
+from .lesions import CoarseLungs, plan_distractors, plan_lesions
 from ._blas import single_threaded_blas
 from .vessels import SplatVolume, grow_tree
 
