@@ -114,7 +114,7 @@ def train(
     val_cases: int = typer.Option(60, help="validation phantoms (calibration)"),
     epochs: int = typer.Option(12, help="classifier epochs"),
     lung_epochs: int = typer.Option(4, help="lung U-Net epochs"),
-    shape: str = typer.Option("40,512,512", help="phantom shape z,y,x"),
+    shape: str = typer.Option("full", help="phantom shape z,y,x, or 'full' for drawn realistic geometries"),
     device: str = typer.Option("auto"),
     workers: Optional[int] = typer.Option(None, help="phantom generator processes"),
 ) -> None:
@@ -122,9 +122,9 @@ def train(
     from ct_ai_node.analyze import resolve_device
     from ct_ai_node.training.train import TrainSettings, train_default_models
 
-    z, y, x = (int(v) for v in shape.split(","))
+    dims = None if shape == "full" else tuple(int(v) for v in shape.split(","))
     settings = TrainSettings(n_train_cases=cases, n_val_cases=val_cases, classifier_epochs=epochs,
-                             lung_epochs=lung_epochs, shape=(z, y, x), workers=workers)
+                             lung_epochs=lung_epochs, shape=dims, workers=workers)
     report = train_default_models(out, settings, resolve_device(device), log=err.print)
     typer.echo(json.dumps(report, indent=2, default=float))
 
@@ -138,6 +138,7 @@ def evaluate(
     pipeline: str = typer.Option("radlogics"),
     weights_dir: Optional[Path] = typer.Option(None, help="weights folder (default: the bundled weights)"),
     shape: Optional[str] = typer.Option(None, help="phantom shape z,y,x (default: drawn per case, full size)"),
+    workers: Optional[int] = typer.Option(None, help="phantom generator processes"),
 ) -> None:
     """Evaluate a pipeline on held-out synthetic phantoms and print the metrics."""
     from ct_ai_node.analyze import resolve_device
@@ -145,7 +146,7 @@ def evaluate(
 
     dims = tuple(int(v) for v in shape.split(",")) if shape else None
     summary = evaluate_pipeline(out, cases, resolve_device(device), pipeline=pipeline, lungs=lungs, log=err.print,
-                                weights_dir=weights_dir, shape=dims)
+                                weights_dir=weights_dir, shape=dims, workers=workers)
     typer.echo(json.dumps(summary, indent=2, default=float))
 
 

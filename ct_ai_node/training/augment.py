@@ -46,7 +46,7 @@ def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
 
 
-def scanner_variation(x: torch.Tensor, inside: torch.Tensor | None = None, hu_offset: float = 40.0,
+def scanner_variation(x: torch.Tensor, inside: torch.Tensor | None = None, hu_offset: float = 60.0,
                       gain: float = 0.08, noise_hu: tuple[float, float] = (0.0, 40.0), blur_px: float = 1.2,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """HU calibration offset and gain, extra noise and blur; only inside ``inside``

@@ -57,26 +57,37 @@ def slice_labels(lesion: np.ndarray, lung: np.ndarray, kind: str, spacing, rule:
     return labels, weights
 
 
+def _evenly(indices: np.ndarray, at_most: int) -> np.ndarray:
+    if indices.size <= at_most:
+        return indices
+    return indices[np.linspace(0, indices.size - 1, at_most).round().astype(int)]
+
+
 def phantom_samples(seed: int, kind: str, shape: tuple[int, int, int] | None,
                     settings: SliceInputSettings = SliceInputSettings(), rule: SliceLabelRule = SliceLabelRule(),
-                    lung_size: int = 256) -> dict[str, np.ndarray]:
+                    lung_size: int = 256, max_slices: int = 48) -> dict[str, np.ndarray]:
     """One phantom -> classifier inputs (uint8, 224x224) with labels, and lung U-Net
-    inputs (uint8 HU window, ``lung_size``²) with lung masks."""
+    inputs (uint8 HU window, ``lung_size``²) with lung masks.
+
+    With ``shape`` None the phantom has a realistic, randomly drawn geometry (0.5-5 mm
+    slices, so thin noisy slices are seen as well as thick ones) and at most
+    ``max_slices`` evenly spaced slices are kept, so every case weighs about the same."""
     from ct_ai_node.synthetic import generate_phantom
 
     ph = generate_phantom(seed, kind=kind, shape=shape)
     hu = ph.hu.astype(np.float32)
     lung = ph.lung_labels > 0
-    zs = lung_slice_indices(lung, settings.min_lung_fraction)
+    zs = _evenly(lung_slice_indices(lung, settings.min_lung_fraction), max_slices)
     box = roi_box(lung, ph.spacing, settings)
     x = slice_tensors(hu[zs], lung[zs], box, ph.spacing, settings)
     labels, weights = slice_labels(ph.lesion_mask, lung, ph.kind, ph.spacing, rule)
     crops_lesion = ph.lesion_mask[zs][:, box.y0 : box.y1, box.x0 : box.x1].astype(np.float32)
     lesion_224 = resize_slices(torch.from_numpy(crops_lesion)[:, None], (settings.size, settings.size))[:, 0] >= 0.5
-    # lung U-Net: every slice (also those without lung), input window [-1000, 0]
-    t = torch.from_numpy(np.clip((hu + 1000.0) / 1000.0, 0, 1))[:, None]
+    # lung U-Net: slices with and without lung, input window [-1000, 0]
+    zl = _evenly(np.arange(hu.shape[0]), max_slices)
+    t = torch.from_numpy(np.clip((hu[zl] + 1000.0) / 1000.0, 0, 1))[:, None]
     lung_x = resize_slices(t, (lung_size, lung_size))[:, 0]
-    lung_y = resize_slices(torch.from_numpy(lung.astype(np.float32))[:, None], (lung_size, lung_size))[:, 0] >= 0.5
+    lung_y = resize_slices(torch.from_numpy(lung[zl].astype(np.float32))[:, None], (lung_size, lung_size))[:, 0] >= 0.5
     return {
         "x": (x[:, 0].numpy() * 255).round().astype(np.uint8),
         "y": labels[zs],

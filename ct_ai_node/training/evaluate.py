@@ -5,7 +5,10 @@ in-memory volume and compares with the phantom's ground truth."""
 from __future__ import annotations
 
 import json
+import os
+from collections import deque
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -93,23 +96,47 @@ def summarise(rows: list[dict]) -> dict:
 
 def evaluate_pipeline(out_dir: Path, n_cases: int, device: torch.device, pipeline: str = "radlogics",
                       lungs: str = "classical", shape=None, log=print, seed0: int = TEST_SEED0,
-                      weights_dir: Path | None = None) -> dict:
-    from ct_ai_node.synthetic import generate_phantom
-
+                      weights_dir: Path | None = None, workers: int | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     method = create_method(pipeline, device, weights_dir)
     seg = create_lung_segmenter(lungs, device, weights_dir)
     other = create_lung_segmenter("unet" if lungs == "classical" else "classical", device, weights_dir)
-    rows = []
-    for i in range(n_cases):
-        seed = seed0 + i
-        ph = generate_phantom(seed, kind=kind_for_index(seed), shape=shape)
-        row = evaluate_case(ph, method, seg, other)
-        rows.append(row)
-        log(f"case {i + 1}/{n_cases} seed {seed} {ph.kind:6s} p={row['probability']:.3f} lung Dice {row['lung_dice']:.3f}"
-            f" (other {row.get('other_lung_dice', float('nan')):.3f}) lesion Dice {row['lesion_dice']} {row['seconds']:.1f} s")
+    seeds = [seed0 + i for i in range(n_cases)]
+    n_workers = max(1, min(workers or (os.cpu_count() or 2) - 1, 12))
+    with ProcessPoolExecutor(n_workers) as pool:
+        rows = _evaluate_all(_prefetch(pool, seeds, shape, 2 * n_workers), method, seg, other, n_cases, log)
     summary = summarise(rows)
     summary.update({"pipeline": pipeline, "lungs": lungs, "seeds": f"{seed0}..{seed0 + n_cases - 1}", "device": str(device)})
     (out_dir / "cases.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary
+
+
+def _prefetch(pool, seeds, shape, depth: int):
+    """Phantoms generated in worker processes, at most ``depth`` ahead of the evaluation
+    (a full-size phantom holds about 300 MB)."""
+    pending = deque()
+    for seed in seeds:
+        pending.append(pool.submit(_generate, (seed, kind_for_index(seed), shape)))
+        if len(pending) >= depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _generate(args):
+    from ct_ai_node.synthetic import generate_phantom
+
+    seed, kind, shape = args
+    return generate_phantom(seed, kind=kind, shape=shape)
+
+
+def _evaluate_all(phantoms, method, seg, other, n_cases, log) -> list[dict]:
+    rows = []
+    for i, ph in enumerate(phantoms):
+        seed = ph.seed
+        row = evaluate_case(ph, method, seg, other)
+        rows.append(row)
+        log(f"case {i + 1}/{n_cases} seed {seed} {ph.kind:6s} p={row['probability']:.3f} lung Dice {row['lung_dice']:.3f}"
+            f" (other {row.get('other_lung_dice', float('nan')):.3f}) lesion Dice {row['lesion_dice']} {row['seconds']:.1f} s")
+    return rows

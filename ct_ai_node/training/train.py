@@ -34,8 +34,9 @@ MODEL_VERSION = "0.1.0"
 class TrainSettings:
     n_train_cases: int = 300
     n_val_cases: int = 60
-    #: phantom shape (z, y, x); real in-plane size so textures match real scans
-    shape: tuple[int, int, int] = (40, 512, 512)
+    #: phantom shape (z, y, x); None draws realistic full-size geometries (0.5-5 mm
+    #: slices, 512x512) of which at most 48 slices per case are used
+    shape: tuple[int, int, int] | None = None
     classifier_epochs: int = 12
     lung_epochs: int = 4
     batch_size: int = 48
@@ -194,7 +195,7 @@ def calibrate_infection_threshold(model, data: dict, device: torch.device, max_s
     hu_ok = data["x"][pos] >= int(0.25 * 255)  # >= -750 HU
     truth = data["lesion"][pos]
     res = {}
-    for t in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6):
+    for t in (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5):
         pred = (heat >= t) & hu_ok
         inter = (pred & truth).sum()
         res[t] = float(2 * inter / max(pred.sum() + truth.sum(), 1))
