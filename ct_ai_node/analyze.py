@@ -29,7 +29,7 @@ from ct_ai_node.result import ResultDocument, result_document
 logger = logging.getLogger(__name__)
 
 #: lung segmentation used unless asked otherwise: it measured better (docs/models.md)
-DEFAULT_LUNGS = "classical"
+DEFAULT_LUNGS = "unet"
 
 
 @dataclass
