@@ -78,3 +78,20 @@ def test_infection_mask_stays_in_lung_and_above_ground_glass_density():
 def test_top_slices_best_first():
     assert scoring.top_slices(np.array([0.1, 0.9, 0.5, 0.7]), np.array([0, 2, 3]), 2) == [3, 2]
     assert scoring.top_slices(np.array([0.1]), np.array([], int), 3) == []
+
+
+def test_strided_indices_keep_run_ends_and_fill_between_interpolates():
+    from ct_ai_node.pipeline.geometry import fill_between, strided_indices
+
+    idx = np.array([2, 3, 4, 5, 6, 7, 8, 20, 21, 30])
+    chosen = strided_indices(idx, 3)
+    # every run keeps both ends; nothing is chosen outside idx
+    for end in (2, 8, 20, 21, 30):
+        assert end in chosen
+    assert set(chosen) <= set(idx)
+    maps = {int(z): np.full((2, 2), float(z)) for z in chosen}
+    filled = fill_between(maps, idx)
+    assert set(filled) == set(idx.tolist())
+    for z in idx:
+        assert filled[int(z)][0, 0] == pytest.approx(float(z))  # linear in z
+    assert list(strided_indices(idx, 1)) == list(idx)

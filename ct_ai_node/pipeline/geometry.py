@@ -79,3 +79,76 @@ def patient_x_of_columns(orientation: tuple[float, ...], spacing_yx: tuple[float
     ys = np.arange(shape_yx[0], dtype=np.float32)[:, None] * spacing_yx[0] * cx
     xs = np.arange(shape_yx[1], dtype=np.float32)[None, :] * spacing_yx[1] * rx
     return ys + xs
+
+
+def resize_stack(stack: np.ndarray, size_yx: tuple[int, int], mode: str = "bilinear", chunk: int = 32) -> np.ndarray:
+    """Resize every slice of a (z, y, x) array in-plane (z untouched), in chunks so the
+    float copy stays small. Downsampling uses antialiasing; ``mode="nearest"`` keeps labels."""
+    if tuple(stack.shape[1:]) == tuple(size_yx):
+        return stack
+    out = np.empty((stack.shape[0], *size_yx), np.float32 if mode != "nearest" else stack.dtype)
+    down = size_yx[0] < stack.shape[1]
+    for z0 in range(0, stack.shape[0], chunk):
+        t = torch.from_numpy(np.ascontiguousarray(stack[z0 : z0 + chunk], dtype=np.float32))[:, None]
+        if mode == "nearest":
+            r = F.interpolate(t, size=size_yx, mode="nearest")
+        else:
+            r = F.interpolate(t, size=size_yx, mode=mode, align_corners=False, antialias=down)
+        out[z0 : z0 + chunk] = r[:, 0].numpy().astype(out.dtype, copy=False)
+    return out
+
+
+def dilate_slices(mask: np.ndarray, radius_px: int) -> np.ndarray:
+    """In-plane dilation of a (n, y, x) mask by a square of half-width ``radius_px``
+    (max pooling: far faster than a disk structuring element on large slices)."""
+    if radius_px <= 0 or mask.size == 0:
+        return mask.astype(bool)
+    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[:, None]
+    k = 2 * radius_px + 1
+    # separable: a k x 1 then a 1 x k max pool (O(2k) instead of O(k^2) per pixel)
+    t = F.max_pool2d(t, kernel_size=(k, 1), stride=1, padding=(radius_px, 0))
+    t = F.max_pool2d(t, kernel_size=(1, k), stride=1, padding=(0, radius_px))
+    return (t[:, 0] > 0).numpy()
+
+
+def strided_indices(indices: np.ndarray, stride: int) -> np.ndarray:
+    """Every ``stride``-th index plus the first and last of each run of consecutive
+    indices, so anything left out lies between two chosen neighbours."""
+    idx = np.asarray(indices, dtype=int)
+    if idx.size == 0 or stride <= 1:
+        return idx
+    breaks = np.flatnonzero(np.diff(idx) != 1)
+    edges = np.concatenate([[0], breaks, breaks + 1, [idx.size - 1]])
+    chosen = np.union1d(np.arange(0, idx.size, stride), edges)
+    return idx[chosen]
+
+
+def fill_between(maps: dict[int, np.ndarray], wanted: np.ndarray) -> dict[int, np.ndarray]:
+    """Linear interpolation along z of 2D maps computed at some slices (``maps``) for
+    every slice in ``wanted`` that lies between two computed ones."""
+    known = np.array(sorted(maps), dtype=int)
+    out = dict(maps)
+    for z in np.asarray(wanted, dtype=int):
+        if int(z) in out or known.size == 0:
+            continue
+        hi = int(np.searchsorted(known, z))
+        if hi == 0 or hi == known.size:
+            continue
+        a, b = int(known[hi - 1]), int(known[hi])
+        w = (z - a) / (b - a)
+        out[int(z)] = (1 - w) * maps[a] + w * maps[b]
+    return out
+
+
+def bounding_box(mask: np.ndarray, margin: int | tuple[int, ...] = 0) -> tuple[slice, ...] | None:
+    """Index slices of the box around ``mask`` plus ``margin`` voxels (None when empty);
+    the heavy 3D steps run inside this box instead of the whole field of view."""
+    if not mask.any():
+        return None
+    margins = (margin,) * mask.ndim if isinstance(margin, int) else margin
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        box.append(slice(max(int(idx[0]) - margins[axis], 0), min(int(idx[-1]) + 1 + margins[axis], mask.shape[axis])))
+    return tuple(box)

@@ -15,7 +15,14 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-from ct_ai_node.pipeline.geometry import patient_x_of_columns, resize_slices, zoom_volume
+from ct_ai_node.pipeline.geometry import (
+    bounding_box,
+    fill_between,
+    patient_x_of_columns,
+    resize_slices,
+    resize_stack,
+    strided_indices,
+)
 from ct_ai_node.pipeline.types import LEFT_LUNG, RIGHT_LUNG
 
 logger = logging.getLogger(__name__)
@@ -31,6 +38,8 @@ class LungSegmentationSettings:
     #: components smaller than this share of the largest are dropped
     min_component_fraction: float = 0.05
     airway_hu: float = -950.0
+    #: the U-Net runs on slices about this far apart; those between are interpolated
+    z_step_mm: float = 2.5
 
 
 def _disk(radius_px: int) -> np.ndarray:
@@ -90,26 +99,34 @@ def _split_left_right(lung: np.ndarray, orientation, spacing_yx, min_fraction: f
     if not lung.any():
         return labels
     px = patient_x_of_columns(orientation, spacing_yx, lung.shape[1:])
-    work = lung.copy()
+    box = bounding_box(lung, 1)
+    work = lung[box]
     comps: list[np.ndarray] = []
+    in_plane = np.zeros((1, 3, 3), bool)
+    in_plane[0, 1, :] = in_plane[0, :, 1] = True
     for _ in range(8):
         lab, n = ndi.label(work)
         if n >= 2:
-            sizes = ndi.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
+            sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
             order = np.argsort(sizes)[::-1]
             if sizes[order[1]] >= 0.15 * sizes[order[0]]:
-                comps = [lab == (order[0] + 1), lab == (order[1] + 1)]
+                comps = []
+                for k in order[:2]:
+                    full = np.zeros(lung.shape, bool)
+                    full[box] = lab == (k + 1)
+                    comps.append(full)
                 break
-        work = np.stack([ndi.binary_erosion(s, iterations=2) for s in work])
+        work = ndi.binary_erosion(work, structure=in_plane, iterations=2)
         if not work.any():
             break
     if len(comps) == 2:
         seeds = np.zeros(lung.shape, np.int32)
         seeds[comps[0]] = 1
         seeds[comps[1]] = 2
-        # every lung voxel goes to the nearest seed
-        _, idx = ndi.distance_transform_edt(seeds == 0, return_indices=True)
-        nearest = seeds[tuple(idx)]
+        # every lung voxel goes to the nearest seed (computed inside the lungs' box only)
+        nearest = np.zeros(lung.shape, np.int32)
+        _, idx = ndi.distance_transform_edt(seeds[box] == 0, return_indices=True)
+        nearest[box] = seeds[box][tuple(idx)]
         mean_x = [px[np.nonzero(c)[1:]].mean() for c in comps]
         right_seed = 1 if mean_x[0] < mean_x[1] else 2
         labels[(nearest == right_seed) & lung] = RIGHT_LUNG
@@ -129,7 +146,7 @@ def _clean(lung: np.ndarray, hu_work: np.ndarray, settings: LungSegmentationSett
     lab, n = ndi.label(lung)
     if n == 0:
         return lung
-    sizes = ndi.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
     keep = np.flatnonzero(sizes >= settings.min_component_fraction * sizes.max()) + 1
     lung = np.isin(lab, keep)
     lung = _remove_airways(lung, hu_work, settings, voxel_ml_work, orientation)
@@ -146,17 +163,23 @@ def _clean(lung: np.ndarray, hu_work: np.ndarray, settings: LungSegmentationSett
 
 
 def _to_source(labels_work: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Work-resolution labels back to the source grid (z is never resampled): each
+    label's mask is interpolated bilinearly in-plane and thresholded, for smooth edges."""
     if labels_work.shape == shape:
         return labels_work
     out = np.zeros(shape, np.uint8)
+    zs = np.flatnonzero(labels_work.reshape(labels_work.shape[0], -1).any(axis=1))
+    if zs.size == 0:
+        return out
+    z0, z1 = int(zs[0]), int(zs[-1]) + 1
     for lab in (RIGHT_LUNG, LEFT_LUNG):
-        prob = zoom_volume((labels_work == lab).astype(np.float32), shape, order=1)
-        out[prob >= 0.5] = lab
+        prob = resize_stack((labels_work[z0:z1] == lab).astype(np.uint8), shape[1:])
+        out[z0:z1][prob >= 0.5] = lab
     return out
 
 
 def _downsample_hu(hu: np.ndarray, work_shape) -> np.ndarray:
-    return zoom_volume(hu, work_shape, order=1)
+    return resize_stack(hu, work_shape[1:])
 
 
 class ClassicalLungSegmenter:
@@ -200,22 +223,29 @@ class UNetLungSegmenter:
         return (hu.clip(-1000.0, 0.0) + 1000.0) / 1000.0
 
     @torch.no_grad()
-    def probabilities(self, hu: np.ndarray) -> np.ndarray:
+    def probabilities(self, hu: np.ndarray, spacing_z: float | None = None) -> np.ndarray:
+        """Lung probability per slice at work resolution. On thin-slice scans the network
+        runs on slices about ``z_step_mm`` apart and the slices between are interpolated
+        (lungs change little over 2-3 mm; this bounds the CPU time of long series)."""
         s = self.settings
         work_shape = _work_shape(hu.shape, s.work_size)
         size = (s.work_size, s.work_size)
-        probs = np.zeros(work_shape, np.float32)
-        for z0 in range(0, hu.shape[0], self.batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(hu[z0 : z0 + self.batch_size], np.float32))[:, None]
+        stride = max(1, int(s.z_step_mm // spacing_z)) if spacing_z else 1
+        run = strided_indices(np.arange(hu.shape[0]), stride)
+        maps: dict[int, np.ndarray] = {}
+        for i in range(0, run.size, self.batch_size):
+            zs = run[i : i + self.batch_size]
+            x = torch.from_numpy(np.ascontiguousarray(hu[zs], np.float32))[:, None]
             x = resize_slices(self.normalise(x), size).to(self.device)
             p = torch.sigmoid(self.model(x))
             p = resize_slices(p, work_shape[1:]).cpu().numpy()[:, 0]
-            probs[z0 : z0 + p.shape[0]] = p
-        return probs
+            maps.update({int(z): p[k] for k, z in enumerate(zs)})
+        maps = fill_between(maps, np.arange(hu.shape[0]))
+        return np.stack([maps[z] for z in range(hu.shape[0])]).astype(np.float32)
 
     def __call__(self, hu: np.ndarray, spacing, orientation) -> np.ndarray:
         s = self.settings
-        probs = self.probabilities(hu)
+        probs = self.probabilities(hu, spacing[0])
         work_shape = probs.shape
         f = hu.shape[1] / work_shape[1]
         spacing_w = (spacing[0], spacing[1] * f, spacing[2] * hu.shape[2] / work_shape[2])

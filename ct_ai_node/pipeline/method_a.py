@@ -13,6 +13,7 @@ import torch
 
 from ct_ai_node import __version__
 from ct_ai_node.models.weights import LoadedModel, load_model
+from ct_ai_node.pipeline.geometry import fill_between, strided_indices
 from ct_ai_node.pipeline.localisation import FusedGradCAM
 from ct_ai_node.pipeline.methods import MethodOutput, register_pipeline
 from ct_ai_node.pipeline.scoring import CaseDecision
@@ -35,6 +36,9 @@ class MethodASettings:
     #: Grad-CAM is computed for slices scoring at least this (others are clearly
     #: negative; their map would be noise and costs a backward pass)
     gradcam_min_score: float = 0.3
+    #: Grad-CAM runs on candidate slices about this far apart (maps are coarse, 14x14
+    #: and 28x28, so thin-slice neighbours add little); the rest are interpolated
+    cam_z_step_mm: float = 2.5
     input: SliceInputSettings = SliceInputSettings()
 
 
@@ -85,12 +89,18 @@ class RadLogicsMethod:
         scores[zs] = self._scores(x)
         t1 = time.perf_counter()
         heat = np.zeros(hu.shape, np.float32)
-        cam_idx = np.flatnonzero(scores[zs] >= s.gradcam_min_score)
-        if cam_idx.size:
-            maps = self._maps(x[cam_idx])
-            sel = zs[cam_idx]
+        cam_pos = np.flatnonzero(scores[zs] >= s.gradcam_min_score)  # positions in zs
+        if cam_pos.size:
+            # Grad-CAM on slices about z_step_mm apart (and at the ends of every run of
+            # candidate slices); slices between get the map interpolated along z
+            stride = max(1, int(s.cam_z_step_mm // spacing[0]))
+            run_z = strided_indices(zs[cam_pos], stride)
+            pos_of = {int(z): k for k, z in enumerate(zs)}
+            maps = self._maps(x[[pos_of[int(z)] for z in run_z]])
+            crop_maps = fill_between({int(z): m for z, m in zip(run_z, maps)}, zs[cam_pos])
+            sel = np.array(sorted(crop_maps), dtype=int)
             inside = dilated_mask(lung[sel], spacing, s.input.mask_dilation_mm)
-            heat[sel] = paste_back(maps, box, hu.shape[1:]) * inside
+            heat[sel] = paste_back(np.stack([crop_maps[int(z)] for z in sel]), box, hu.shape[1:]) * inside
         t2 = time.perf_counter()
         d = self.decision
         ratio = d.ratio(scores, zs)

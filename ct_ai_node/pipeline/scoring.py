@@ -1,6 +1,6 @@
 """Pure scoring: case decision, calibrated probability, volumes, Corona score.
 
-No disk, no network, no torch: numbers in, numbers out, so the rules are easy to test
+No disk, no network, no GPU: numbers in, numbers out, so the rules are easy to test
 with hand-made cases.
 """
 
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from ct_ai_node.pipeline.geometry import bounding_box
 
 
 @dataclass(frozen=True)
@@ -75,15 +77,22 @@ def infection_mask_from_heatmap(
     opacity starts around -750 HU, so this keeps the mask on abnormal parenchyma instead
     of the whole blob that Grad-CAM's coarse resolution draws.
     """
+    out = np.zeros(lung.shape, bool)
     sigma = [max(sigma_mm / s, 0.0) for s in spacing]
-    smooth = ndi.gaussian_filter(heatmap.astype(np.float32), sigma=sigma)
-    mask = (smooth >= threshold) & lung & (hu >= min_hu)
+    # work inside the box of the heat (plus the smoothing reach) instead of the whole field
+    reach = tuple(int(np.ceil(3 * sg)) for sg in sigma)
+    box = bounding_box(heatmap > 0, reach)
+    if box is None:
+        return out
+    smooth = ndi.gaussian_filter(heatmap[box].astype(np.float32), sigma=sigma, truncate=3.0)
+    mask = (smooth >= threshold) & lung[box] & (hu[box] >= min_hu)
     if not mask.any():
-        return mask
+        return out
     lab, n = ndi.label(mask)
-    sizes = ndi.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1)) * float(np.prod(spacing)) / 1000.0
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:] * float(np.prod(spacing)) / 1000.0
     keep = np.flatnonzero(sizes >= min_component_ml) + 1
-    return np.isin(lab, keep)
+    out[box] = np.isin(lab, keep)
+    return out
 
 
 def top_slices(slice_scores: np.ndarray, candidates: np.ndarray, k: int) -> list[int]:

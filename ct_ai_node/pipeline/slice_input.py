@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import ndimage as ndi
 
-from ct_ai_node.pipeline.geometry import Box2D, resize_slices, square_roi
+from ct_ai_node.pipeline.geometry import Box2D, dilate_slices, resize_slices, square_roi
 
 INPUT_SIZE = 224
 HU_RANGE = (-1000.0, 0.0)
@@ -43,12 +42,7 @@ def roi_box(lung: np.ndarray, spacing, settings: SliceInputSettings) -> Box2D:
 
 
 def dilated_mask(lung_slices: np.ndarray, spacing, mm: float) -> np.ndarray:
-    r = int(round(mm / spacing[1]))
-    if r <= 0:
-        return lung_slices
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    disk = (yy * yy + xx * xx) <= r * r
-    return ndi.binary_dilation(lung_slices, structure=disk[None])
+    return dilate_slices(lung_slices, int(round(mm / spacing[1])))
 
 
 def slice_tensors(hu_slices: np.ndarray, lung_slices: np.ndarray, box: Box2D, spacing,
