@@ -95,3 +95,17 @@ def test_strided_indices_keep_run_ends_and_fill_between_interpolates():
     for z in idx:
         assert filled[int(z)][0, 0] == pytest.approx(float(z))  # linear in z
     assert list(strided_indices(idx, 1)) == list(idx)
+
+
+def test_disk_dilation_matches_scipy():
+    from scipy import ndimage as ndi
+
+    from ct_ai_node.pipeline.geometry import dilate_slices
+
+    rng = np.random.default_rng(0)
+    mask = rng.random((3, 40, 50)) > 0.97
+    for r in (1, 3, 6):
+        yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+        disk = (yy * yy + xx * xx) <= r * r
+        expected = ndi.binary_dilation(mask, structure=disk[None])
+        assert np.array_equal(dilate_slices(mask, r), expected)

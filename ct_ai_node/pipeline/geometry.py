@@ -99,16 +99,27 @@ def resize_stack(stack: np.ndarray, size_yx: tuple[int, int], mode: str = "bilin
 
 
 def dilate_slices(mask: np.ndarray, radius_px: int) -> np.ndarray:
-    """In-plane dilation of a (n, y, x) mask by a square of half-width ``radius_px``
-    (max pooling: far faster than a disk structuring element on large slices)."""
+    """In-plane dilation of a (n, y, x) mask by a disk of radius ``radius_px`` (the same
+    result as ``scipy.ndimage.binary_dilation`` with a disk, much faster): the disk is
+    a stack of horizontal segments, each a 1D max pool shifted up or down."""
     if radius_px <= 0 or mask.size == 0:
         return mask.astype(bool)
+    r = int(radius_px)
     t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[:, None]
-    k = 2 * radius_px + 1
-    # separable: a k x 1 then a 1 x k max pool (O(2k) instead of O(k^2) per pixel)
-    t = F.max_pool2d(t, kernel_size=(k, 1), stride=1, padding=(radius_px, 0))
-    t = F.max_pool2d(t, kernel_size=(1, k), stride=1, padding=(0, radius_px))
-    return (t[:, 0] > 0).numpy()
+    rows = t.shape[2]
+    out = torch.zeros_like(t)
+    widths = {}
+    for dy in range(-r, r + 1):
+        w = int(np.floor(np.sqrt(r * r - dy * dy)))
+        if w not in widths:
+            widths[w] = F.max_pool2d(t, kernel_size=(1, 2 * w + 1), stride=1, padding=(0, w))
+        seg = widths[w]
+        # a source pixel at row y marks rows y + dy
+        if dy >= 0:
+            out[:, :, dy:] = torch.maximum(out[:, :, dy:], seg[:, :, : rows - dy])
+        else:
+            out[:, :, : rows + dy] = torch.maximum(out[:, :, : rows + dy], seg[:, :, -dy:])
+    return (out[:, 0] > 0).numpy()
 
 
 def strided_indices(indices: np.ndarray, stride: int) -> np.ndarray:
