@@ -88,9 +88,12 @@ def resize_stack(stack: np.ndarray, size_yx: tuple[int, int], mode: str = "bilin
         return stack
     out = np.empty((stack.shape[0], *size_yx), np.float32 if mode != "nearest" else stack.dtype)
     down = size_yx[0] < stack.shape[1]
+    halve = mode != "nearest" and stack.shape[1] == 2 * size_yx[0] and stack.shape[2] == 2 * size_yx[1]
     for z0 in range(0, stack.shape[0], chunk):
         t = torch.from_numpy(np.ascontiguousarray(stack[z0 : z0 + chunk], dtype=np.float32))[:, None]
-        if mode == "nearest":
+        if halve:  # exactly half size: a 2x2 mean is the antialiased result, and cheap
+            r = F.avg_pool2d(t, 2)
+        elif mode == "nearest":
             r = F.interpolate(t, size=size_yx, mode="nearest")
         else:
             r = F.interpolate(t, size=size_yx, mode=mode, align_corners=False, antialias=down)

@@ -152,13 +152,10 @@ def _clean(lung: np.ndarray, hu_work: np.ndarray, settings: LungSegmentationSett
     lung = _remove_airways(lung, hu_work, settings, voxel_ml_work, orientation)
     radius = int(round(settings.closing_mm / spacing_work[1]))
     disk = _disk(radius)
-    out = np.empty_like(lung)
-    for z in range(lung.shape[0]):
-        s = lung[z]
-        if s.any():
-            s = ndi.binary_closing(np.pad(s, radius + 1), structure=disk)[radius + 1 : -radius - 1, radius + 1 : -radius - 1]
-            s = ndi.binary_fill_holes(s)
-        out[z] = s
+    out = np.zeros_like(lung)
+    for z in np.flatnonzero(lung.reshape(lung.shape[0], -1).any(axis=1)):
+        s = ndi.binary_closing(np.pad(lung[z], radius + 1), structure=disk)[radius + 1 : -radius - 1, radius + 1 : -radius - 1]
+        out[z] = ndi.binary_fill_holes(s)
     return out
 
 
@@ -172,9 +169,16 @@ def _to_source(labels_work: np.ndarray, shape: tuple[int, int, int]) -> np.ndarr
     if zs.size == 0:
         return out
     z0, z1 = int(zs[0]), int(zs[-1]) + 1
+    # in-plane box of the lungs at work resolution, mapped to the source grid
+    box = bounding_box(labels_work[z0:z1] > 0, (0, 2, 2))
+    fy, fx = shape[1] / labels_work.shape[1], shape[2] / labels_work.shape[2]
+    wy0, wy1, wx0, wx1 = box[1].start, box[1].stop, box[2].start, box[2].stop
+    sy0, sy1 = int(round(wy0 * fy)), int(round(wy1 * fy))
+    sx0, sx1 = int(round(wx0 * fx)), int(round(wx1 * fx))
+    region = out[z0:z1, sy0:sy1, sx0:sx1]
     for lab in (RIGHT_LUNG, LEFT_LUNG):
-        prob = resize_stack((labels_work[z0:z1] == lab).astype(np.uint8), shape[1:])
-        out[z0:z1][prob >= 0.5] = lab
+        prob = resize_stack((labels_work[z0:z1, wy0:wy1, wx0:wx1] == lab).astype(np.uint8), (sy1 - sy0, sx1 - sx0))
+        region[prob >= 0.5] = lab
     return out
 
 
