@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 import torch.nn.functional as F
 
 
@@ -102,27 +103,28 @@ def resize_stack(stack: np.ndarray, size_yx: tuple[int, int], mode: str = "bilin
 
 
 def dilate_slices(mask: np.ndarray, radius_px: int) -> np.ndarray:
-    """In-plane dilation of a (n, y, x) mask by a disk of radius ``radius_px`` (the same
-    result as ``scipy.ndimage.binary_dilation`` with a disk, much faster): the disk is
-    a stack of horizontal segments, each a 1D max pool shifted up or down."""
-    if radius_px <= 0 or mask.size == 0:
-        return mask.astype(bool)
+    """In-plane dilation of a (n, y, x) mask by a disk of radius ``radius_px``: the same
+    result as ``scipy.ndimage.binary_dilation`` with a disk, much faster. The disk is a
+    stack of horizontal segments; each is a running maximum along x (cost independent
+    of the width), shifted up or down and OR-ed."""
+    m = np.ascontiguousarray(mask, dtype=np.uint8)
+    if radius_px <= 0 or m.size == 0:
+        return m.astype(bool)
     r = int(radius_px)
-    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[:, None]
-    rows = t.shape[2]
-    out = torch.zeros_like(t)
-    widths = {}
+    rows = m.shape[1]
+    out = np.zeros(m.shape, bool)
+    segments: dict[int, np.ndarray] = {}
     for dy in range(-r, r + 1):
         w = int(np.floor(np.sqrt(r * r - dy * dy)))
-        if w not in widths:
-            widths[w] = F.max_pool2d(t, kernel_size=(1, 2 * w + 1), stride=1, padding=(0, w))
-        seg = widths[w]
+        if w not in segments:
+            segments[w] = ndi.maximum_filter1d(m, size=2 * w + 1, axis=2, mode="constant", cval=0).astype(bool)
+        seg = segments[w]
         # a source pixel at row y marks rows y + dy
         if dy >= 0:
-            out[:, :, dy:] = torch.maximum(out[:, :, dy:], seg[:, :, : rows - dy])
+            out[:, dy:] |= seg[:, : rows - dy]
         else:
-            out[:, :, : rows + dy] = torch.maximum(out[:, :, : rows + dy], seg[:, :, -dy:])
-    return (out[:, 0] > 0).numpy()
+            out[:, : rows + dy] |= seg[:, -dy:]
+    return out
 
 
 def strided_indices(indices: np.ndarray, stride: int) -> np.ndarray:
