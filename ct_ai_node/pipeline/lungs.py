@@ -17,6 +17,7 @@ from scipy import ndimage as ndi
 
 from ct_ai_node.pipeline.geometry import (
     bounding_box,
+    dilate_slices,
     fill_between,
     patient_x_of_columns,
     resize_slices,
@@ -40,12 +41,6 @@ class LungSegmentationSettings:
     airway_hu: float = -950.0
     #: the U-Net runs on slices about this far apart; those between are interpolated
     z_step_mm: float = 2.5
-
-
-def _disk(radius_px: int) -> np.ndarray:
-    r = max(int(radius_px), 1)
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    return (yy * yy + xx * xx) <= r * r
 
 
 def _work_shape(shape: tuple[int, int, int], work_size: int) -> tuple[int, int, int]:
@@ -151,11 +146,13 @@ def _clean(lung: np.ndarray, hu_work: np.ndarray, settings: LungSegmentationSett
     lung = np.isin(lab, keep)
     lung = _remove_airways(lung, hu_work, settings, voxel_ml_work, orientation)
     radius = int(round(settings.closing_mm / spacing_work[1]))
-    disk = _disk(radius)
+    # closing by a disk on every slice at once (padded so the image border cannot clip it)
+    pad = radius + 1
+    padded = np.pad(lung, ((0, 0), (pad, pad), (pad, pad)))
+    closed = ~dilate_slices(~dilate_slices(padded, radius), radius)[:, pad:-pad, pad:-pad]
     out = np.zeros_like(lung)
-    for z in np.flatnonzero(lung.reshape(lung.shape[0], -1).any(axis=1)):
-        s = ndi.binary_closing(np.pad(lung[z], radius + 1), structure=disk)[radius + 1 : -radius - 1, radius + 1 : -radius - 1]
-        out[z] = ndi.binary_fill_holes(s)
+    for z in np.flatnonzero(closed.reshape(closed.shape[0], -1).any(axis=1)):
+        out[z] = ndi.binary_fill_holes(closed[z])
     return out
 
 
