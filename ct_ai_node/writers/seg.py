@@ -118,10 +118,10 @@ def _source_stack(volume: Volume, masks: list[np.ndarray]):
         frame_index = np.array([ref.frame_number for ref in volume.slices], dtype=np.int64) - 1
         if frame_index.min() < 0 or frame_index.max() >= n_frames:
             raise OutputError(f"SEG: a frame number is outside 1..{n_frames} of the source")
-        stack = np.zeros((n_frames, rows, cols, n_seg), dtype=np.uint8)
+        seg_major = np.zeros((n_seg, n_frames, rows, cols), dtype=np.uint8)
         for s, mask in enumerate(masks):
-            stack[frame_index, :, :, s] = mask
-        return [source], stack
+            seg_major[s, frame_index] = mask
+        return [source], np.moveaxis(seg_major, 0, -1)
     by_uid = {ds.SOPInstanceUID: ds for ds in volume.datasets}
     try:
         sources = [by_uid[ref.sop_instance_uid] for ref in volume.slices]
@@ -130,8 +130,11 @@ def _source_stack(volume: Volume, masks: list[np.ndarray]):
     # Only the slices holding a segment: the same SEG, but highdicom's overlap check
     # and frame loop see fewer frames (about 0.5 s less for a 300-slice chest CT).
     present = np.flatnonzero(np.logical_or.reduce([m.any(axis=(1, 2)) for m in masks]))
-    stack = np.stack([m[present] for m in masks], axis=-1).astype(np.uint8, copy=False)
-    return [sources[z] for z in present], stack
+    # segment-major memory seen through a (frames, rows, cols, segments) view: highdicom's
+    # overlap check (a sum over the last axis) and its per-frame copies then run over
+    # contiguous planes, several times faster than on an interleaved array
+    seg_major = np.stack([m[present] for m in masks], axis=0).astype(np.uint8, copy=False)
+    return [sources[z] for z in present], np.moveaxis(seg_major, 0, -1)
 
 
 def build_seg(
