@@ -18,6 +18,9 @@ class SliceScore(BaseModel):
     instance_number: int | None
     frame_number: int | None = None
     score: float
+    #: True when the classifier did not run on this slice and the score was interpolated
+    #: from its neighbours (thin-slice scans), or the slice holds no lung (score 0)
+    interpolated: bool = False
 
 
 class ResultDocument(BaseModel):
@@ -62,6 +65,8 @@ def result_document(volume: Volume, result: AnalysisResult, outputs: dict[str, s
     from ct_ai_node.pipeline.scoring import volume_ml
     from ct_ai_node.pipeline.types import LEFT_LUNG, RIGHT_LUNG
 
+    scored = set(result.scored_slices)
+
     return ResultDocument(
         status="done",
         study_instance_uid=volume.study_instance_uid,
@@ -88,7 +93,8 @@ def result_document(volume: Volume, result: AnalysisResult, outputs: dict[str, s
         skipped_series=skipped,
         slice_scores=[
             SliceScore(sop_instance_uid=ref.sop_instance_uid, instance_number=ref.instance_number,
-                       frame_number=ref.frame_number, score=round(float(result.slice_scores[z]), 4))
+                       frame_number=ref.frame_number, score=round(float(result.slice_scores[z]), 4),
+                       interpolated=bool(scored) and z not in scored)
             for z, ref in enumerate(volume.slices)
         ],
         version=version,

@@ -109,3 +109,14 @@ def test_disk_dilation_matches_scipy():
         disk = (yy * yy + xx * xx) <= r * r
         expected = ndi.binary_dilation(mask, structure=disk[None])
         assert np.array_equal(dilate_slices(mask, r), expected)
+
+
+def test_fill_holes_per_slice_matches_scipy():
+    from scipy import ndimage as ndi
+
+    from ct_ai_node.pipeline.lungs import _fill_holes_per_slice
+
+    rng = np.random.default_rng(1)
+    mask = ndi.binary_dilation(rng.random((5, 60, 70)) > 0.9, iterations=2)
+    expected = np.stack([ndi.binary_fill_holes(s) for s in mask])
+    assert np.array_equal(_fill_holes_per_slice(mask), expected)

@@ -150,10 +150,18 @@ def _clean(lung: np.ndarray, hu_work: np.ndarray, settings: LungSegmentationSett
     pad = radius + 1
     padded = np.pad(lung, ((0, 0), (pad, pad), (pad, pad)))
     closed = ~dilate_slices(~dilate_slices(padded, radius), radius)[:, pad:-pad, pad:-pad]
-    out = np.zeros_like(lung)
-    for z in np.flatnonzero(closed.reshape(closed.shape[0], -1).any(axis=1)):
-        out[z] = ndi.binary_fill_holes(closed[z])
-    return out
+    return _fill_holes_per_slice(closed)
+
+
+def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """``binary_fill_holes`` on every slice with one labelling: background regions
+    (4-connected within a slice) that do not touch the slice border are holes."""
+    cross = np.zeros((3, 3, 3), bool)
+    cross[1, 1, :] = cross[1, :, 1] = True
+    lab, _ = ndi.label(~mask, structure=cross)
+    border = np.unique(np.concatenate([lab[:, 0, :].ravel(), lab[:, -1, :].ravel(),
+                                       lab[:, :, 0].ravel(), lab[:, :, -1].ravel()]))
+    return ~np.isin(lab, border[border > 0])
 
 
 def _to_source(labels_work: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:

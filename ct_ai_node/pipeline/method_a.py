@@ -36,9 +36,10 @@ class MethodASettings:
     #: Grad-CAM is computed for slices scoring at least this (others are clearly
     #: negative; their map would be noise and costs a backward pass)
     gradcam_min_score: float = 0.3
-    #: Grad-CAM runs on candidate slices about this far apart (maps are coarse, 14x14
-    #: and 28x28, so thin-slice neighbours add little); the rest are interpolated
-    cam_z_step_mm: float = 2.5
+    #: on thin-slice scans classification and Grad-CAM run on slices about this far
+    #: apart; the scores and maps between are interpolated (neighbours 1 mm apart are
+    #: nearly the same image, and the maps are coarse: 14x14 and 28x28)
+    z_step_mm: float = 2.5
     input: SliceInputSettings = SliceInputSettings()
 
 
@@ -84,20 +85,30 @@ class RadLogicsMethod:
         lung = lung_labels > 0
         zs = lung_slice_indices(lung, s.input.min_lung_fraction)
         box = roi_box(lung, spacing, s.input)
-        x = slice_tensors(hu[zs], lung[zs], box, spacing, s.input)
+        # thin-slice scans: classify slices about z_step_mm apart (and both ends of the lung
+        # range); scores of the slices between are interpolated along z
+        stride = max(1, int(s.z_step_mm // spacing[0]))
+        run_z = strided_indices(zs, stride)
+        x = slice_tensors(hu[run_z], lung[run_z], box, spacing, s.input)
+        run_scores = self._scores(x)
+        filled = fill_between({int(z): np.float32(v) for z, v in zip(run_z, run_scores)}, zs)
         scores = np.zeros(hu.shape[0], np.float32)
-        scores[zs] = self._scores(x)
+        scores[zs] = [filled[int(z)] for z in zs]
         t1 = time.perf_counter()
         heat = np.zeros(hu.shape, np.float32)
-        cam_pos = np.flatnonzero(scores[zs] >= s.gradcam_min_score)  # positions in zs
-        if cam_pos.size:
-            # Grad-CAM on slices about z_step_mm apart (and at the ends of every run of
-            # candidate slices); slices between get the map interpolated along z
-            stride = max(1, int(s.cam_z_step_mm // spacing[0]))
-            run_z = strided_indices(zs[cam_pos], stride)
-            pos_of = {int(z): k for k, z in enumerate(zs)}
-            maps = self._maps(x[[pos_of[int(z)] for z in run_z]])
-            crop_maps = fill_between({int(z): m for z, m in zip(run_z, maps)}, zs[cam_pos])
+        cand = zs[scores[zs] >= s.gradcam_min_score]
+        if cand.size:
+            # Grad-CAM on candidate slices about z_step_mm apart (and at the ends of every
+            # run of candidates); the maps between are interpolated along z
+            cam_z = strided_indices(cand, stride)
+            have = {int(z): k for k, z in enumerate(run_z)}
+            missing = [int(z) for z in cam_z if int(z) not in have]
+            if missing:
+                extra = slice_tensors(hu[missing], lung[missing], box, spacing, s.input)
+                have.update({z: x.shape[0] + k for k, z in enumerate(missing)})
+                x = torch.cat([x, extra])
+            maps = self._maps(x[[have[int(z)] for z in cam_z]])
+            crop_maps = fill_between({int(z): m for z, m in zip(cam_z, maps)}, cand)
             sel = np.array(sorted(crop_maps), dtype=int)
             inside = dilated_mask(lung[sel], spacing, s.input.mask_dilation_mm)
             heat[sel] = paste_back(np.stack([crop_maps[int(z)] for z in sel]), box, hu.shape[1:]) * inside
@@ -115,6 +126,7 @@ class RadLogicsMethod:
             model_versions={WEIGHTS_NAME: self.model.version},
             timings_s={"classification": round(t1 - t0, 3), "localisation": round(t2 - t1, 3)},
             infection_threshold=self.infection_threshold,
+            scored_slices=run_z,
         )
 
 

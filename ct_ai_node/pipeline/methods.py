@@ -31,6 +31,9 @@ class MethodOutput:
     timings_s: dict[str, float] = field(default_factory=dict)
     #: heat-map level above which a voxel joins the infection mask (calibrated per model)
     infection_threshold: float | None = None
+    #: slices the classifier actually ran on (the others' scores are interpolated);
+    #: None when every slice was scored
+    scored_slices: np.ndarray | None = None
 
 
 class Method(Protocol):

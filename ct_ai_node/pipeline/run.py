@@ -101,4 +101,5 @@ def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: Pip
         model_versions=model_versions,
         timings_s=timings,
         warnings=warnings,
+        scored_slices=[] if out.scored_slices is None else [int(z) for z in out.scored_slices],
     )

@@ -51,6 +51,9 @@ class AnalysisResult:
     model_versions: dict[str, str] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    #: z indices the classifier ran on; other lung slices' scores are interpolated
+    #: (empty: every slice was scored)
+    scored_slices: list[int] = field(default_factory=list)
 
     @property
     def is_positive(self) -> bool:
