@@ -59,17 +59,6 @@ def resize_slices(stack: torch.Tensor, size: tuple[int, int], mode: str = "bilin
     return F.interpolate(stack, size=size, mode=mode, **kwargs)
 
 
-def zoom_volume(volume: np.ndarray, shape: tuple[int, int, int], order: int = 1) -> np.ndarray:
-    """Resample a (z, y, x) array to ``shape`` (trilinear for order 1, nearest for 0)."""
-    if tuple(volume.shape) == tuple(shape):
-        return volume
-    t = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
-    mode = "trilinear" if order == 1 else "nearest"
-    kwargs = {"align_corners": False} if order == 1 else {}
-    out = F.interpolate(t, size=shape, mode=mode, **kwargs)[0, 0].numpy()
-    return out
-
-
 def patient_x_of_columns(orientation: tuple[float, ...], spacing_yx: tuple[float, float], shape_yx: tuple[int, int]) -> np.ndarray:
     """LPS x (patient left is +) of every in-plane voxel, up to a constant offset.
 
