@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import traceback
 from pathlib import Path
 from typing import Optional
@@ -157,9 +156,5 @@ def _main(version: bool = typer.Option(False, "--version", help="print the versi
         raise typer.Exit()
 
 
-def main() -> None:  # pragma: no cover
-    app(prog_name="ct-ai-node")
-
-
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    app(prog_name="ct-ai-node")

@@ -136,7 +136,7 @@ def _split_left_right(lung: np.ndarray, orientation, spacing_yx, min_fraction: f
     return labels
 
 
-def _clean(lung: np.ndarray, hu_work: np.ndarray, settings: LungSegmentationSettings, spacing_work, voxel_ml_work,
+def _clean(lung: np.ndarray, hu_work: np.ndarray, settings: LungSegmentationSettings, spacing_work,
            orientation) -> np.ndarray:
     lab, n = ndi.label(lung)
     if n == 0:
@@ -144,7 +144,7 @@ def _clean(lung: np.ndarray, hu_work: np.ndarray, settings: LungSegmentationSett
     sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
     keep = np.flatnonzero(sizes >= settings.min_component_fraction * sizes.max()) + 1
     lung = np.isin(lab, keep)
-    lung = _remove_airways(lung, hu_work, settings, voxel_ml_work, orientation)
+    lung = _remove_airways(lung, hu_work, settings, float(np.prod(spacing_work)) / 1000.0, orientation)
     radius = int(round(settings.closing_mm / spacing_work[1]))
     # closing by a disk on every slice at once (padded so the image border cannot clip it)
     pad = radius + 1
@@ -187,8 +187,18 @@ def _to_source(labels_work: np.ndarray, shape: tuple[int, int, int]) -> np.ndarr
     return out
 
 
-def _downsample_hu(hu: np.ndarray, work_shape) -> np.ndarray:
-    return resize_stack(hu, work_shape[1:])
+def _work_spacing(spacing, shape, work_shape) -> tuple[float, float, float]:
+    return (spacing[0], spacing[1] * shape[1] / work_shape[1], spacing[2] * shape[2] / work_shape[2])
+
+
+def _finish(candidates: np.ndarray, hu_work: np.ndarray, hu_shape, spacing, orientation,
+            settings: LungSegmentationSettings) -> np.ndarray:
+    """Shared tail of both methods: clean the work-resolution lung candidates, split
+    left/right and bring the labels back to the source grid."""
+    spacing_w = _work_spacing(spacing, hu_shape, candidates.shape)
+    lung = _clean(candidates, hu_work, settings, spacing_w, orientation)
+    labels = _split_left_right(lung, orientation, spacing_w[1:], settings.min_component_fraction)
+    return _to_source(labels, hu_shape)
 
 
 class ClassicalLungSegmenter:
@@ -202,16 +212,9 @@ class ClassicalLungSegmenter:
 
     def __call__(self, hu: np.ndarray, spacing, orientation) -> np.ndarray:
         s = self.settings
-        work_shape = _work_shape(hu.shape, s.work_size)
-        hu_w = _downsample_hu(hu, work_shape)
-        f = hu.shape[1] / work_shape[1]
-        spacing_w = (spacing[0], spacing[1] * f, spacing[2] * hu.shape[2] / work_shape[2])
-        voxel_ml = float(np.prod(spacing_w)) / 1000.0
+        hu_w = resize_stack(hu, _work_shape(hu.shape, s.work_size)[1:])
         air = hu_w < s.threshold_hu
-        lung = air & ~_outside_air(air)
-        lung = _clean(lung, hu_w, s, spacing_w, voxel_ml, orientation)
-        labels = _split_left_right(lung, orientation, spacing_w[1:], s.min_component_fraction)
-        return _to_source(labels, hu.shape)
+        return _finish(air & ~_outside_air(air), hu_w, hu.shape, spacing, orientation, s)
 
 
 class UNetLungSegmenter:
@@ -253,12 +256,6 @@ class UNetLungSegmenter:
         return np.stack([maps[z] for z in range(hu.shape[0])]).astype(np.float32)
 
     def __call__(self, hu: np.ndarray, spacing, orientation) -> np.ndarray:
-        s = self.settings
         probs = self.probabilities(hu, spacing[0])
-        work_shape = probs.shape
-        f = hu.shape[1] / work_shape[1]
-        spacing_w = (spacing[0], spacing[1] * f, spacing[2] * hu.shape[2] / work_shape[2])
-        hu_w = _downsample_hu(hu, work_shape)
-        lung = _clean(probs >= 0.5, hu_w, s, spacing_w, float(np.prod(spacing_w)) / 1000.0, orientation)
-        labels = _split_left_right(lung, orientation, spacing_w[1:], s.min_component_fraction)
-        return _to_source(labels, hu.shape)
+        hu_w = resize_stack(hu, probs.shape[1:])
+        return _finish(probs >= 0.5, hu_w, hu.shape, spacing, orientation, self.settings)
