@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
-DEBIAN_PACKAGES := dcmtk dicom3tools
+DEBIAN_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-python
 
 .PHONY: install system-deps demo test train evaluate benchmark clean
 
@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 # Real DICOM peers and validators for the tests (Debian packages), when apt is there.
 system-deps:
 	@missing=""; \
-	for tool in dciodvfy storescu; do command -v $$tool >/dev/null || missing=yes; done; \
+	for tool in dciodvfy storescu Orthanc; do command -v $$tool >/dev/null || missing=yes; done; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null; then \
 	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(DEBIAN_PACKAGES); \

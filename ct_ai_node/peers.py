@@ -1,0 +1,162 @@
+"""Local DICOM peers on loopback: a real Orthanc and a DCMTK ``storescp``.
+
+Used by ``ct-ai-node demo`` (a stand-in PACS), by the integration tests and by
+the benchmarks. Each peer runs as a child process on free loopback ports with
+``TCP_NODELAY=1`` (without it DCMTK and Orthanc stall on delayed ACKs) and is
+stopped by ``close()`` or the context manager.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ORTHANC_PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_s: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"peer exited with code {proc.returncode} before listening on port {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
+
+
+def nodelay_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"
+    return env
+
+
+def tool_available(name: str) -> bool:
+    return shutil.which(name) is not None
+
+
+class _Peer:
+    proc: subprocess.Popen | None = None
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@dataclass
+class StoreSCP(_Peer):
+    """DCMTK ``storescp`` writing every received instance into ``folder``."""
+
+    folder: Path
+    ae_title: str = "STORESCP"
+    port: int = 0
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    def start(self) -> "StoreSCP":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        # -uf: files named by SOP class + instance UID; +B: write straight to disk (faster)
+        cmd = ["storescp", "--aetitle", self.ae_title, "-uf", "+B", "--output-directory", str(self.folder),
+               str(self.port)]
+        self.proc = subprocess.Popen(cmd, env=nodelay_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def received(self) -> list[Path]:
+        return sorted(p for p in self.folder.rglob("*") if p.is_file())
+
+
+@dataclass
+class Orthanc(_Peer):
+    """A real Orthanc (Debian package) with DICOMweb, on free loopback ports."""
+
+    folder: Path
+    ae_title: str = "ORTHANC"
+    dicom_port: int = 0
+    http_port: int = 0
+    #: AE titles Orthanc may C-STORE to (name -> (aet, host, port))
+    modalities: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
+
+    def _plugins(self) -> list[str]:
+        found = []
+        for name in ("libOrthancDicomWeb.so",):
+            for folder in ORTHANC_PLUGIN_DIRS:
+                if (Path(folder) / name).exists():
+                    found.append(str(Path(folder) / name))
+                    break
+        return found
+
+    def start(self, timeout_s: float = 60.0) -> "Orthanc":
+        binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+        if not Path(binary).exists():
+            raise FileNotFoundError("Orthanc is not installed (Debian package 'orthanc')")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.dicom_port = self.dicom_port or free_port()
+        self.http_port = self.http_port or free_port()
+        config = {
+            "Name": "ct-ai-node test PACS",
+            "StorageDirectory": str(self.folder / "db"),
+            "IndexDirectory": str(self.folder / "db"),
+            "DicomAet": self.ae_title,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
+            "Plugins": self._plugins(),
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "StorageCompression": False,
+            "HttpTimeout": 60,
+        }
+        cfg_path = self.folder / "orthanc.json"
+        cfg_path.write_text(json.dumps(config, indent=2))
+        log = open(self.folder / "orthanc.log", "wb")
+        self.proc = subprocess.Popen([binary, str(cfg_path)], env=nodelay_env(), stdout=log, stderr=log)
+        log.close()
+        wait_for_port(self.http_port, timeout_s, self.proc)
+        wait_for_port(self.dicom_port, timeout_s, self.proc)
+        return self
+
+    def api(self):
+        from orthanc_api_client import OrthancApiClient
+
+        return OrthancApiClient(self.url)
