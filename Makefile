@@ -22,7 +22,9 @@ install: $(VENV)/.installed
 # Real DICOM peers and validators for the tests (Debian packages), when apt is there.
 system-deps:
 	@missing=""; \
-	for tool in dciodvfy storescu Orthanc; do command -v $$tool >/dev/null || missing=yes; done; \
+	for tool in dciodvfy storescu; do command -v $$tool >/dev/null || missing=yes; done; \
+	command -v Orthanc >/dev/null || test -x /usr/sbin/Orthanc || missing=yes; \
+	test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing=yes; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null; then \
 	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(DEBIAN_PACKAGES); \
