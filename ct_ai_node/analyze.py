@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import pydicom
 import torch
 
 from ct_ai_node import __version__
@@ -42,6 +41,8 @@ class AnalyzeOptions:
     #: which series qualify (ct_ai_node.rules.selection.SelectionPolicy); default when None
     selection: object | None = None
     pipeline_settings: PipelineSettings = field(default_factory=PipelineSettings)
+    #: build and write the heat-map series in a forked process beside the other outputs
+    parallel_writers: bool = True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,13 +51,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise InputRejected("--device cuda asked for, but no CUDA device is available")
     return torch.device(name)
-
-
-def write_dataset(ds: pydicom.Dataset, path: Path) -> None:
-    """Write atomically: a half-written file is never seen under its final name."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
 
 
 def write_result(doc: ResultDocument, out_dir: Path) -> Path:
@@ -81,7 +75,7 @@ def analyze_folder(input_dir: Path, out_dir: Path, options: AnalyzeOptions | Non
                    report: Callable[[str], None] | None = None) -> ResultDocument:
     """Run the whole analysis; always writes ``out_dir/result.json``."""
     from ct_ai_node.volume import load_series_from_folder
-    from ct_ai_node.writers import build_outputs
+    from ct_ai_node.output_folder import write_outputs
 
     opts = options or AnalyzeOptions()
     timings: dict[str, float] = {}
@@ -97,14 +91,9 @@ def analyze_folder(input_dir: Path, out_dir: Path, options: AnalyzeOptions | Non
             lungs = create_lung_segmenter(opts.lungs, device, opts.weights_dir)
         with _stage(timings, "pipeline", report):
             result = analyse_volume(volume, method, lungs, opts.pipeline_settings, opts.pipeline)
-        with _stage(timings, "writers", report):
-            built = build_outputs(volume, result, series_number_base=opts.series_number_base)
-        with _stage(timings, "write_files", report):
-            out_dir.mkdir(parents=True, exist_ok=True)
-            outputs = {}
-            for name, ds in built.named():
-                write_dataset(ds, out_dir / name)
-                outputs[name] = str(ds.SOPClassUID)
+        with _stage(timings, "outputs", report):
+            outputs, output_times = write_outputs(volume, result, out_dir, series_number_base=opts.series_number_base,
+                                                  parallel=opts.parallel_writers)
     except InputRejected as exc:
         logger.info("analysis rejected: %s", exc.reason)
         doc = ResultDocument(status="rejected", reason=exc.reason, pipeline=opts.pipeline, version=__version__,
@@ -119,7 +108,7 @@ def analyze_folder(input_dir: Path, out_dir: Path, options: AnalyzeOptions | Non
         write_result(doc, out_dir)
         return doc
     stage_times = {**{f"pipeline.{k}": v for k, v in result.timings_s.items()},
-                   **{f"writers.{k}": v for k, v in built.timings_s.items()}, **timings}
+                   **output_times, **timings}
     stage_times["total"] = round(time.perf_counter() - t_all, 3)
     doc = result_document(volume, result, outputs, stage_times, skipped, __version__)
     write_result(doc, out_dir)

@@ -145,6 +145,29 @@ def fill_between(maps: dict[int, np.ndarray], wanted: np.ndarray) -> dict[int, n
     return out
 
 
+def fill_between_inplace(stack: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Like :func:`fill_between` for a preallocated (z, ...) array whose slices at
+    ``known`` are computed: the slices strictly between two known ones are filled by
+    linear interpolation in place (no per-slice dictionaries or final stacking)."""
+    known = np.unique(np.asarray(known, dtype=int))
+    for a, b in zip(known[:-1], known[1:]):
+        for z in range(int(a) + 1, int(b)):
+            w = (z - a) / (b - a)
+            np.multiply(stack[a], 1.0 - w, out=stack[z])
+            stack[z] += w * stack[b]
+    return stack
+
+
+def labels_in(labels: np.ndarray, wanted, n_labels: int | None = None) -> np.ndarray:
+    """``np.isin(labels, wanted)`` for a label image, by table lookup (isin sorts the
+    whole image: several times slower on a 300-slice volume)."""
+    n = int(labels.max()) if n_labels is None else int(n_labels)
+    table = np.zeros(n + 1, bool)
+    wanted = np.asarray(wanted, dtype=np.intp).ravel()
+    table[wanted[(wanted >= 0) & (wanted <= n)]] = True
+    return table[labels]
+
+
 def bounding_box(mask: np.ndarray, margin: int | tuple[int, ...] = 0) -> tuple[slice, ...] | None:
     """Index slices of the box around ``mask`` plus ``margin`` voxels (None when empty);
     the heavy 3D steps run inside this box instead of the whole field of view."""

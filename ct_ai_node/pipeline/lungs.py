@@ -18,7 +18,8 @@ from scipy import ndimage as ndi
 from ct_ai_node.pipeline.geometry import (
     bounding_box,
     dilate_slices,
-    fill_between,
+    fill_between_inplace,
+    labels_in,
     patient_x_of_columns,
     resize_slices,
     resize_stack,
@@ -59,7 +60,7 @@ def _outside_air(air: np.ndarray) -> np.ndarray:
         if n == 0:
             continue
         touching = np.unique(lab[border & (lab > 0)])
-        out[z] = np.isin(lab, touching[touching > 0])
+        out[z] = labels_in(lab, touching[touching > 0], n)
     return out
 
 
@@ -82,7 +83,7 @@ def _remove_airways(lung: np.ndarray, hu: np.ndarray, settings: LungSegmentation
     if seeds.size == 0:
         return lung
     # The trachea is the dark component in the top lung slice that is small in-plane.
-    cand = np.isin(lab, seeds)
+    cand = labels_in(lab, seeds, n)
     if cand.sum() * voxel_ml > 400:  # leaked into emphysema or the lungs: leave it
         return lung
     return lung & ~ndi.binary_dilation(cand, iterations=1)
@@ -143,7 +144,7 @@ def _clean(lung: np.ndarray, hu_work: np.ndarray, settings: LungSegmentationSett
         return lung
     sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
     keep = np.flatnonzero(sizes >= settings.min_component_fraction * sizes.max()) + 1
-    lung = np.isin(lab, keep)
+    lung = labels_in(lab, keep, n)
     lung = _remove_airways(lung, hu_work, settings, float(np.prod(spacing_work)) / 1000.0, orientation)
     radius = int(round(settings.closing_mm / spacing_work[1]))
     # closing by a disk on every slice at once (padded so the image border cannot clip it)
@@ -158,10 +159,10 @@ def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
     (4-connected within a slice) that do not touch the slice border are holes."""
     cross = np.zeros((3, 3, 3), bool)
     cross[1, 1, :] = cross[1, :, 1] = True
-    lab, _ = ndi.label(~mask, structure=cross)
+    lab, n = ndi.label(~mask, structure=cross)
     border = np.unique(np.concatenate([lab[:, 0, :].ravel(), lab[:, -1, :].ravel(),
                                        lab[:, :, 0].ravel(), lab[:, :, -1].ravel()]))
-    return ~np.isin(lab, border[border > 0])
+    return ~labels_in(lab, border[border > 0], n)
 
 
 def _to_source(labels_work: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -244,16 +245,14 @@ class UNetLungSegmenter:
         size = (s.work_size, s.work_size)
         stride = max(1, int(s.z_step_mm // spacing_z)) if spacing_z else 1
         run = strided_indices(np.arange(hu.shape[0]), stride)
-        maps: dict[int, np.ndarray] = {}
+        out = np.zeros(work_shape, np.float32)
         for i in range(0, run.size, self.batch_size):
             zs = run[i : i + self.batch_size]
             x = torch.from_numpy(np.ascontiguousarray(hu[zs], np.float32))[:, None]
             x = resize_slices(self.normalise(x), size).to(self.device)
             p = torch.sigmoid(self.model(x))
-            p = resize_slices(p, work_shape[1:]).cpu().numpy()[:, 0]
-            maps.update({int(z): p[k] for k, z in enumerate(zs)})
-        maps = fill_between(maps, np.arange(hu.shape[0]))
-        return np.stack([maps[z] for z in range(hu.shape[0])]).astype(np.float32)
+            out[zs] = resize_slices(p, work_shape[1:]).cpu().numpy()[:, 0]
+        return fill_between_inplace(out, run)
 
     def __call__(self, hu: np.ndarray, spacing, orientation) -> np.ndarray:
         probs = self.probabilities(hu, spacing[0])

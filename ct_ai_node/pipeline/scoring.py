@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from ct_ai_node.pipeline.geometry import bounding_box
+from ct_ai_node.pipeline.geometry import bounding_box, labels_in
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def infection_mask_from_heatmap(
     lab, n = ndi.label(mask)
     sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:] * float(np.prod(spacing)) / 1000.0
     keep = np.flatnonzero(sizes >= min_component_ml) + 1
-    out[box] = np.isin(lab, keep)
+    out[box] = labels_in(lab, keep, n)
     return out
 
 
