@@ -1,4 +1,4 @@
-"""Command line: ``ct-ai-node analyze | train | evaluate | pipelines``."""
+"""Command line: ``ct-ai-node analyze | train | evaluate | pipelines | check-config | rules test``."""
 
 from __future__ import annotations
 
@@ -147,6 +147,89 @@ def evaluate(
     summary = evaluate_pipeline(out, cases, resolve_device(device), pipeline=pipeline, lungs=lungs, log=err.print,
                                 weights_dir=weights_dir, shape=dims, workers=workers)
     typer.echo(json.dumps(summary, indent=2, default=float))
+
+
+@app.command("check-config")
+def check_config(
+    file: Path = typer.Argument(..., help="node configuration (YAML)"),
+) -> None:
+    """Check a node configuration: one line per problem (exit 2), or OK and a summary."""
+    from ct_ai_node.config import ConfigError, load_config
+
+    try:
+        config = load_config(file)
+    except ConfigError as exc:
+        for line in exc.problems:
+            typer.echo(line, err=True)
+        raise typer.Exit(EXIT_REJECTED)
+    typer.echo(f"OK: {config.summary()}")
+
+
+rules_app = typer.Typer(no_args_is_help=True, help="Try the routing rules of a node configuration.")
+app.add_typer(rules_app, name="rules")
+
+
+@rules_app.command("test")
+def rules_test(
+    folder: Path = typer.Argument(..., help="folder with DICOM files (searched recursively)"),
+    config_file: Path = typer.Option(..., "--config", help="node configuration (YAML)"),
+    calling_ae: str = typer.Option("", "--calling-ae", help="calling AE title to assume (the sender)"),
+    called_ae: Optional[str] = typer.Option(None, "--called-ae", help="called AE title (default: the node's)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Route every series of a folder as the node would, and say why."""
+    from ct_ai_node.config import ConfigError, load_config
+    from ct_ai_node.rules.routing import describe_action, facts_from_datasets, route
+    from ct_ai_node.volume.reader import scan_folder
+
+    _logging(verbose)
+    try:
+        config = load_config(config_file, check_files=False)
+    except ConfigError as exc:
+        for line in exc.problems:
+            typer.echo(line, err=True)
+        raise typer.Exit(EXIT_REJECTED)
+    if not folder.exists():
+        typer.echo(f"{folder}: no such file or folder", err=True)
+        raise typer.Exit(EXIT_REJECTED)
+    scan = scan_folder(folder)
+    if not scan.series:
+        typer.echo(f"no DICOM series among {scan.n_files} files", err=True)
+        raise typer.Exit(EXIT_REJECTED)
+    called = called_ae if called_ae is not None else config.node.ae_title
+    decisions = []
+    for instances in scan.series.values():
+        headers = [inst.header for inst in instances]
+        # the scan keeps a few attributes only; rules may test any: read the first header whole
+        first = _read_full_header(instances[0].path)
+        if first is not None:
+            headers[0] = first
+        facts = facts_from_datasets(headers, calling_ae=calling_ae, called_ae=called)
+        decisions.append((facts, route(config.rules, config.routing, facts)))
+    decisions.sort(key=lambda fd: _series_order(fd[0]))
+    for facts, decision in decisions:
+        typer.echo(f"{facts.label}: {facts.instance_count} instances, {facts.orientation}")
+        for action in decision.actions:
+            typer.echo(f"  => {action.rule}: {describe_action(action)}")
+        for line in decision.explanation:
+            typer.echo(f"  {line}")
+    if scan.skipped:
+        typer.echo(f"{len(scan.skipped)} file(s) skipped (not DICOM, or damaged)")
+
+
+def _read_full_header(path: Path):
+    """Whole header of one file (no pixel data), or None when it cannot be read."""
+    import pydicom
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception:  # noqa: BLE001 - the scanned header is used instead
+        return None
+
+
+def _series_order(facts) -> tuple:
+    number = facts.tags.get("SeriesNumber")
+    return (number if isinstance(number, float) else float("inf"), facts.label)
 
 
 @app.callback(invoke_without_command=True)

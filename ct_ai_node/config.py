@@ -1,0 +1,756 @@
+"""The node's typed configuration: ``NodeConfig``, loaded from YAML by ``load_config``.
+
+The schema follows docs/node.md. Every model forbids unknown keys, so a typo in
+a PACS administrator's file is an error naming the field, not a silent default.
+A wrong file raises ``ConfigError`` whose ``problems`` hold one line per wrong
+field, ``dotted.field.path: message`` (``destinations.0.port: Input should be
+less than 65536``). Checks that span sections (a rule naming an unknown
+destination, duplicate names) report the path of the offending entry too.
+
+No network here and no disk outside ``load_config``: the routing rules and the
+tests build configs in memory with ``NodeConfig.model_validate`` or
+``default_config``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+#: the pipeline an ``analyse`` rule runs when it names none
+#: (mirrors ``ct_ai_node.pipeline.methods.DEFAULT_PIPELINE``, which imports torch)
+DEFAULT_PIPELINE = "radlogics"
+DEFAULT_LUNGS = "unet"
+DESTINATION_KINDS = ("dicom", "stow", "orthanc")
+ACTIONS = ("analyse", "forward", "discard")
+OPERATORS = ("equals", "in", "regex", "range", "exists", "contains")
+#: condition targets besides ``tag`` (facts of the series and its association)
+FACT_TARGETS = ("calling_ae", "called_ae", "instances", "image_type", "orientation")
+ORIENTATIONS = ("axial", "coronal", "sagittal", "oblique", "unknown")
+#: keywords a routing rule cannot test: routing sees no pixel data and no sequences
+_BULK_VRS = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``problems`` has one line per wrong field."""
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{len(self.problems)} configuration problem(s):\n" + "\n".join(self.problems))
+
+
+# -- reusable field types -------------------------------------------------------
+
+def _raise_at(title: str, errors: list[tuple[tuple[str | int, ...], str]]) -> None:
+    """Raise a ValidationError with one error per (loc, message).
+
+    Used by cross-field checks so that their problems name the exact field
+    (``rules.0.destinations.1``) instead of the model they were found in.
+    """
+    details = [
+        InitErrorDetails(type=PydanticCustomError("config", "{message}", {"message": msg}), loc=loc, input=None)
+        for loc, msg in errors
+    ]
+    raise ValidationError.from_exception_data(title, details)
+
+
+def _check_ae_title(value: str) -> str:
+    # PS3.5 AE VR: 1..16 characters of the default repertoire, no backslash or
+    # control characters; leading/trailing spaces are not significant.
+    text = value.strip()
+    if not text:
+        raise ValueError("an AE title must not be empty or all spaces")
+    if len(text) > 16:
+        raise ValueError(f"an AE title has at most 16 characters, got {len(text)}")
+    bad = sorted({c for c in text if c == "\\" or not (" " <= c <= "~")})
+    if bad:
+        raise ValueError(f"an AE title may not contain {', '.join(repr(c) for c in bad)}")
+    return text
+
+
+def _check_host(value: str) -> str:
+    text = value.strip()
+    try:
+        ipaddress.ip_address(text)
+        return text
+    except ValueError:
+        pass
+    label = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    if len(text) > 253 or not re.fullmatch(rf"{label}(?:\.{label})*", text):
+        raise ValueError(f"{value!r} is neither an IP address nor a host name")
+    return text
+
+
+def _check_url(value: str) -> str:
+    from urllib.parse import urlsplit
+
+    text = value.strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    return text.rstrip("/")
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Host = Annotated[str, AfterValidator(_check_host)]
+Url = Annotated[str, AfterValidator(_check_url)]
+#: lt=65536 so that the message reads "less than 65536", as in docs/node.md
+Port = Annotated[int, Field(ge=1, lt=65536)]
+
+
+def _check_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+        raise ValueError(f"{value!r}: use 1..64 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return value
+
+
+def _check_device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
+        raise ValueError(f"{value!r}: must be auto, cpu, cuda or cuda:N")
+    return value
+
+
+#: destination, rule and pipeline names: used in job payloads, logs and folder names
+Name = Annotated[str, AfterValidator(_check_name)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve(path: Path, base: Path) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() else (base / path)
+
+
+# -- sections -------------------------------------------------------------------
+
+class NodeSection(_Model):
+    """The node's own DICOM identity and association limits."""
+
+    ae_title: AETitle = "CTAI"
+    host: Host = "0.0.0.0"
+    port: Port = 11112
+    #: concurrent associations accepted; more are refused (bounded resources)
+    max_associations: int = Field(8, ge=1, le=256)
+    acse_timeout_s: float = Field(30.0, gt=0, le=3600)
+    dimse_timeout_s: float = Field(60.0, gt=0, le=3600)
+    network_timeout_s: float = Field(60.0, gt=0, le=3600)
+
+
+class TlsSection(_Model):
+    """DICOM TLS: the node's certificate and key, and the CA that signs callers."""
+
+    cert: Path
+    key: Path
+    ca: Optional[Path] = None
+    require_client_cert: StrictBool = True
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> "TlsSection":
+        if self.require_client_cert and self.ca is None:
+            _raise_at("TlsSection", [(("ca",), "needed to verify client certificates "
+                                              "(or set require_client_cert: false)")])
+        return self
+
+    def resolved(self, base: Path) -> "TlsSection":
+        return self.model_copy(update={
+            "cert": _resolve(self.cert, base),
+            "key": _resolve(self.key, base),
+            "ca": _resolve(self.ca, base) if self.ca is not None else None,
+        })
+
+
+class AllowedCaller(_Model):
+    """A calling AE title (``*`` = any) and optionally the host it must call from."""
+
+    ae_title: AETitle
+    #: IP address or host name; compared as written (name resolution is the caller's job)
+    host: Optional[Host] = None
+
+    def matches(self, ae_title: str, host: str | None) -> bool:
+        if self.ae_title != "*" and self.ae_title != ae_title.strip():
+            return False
+        return self.host is None or (host is not None and self.host == host.strip())
+
+
+class StorageSection(_Model):
+    """Where received instances, the index and results live."""
+
+    root: Path = Path("./var")
+    #: below this much free space the node answers C-STORE with 0xA700 (out of resources)
+    min_free_mb: int = Field(2048, ge=0)
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.root / "spool"
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / "node.db"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.root / "outbox"
+
+    def resolved(self, base: Path) -> "StorageSection":
+        return self.model_copy(update={"root": _resolve(self.root, base)})
+
+
+class CompletenessSection(_Model):
+    """When a series counts as complete: no new instance for ``quiet_time_s``."""
+
+    quiet_time_s: float = Field(20.0, gt=0, le=3600)
+    check_interval_s: float = Field(2.0, gt=0, le=600)
+
+
+class WorkersSection(_Model):
+    count: int = Field(1, ge=1, le=64)
+    #: a job whose worker stops renewing its lease for this long is run again
+    lease_s: float = Field(120.0, ge=5, le=86400)
+    device: Annotated[str, AfterValidator(_check_device)] = "auto"
+
+
+class RetrySection(_Model):
+    max_attempts: int = Field(5, ge=1, le=100)
+    backoff_initial_s: float = Field(5.0, gt=0, le=86400)
+    backoff_max_s: float = Field(300.0, gt=0, le=86400)
+
+    @model_validator(mode="after")
+    def _max_above_initial(self) -> "RetrySection":
+        if self.backoff_max_s < self.backoff_initial_s:
+            _raise_at("RetrySection", [(("backoff_max_s",), f"must be at least backoff_initial_s "
+                                                           f"({self.backoff_initial_s:g})")])
+        return self
+
+
+# -- destinations ---------------------------------------------------------------
+
+class _Credentials(_Model):
+    username: Optional[str] = None
+    #: kept out of repr so that a logged config does not show it
+    password: Optional[str] = Field(None, repr=False)
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> "_Credentials":
+        if (self.username is None) != (self.password is None):
+            missing = "password" if self.password is None else "username"
+            _raise_at(type(self).__name__, [((missing,), "username and password go together")])
+        return self
+
+
+class DicomDestination(_Model):
+    """A DICOM peer reached by C-STORE (a PACS, Orthanc's DICOM port)."""
+
+    name: Name
+    kind: Literal["dicom"]
+    host: Host
+    port: Port
+    ae_title: AETitle
+    #: the AE title the node calls with; None = the node's own AE title
+    calling_ae_title: Optional[AETitle] = None
+
+    def calling_ae(self, node_ae_title: str) -> str:
+        return self.calling_ae_title or node_ae_title
+
+
+class StowDestination(_Credentials):
+    """A DICOMweb server reached by STOW-RS (``url`` is the DICOMweb root)."""
+
+    name: Name
+    kind: Literal["stow"]
+    url: Url
+    timeout_s: float = Field(60.0, gt=0, le=3600)
+
+
+class OrthancDestination(_Credentials):
+    """An Orthanc server reached through its REST API."""
+
+    name: Name
+    kind: Literal["orthanc"]
+    url: Url
+
+
+Destination = Annotated[
+    Union[DicomDestination, StowDestination, OrthancDestination], Field(discriminator="kind")
+]
+
+
+# -- rules ----------------------------------------------------------------------
+
+def _scalar(value: Any) -> Any:
+    # YAML reads yes/no/on/off as booleans: a rule comparing with "NO" must quote it
+    if isinstance(value, bool):
+        raise ValueError("YAML read this as true/false; quote the value (\"YES\", \"NO\", \"ON\", \"OFF\")")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    if not isinstance(value, (str, int, float)):
+        raise ValueError(f"must be a text or a number, got {type(value).__name__}")
+    return value
+
+
+Scalar = Annotated[Any, AfterValidator(_scalar)]
+
+
+class _Operators(_Model):
+    """The comparison operators a condition may use (exactly one per condition)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    equals: Optional[Scalar] = None
+    in_: Optional[list[Scalar]] = Field(None, alias="in", min_length=1)
+    regex: Optional[str] = None
+    range: Optional[tuple[float, float]] = None
+    exists: Optional[StrictBool] = None
+    contains: Optional[Scalar] = None
+
+    @field_validator("regex")
+    @classmethod
+    def _regex_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression: {exc}") from None
+        return value
+
+    @field_validator("range")
+    @classmethod
+    def _range_ordered(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None:
+            lo, hi = value
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ValueError("bounds must be finite numbers")
+            if lo > hi:
+                raise ValueError(f"lower bound {lo:g} is above upper bound {hi:g}")
+        return value
+
+    def _given(self) -> list[str]:
+        names = {"in_": "in"}
+        return [names.get(f, f) for f in type(self).model_fields
+                if f in _OPERATOR_FIELDS and getattr(self, f) is not None]
+
+    @property
+    def operator(self) -> tuple[str, Any]:
+        """(operator name, value) of the one operator set."""
+        name = self._given()[0]
+        return name, getattr(self, "in_" if name == "in" else name)
+
+
+_OPERATOR_FIELDS = ("equals", "in_", "regex", "range", "exists", "contains")
+
+
+def _one_operator(model: _Operators, title: str) -> None:
+    given = model._given()
+    if len(given) != 1:
+        found = f"found {len(given)}: {', '.join(given)}" if given else "found none"
+        _raise_at(title, [((), f"a condition needs exactly one operator ({', '.join(OPERATORS)}); {found}")])
+
+
+class Comparison(_Operators):
+    """An operator applied to a series fact: ``{in: [PACS]}``."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Comparison":
+        _one_operator(self, "Comparison")
+        return self
+
+
+class Condition(_Operators):
+    """One condition of a rule.
+
+    Two spellings, as in docs/node.md:
+
+    - a DICOM attribute by keyword, operator beside it: ``{tag: Modality, equals: CT}``;
+    - a fact of the series or its association, operator nested:
+      ``{calling_ae: {in: [PACS]}}``, ``{instances: {range: [20, 2000]}}``,
+      ``{image_type: {contains: AXIAL}}``, ``{orientation: {equals: axial}}``.
+    """
+
+    tag: Optional[str] = None
+    calling_ae: Optional[Comparison] = None
+    called_ae: Optional[Comparison] = None
+    instances: Optional[Comparison] = None
+    image_type: Optional[Comparison] = None
+    orientation: Optional[Comparison] = None
+
+    @field_validator("tag")
+    @classmethod
+    def _known_keyword(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from pydicom import datadict
+
+        keyword = value.strip()
+        if datadict.tag_for_keyword(keyword) is None:
+            close = difflib.get_close_matches(keyword, list(datadict.keyword_dict), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"{value!r} is not a DICOM keyword{hint}")
+        if set(datadict.dictionary_VR(datadict.tag_for_keyword(keyword)).split(" or ")) & _BULK_VRS:
+            raise ValueError(f"{keyword} is a sequence or binary data; rules see plain values only")
+        return keyword
+
+    @model_validator(mode="after")
+    def _one_target_one_operator(self) -> "Condition":
+        targets = (["tag"] if self.tag is not None else []) + [
+            t for t in FACT_TARGETS if getattr(self, t) is not None
+        ]
+        if len(targets) != 1:
+            found = f"found {', '.join(targets)}" if targets else "found none"
+            _raise_at("Condition", [((), "a condition tests exactly one of tag, "
+                                         f"{', '.join(FACT_TARGETS)}; {found}")])
+        if self.tag is not None:
+            _one_operator(self, "Condition")
+        else:
+            given = self._given()
+            if given:
+                _raise_at("Condition", [((given[0],), f"goes inside the {targets[0]} block: "
+                                                      f"{{{targets[0]}: {{{given[0]}: ...}}}}")])
+        if self.orientation is not None:
+            name, value = self.orientation.operator
+            values = value if isinstance(value, list) else [value]
+            if name in ("equals", "in", "contains"):
+                wrong = [v for v in values if str(v).strip() not in ORIENTATIONS]
+                if wrong:
+                    _raise_at("Condition", [(("orientation", name), f"{wrong[0]!r} is not one of "
+                                                                   f"{', '.join(ORIENTATIONS)}")])
+        return self
+
+    @property
+    def target(self) -> str:
+        """``tag`` or one of ``FACT_TARGETS``."""
+        if self.tag is not None:
+            return "tag"
+        return next(t for t in FACT_TARGETS if getattr(self, t) is not None)
+
+    @property
+    def subject(self) -> str:
+        """What the condition looks at, for explanations: the keyword or the fact name."""
+        return self.tag if self.tag is not None else self.target
+
+    @property
+    def test(self) -> tuple[str, Any]:
+        """(operator, value) of this condition."""
+        if self.tag is not None:
+            return self.operator
+        return getattr(self, self.target).operator
+
+
+def _normalise_action(data: Any) -> Any:
+    # "analyze" (US spelling) is accepted and stored as "analyse"
+    if isinstance(data, dict) and data.get("action") == "analyze":
+        data = {**data, "action": "analyse"}
+    return data
+
+
+class ActionSpec(_Model):
+    """What to do with a series: analyse it, forward it, or discard it."""
+
+    action: Literal["analyse", "forward", "discard"] = "discard"
+    #: analyse only; default ``DEFAULT_PIPELINE``
+    pipeline: Optional[Name] = None
+    #: analyse only: lung segmentation method; default ``DEFAULT_LUNGS``
+    lungs: Optional[Literal["unet", "classical"]] = None
+    #: analyse: where the results go; forward: where the series goes
+    destinations: list[Name] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_for_action(cls, data: Any) -> Any:
+        data = _normalise_action(data)
+        if isinstance(data, dict) and data.get("action") == "analyse":
+            data = dict(data)
+            if data.get("pipeline") is None:
+                data["pipeline"] = DEFAULT_PIPELINE
+            if data.get("lungs") is None:
+                data["lungs"] = DEFAULT_LUNGS
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ActionSpec":
+        errors: list[tuple[tuple[str | int, ...], str]] = []
+        if self.action != "analyse":
+            for field in ("pipeline", "lungs"):
+                if getattr(self, field) is not None:
+                    errors.append(((field,), f"only for action analyse, not {self.action}"))
+        if self.action == "forward" and not self.destinations:
+            errors.append((("destinations",), "a forward rule needs at least one destination"))
+        if self.action == "discard" and self.destinations:
+            errors.append((("destinations",), "a discard rule sends nothing; remove its destinations"))
+        seen: set[str] = set()
+        for i, name in enumerate(self.destinations):
+            if name in seen:
+                errors.append((("destinations", i), f"{name!r} is named twice"))
+            seen.add(name)
+        if errors:
+            _raise_at(type(self).__name__, errors)
+        return self
+
+
+class Rule(ActionSpec):
+    """A named rule: when every condition holds, take the action."""
+
+    name: Name
+    #: all must hold; an empty list matches every series
+    when: list[Condition] = []
+    action: Literal["analyse", "forward", "discard"]
+
+
+class RoutingSection(_Model):
+    #: first: the first matching rule wins; all: every matching rule acts
+    mode: Literal["first", "all"] = "first"
+    #: what happens to a series no rule matches
+    fallback: ActionSpec = ActionSpec(action="discard")
+
+
+# -- the whole file -------------------------------------------------------------
+
+class NodeConfig(_Model):
+    """The node's configuration (docs/node.md), one attribute per YAML section."""
+
+    node: NodeSection = NodeSection()
+    tls: Optional[TlsSection] = None
+    #: empty = anyone may call
+    allowed_callers: list[AllowedCaller] = []
+    storage: StorageSection = StorageSection()
+    completeness: CompletenessSection = CompletenessSection()
+    workers: WorkersSection = WorkersSection()
+    retry: RetrySection = RetrySection()
+    destinations: list[Destination] = []
+    routing: RoutingSection = RoutingSection()
+    rules: list[Rule] = []
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> "NodeConfig":
+        errors: list[tuple[tuple[str | int, ...], str]] = []
+        known: dict[str, int] = {}
+        for i, dest in enumerate(self.destinations):
+            if dest.name in known:
+                errors.append((("destinations", i, "name"),
+                               f"{dest.name!r} is already the name of destinations.{known[dest.name]}"))
+            known.setdefault(dest.name, i)
+        names: dict[str, int] = {}
+        for i, rule in enumerate(self.rules):
+            if rule.name in names:
+                errors.append((("rules", i, "name"), f"{rule.name!r} is already the name of rules.{names[rule.name]}"))
+            names.setdefault(rule.name, i)
+        listed = ", ".join(known) if known else "none defined"
+        targets: list[tuple[tuple[str | int, ...], ActionSpec]] = [
+            (("rules", i), rule) for i, rule in enumerate(self.rules)
+        ] + [(("routing", "fallback"), self.routing.fallback)]
+        for loc, spec in targets:
+            for j, name in enumerate(spec.destinations):
+                if name not in known:
+                    errors.append(((*loc, "destinations", j), f"unknown destination {name!r} (destinations: {listed})"))
+        if errors:
+            _raise_at("NodeConfig", errors)
+        return self
+
+    def destination(self, name: str) -> DicomDestination | StowDestination | OrthancDestination:
+        """The destination called ``name`` (KeyError when there is none)."""
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise KeyError(name)
+
+    def caller_allowed(self, ae_title: str, host: str | None = None) -> bool:
+        """Whether a calling AE title (from ``host``) may associate; anyone when the list is empty."""
+        return not self.allowed_callers or any(c.matches(ae_title, host) for c in self.allowed_callers)
+
+    def resolved(self, base: Path | None = None) -> "NodeConfig":
+        """A copy whose relative paths (storage root, TLS files) are made absolute against ``base`` (CWD)."""
+        base = Path.cwd() if base is None else Path(base)
+        update: dict[str, Any] = {"storage": self.storage.resolved(base)}
+        if self.tls is not None:
+            update["tls"] = self.tls.resolved(base)
+        return self.model_copy(update=update)
+
+    def summary(self) -> str:
+        """One line for humans: AE title, port, destinations and rules."""
+        def count(n: int, word: str) -> str:
+            return f"{n} {word}{'' if n == 1 else 's'}"
+
+        tls = ", TLS" if self.tls is not None else ""
+        return (f"AE title {self.node.ae_title}, port {self.node.port}{tls}, "
+                f"{count(len(self.destinations), 'destination')}, {count(len(self.rules), 'rule')}")
+
+
+# -- loading --------------------------------------------------------------------
+
+def _loc_text(loc: tuple[str | int, ...]) -> str:
+    parts = list(loc)
+    # discriminated unions add the kind to the path (destinations.0.dicom.port): drop it
+    if len(parts) >= 3 and parts[0] == "destinations" and isinstance(parts[1], int) and parts[2] in DESTINATION_KINDS:
+        del parts[2]
+    return ".".join(str(p) for p in parts)
+
+
+def problems_of(exc: ValidationError) -> list[str]:
+    """``dotted.path: message`` lines of a pydantic ValidationError."""
+    lines: list[str] = []
+    for error in exc.errors(include_url=False):
+        loc, msg, kind = tuple(error["loc"]), error["msg"], error["type"]
+        if kind == "extra_forbidden":
+            msg = "unknown field"
+        elif kind == "union_tag_invalid":
+            loc = (*loc, "kind")
+            msg = f"must be one of {', '.join(DESTINATION_KINDS)}, got {error['ctx'].get('tag')!r}"
+        elif kind == "union_tag_not_found":
+            loc = (*loc, "kind")
+            msg = f"Field required ({', '.join(DESTINATION_KINDS)})"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        lines.append(f"{_loc_text(loc) or '(top level)'}: {msg}")
+    return lines
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001 - PyYAML's signature
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable key: PyYAML reports it itself
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"yaml{where}: {' '.join(str(problem).split())}"
+
+
+def parse_config(data: Any, source: str | None = None) -> NodeConfig:
+    """Validate already-parsed YAML/JSON data; ``ConfigError`` when it is wrong."""
+    if not isinstance(data, dict):
+        got = "nothing (empty file)" if data is None else type(data).__name__
+        raise ConfigError([f"(top level): expected a mapping of sections (node, storage, rules, ...), got {got}"],
+                          source)
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(problems_of(exc), source) from None
+
+
+def load_config(path: str | Path, base: Path | None = None, check_files: bool = True) -> NodeConfig:
+    """Read, validate and resolve a YAML configuration file.
+
+    Relative paths are made absolute against ``base`` (default: the current
+    working directory). With ``check_files`` the TLS files must exist.
+
+    Raises
+    ------
+    ConfigError
+        With one ``dotted.field.path: message`` line per problem: a missing or
+        unreadable file, a YAML syntax error (with its line), wrong fields.
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"file: {path} not found"], source) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"file: {path} cannot be read ({type(exc).__name__})"], source) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError([_yaml_problem(exc)], source) from None
+    config = parse_config(data, source).resolved(base)
+    if check_files and config.tls is not None:
+        missing = [f"tls.{name}: file {p} not found" for name in ("cert", "key", "ca")
+                   if (p := getattr(config.tls, name)) is not None and not p.is_file()]
+        if missing:
+            raise ConfigError(missing, source)
+    return config
+
+
+def default_config(**overrides: Any) -> NodeConfig:
+    """The embedded configuration (for ``ct-ai-node demo``), with sections replaced by ``overrides``.
+
+    AE title CTAI on port 11112, anyone may call, storage ``./var`` (relative:
+    call ``.resolved()``), one rule ``ct`` that analyses every CT series with the
+    default pipeline and sends the results to every destination given (none by
+    default). ``overrides`` are top-level sections as dicts or models, e.g.
+    ``default_config(destinations=[{...}], storage={"root": "/tmp/node"})``.
+    """
+    unknown = sorted(set(overrides) - set(NodeConfig.model_fields))
+    if unknown:
+        raise ConfigError([f"{name}: unknown field" for name in unknown], "default_config")
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, BaseModel):
+            return value.model_dump(by_alias=True, exclude_none=False)
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    data: dict[str, Any] = {k: plain(v) for k, v in overrides.items()}
+    if "rules" not in data:
+        names = [d["name"] for d in data.get("destinations", []) if isinstance(d, dict) and "name" in d]
+        data["rules"] = [{
+            "name": "ct",
+            "when": [{"tag": "Modality", "equals": "CT"}],
+            "action": "analyse",
+            "pipeline": DEFAULT_PIPELINE,
+            "lungs": DEFAULT_LUNGS,
+            "destinations": names,
+        }]
+    return parse_config(data, "default_config")
+
+
+__all__ = [
+    "ActionSpec",
+    "AllowedCaller",
+    "CompletenessSection",
+    "Condition",
+    "ConfigError",
+    "DEFAULT_LUNGS",
+    "DEFAULT_PIPELINE",
+    "Destination",
+    "DicomDestination",
+    "NodeConfig",
+    "NodeSection",
+    "OrthancDestination",
+    "RetrySection",
+    "RoutingSection",
+    "Rule",
+    "StorageSection",
+    "StowDestination",
+    "Comparison",
+    "TlsSection",
+    "WorkersSection",
+    "default_config",
+    "load_config",
+    "parse_config",
+    "problems_of",
+]
