@@ -32,7 +32,7 @@ system-deps:
 	fi
 
 demo: install
-	$(VENV)/bin/ct-ai-node analyze sample_series/covid_like --out out/demo
+	$(VENV)/bin/ct-ai-node demo --workdir out/demo
 
 test: install system-deps
 	$(PY) -m pytest -q

@@ -1,4 +1,4 @@
-"""Command line: ``ct-ai-node analyze | train | evaluate | pipelines | check-config | rules test``."""
+"""Command line: ``ct-ai-node analyze | serve | demo | train | evaluate | pipelines | check-config | rules test``."""
 
 from __future__ import annotations
 
@@ -163,6 +163,58 @@ def check_config(
             typer.echo(line, err=True)
         raise typer.Exit(EXIT_REJECTED)
     typer.echo(f"OK: {config.summary()}")
+
+
+@app.command()
+def serve(
+    config_file: Path = typer.Option(..., "--config", "-c", help="node configuration (YAML)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+) -> None:
+    """Run the node: Storage SCP, routing rules, job queue, workers, senders (until Ctrl-C / SIGTERM)."""
+    from ct_ai_node.config import ConfigError, load_config
+    from ct_ai_node.node import Node
+
+    try:
+        config = load_config(config_file)
+    except ConfigError as exc:
+        for line in exc.problems:
+            typer.echo(line, err=True)
+        raise typer.Exit(EXIT_REJECTED)
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    err.print(f"ct-ai-node {__version__}: {config.summary()}; storage {config.storage.root}")
+    try:
+        Node(config, log_level=level).serve_forever()
+    except OSError as exc:  # e.g. the port is taken
+        typer.echo(f"cannot start the node: {exc}", err=True)
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def demo(
+    pacs: str = typer.Option("builtin", "--pacs", help="builtin (a local Storage SCP) or orthanc (a real Orthanc)"),
+    series: Optional[Path] = typer.Option(None, "--series", help="DICOM folder to send (default: the bundled sample)"),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="keep everything here (default: a temp folder)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="node logs on stderr"),
+) -> None:
+    """Start the node and a local PACS, send the sample series, wait for the results, print a summary."""
+    from ct_ai_node.demo import SAMPLE_SERIES, run_demo, summary_lines
+
+    if pacs not in ("builtin", "orthanc"):
+        typer.echo(f"--pacs: {pacs!r} is not one of builtin, orthanc", err=True)
+        raise typer.Exit(EXIT_REJECTED)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        report = run_demo(pacs, series or SAMPLE_SERIES, workdir, say=lambda m: err.print(m),
+                          log_level=logging.INFO if verbose else logging.WARNING)
+    except (FileNotFoundError, OSError, TimeoutError, RuntimeError) as exc:
+        typer.echo(f"demo could not run: {' '.join(str(exc).split())}", err=True)
+        raise typer.Exit(EXIT_FAILED)
+    for line in summary_lines(report):
+        typer.echo(line)
+    if not report.ok:
+        raise typer.Exit(EXIT_FAILED)
 
 
 rules_app = typer.Typer(no_args_is_help=True, help="Try the routing rules of a node configuration.")

@@ -65,7 +65,8 @@ def _heatmap_child(volume, result, out_dir, series_number_base, conn) -> None:
 
 
 def _can_fork() -> bool:
-    return "fork" in multiprocessing.get_all_start_methods() and (os.cpu_count() or 1) >= 2
+    return ("fork" in multiprocessing.get_all_start_methods() and (os.cpu_count() or 1) >= 2
+            and not multiprocessing.current_process().daemon)
 
 
 def write_outputs(volume: Volume, result: AnalysisResult, out_dir: Path, *, series_number_base: int = 900,

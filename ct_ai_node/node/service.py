@@ -1,0 +1,152 @@
+"""The node: Storage SCP + dispatcher on a timer + worker processes.
+
+``ct-ai-node serve --config FILE`` and ``ct-ai-node demo`` run a :class:`Node`.
+The SCP only writes to the spool (fast, never blocked by inference); the
+dispatcher (an apscheduler job in this process) turns complete series into
+jobs; workers are separate processes that claim jobs from the durable queue.
+After a crash, ``start()`` recovers the spool and the queue hands out again any
+job whose worker stopped renewing its lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+import time
+from pathlib import Path
+
+from ct_ai_node.config import NodeConfig
+
+logger = logging.getLogger(__name__)
+
+
+def scp_settings(config: NodeConfig):
+    from ct_ai_node.ingress import AllowedCaller, ScpSettings, TlsSettings
+
+    n = config.node
+    tls = None
+    if config.tls is not None:
+        tls = TlsSettings(cert=Path(config.tls.cert), key=Path(config.tls.key),
+                          ca=Path(config.tls.ca) if config.tls.ca else None,
+                          require_client_cert=config.tls.require_client_cert)
+    return ScpSettings(
+        ae_title=n.ae_title, host=n.host, port=n.port,
+        allowed_callers=[AllowedCaller(c.ae_title or "*", c.host) for c in config.allowed_callers],
+        max_associations=n.max_associations, acse_timeout_s=n.acse_timeout_s,
+        dimse_timeout_s=n.dimse_timeout_s, network_timeout_s=n.network_timeout_s,
+        min_free_mb=config.storage.min_free_mb, tls=tls,
+    )
+
+
+class Node:
+    def __init__(self, config: NodeConfig, *, workers: int | None = None, log_level: int = logging.INFO):
+        from ct_ai_node.jobqueue import SqliteJobQueue
+        from ct_ai_node.node.dispatcher import Dispatcher
+        from ct_ai_node.spool import Spool
+
+        self.config = config
+        st = config.storage
+        for folder in (st.spool_dir, st.outbox_dir):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        self.spool = Spool(st.spool_dir, st.db_path)
+        self.queue = SqliteJobQueue(st.db_path, backoff_initial_s=config.retry.backoff_initial_s,
+                                    backoff_max_s=config.retry.backoff_max_s)
+        self.dispatcher = Dispatcher(config, self.spool, self.queue)
+        self.n_workers = config.workers.count if workers is None else workers
+        self.log_level = log_level
+        self.scp = None
+        self._scheduler = None
+        self._workers: list[multiprocessing.Process] = []
+        self._ctx = multiprocessing.get_context("spawn")  # no fork of a process with SCP threads
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.scp.port if self.scp is not None else self.config.node.port
+
+    def start(self) -> "Node":
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        from ct_ai_node.ingress import StorageSCP
+
+        report = self.spool.recover()
+        logger.info("spool recovered: %s", report)
+        self.scp = StorageSCP(scp_settings(self.config), self.spool).start()
+        logger.info("listening as %s on %s:%d", self.config.node.ae_title, self.config.node.host, self.scp.port)
+        for i in range(self.n_workers):
+            self._workers.append(self._spawn_worker(i))
+        self._scheduler = BackgroundScheduler(daemon=True)
+        self._scheduler.add_job(self._tick, "interval", seconds=self.config.completeness.check_interval_s,
+                                max_instances=1, coalesce=True, id="dispatch")
+        self._scheduler.start()
+        self._supervisor = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
+        self._supervisor.start()
+        return self
+
+    def _spawn_worker(self, index: int) -> multiprocessing.Process:
+        from ct_ai_node.node.worker import worker_process_main
+
+        # not daemonic: a worker forks its heat-map writer; it dies with the node (PDEATHSIG)
+        # and stop() ends it
+        owner = f"{self.config.node.ae_title}-w{index}"
+        proc = self._ctx.Process(target=worker_process_main, name=owner,
+                                 args=(self.config.model_dump_json(), owner, self.log_level))
+        proc.start()
+        return proc
+
+    def _supervise(self) -> None:
+        # a worker that died (killed by the OOM killer, a crash in native code) is replaced;
+        # its job comes back to the queue when the lease runs out
+        while not self._stopping.wait(2.0):
+            for i, proc in enumerate(self._workers):
+                if not proc.is_alive() and not self._stopping.is_set():
+                    logger.warning("worker %s ended (exit code %s); starting a new one", proc.name, proc.exitcode)
+                    self._workers[i] = self._spawn_worker(i)
+
+    def _tick(self) -> None:
+        try:
+            self.dispatcher.tick()
+        except Exception:  # the timer must keep running
+            logger.exception("dispatcher tick failed")
+
+    def tick_now(self) -> None:
+        self._tick()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stopping.set()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+        if self.scp is not None:
+            self.scp.stop()
+        for proc in self._workers:
+            if proc.is_alive():
+                proc.terminate()
+        deadline = time.monotonic() + timeout_s
+        for proc in self._workers:
+            proc.join(max(0.1, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        self._workers.clear()
+        logger.info("node stopped")
+
+    def __enter__(self) -> "Node":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def serve_forever(self) -> None:
+        """Block until SIGTERM / SIGINT, then stop cleanly."""
+        import signal
+
+        done = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: done.set())
+        self.start()
+        try:
+            done.wait()
+        finally:
+            self.stop()

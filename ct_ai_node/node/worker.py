@@ -1,0 +1,218 @@
+"""Queue -> analysis / sending: what a worker process does with one job.
+
+Job kinds (payloads are written by the dispatcher):
+
+``analyse``  run ``analyze_folder`` on the series in the spool into ``outbox/job-<id>``,
+             then one ``deliver`` child per destination; the parent waits in ``sending``
+             until the dispatcher closes it. Re-claimed after a crash, it re-runs the
+             analysis, or, when its children exist already, only goes back to ``sending``.
+``forward``  one ``deliver`` child per destination with the spool files themselves.
+``deliver``  send the listed files to one destination; a failure is retried with backoff
+             by the queue and ends in ``dead`` with its reason after ``max_attempts``.
+
+A worker holds a lease on its job and renews it from a thread while the job runs, so a
+long analysis is not taken over, while a crashed worker's job is picked up again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from ct_ai_node.config import NodeConfig
+from ct_ai_node.jobqueue import Job, JobState, LeaseLost
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("analyse", "forward", "deliver")
+#: a parent in ``sending`` is closed by the dispatcher, not by a worker: it keeps a long
+#: lease so that no worker claims it while its deliveries are retried
+PARENT_LEASE_S = 365 * 24 * 3600.0
+
+
+class _LeaseKeeper:
+    """Renews a job's lease every third of ``lease_s`` until stopped."""
+
+    def __init__(self, queue, job_id: int, owner: str, lease_s: float):
+        self.queue, self.job_id, self.owner, self.lease_s = queue, job_id, owner, lease_s
+        self._stop = threading.Event()
+        self.lost = False
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            if not self.queue.renew(self.job_id, self.owner, self.lease_s):
+                self.lost = True
+                logger.warning("job %d: lease lost", self.job_id)
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+class Worker:
+    def __init__(self, config: NodeConfig, owner: str | None = None, queue=None, spool=None):
+        from ct_ai_node.jobqueue import SqliteJobQueue
+        from ct_ai_node.spool import Spool
+
+        self.config = config
+        self.owner = owner or f"worker-{os.getpid()}"
+        st = config.storage
+        self.queue = queue or SqliteJobQueue(st.db_path, backoff_initial_s=config.retry.backoff_initial_s,
+                                             backoff_max_s=config.retry.backoff_max_s)
+        self.spool = spool or Spool(st.spool_dir, st.db_path)
+        self.outbox = Path(st.outbox_dir)
+        self.lease_s = float(config.workers.lease_s)
+        self._waiting_parent: int | None = None
+
+    # -- loop --------------------------------------------------------------------------
+
+    def run_once(self, kinds=KINDS) -> Job | None:
+        job = self.queue.claim(kinds, self.owner, self.lease_s)
+        if job is None:
+            return None
+        logger.info("job %d (%s) claimed by %s, attempt %d of %d", job.id, job.kind, self.owner,
+                    job.attempts, job.max_attempts)
+        self._waiting_parent = None
+        try:
+            with _LeaseKeeper(self.queue, job.id, self.owner, self.lease_s):
+                getattr(self, f"_{job.kind}")(job)
+            if self._waiting_parent is not None:  # after the keeper stopped: it would shorten it
+                self.queue.renew(self._waiting_parent, self.owner, PARENT_LEASE_S)
+        except LeaseLost as exc:
+            logger.warning("job %d: %s", job.id, exc)
+        except Exception as exc:  # noqa: BLE001 - any failure becomes a retry, never a dead worker
+            logger.exception("job %d failed", job.id)
+            self._fail(job, f"{type(exc).__name__}: {exc}", retryable=True)
+        return job
+
+    def run_forever(self, stop: threading.Event | None = None, idle_s: float = 0.5) -> None:
+        stop = stop or threading.Event()
+        parent = os.getppid()
+        while not stop.is_set():
+            if os.getppid() != parent:  # the node died: do not go on alone
+                logger.warning("node process gone; worker %s stops", self.owner)
+                return
+            if self.run_once() is None:
+                stop.wait(idle_s)
+
+    def _fail(self, job: Job, reason: str, retryable: bool) -> None:
+        try:
+            self.queue.fail(job.id, reason, retryable=retryable, owner=self.owner)
+        except LeaseLost:
+            logger.warning("job %d: lease lost before recording: %s", job.id, reason)
+
+    # -- kinds -------------------------------------------------------------------------
+
+    def _start_deliveries(self, job: Job, files: list[Path]) -> None:
+        destinations = job.payload.get("destinations") or []
+        if not destinations:
+            self.queue.complete(job.id, owner=self.owner)
+            logger.info("job %d done: no destination configured", job.id)
+            return
+        for name in destinations:
+            self.queue.enqueue("deliver", {"destination": name, "files": [str(p) for p in files],
+                                           "series_key": job.payload.get("series_key")},
+                               key=f"deliver:{job.id}:{name}", parent_id=job.id,
+                               max_attempts=self.config.retry.max_attempts)
+        self.queue.set_state(job.id, JobState.SENDING, owner=self.owner)
+        self._waiting_parent = job.id
+
+    def _analyse(self, job: Job) -> None:
+        from ct_ai_node.analyze import AnalyzeOptions, analyze_folder
+
+        if self.queue.children(job.id):  # analysed before a crash: only the sending is left
+            self.queue.set_state(job.id, JobState.SENDING, owner=self.owner)
+            self._waiting_parent = job.id
+            return
+        key = job.payload["series_key"]
+        source = self.spool.series_dir(key)
+        out = self.outbox / f"job-{job.id}"
+        shutil.rmtree(out, ignore_errors=True)  # a half-written earlier attempt
+        options = AnalyzeOptions(pipeline=job.payload.get("pipeline") or "radlogics",
+                                 lungs=job.payload.get("lungs") or "unet",
+                                 device=self.config.workers.device)
+        start = time.perf_counter()
+        doc = analyze_folder(source, out, options)
+        seconds = time.perf_counter() - start
+        if doc.status == "rejected":
+            # the series cannot be analysed: final, with the reason on the job and in result.json
+            self.queue.mark_failed(job.id, f"not analysed: {doc.reason}")
+            logger.info("job %d: series %s not analysed: %s", job.id, key, doc.reason)
+            return
+        if doc.status != "done":
+            self._fail(job, f"analysis failed: {doc.reason}", retryable=True)
+            return
+        logger.info("job %d: analysis done in %.1f s: %s, p=%.3f, %d objects", job.id, seconds, doc.label,
+                    doc.probability or 0.0, len(doc.outputs))
+        self._start_deliveries(job, [out / name for name in doc.outputs])
+
+    def _forward(self, job: Job) -> None:
+        files = self.spool.instance_paths(job.payload["series_key"])
+        if not files:
+            self.queue.mark_failed(job.id, "nothing to forward: the series has no instances in the spool")
+            return
+        self._start_deliveries(job, files)
+
+    def destination(self, name: str):
+        from ct_ai_node.egress import destination_from_config
+
+        cfg = self.config.destination(name)
+        if cfg.kind == "dicom":
+            cfg = cfg.model_copy(update={"calling_ae_title": cfg.calling_ae(self.config.node.ae_title)})
+        return destination_from_config(cfg)
+
+    def _deliver(self, job: Job) -> None:
+        from ct_ai_node.egress import DestinationError
+
+        name = job.payload["destination"]
+        files = [Path(p) for p in job.payload["files"]]
+        missing = [p for p in files if not p.is_file()]
+        if missing:
+            self._fail(job, f"{len(missing)} result file(s) missing, e.g. {missing[0].name}", retryable=False)
+            return
+        try:
+            report = self.destination(name).send(files)
+        except DestinationError as exc:
+            state = self.queue.fail(job.id, str(exc), retryable=exc.retryable, owner=self.owner)
+            logger.warning("job %d: delivery to %s failed (%s): %s", job.id, name, state, exc)
+            return
+        self.queue.complete(job.id, owner=self.owner)
+        logger.info("job %d: %d object(s) delivered to %s in %.2f s", job.id, report.total, name, report.seconds)
+
+
+def worker_process_main(config_json: str, owner: str, log_level: int = logging.INFO) -> None:
+    """Entry point of a worker process (spawned by the node)."""
+    import signal
+
+    from ct_ai_node.config import NodeConfig
+
+    _die_with_parent()
+    logging.basicConfig(level=log_level, format=f"%(asctime)s {owner} %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops its workers itself
+    config = NodeConfig.model_validate_json(config_json)
+    Worker(config, owner).run_forever(stop)
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the node process dies, as if the node were one process."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
