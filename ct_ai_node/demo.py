@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -72,12 +73,11 @@ class _OrthancPacs:
         self.port, self.ae_title = self.orthanc.dicom_port, self.orthanc.ae_title
         self.where = (f"Orthanc database {folder / 'db'} (to browse it: Orthanc {folder / 'orthanc.json'}, "
                       f"then {self.orthanc.url}/app/explorer.html)")
-        self._before = 0
 
     def count(self) -> int:
         import httpx
 
-        return len(httpx.get(f"{self.orthanc.url}/instances", timeout=10).json()) - self._before
+        return len(httpx.get(f"{self.orthanc.url}/instances", timeout=10).json())
 
     def close(self) -> None:
         self.orthanc.close()
@@ -92,9 +92,10 @@ def run_demo(pacs: str = "builtin", series: Path = SAMPLE_SERIES, workdir: Path 
     files = sorted(p for p in Path(series).rglob("*") if p.is_file() and p.suffix.lower() in (".dcm", ""))
     if not files:
         raise FileNotFoundError(f"no DICOM files in {series}")
+    for old in ("node", "pacs", "orthanc"):  # a previous demo in the same folder: start afresh
+        shutil.rmtree(work / old, ignore_errors=True)
     peer = _OrthancPacs(work / "orthanc") if pacs == "orthanc" else _BuiltinPacs(work / "pacs")
     report = DemoReport(work, pacs, peer.where)
-    peer._before = peer.count()  # Orthanc already holding the sample from an earlier run
     say(f"PACS ({pacs}) listening as {peer.ae_title} on 127.0.0.1:{peer.port}")
     config = default_config(
         node={"ae_title": "CTAI", "host": "127.0.0.1", "port": free_port()},
