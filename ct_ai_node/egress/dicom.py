@@ -1,0 +1,205 @@
+"""``DicomDestination``: C-STORE SCU (pynetdicom) to a PACS or any Storage SCP.
+
+One association per ``send``; one presentation context per (SOP class, transfer
+syntax) found in the files, read from their headers. Each file is stored as read,
+with its own SOP Instance UID, so a re-send is idempotent at the peer.
+
+Error classification (``DestinationError.retryable``):
+
+- cannot connect, association aborted, ACSE/DIMSE timeout, reply lost: **retryable**
+  (pynetdicom 3.0.4 now and then loses a C-STORE reply; see docs/design.md). A lost
+  reply is first resumed once on a fresh association, from the instance concerned;
+- association rejected: **retryable**, except a *permanent* rejection by the service
+  user for an unrecognised calling or called AE title: that is configuration, and
+  retries would only delay the admin seeing it;
+- the peer accepted none of our presentation contexts (SOP class / transfer syntax
+  not supported): **not retryable**;
+- C-STORE failure status: 0xA7xx out of resources, 0x0110 processing failure,
+  0x0213 resource limitation, 0x0210 duplicate invocation, 0xFE00 cancel:
+  **retryable** (the peer's state, not our data). 0xA9xx data set does not match SOP
+  class, 0xCxxx cannot understand, and every other failure (0x0122 SOP class not
+  supported, 0x0124 not authorised, ...): **not retryable** - the same bytes will
+  fail the same way;
+- 0x0111 duplicate SOP instance counts as ``already_present``; warnings (0x0001,
+  0xBxxx) count as sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, build_context, evt
+from pynetdicom.association import Association
+
+from ct_ai_node.egress.base import DestinationError, SendReport, classify_status
+
+log = logging.getLogger(__name__)
+
+#: DICOM allows at most 128 presentation contexts in one association request
+MAX_CONTEXTS = 128
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+#: A-ASSOCIATE-RJ diagnostics (source 1, service user) that name a configuration error
+_AE_TITLE_REJECTIONS = {3: "calling AE title not recognised", 7: "called AE title not recognised"}
+
+
+@dataclass(frozen=True)
+class _Item:
+    path: Path
+    sop_class: str
+    transfer_syntax: str
+    size: int
+
+
+def _read(path: Path, *, headers_only: bool) -> Dataset:
+    ds = dcmread(path, stop_before_pixels=headers_only, force=True)
+    if "TransferSyntaxUID" not in ds.file_meta:
+        # a bare data set (no Part 10 header): its encoding is all pydicom could tell
+        implicit, little = ds.original_encoding
+        if not little:
+            raise InvalidDicomError("big endian data set without a transfer syntax")
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    return ds
+
+
+def _inspect(path: Path) -> _Item:
+    try:
+        ds = _read(path, headers_only=True)
+        sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
+        if not sop_class:
+            raise InvalidDicomError("no SOP Class UID")
+        return _Item(path, str(sop_class), str(ds.file_meta.TransferSyntaxUID), path.stat().st_size)
+    except (OSError, InvalidDicomError, ValueError, AttributeError) as exc:
+        raise DestinationError(f"cannot read {path.name}: {exc}", retryable=False) from exc
+
+
+def _contexts(items: list[_Item]) -> list:
+    """One context per SOP class for uncompressed files (explicit or implicit VR:
+    pynetdicom converts between them) plus one per compressed syntax, sent as is."""
+    wanted: dict[tuple[str, tuple[str, ...]], None] = {}
+    for it in items:
+        syntaxes = _UNCOMPRESSED if UID(it.transfer_syntax) in _UNCOMPRESSED else (it.transfer_syntax,)
+        wanted[(it.sop_class, tuple(syntaxes))] = None
+    if len(wanted) > MAX_CONTEXTS:
+        raise DestinationError(f"{len(wanted)} SOP class / transfer syntax pairs, more than the "
+                               f"{MAX_CONTEXTS} presentation contexts of one association", retryable=False)
+    return [build_context(sop, list(ts)) for sop, ts in wanted]
+
+
+def _set_nodelay(event) -> None:
+    # without it each C-STORE waits on the peer's delayed ACK (docs/design.md)
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _ReplyLost(Exception):
+    """The association died or the reply never came: safe to send the instance again."""
+
+
+class DicomDestination:
+    def __init__(self, name: str, host: str, port: int, ae_title: str, calling_ae_title: str = "CTAI",
+                 timeout_s: float = 30, max_pdu: int = 0, resume_attempts: int = 1):
+        self.name = name
+        self.host = host
+        self.port = int(port)
+        self.ae_title = ae_title
+        self.calling_ae_title = calling_ae_title
+        self.timeout_s = timeout_s
+        self.max_pdu = max_pdu  # 0: no limit
+        self.resume_attempts = resume_attempts
+
+    def __repr__(self) -> str:
+        return f"DicomDestination({self.name!r}, {self.ae_title}@{self.host}:{self.port})"
+
+    def _error(self, message: str, retryable: bool) -> DestinationError:
+        return DestinationError(message, retryable=retryable, destination=self.name)
+
+    def _associate(self, contexts: list) -> Association:
+        ae = AE(ae_title=self.calling_ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
+        ae.connection_timeout = self.timeout_s
+        assoc = ae.associate(self.host, self.port, contexts, ae_title=self.ae_title,
+                             max_pdu=self.max_pdu, evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay)])
+        if assoc.is_established:
+            return assoc
+        where = f"{self.ae_title}@{self.host}:{self.port}"
+        rsp = assoc.acceptor.primitive
+        if assoc.is_rejected and rsp is not None:
+            config_error = rsp.result == 0x01 and rsp.result_source == 0x01 \
+                and rsp.diagnostic in _AE_TITLE_REJECTIONS
+            reason = _AE_TITLE_REJECTIONS.get(rsp.diagnostic) if config_error else rsp.reason_str
+            raise self._error(f"association rejected by {where} ({rsp.result_str}: {reason}; "
+                              f"we are {self.calling_ae_title})", retryable=not config_error)
+        if rsp is not None and rsp.result == 0x00 and not assoc.accepted_contexts:
+            sops = sorted({str(cx.abstract_syntax) for cx in contexts})
+            raise self._error(f"{where} accepted no presentation context for SOP class(es) "
+                              f"{', '.join(sops)}", retryable=False)
+        if assoc.is_aborted:
+            raise self._error(f"association aborted by {where}", retryable=True)
+        raise self._error(f"cannot connect to {where} (refused, unreachable or no answer "
+                          f"within {self.timeout_s:g} s)", retryable=True)
+
+    def _store(self, assoc: Association, item: _Item) -> str:
+        """Send one file; the classified status, or _ReplyLost."""
+        try:
+            ds = _read(item.path, headers_only=False)
+        except (OSError, InvalidDicomError, ValueError) as exc:
+            raise self._error(f"cannot read {item.path.name}: {exc}", retryable=False) from exc
+        try:
+            rsp = assoc.send_c_store(ds)
+        except ValueError as exc:  # no accepted context fits this file
+            raise self._error(f"cannot send {item.path.name}: {exc}", retryable=False) from exc
+        except RuntimeError as exc:  # the association went away underneath us
+            raise _ReplyLost(str(exc)) from exc
+        if rsp is None or "Status" not in rsp:
+            raise _ReplyLost("no C-STORE response (association aborted or DIMSE timeout)")
+        status = int(rsp.Status)
+        outcome = classify_status(status)
+        if outcome in ("retry", "fatal"):
+            raise self._error(f"C-STORE of {item.path.name} failed with status 0x{status:04X}",
+                              retryable=outcome == "retry")
+        if outcome == "warning":
+            log.debug("C-STORE %s warning 0x%04X", ds.SOPInstanceUID, status)
+        return outcome
+
+    def send(self, paths: list[Path]) -> SendReport:
+        started = time.monotonic()
+        items = [_inspect(Path(p)) for p in paths]
+        if not items:
+            return SendReport(sent=0, seconds=0.0, destination=self.name)
+        contexts = _contexts(items)
+        counts = {"ok": 0, "warning": 0, "already": 0}
+        done, resumes_left = 0, self.resume_attempts
+        while done < len(items):
+            assoc = self._associate(contexts)
+            try:
+                while done < len(items):
+                    counts[self._store(assoc, items[done])] += 1
+                    done += 1
+            except _ReplyLost as exc:
+                if resumes_left <= 0:
+                    raise self._error(f"C-STORE reply lost after {done} of {len(items)} instances: {exc}",
+                                      retryable=True) from None
+                resumes_left -= 1
+                log.warning("%s: C-STORE reply lost after %d of %d instances; resuming on a new association",
+                            self.name, done, len(items))
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+                else:
+                    assoc.abort()
+        seconds = time.monotonic() - started
+        report = SendReport(sent=counts["ok"] + counts["warning"], already_present=counts["already"],
+                            warnings=counts["warning"], seconds=seconds,
+                            bytes_sent=sum(it.size for it in items), destination=self.name)
+        log.info("%s: %d instance(s) stored at %s@%s:%d in %.2f s", self.name, report.total,
+                 self.ae_title, self.host, self.port, seconds)
+        return report

@@ -1,0 +1,317 @@
+"""``SqliteJobQueue``: the ``JobQueue`` protocol on one SQLite file.
+
+Safe for several processes on the same file (workers are separate processes):
+WAL journal, ``synchronous=FULL`` (a job acknowledged is a job on disk), a busy
+timeout, and every read-modify-write inside ``BEGIN IMMEDIATE`` so two claimers
+serialise on SQLite's write lock and never get the same job. Each process must
+open its own queue; a connection inherited through ``fork`` is reopened on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from ct_ai_node.jobqueue.base import (
+    LEASED_STATES,
+    Job,
+    JobNotFound,
+    JobState,
+    JobStateError,
+    LeaseLost,
+    backoff_delay,
+)
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_S = 30.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind         TEXT    NOT NULL,
+    payload      TEXT    NOT NULL,
+    key          TEXT    UNIQUE,
+    state        TEXT    NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL,
+    next_run_at  REAL    NOT NULL,
+    lease_owner  TEXT,
+    lease_until  REAL,
+    parent_id    INTEGER REFERENCES jobs(id),
+    last_error   TEXT,
+    created_at   REAL    NOT NULL,
+    updated_at   REAL    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs(state, next_run_at);
+CREATE INDEX IF NOT EXISTS jobs_lease ON jobs(state, lease_until);
+CREATE INDEX IF NOT EXISTS jobs_parent ON jobs(parent_id);
+"""
+
+_COLUMNS = ("id, kind, payload, key, state, attempts, max_attempts, next_run_at, lease_owner, "
+            "lease_until, parent_id, last_error, created_at, updated_at")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _row_to_job(row: tuple) -> Job:
+    (id_, kind, payload, key, state, attempts, max_attempts, next_run_at, lease_owner,
+     lease_until, parent_id, last_error, created_at, updated_at) = row
+    return Job(id=id_, kind=kind, payload=json.loads(payload), key=key, state=JobState(state),
+               attempts=attempts, max_attempts=max_attempts, next_run_at=next_run_at,
+               lease_owner=lease_owner, lease_until=lease_until, parent_id=parent_id,
+               last_error=last_error, created_at=created_at, updated_at=updated_at)
+
+
+class SqliteJobQueue:
+    """Durable job queue in ``db_path`` (the file may be shared with other tables)."""
+
+    def __init__(self, db_path: str | os.PathLike, backoff_initial_s: float = 5,
+                 backoff_max_s: float = 300, clock: Callable[[], float] = time.time):
+        self.db_path = Path(db_path)
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.clock = clock
+        # the scheduler may call from several threads; one connection, one lock
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+        with self._lock:
+            self._connect()  # creates the schema; fails early on a bad path
+
+    # -- connection -------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        # a connection must never cross a fork: drop the inherited one without closing
+        # it (closing could touch the parent's locks) and open our own
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in filter(str.strip, _SCHEMA.split(";")):
+                conn.execute(stmt)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._conn, self._pid = conn, os.getpid()
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; BEGIN IMMEDIATE takes the write lock up front so a
+        read-then-update cannot interleave with another process."""
+        with self._lock:
+            db = self._connect()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> "SqliteJobQueue":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _load(self, db: sqlite3.Connection, job_id: int) -> Job:
+        row = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no job {job_id}")
+        return _row_to_job(row)
+
+    @staticmethod
+    def _check_owner(job: Job, owner: str | None) -> None:
+        if owner is not None and (job.lease_owner != owner or job.state not in LEASED_STATES):
+            raise LeaseLost(f"job {job.id} is no longer leased by {owner} "
+                            f"(state {job.state}, owner {job.lease_owner})")
+
+    # -- protocol ---------------------------------------------------------------------
+
+    def enqueue(self, kind: str, payload: dict[str, Any], *, key: str | None = None,
+                max_attempts: int = 5, parent_id: int | None = None,
+                run_at: float | None = None) -> int:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        body = json.dumps(payload, sort_keys=True)  # fails early on non-JSON payloads
+        now = self.clock()
+        with self._tx() as db:
+            if key is not None:
+                row = db.execute("SELECT id FROM jobs WHERE key = ?", (key,)).fetchone()
+                if row is not None:
+                    return row[0]
+            cur = db.execute(
+                "INSERT INTO jobs (kind, payload, key, state, attempts, max_attempts, next_run_at,"
+                " parent_id, created_at, updated_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?, ?)",
+                (kind, body, key, JobState.QUEUED.value, max_attempts,
+                 now if run_at is None else run_at, parent_id, now, now))
+            job_id = cur.lastrowid
+        log.info("job %d enqueued: %s", job_id, kind)
+        return job_id
+
+    def claim(self, kinds: Iterable[str], owner: str, lease_s: float) -> Job | None:
+        kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+        if not kinds:
+            return None
+        marks = ",".join("?" * len(kinds))
+        with self._tx() as db:
+            while True:
+                now = self.clock()
+                row = db.execute(
+                    f"SELECT {_COLUMNS} FROM jobs WHERE kind IN ({marks}) AND ("
+                    " (state = 'queued' AND next_run_at <= ?)"
+                    " OR (state IN ('running', 'sending') AND lease_until < ?))"
+                    " ORDER BY id LIMIT 1", (*kinds, now, now)).fetchone()
+                if row is None:
+                    return None
+                job = _row_to_job(row)
+                if job.state in LEASED_STATES and job.attempts >= job.max_attempts:
+                    # a job that kills or hangs its worker every time must not loop forever
+                    reason = (f"lease of {job.lease_owner} expired on attempt {job.attempts} of "
+                              f"{job.max_attempts} (worker crashed or hung)")
+                    db.execute("UPDATE jobs SET state = 'dead', lease_owner = NULL, lease_until = NULL,"
+                               " last_error = ?, updated_at = ? WHERE id = ?", (reason, now, job.id))
+                    log.warning("job %d dead: %s", job.id, reason)
+                    continue
+                if job.state in LEASED_STATES:
+                    log.warning("job %d: lease of %s expired, reclaimed by %s",
+                                job.id, job.lease_owner, owner)
+                db.execute("UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = ?,"
+                           " lease_until = ?, updated_at = ? WHERE id = ?",
+                           (owner, now + lease_s, now, job.id))
+                return self._load(db, job.id)
+
+    def renew(self, job_id: int, owner: str, lease_s: float) -> bool:
+        with self._tx() as db:
+            now = self.clock()
+            cur = db.execute("UPDATE jobs SET lease_until = ?, updated_at = ? WHERE id = ?"
+                             " AND lease_owner = ? AND state IN ('running', 'sending')",
+                             (now + lease_s, now, job_id, owner))
+            return cur.rowcount == 1
+
+    def set_state(self, job_id: int, state: JobState | str, owner: str | None = None) -> None:
+        state = JobState(state)
+        with self._tx() as db:
+            job = self._load(db, job_id)
+            self._check_owner(job, owner)
+            now = self.clock()
+            if state in LEASED_STATES:
+                # e.g. running -> sending: the lease stays with whoever holds it
+                db.execute("UPDATE jobs SET state = ?, updated_at = ? WHERE id = ?",
+                           (state.value, now, job_id))
+            else:
+                db.execute("UPDATE jobs SET state = ?, lease_owner = NULL, lease_until = NULL,"
+                           " next_run_at = CASE WHEN ? = 'queued' THEN ? ELSE next_run_at END,"
+                           " updated_at = ? WHERE id = ?", (state.value, state.value, now, now, job_id))
+        log.info("job %d -> %s", job_id, state)
+
+    def complete(self, job_id: int, owner: str | None = None) -> None:
+        self.set_state(job_id, JobState.DONE, owner)
+
+    def fail(self, job_id: int, reason: str, *, retryable: bool = True,
+             owner: str | None = None) -> str:
+        reason = _one_line(reason)
+        with self._tx() as db:
+            job = self._load(db, job_id)
+            self._check_owner(job, owner)
+            now = self.clock()
+            if retryable and job.attempts < job.max_attempts:
+                state = JobState.QUEUED
+                next_run_at = now + backoff_delay(max(job.attempts, 1), self.backoff_initial_s,
+                                                  self.backoff_max_s)
+            else:
+                state, next_run_at = JobState.DEAD, job.next_run_at
+            db.execute("UPDATE jobs SET state = ?, next_run_at = ?, lease_owner = NULL,"
+                       " lease_until = NULL, last_error = ?, updated_at = ? WHERE id = ?",
+                       (state.value, next_run_at, reason, now, job_id))
+        if state is JobState.DEAD:
+            log.warning("job %d dead after %d attempt(s): %s", job_id, job.attempts, reason)
+        else:
+            log.info("job %d attempt %d failed, retry in %.0f s: %s",
+                     job_id, job.attempts, next_run_at - now, reason)
+        return state.value
+
+    def mark_failed(self, job_id: int, reason: str) -> None:
+        reason = _one_line(reason)
+        with self._tx() as db:
+            self._load(db, job_id)
+            db.execute("UPDATE jobs SET state = 'failed', lease_owner = NULL, lease_until = NULL,"
+                       " last_error = ?, updated_at = ? WHERE id = ?", (reason, self.clock(), job_id))
+        log.warning("job %d failed: %s", job_id, reason)
+
+    def requeue(self, job_id: int) -> None:
+        """Admin re-run: attempts start again from 0, due now. ``last_error`` is kept as
+        history until the next failure replaces it."""
+        with self._tx() as db:
+            job = self._load(db, job_id)
+            if job.state in LEASED_STATES:
+                raise JobStateError(f"job {job_id} is {job.state} (leased by {job.lease_owner}); "
+                                    "requeue it once it has stopped")
+            now = self.clock()
+            db.execute("UPDATE jobs SET state = 'queued', attempts = 0, next_run_at = ?,"
+                       " lease_owner = NULL, lease_until = NULL, updated_at = ? WHERE id = ?",
+                       (now, now, job_id))
+        log.info("job %d requeued", job_id)
+
+    # -- reads ------------------------------------------------------------------------
+
+    def _select(self, where: str, args: tuple, order: str, limit: int | None = None) -> list[Job]:
+        sql = f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY {order}"
+        if limit is not None:
+            sql, args = sql + " LIMIT ?", (*args, limit)
+        with self._lock:
+            return [_row_to_job(r) for r in self._connect().execute(sql, args).fetchall()]
+
+    def get(self, job_id: int) -> Job | None:
+        found = self._select("WHERE id = ?", (job_id,), "id")
+        return found[0] if found else None
+
+    def list(self, state: JobState | str | None = None, kind: str | None = None,
+             limit: int = 100) -> list[Job]:
+        """Newest first."""
+        conds, args = [], []
+        if state is not None:
+            conds.append("state = ?")
+            args.append(JobState(state).value)
+        if kind is not None:
+            conds.append("kind = ?")
+            args.append(kind)
+        where = ("WHERE " + " AND ".join(conds)) if conds else ""
+        return self._select(where, tuple(args), "id DESC", limit)
+
+    def children(self, parent_id: int) -> list[Job]:
+        return self._select("WHERE parent_id = ?", (parent_id,), "id")
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._connect().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        found = dict(rows)
+        return {s.value: found.get(s.value, 0) for s in JobState}
+
