@@ -1,0 +1,119 @@
+"""Benchmark: receiving a 300-slice 512x512 chest CT (~150 MB) over DICOM on loopback.
+
+`storescu +sd` (TCP_NODELAY=1) sends the whole series, timed from start to exit,
+into (a) DCMTK storescp, (b) a real Orthanc and (c) the node's SCP
+(`python -m ct_ai_node.ingress`, which fsyncs every instance and indexes it before
+answering). Each receiver starts fresh (empty storage) for every repetition, and
+the repetitions are interleaved so machine noise hits all three alike; the median
+of 3 is reported. Target: the node no slower than Orthanc.
+
+    python benchmarks/ingest.py [--reps 3] [--cache DIR]
+
+The phantom series (~20 s to generate) is cached under the system temp folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ct_ai_node.peers import Orthanc, StoreSCP, free_port, nodelay_env, wait_for_port
+from ct_ai_node.spool import Spool
+
+N_SLICES, SIZE = 300, 512
+DEFAULT_CACHE = Path(tempfile.gettempdir()) / "ct-ai-node-bench" / f"ingest-{SIZE}x{SIZE}x{N_SLICES}"
+
+
+def cached_series(folder: Path) -> list[Path]:
+    """The phantom series, generated once; a marker file says the folder is complete."""
+    done = folder / "COMPLETE"
+    if not done.exists():
+        from ct_ai_node.synthetic import generate_phantom, write_dicom_series
+
+        shutil.rmtree(folder, ignore_errors=True)
+        t = time.perf_counter()
+        print(f"generating a {N_SLICES}x{SIZE}x{SIZE} phantom series into {folder} ...", flush=True)
+        phantom = generate_phantom(7, kind="covid", shape=(N_SLICES, SIZE, SIZE), spacing=(1.0, 0.7, 0.7))
+        write_dicom_series(phantom, folder / "dicom")
+        done.write_text("ok\n")
+        print(f"  done in {time.perf_counter() - t:.1f} s")
+    files = sorted((folder / "dicom").glob("*.dcm"))
+    assert len(files) == N_SLICES, f"{folder}: {len(files)} files; delete the folder to regenerate"
+    return files
+
+
+def send(port: int, called_ae: str, series_dir: Path) -> float:
+    cmd = ["storescu", "-aet", "PACS", "-aec", called_ae, "127.0.0.1", str(port), "+sd", str(series_dir)]
+    t = time.perf_counter()
+    res = subprocess.run(cmd, env=nodelay_env(), capture_output=True, text=True)
+    elapsed = time.perf_counter() - t
+    if res.returncode != 0:
+        raise RuntimeError(f"storescu to {called_ae} failed: {res.stderr.strip()[-500:]}")
+    return elapsed
+
+
+def time_storescp(work: Path, series_dir: Path) -> float:
+    with StoreSCP(work / "storescp").start() as peer:
+        elapsed = send(peer.port, peer.ae_title, series_dir)
+        assert len(peer.received()) == N_SLICES
+    return elapsed
+
+
+def time_orthanc(work: Path, series_dir: Path) -> float:
+    with Orthanc(work / "orthanc").start() as peer:
+        return send(peer.dicom_port, peer.ae_title, series_dir)
+
+
+def time_node(work: Path, series_dir: Path) -> float:
+    root, port = work / "node", free_port()
+    cmd = [sys.executable, "-m", "ct_ai_node.ingress", "--root", str(root), "--port", str(port), "--host",
+           "127.0.0.1", "--ae", "CTAI", "--min-free-mb", "512", "--log-level", "WARNING"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port, 30, proc)
+        elapsed = send(port, "CTAI", series_dir)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    with Spool(root / "spool", root / "node.db") as spool:
+        (rec,) = spool.series()
+        assert rec.instance_count == N_SLICES, rec
+    return elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="DICOM ingest: storescp vs Orthanc vs the node's SCP")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    args = ap.parse_args(argv)
+    files = cached_series(args.cache)
+    series_dir = files[0].parent
+    size_mb = sum(p.stat().st_size for p in files) / 2**20
+    receivers = {"storescp": time_storescp, "orthanc": time_orthanc, "node": time_node}
+    times: dict[str, list[float]] = {name: [] for name in receivers}
+    for rep in range(args.reps):
+        for name, fn in receivers.items():
+            with tempfile.TemporaryDirectory(prefix=f"ingest-{name}-") as work:
+                times[name].append(fn(Path(work), series_dir))
+        print(f"rep {rep + 1}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()), flush=True)
+
+    med = {name: statistics.median(t) for name, t in times.items()}
+    print(f"\n{N_SLICES}x{SIZE}x{SIZE} CT, {size_mb:.0f} MB, storescu +sd with TCP_NODELAY=1, "
+          f"median of {args.reps} (interleaved, fresh receiver each time)")
+    for name, label in (("storescp", "DCMTK storescp"), ("orthanc", "Orthanc"), ("node", "node SCP (fsync+index)")):
+        print(f"  {label:24s} {med[name]:6.2f} s   {size_mb / med[name]:6.0f} MB/s   "
+              f"runs: {', '.join(f'{t:.2f}' for t in times[name])}")
+    print(f"  node / storescp          {med['node'] / med['storescp']:6.2f}x")
+    print(f"  node / Orthanc           {med['node'] / med['orthanc']:6.2f}x  "
+          f"(target <= 1: {'met' if med['node'] <= med['orthanc'] else 'NOT met'})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

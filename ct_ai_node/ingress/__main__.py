@@ -1,0 +1,70 @@
+"""Run the spool recovery and the Storage SCP in the foreground until SIGTERM/SIGINT.
+
+    python -m ct_ai_node.ingress --root DIR --port P [--ae CTAI] [--allow AE[@HOST] ...] [--min-free-mb N]
+
+For tests and benchmarks; ``ct-ai-node serve`` runs the whole node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from pathlib import Path
+
+from ..spool import Spool
+from .scp import AllowedCaller, ScpSettings, StorageSCP, TlsSettings
+
+
+def _caller(text: str) -> AllowedCaller:
+    ae, _, host = text.partition("@")
+    return AllowedCaller(ae or "*", host or None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ct_ai_node.ingress", description=__doc__.splitlines()[0])
+    p.add_argument("--root", type=Path, required=True, help="storage root: ROOT/spool/ and ROOT/node.db")
+    p.add_argument("--db", type=Path, help="index database (default ROOT/node.db)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=11112)
+    p.add_argument("--ae", default="CTAI")
+    p.add_argument("--allow", action="append", default=[], metavar="AE[@HOST]",
+                   help="allowed caller (repeatable; AE '*' = any); none given: anyone may call")
+    p.add_argument("--min-free-mb", type=float, default=2048.0)
+    p.add_argument("--max-associations", type=int, default=8)
+    p.add_argument("--acse-timeout", type=float, default=30.0)
+    p.add_argument("--dimse-timeout", type=float, default=60.0)
+    p.add_argument("--network-timeout", type=float, default=60.0)
+    p.add_argument("--tls-cert", type=Path)
+    p.add_argument("--tls-key", type=Path)
+    p.add_argument("--tls-ca", type=Path)
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # per-message chatter
+    tls = None
+    if args.tls_cert:
+        tls = TlsSettings(args.tls_cert, args.tls_key, args.tls_ca, require_client_cert=args.tls_ca is not None)
+    settings = ScpSettings(ae_title=args.ae, host=args.host, port=args.port,
+                           allowed_callers=[_caller(a) for a in args.allow], max_associations=args.max_associations,
+                           acse_timeout_s=args.acse_timeout, dimse_timeout_s=args.dimse_timeout,
+                           network_timeout_s=args.network_timeout, min_free_mb=args.min_free_mb, tls=tls)
+    # Block the stop signals before any thread exists (threads inherit the mask) and wait for
+    # them synchronously: no handler can then run while the main thread holds a lock.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    with Spool(args.root / "spool", args.db or args.root / "node.db") as spool:
+        spool.recover()
+        scp = StorageSCP(settings, spool).start()
+        try:
+            received = signal.sigwait(stop_signals)
+            logging.getLogger(__name__).info("%s: stopping", signal.Signals(received).name)
+        finally:
+            scp.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
