@@ -256,10 +256,32 @@ def start_node(root: Path, port: int) -> subprocess.Popen:
     return proc
 
 
+def stop_node(proc: subprocess.Popen) -> str:
+    """SIGTERM; the node must exit 0 within 20 s (else it is killed and the test fails)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out = proc.communicate(timeout=20)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out = proc.communicate()[0]
+        pytest.fail(f"the node did not stop on SIGTERM:\n{out}")
+    assert proc.returncode == 0, out
+    return out
+
+
 def test_sigkill_mid_transfer_loses_nothing_acknowledged(tmp_path):
     src = write_ct_series(tmp_path / "src", n=100, rows=256, cols=256)
     root, port = tmp_path / "var", free_port()
     proc = start_node(root, port)
+    try:
+        _sigkill_then_recover(proc, src, root, port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _sigkill_then_recover(proc: subprocess.Popen, src, root: Path, port: int) -> None:
     statuses: dict[str, int | None] = {}
     ok = threading.Event()
 
@@ -287,10 +309,9 @@ def test_sigkill_mid_transfer_loses_nothing_acknowledged(tmp_path):
     acked = {uid for uid, s in statuses.items() if s == 0}
     assert 40 <= len(acked) < 100
 
-    proc = start_node(root, port)  # recover() runs before the SCP listens
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=20)[0]
-    assert proc.returncode == 0 and "recovery:" in out, out
+    restarted = start_node(root, port)  # recover() runs before the SCP listens
+    out = stop_node(restarted)
+    assert "recovery:" in out, out
     with Spool(root / "spool", root / "node.db") as spool:
         key = series_key("PACS", src.study_instance_uid, src.series_instance_uid)
         indexed = set(spool.instance_uids(key))
@@ -314,8 +335,7 @@ def test_subprocess_node_receives_a_study_without_stalls(tmp_path):
         assert res.returncode == 0, res.stdout + res.stderr
         assert elapsed < 4.0, f"{elapsed:.1f} s for 100 slices"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=20)
+        stop_node(proc)
     with Spool(root / "spool", root / "node.db") as spool:
         (rec,) = spool.series()
         assert rec.instance_count == 100 and rec.released_at is not None

@@ -238,6 +238,7 @@ def test_part10_round_trips(tmp_path, series):
         assert ds.PixelData == ref.PixelData
 
 
+@pytest.mark.filterwarnings("ignore:Expected explicit VR")
 def test_bad_data_raises_bad_instance(series):
     body, syntax = split_part10(series.paths[0].read_bytes())
     with pytest.raises(BadInstance):
