@@ -103,6 +103,10 @@ class Orthanc(_Peer):
     http_port: int = 0
     #: AE titles Orthanc may C-STORE to (name -> (aet, host, port))
     modalities: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    #: a Python plugin script (needs the Debian package orthanc-python)
+    python_script: Path | None = None
+    #: more configuration keys (merged last)
+    extra_config: dict = field(default_factory=dict)
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
@@ -115,7 +119,8 @@ class Orthanc(_Peer):
 
     def _plugins(self) -> list[str]:
         found = []
-        for name in ("libOrthancDicomWeb.so",):
+        names = ["libOrthancDicomWeb.so"] + (["libOrthancPython.so"] if self.python_script else [])
+        for name in names:
             for folder in ORTHANC_PLUGIN_DIRS:
                 if (Path(folder) / name).exists():
                     found.append(str(Path(folder) / name))
@@ -147,6 +152,9 @@ class Orthanc(_Peer):
             "StorageCompression": False,
             "HttpTimeout": 60,
         }
+        if self.python_script:
+            config["PythonScript"] = str(self.python_script)
+        config.update(self.extra_config)
         cfg_path = self.folder / "orthanc.json"
         cfg_path.write_text(json.dumps(config, indent=2))
         log = open(self.folder / "orthanc.log", "wb")
