@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--tls-ca", type=Path)
+    p.add_argument("--no-fsync", action="store_true",
+                   help="acknowledge once written (survives a node crash, not a power cut)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
 
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     # them synchronously: no handler can then run while the main thread holds a lock.
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-    with Spool(args.root / "spool", args.db or args.root / "node.db") as spool:
+    with Spool(args.root / "spool", args.db or args.root / "node.db", fsync=not args.no_fsync) as spool:
         spool.recover()
         scp = StorageSCP(settings, spool).start()
         try:

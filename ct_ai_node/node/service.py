@@ -49,7 +49,7 @@ class Node:
         st = config.storage
         for folder in (st.spool_dir, st.outbox_dir):
             Path(folder).mkdir(parents=True, exist_ok=True)
-        self.spool = Spool(st.spool_dir, st.db_path)
+        self.spool = Spool(st.spool_dir, st.db_path, fsync=st.fsync)
         self.queue = SqliteJobQueue(st.db_path, backoff_initial_s=config.retry.backoff_initial_s,
                                     backoff_max_s=config.retry.backoff_max_s)
         self.dispatcher = Dispatcher(config, self.spool, self.queue)

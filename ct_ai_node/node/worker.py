@@ -69,7 +69,7 @@ class Worker:
         st = config.storage
         self.queue = queue or SqliteJobQueue(st.db_path, backoff_initial_s=config.retry.backoff_initial_s,
                                              backoff_max_s=config.retry.backoff_max_s)
-        self.spool = spool or Spool(st.spool_dir, st.db_path)
+        self.spool = spool or Spool(st.spool_dir, st.db_path, fsync=st.fsync)
         self.outbox = Path(st.outbox_dir)
         self.lease_s = float(config.workers.lease_s)
         self._waiting_parent: int | None = None
