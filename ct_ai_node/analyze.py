@@ -41,6 +41,8 @@ class AnalyzeOptions:
     #: which series qualify (ct_ai_node.rules.selection.SelectionPolicy); default when None
     selection: object | None = None
     pipeline_settings: PipelineSettings = field(default_factory=PipelineSettings)
+    #: where the "suspected infection" mask comes from: the method's heat map, or the U-Net
+    infection: str = "heatmap"
     #: build and write the heat-map series in a forked process beside the other outputs
     parallel_writers: bool = True
 
@@ -51,6 +53,17 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise InputRejected("--device cuda asked for, but no CUDA device is available")
     return torch.device(name)
+
+
+def create_infection_source(kind: str, device, weights_dir: Path | None):
+    """None: the infection mask comes from the method's heat map; "unet": the U-Net."""
+    if kind == "heatmap":
+        return None
+    if kind == "unet":
+        from ct_ai_node.pipeline.infection import create_infection_segmenter
+
+        return create_infection_segmenter(device, weights_dir)
+    raise InputRejected(f"--infection {kind!r}: use 'heatmap' or 'unet'")
 
 
 def write_result(doc: ResultDocument, out_dir: Path) -> Path:
@@ -87,10 +100,14 @@ def analyze_folder(input_dir: Path, out_dir: Path, options: AnalyzeOptions | Non
             volume, selection, scan = load_series_from_folder(Path(input_dir), opts.selection)
         skipped = [why for _key, why in selection.skipped]
         with _stage(timings, "models", report):
-            method = create_method(opts.pipeline, device, opts.weights_dir)
-            lungs = create_lung_segmenter(opts.lungs, device, opts.weights_dir)
+            try:
+                method = create_method(opts.pipeline, device, opts.weights_dir)
+                lungs = create_lung_segmenter(opts.lungs, device, opts.weights_dir)
+            except ValueError as exc:  # an unknown name: the caller's mistake, said in one line
+                raise InputRejected(" ".join(str(exc).split())) from None
+            infection = create_infection_source(opts.infection, device, opts.weights_dir)
         with _stage(timings, "pipeline", report):
-            result = analyse_volume(volume, method, lungs, opts.pipeline_settings, opts.pipeline)
+            result = analyse_volume(volume, method, lungs, opts.pipeline_settings, opts.pipeline, infection)
         with _stage(timings, "outputs", report):
             outputs, output_times = write_outputs(volume, result, out_dir, series_number_base=opts.series_number_base,
                                                   parallel=opts.parallel_writers)

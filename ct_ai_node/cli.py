@@ -32,6 +32,7 @@ def analyze(
     pipeline: str = typer.Option("radlogics", help="pipeline name (see `ct-ai-node pipelines`)"),
     device: str = typer.Option("auto", help="cpu, cuda or auto"),
     lungs: str = typer.Option("unet", help="lung segmentation: unet (default, measured better) or classical"),
+    infection: str = typer.Option("heatmap", help="suspected-infection mask: heatmap (the method's map) or unet"),
     weights_dir: Optional[Path] = typer.Option(None, help="folder with a site's own weights + manifest.json"),
     max_thickness_mm: float = typer.Option(5.0, help="thickest slices accepted (mm)"),
     min_slices: int = typer.Option(20, help="fewest slices a series must have"),
@@ -53,7 +54,8 @@ def analyze(
         first = exc.errors()[0]
         typer.echo(f"invalid option {first['loc'][0]}: {first['msg']}", err=True)
         raise typer.Exit(EXIT_REJECTED)
-    opts = AnalyzeOptions(pipeline=pipeline, device=device, lungs=lungs, weights_dir=weights_dir, selection=policy)
+    opts = AnalyzeOptions(pipeline=pipeline, device=device, lungs=lungs, infection=infection, weights_dir=weights_dir,
+                          selection=policy)
     try:
         with err.status("analysing ...") as status:
             doc = analyze_folder(input_dir, out, opts, report=lambda stage: status.update(f"analysing: {stage} ..."))

@@ -44,7 +44,11 @@ def create_lung_segmenter(kind: str, device: torch.device | str = "cpu", weights
 
 
 def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: PipelineSettings | None = None,
-                   pipeline_name: str | None = None) -> AnalysisResult:
+                   pipeline_name: str | None = None, infection_segmenter=None) -> AnalysisResult:
+    """Lungs -> method -> infection mask -> scores. The infection mask comes from the
+    method's heat map (thresholded, smoothed, inside the lungs), or, when an
+    ``infection_segmenter`` is given, from that network (the SEG's "suspected
+    infection" segment, lesion volume and involvement then use it)."""
     s = settings or PipelineSettings()
     timings: dict[str, float] = {}
     warnings = list(volume.warnings)
@@ -65,13 +69,17 @@ def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: Pip
     timings.update(out.timings_s)
 
     t = time.perf_counter()
-    heat_pos = np.zeros_like(out.heatmap)
-    heat_pos[out.positive_slices] = out.heatmap[out.positive_slices]
-    infection = scoring.infection_mask_from_heatmap(
-        heat_pos, lung, volume.hu, volume.spacing,
-        threshold=out.infection_threshold if out.infection_threshold is not None else s.infection_threshold,
-        min_hu=s.infection_min_hu,
-    )
+    if infection_segmenter is not None:
+        infection, _probability = infection_segmenter(volume.hu, volume.spacing, labels)
+        infection = np.asarray(infection, bool) & lung
+    else:
+        heat_pos = np.zeros_like(out.heatmap)
+        heat_pos[out.positive_slices] = out.heatmap[out.positive_slices]
+        infection = scoring.infection_mask_from_heatmap(
+            heat_pos, lung, volume.hu, volume.spacing,
+            threshold=out.infection_threshold if out.infection_threshold is not None else s.infection_threshold,
+            min_hu=s.infection_min_hu,
+        )
     lesion_ml = scoring.volume_ml(infection, volume.spacing)
     corona = scoring.corona_score_ml(out.heatmap, out.positive_slices, volume.spacing)
     positive = out.probability >= out.threshold
@@ -81,6 +89,9 @@ def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: Pip
 
     model_versions = dict(out.model_versions)
     model_versions["lungs"] = f"{getattr(lung_segmenter, 'name', 'lungs')}/{getattr(lung_segmenter, 'version', '1')}"
+    if infection_segmenter is not None:
+        model_versions["infection"] = f"{getattr(infection_segmenter, 'name', 'infection')}/" \
+                                      f"{getattr(infection_segmenter, 'version', '1')}"
     return AnalysisResult(
         algorithm=out.algorithm,
         pipeline=pipeline_name or getattr(method, "name", "unknown"),

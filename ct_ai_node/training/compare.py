@@ -1,0 +1,112 @@
+"""Side-by-side evaluation of several pipelines on the same held-out phantoms.
+
+Every phantom is generated once and its lungs segmented once (the default U-Net);
+each pipeline then runs the same stages as ``analyze`` on that volume. The rows
+and the per-pipeline summaries (AUC, sensitivity, specificity, F1, lung and lesion
+Dice, volume errors, pointing game, heat in lesion, seconds per case) are written
+to ``out_dir`` and feed the table in ``docs/models.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ct_ai_node.errors import ModelError
+from ct_ai_node.pipeline.methods import create_method
+from ct_ai_node.pipeline.run import PipelineSettings, create_lung_segmenter
+from ct_ai_node.training.data import TEST_SEED0
+from ct_ai_node.training.evaluate import _prefetch, evaluate_case, phantom_volume, summarise
+
+
+class _CachedLungs:
+    """The lung labels of the current phantom, computed once for all pipelines."""
+
+    def __init__(self, segmenter):
+        self.segmenter = segmenter
+        self.name = getattr(segmenter, "name", "lungs")
+        self.version = getattr(segmenter, "version", "1")
+        self._key = None
+        self._labels = None
+        self.seconds = 0.0
+
+    def __call__(self, hu, spacing, orientation):
+        # every pipeline gets a fresh copy of the same phantom: key on a cheap fingerprint
+        key = (hu.shape, tuple(spacing), float(hu[::7, ::13, ::13].sum(dtype=np.float64)))
+        if key != self._key:
+            t = time.perf_counter()
+            self._labels = self.segmenter(hu, spacing, orientation)
+            self.seconds = time.perf_counter() - t
+            self._key = key
+        return self._labels
+
+
+def compare_pipelines(out_dir: Path, pipelines: list[str], n_cases: int, device: torch.device, *,
+                      lungs: str = "unet", shape=None, seed0: int = TEST_SEED0, weights_dir: Path | None = None,
+                      settings: dict[str, PipelineSettings] | None = None, workers: int | None = None,
+                      log=print) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    methods, skipped = {}, {}
+    for name in pipelines:
+        try:
+            methods[name] = create_method(name, device, weights_dir)
+        except (ModelError, ValueError) as exc:
+            skipped[name] = " ".join(str(exc).split())
+            log(f"{name}: skipped ({skipped[name]})")
+    lungs_cached = _CachedLungs(create_lung_segmenter(lungs, device, weights_dir))
+    seeds = [seed0 + i for i in range(n_cases)]
+    rows: dict[str, list[dict]] = {name: [] for name in methods}
+    n_workers = max(1, min(workers or (os.cpu_count() or 2) - 1, 8))
+    with ProcessPoolExecutor(n_workers) as pool:
+        for i, ph in enumerate(_prefetch(pool, seeds, shape, 2 * n_workers)):
+            vol = phantom_volume(ph)
+            lungs_cached(vol.hu, vol.spacing, vol.orientation)  # once, outside every pipeline's time
+            del vol
+            for name, method in methods.items():
+                row = evaluate_case(ph, method, lungs_cached, None, (settings or {}).get(name))
+                row["pipeline"] = name
+                row["lung_seconds"] = lungs_cached.seconds
+                rows[name].append(row)
+                log(f"case {i + 1}/{n_cases} seed {ph.seed} {ph.kind:6s} {name:14s} p={row['probability']:.3f} "
+                    f"lesion Dice {row['lesion_dice']} {row['seconds']:.1f} s")
+    summaries = {}
+    for name, r in rows.items():
+        if r:
+            summaries[name] = {**summarise(r), "pipeline": name, "lungs": lungs,
+                               "seeds": f"{seed0}..{seed0 + n_cases - 1}", "device": str(device)}
+    (out_dir / "compare_cases.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
+    (out_dir / "compare_summary.json").write_text(json.dumps({"summaries": summaries, "skipped": skipped},
+                                                             indent=2, default=float) + "\n")
+    return {"summaries": summaries, "skipped": skipped}
+
+
+def seconds_per_scan(pipelines: list[str], device: torch.device, *, slices: int = 300, size: int = 512,
+                     seed: int = 777, weights_dir: Path | None = None, log=print) -> dict[str, float]:
+    """Wall seconds of each pipeline's method (lungs excluded, measured once) on one
+    ``slices`` x ``size``² phantom at 1 mm: the 'CPU seconds per 300-slice scan' column."""
+    from ct_ai_node.synthetic import generate_phantom
+
+    ph = generate_phantom(seed, kind="covid", shape=(slices, size, size), spacing=(1.0, 0.7, 0.7))
+    vol = phantom_volume(ph)
+    seg = create_lung_segmenter("unet", device, weights_dir)
+    t = time.perf_counter()
+    labels = seg(vol.hu, vol.spacing, vol.orientation)
+    out = {"lungs (U-Net)": time.perf_counter() - t}
+    for name in pipelines:
+        try:
+            method = create_method(name, device, weights_dir)
+        except (ModelError, ValueError) as exc:
+            log(f"{name}: skipped ({exc})")
+            continue
+        t = time.perf_counter()
+        method(vol.hu, vol.spacing, vol.orientation, labels)
+        out[name] = time.perf_counter() - t
+        log(f"{name}: {out[name]:.1f} s on {slices}x{size}x{size}")
+    return {k: float(np.round(v, 2)) for k, v in out.items()}
