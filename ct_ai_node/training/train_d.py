@@ -1,0 +1,369 @@
+"""Training of method D (weakly-supervised ResNeXt+) with volume labels only.
+
+Recipe (IEEE Access 2020, adapted to phantoms and the node's budget):
+
+* one volume per step (batch 1); label 1 for COVID-like phantoms, 0 for CAP and normal;
+  two-logit softmax and cross-entropy;
+* at most ``max_slices`` (50) lung slices per volume and step, drawn by **stratified
+  sampling**: the lung range is cut into ``max_slices`` equal bins and one random slice
+  is taken from each, so the sequence keeps its axial order and covers the whole lungs
+  (the LSTM sees apex to base) while every epoch sees other slices; volumes with fewer
+  lung slices use them all. Inference uses every lung slice;
+* Adam with a triangular cyclic learning rate between ``lr_min`` 1e-5 and ``lr_max``
+  1e-4 (``cycle_epochs`` per full cycle);
+* class imbalance: the positives are **resampled** (drawn with replacement) until an
+  epoch holds as many positive as negative volumes;
+* augmentation per volume (the same for all its slices): rotation, scale, shift,
+  left-right flip of image and mask; HU offset and gain, blur and noise inside the mask;
+* the epoch with the lowest validation loss is kept; the heat-map level for the
+  infection mask is calibrated on the validation COVID-like volumes (best lesion Dice).
+
+Phantoms are prepared once with :func:`ct_ai_node.pipeline.method_d.prepare_volume`
+(the same code as inference) and cached as ``.npz`` in ``settings.cache_dir``.
+Seeds: training from 1000, validation from 50000; seeds >= 90000 (held-out test set)
+are refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ct_ai_node.models.net_d import ARCHITECTURE, ResNeXtLSTM
+from ct_ai_node.models.networks import build
+from ct_ai_node.models.weights import save_model
+from ct_ai_node.pipeline.geometry import resize_slices
+from ct_ai_node.pipeline.method_d import (
+    INPUT_SIZE,
+    WEIGHTS_NAME,
+    MethodDSettings,
+    make_gradcam,
+    predict_volume,
+    prepare_volume,
+    to_tensor,
+)
+from ct_ai_node.pipeline.slice_input import SliceInputSettings
+from ct_ai_node.training.augment import blur, random_affine
+from ct_ai_node.training.data import TEST_SEED0, SliceLabelRule, kind_for_index, slice_labels
+from ct_ai_node.training.metrics import confusion, roc_auc
+
+logger = logging.getLogger(__name__)
+
+MODEL_VERSION = "0.1.0"
+#: bump when the cached preparation changes
+_CACHE_FORMAT = 1
+
+
+@dataclass
+class TrainDSettings:
+    cache_dir: Path = Path(".cache/method_d")
+    #: phantom shape (z, y, x); None draws realistic full-size geometries
+    shape: tuple[int, int, int] | None = (60, 192, 192)
+    input_size: int = INPUT_SIZE
+    epochs: int = 40
+    max_slices: int = 50
+    lr_min: float = 1e-5
+    lr_max: float = 1e-4
+    #: epochs per full cycle of the triangular cyclic learning rate
+    cycle_epochs: float = 4.0
+    weight_decay: float = 0.0
+    balance: bool = True
+    augment: bool = True
+    keep_best: bool = True
+    #: network size (``ResNeXtLSTM`` keyword arguments; {} = the bundled layout)
+    arch_kwargs: dict = field(default_factory=dict)
+    seed: int = 0
+    #: processes that generate phantoms (1: in this process)
+    workers: int = 1
+    #: backbone chunk at validation
+    chunk: int = 32
+
+
+# --- data -----------------------------------------------------------------------------
+
+def _input_settings(settings: TrainDSettings) -> SliceInputSettings:
+    return SliceInputSettings(size=settings.input_size)
+
+
+def _cache_path(seed: int, kind: str, settings: TrainDSettings) -> Path:
+    key = json.dumps({"fmt": _CACHE_FORMAT, "shape": settings.shape, "input": asdict(_input_settings(settings)),
+                      "rule": asdict(SliceLabelRule())}, sort_keys=True)
+    tag = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return Path(settings.cache_dir) / f"d_{seed}_{kind}_{tag}.npz"
+
+
+def _prepare_case(args) -> str:
+    seed, kind, shape, input_dict, path = args
+    from ct_ai_node.synthetic import generate_phantom
+
+    path = Path(path)
+    if path.is_file():
+        return str(path)
+    inp = SliceInputSettings(**input_dict)
+    ph = generate_phantom(seed, kind=kind, shape=shape)
+    vol = prepare_volume(ph.hu, ph.lung_labels, ph.spacing, inp)
+    lung = ph.lung_labels > 0
+    y, w = slice_labels(ph.lesion_mask, lung, ph.kind, ph.spacing, SliceLabelRule())
+    les = ph.lesion_mask[vol.zs][:, vol.box.y0 : vol.box.y1, vol.box.x0 : vol.box.x1].astype(np.float32)
+    les = resize_slices(torch.from_numpy(les)[:, None], (inp.size, inp.size))[:, 0].numpy() >= 0.5
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
+    np.savez_compressed(tmp, image=vol.image, mask=vol.mask, zs=vol.zs, slice_y=y[vol.zs], slice_w=w[vol.zs],
+                        lesion=les, label=np.int64(ph.kind == "covid"), kind=ph.kind, seed=np.int64(seed))
+    os.replace(tmp, path)
+    return str(path)
+
+
+def build_cache(seeds: Sequence[int], settings: TrainDSettings,
+                progress: Callable[[], None] | None = None) -> list[Path]:
+    """Generate and prepare the phantoms of ``seeds`` (kind from the seed, as in
+    :mod:`ct_ai_node.training.data`) unless already cached; returns the cache files."""
+    jobs = []
+    for s in seeds:
+        kind = kind_for_index(int(s))
+        jobs.append((int(s), kind, settings.shape, asdict(_input_settings(settings)),
+                     str(_cache_path(int(s), kind, settings))))
+    paths: list[Path] = []
+    if settings.workers <= 1:
+        for j in jobs:
+            paths.append(Path(_prepare_case(j)))
+            if progress:
+                progress()
+    else:
+        with ProcessPoolExecutor(settings.workers) as pool:
+            for p in pool.map(_prepare_case, jobs, chunksize=1):
+                paths.append(Path(p))
+                if progress:
+                    progress()
+    return paths
+
+
+def load_case(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def stratified_slices(n: int, at_most: int, rng: np.random.Generator) -> np.ndarray:
+    """One random index from each of ``at_most`` equal bins of range(n), in order
+    (all of range(n) when n <= at_most)."""
+    if n <= at_most:
+        return np.arange(n)
+    edges = np.linspace(0, n, at_most + 1)
+    lo = np.floor(edges[:-1]).astype(int)
+    hi = np.maximum(np.floor(edges[1:]).astype(int), lo + 1)
+    return np.minimum(lo + (rng.random(at_most) * (hi - lo)).astype(int), n - 1)
+
+
+def epoch_order(labels: np.ndarray, balance: bool, rng: np.random.Generator) -> np.ndarray:
+    """Volume indices for one epoch; with ``balance`` the minority class is resampled
+    (with replacement) up to the majority's count."""
+    idx = np.arange(labels.size)
+    if balance:
+        pos, neg = idx[labels == 1], idx[labels == 0]
+        if pos.size and neg.size and pos.size != neg.size:
+            small, big = (pos, neg) if pos.size < neg.size else (neg, pos)
+            extra = rng.choice(small, size=big.size - small.size, replace=True)
+            idx = np.concatenate([idx, extra])
+    return rng.permutation(idx)
+
+
+def augment_volume(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n, 2, s, s) one volume's slices -> the same random geometry for every slice
+    (image bilinear, mask nearest) and one scanner variation inside the mask."""
+    g = generator
+    img = x[:, :1].transpose(0, 1)  # (1, n, s, s): one sample, the slices as channels
+    msk = x[:, 1:2].transpose(0, 1)
+    img, msk = random_affine(img, msk, generator=g)
+    img, msk = img.transpose(0, 1), msk.transpose(0, 1)
+
+    def u(a: float, b: float) -> float:
+        return float(a + (b - a) * torch.rand(1, generator=g).item())
+
+    y = img * u(0.92, 1.08) + u(-0.06, 0.06)
+    y = blur(y, u(0.0, 1.2))
+    y = y + torch.randn(y.shape, generator=g) * u(0.0, 0.04)
+    y = torch.where(msk > 0, y, img).clamp(0.0, 1.0)
+    return torch.cat([y, msk], dim=1)
+
+
+# --- evaluation -----------------------------------------------------------------------
+
+def evaluate(model: ResNeXtLSTM, cases: list[dict], device: torch.device, chunk: int = 32,
+             with_heat: bool = False) -> dict:
+    """Volume probabilities and slice scores of every case (all lung slices), with the
+    volume and slice metrics; ``with_heat`` adds the infection-threshold calibration."""
+    ms = MethodDSettings(chunk=chunk)
+    # Grad-CAM hooks go on a copy, so the returned model carries none
+    heat_net = copy.deepcopy(model).eval() if with_heat else None
+    cam = make_gradcam(heat_net) if heat_net is not None else None
+    probs, labels, losses = [], [], []
+    slice_y, slice_pred, slice_score, slice_pos_case = [], [], [], []
+    thresholds = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6)
+    inter = {t: 0 for t in thresholds}
+    pred_sum = {t: 0 for t in thresholds}
+    truth_sum = 0
+    model.eval()
+    for c in cases:
+        if with_heat and int(c["label"]) == 1:
+            pred = predict_volume(heat_net, c["image"], c["mask"], device, ms, cam=cam)
+        else:
+            pred = predict_volume(model, c["image"], c["mask"], device, ms)
+        p = min(max(pred.probability, 1e-7), 1 - 1e-7)
+        y = int(c["label"])
+        probs.append(pred.probability)
+        labels.append(y)
+        losses.append(-np.log(p if y else 1 - p))
+        keep = c["slice_w"] > 0
+        slice_y.append(c["slice_y"][keep])
+        slice_pred.append(pred.scores[keep] >= ms.slice_threshold)
+        slice_score.append(pred.scores[keep])
+        slice_pos_case.append(np.full(int(keep.sum()), y))
+        if with_heat and y == 1:
+            pos = (c["slice_y"] > 0.5) & keep
+            truth = c["lesion"][pos].astype(bool)
+            hu_ok = c["image"][pos] >= int(0.25 * 255)  # >= -750 HU, as the pipeline's infection mask
+            truth_sum += int(truth.sum())
+            for t in thresholds:
+                m = (pred.heat[pos] >= t) & hu_ok
+                inter[t] += int((m & truth).sum())
+                pred_sum[t] += int(m.sum())
+    probs_a, labels_a = np.array(probs), np.array(labels)
+    sy, sp, ss = np.concatenate(slice_y), np.concatenate(slice_pred), np.concatenate(slice_score)
+    covid = np.concatenate(slice_pos_case) == 1
+    out = {
+        "volumes": len(cases),
+        "loss": float(np.mean(losses)) if losses else float("nan"),
+        "auc": roc_auc(labels_a, probs_a),
+        **{f"volume_{k}": v for k, v in confusion(labels_a, probs_a >= 0.5).items()},
+        "slice_auc_in_covid_volumes": roc_auc(sy[covid], ss[covid]),
+        **{f"slice_{k}": v for k, v in confusion(sy, sp).items() if k in ("precision", "sensitivity", "f1")},
+        "probabilities": [round(float(p), 4) for p in probs],
+        "labels": labels,
+    }
+    if with_heat and truth_sum:
+        dice = {t: 2 * inter[t] / max(pred_sum[t] + truth_sum, 1) for t in thresholds}
+        best = max(dice, key=dice.get)
+        out["lesion_dice_by_threshold"] = {str(t): round(d, 4) for t, d in dice.items()}
+        if dice[best] > 0:  # no overlap at any level: nothing to calibrate
+            out["infection_threshold"] = float(best)
+    return out
+
+
+# --- training -------------------------------------------------------------------------
+
+def train_method_d(seeds_train: Sequence[int], seeds_val: Sequence[int], settings: TrainDSettings | None = None,
+                   device: torch.device | str = "cpu", progress: bool = True) -> tuple[ResNeXtLSTM, dict]:
+    """Train method D on phantoms of ``seeds_train`` (volume labels only), select and
+    calibrate on ``seeds_val``; returns the model (eval mode, on ``device``) and a
+    metrics dict (per-epoch losses, validation volume/slice metrics, calibration)."""
+    s = settings or TrainDSettings()
+    device = torch.device(device)
+    bad = [x for x in list(seeds_train) + list(seeds_val) if int(x) >= TEST_SEED0]
+    if bad:
+        raise ValueError(f"seeds >= {TEST_SEED0} are the held-out test set, not for training: {bad[:5]}")
+    if set(map(int, seeds_train)) & set(map(int, seeds_val)):
+        raise ValueError("training and validation seeds overlap")
+    log = (lambda msg: print(msg, flush=True)) if progress else logger.info
+    t0 = time.time()
+    train_cases = [load_case(p) for p in build_cache(seeds_train, s)]
+    val_cases = [load_case(p) for p in build_cache(seeds_val, s)] if len(seeds_val) else []
+    train_cases = [c for c in train_cases if c["image"].shape[0] > 0]
+    t_data = time.time() - t0
+    labels = np.array([int(c["label"]) for c in train_cases])
+    log(f"method D: {len(train_cases)} train volumes ({int(labels.sum())} COVID-like), {len(val_cases)} val volumes; "
+        f"data {t_data:.0f} s")
+
+    torch.manual_seed(s.seed)
+    rng = np.random.default_rng(s.seed)
+    gen = torch.Generator().manual_seed(s.seed)
+    model: ResNeXtLSTM = build(ARCHITECTURE, **s.arch_kwargs).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=s.lr_max, weight_decay=s.weight_decay)
+    steps_per_epoch = len(epoch_order(labels, s.balance, np.random.default_rng(0)))
+    half_cycle = max(1, int(round(s.cycle_epochs * steps_per_epoch / 2)))
+    sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=s.lr_min, max_lr=s.lr_max, step_size_up=half_cycle,
+                                              mode="triangular", cycle_momentum=False)
+    history: list[dict] = []
+    best_state, best_loss, best_epoch = None, float("inf"), -1
+    for epoch in range(s.epochs):
+        te = time.time()
+        model.train()
+        losses, correct = [], 0
+        for i in epoch_order(labels, s.balance, rng):
+            c = train_cases[i]
+            pick = stratified_slices(c["image"].shape[0], s.max_slices, rng)
+            x = to_tensor(c["image"][pick], c["mask"][pick])
+            if s.augment:
+                x = augment_volume(x, gen)
+            y = torch.tensor([int(c["label"])], device=device)
+            logits, _ = model(x.to(device))
+            loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.item()))
+            correct += int(int(logits.argmax(1).item()) == int(c["label"]))
+        rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
+               "train_accuracy": correct / max(len(losses), 1), "lr": float(sched.get_last_lr()[0]),
+               "seconds": round(time.time() - te, 1)}
+        if val_cases:
+            v = evaluate(model, val_cases, device, s.chunk)
+            rec.update(val_loss=v["loss"], val_auc=v["auc"], val_accuracy=v["volume_accuracy"])
+            if s.keep_best and v["loss"] < best_loss:
+                best_loss, best_epoch = v["loss"], epoch + 1
+                best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
+        history.append(rec)
+        log("  epoch {epoch}/{n}: loss {train_loss:.4f} acc {train_accuracy:.2f}".format(n=s.epochs, **rec)
+            + (f" | val loss {rec['val_loss']:.4f} AUC {rec['val_auc']:.3f}" if "val_loss" in rec else "")
+            + f" ({rec['seconds']} s)")
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    metrics: dict = {
+        "train_volumes": len(train_cases),
+        "train_positive": int(labels.sum()),
+        "val_volumes": len(val_cases),
+        "history": history,
+        "best_epoch": best_epoch if best_state is not None else s.epochs,
+        "data_seconds": round(t_data, 1),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
+        "input": asdict(_input_settings(s)),
+        "device": str(device),
+    }
+    if val_cases:
+        metrics["val"] = evaluate(model, val_cases, device, s.chunk, with_heat=True)
+    metrics["seconds"] = round(time.time() - t0, 1)
+    return model, metrics
+
+
+def save_method_d(model: ResNeXtLSTM, metrics: dict, out_dir: Path, version: str = MODEL_VERSION,
+                  seeds: str = "") -> str:
+    """Write ``out_dir/method_d_resnext_lstm.safetensors`` (fp16) with the calibration
+    the method reads (``input``, ``infection_threshold``) and update the manifest."""
+    settings = metrics.get("settings", {})
+    extra = {
+        "trained_on": "synthetic chest-CT phantoms (ct_ai_node.synthetic)",
+        "input": json.dumps(metrics.get("input", asdict(SliceInputSettings(size=INPUT_SIZE)))),
+        "training": json.dumps({k: v for k, v in settings.items() if k not in ("cache_dir", "workers")}),
+    }
+    val = metrics.get("val", {})
+    if "infection_threshold" in val:
+        extra["infection_threshold"] = str(val["infection_threshold"])
+    if "auc" in val:
+        extra["val_auc"] = f"{val['auc']:.4f}"
+    if seeds:
+        extra["seeds"] = seeds
+    return save_model(model.cpu(), Path(out_dir) / f"{WEIGHTS_NAME}.safetensors", architecture=ARCHITECTURE,
+                      arch_kwargs=settings.get("arch_kwargs", {}), version=version, extra=extra)

@@ -1,0 +1,230 @@
+"""Method D (weakly-supervised ResNeXt+): network, weights, the pipeline end to end on a
+tiny phantom with untrained (seeded) weights, Grad-CAM against monai.visualize, and one
+training epoch on tiny phantoms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ct_ai_node.errors import ModelError
+from ct_ai_node.models.net_d import ARCHITECTURE, ResNeXtLSTM
+from ct_ai_node.models.networks import build
+from ct_ai_node.models.weights import load_model, read_manifest, save_model
+from ct_ai_node.pipeline import method_d
+from ct_ai_node.pipeline.methods import PIPELINES, MethodOutput
+from ct_ai_node.pipeline.slice_input import dilated_mask
+from ct_ai_node.training.train_d import (
+    TrainDSettings,
+    augment_volume,
+    epoch_order,
+    save_method_d,
+    stratified_slices,
+    train_method_d,
+)
+
+TINY = {"width": 8, "lstm_hidden": 8, "attention_hidden": 8, "fc_hidden": 16}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    from ct_ai_node.synthetic import generate_phantom
+
+    return generate_phantom(1000, "covid", shape=(24, 96, 96))
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_forward_backward_shapes_and_finite_grads(norm):
+    torch.manual_seed(0)
+    net = build(ARCHITECTURE, **TINY, norm=norm)
+    x = torch.rand(5, 2, 64, 64)
+    logits, alpha = net(x)
+    assert logits.shape == (1, 2) and alpha.shape == (5,)
+    assert torch.allclose(alpha.sum(), torch.tensor(1.0), atol=1e-5) and bool((alpha >= 0).all())
+    # last stage keeps stride 1: maps are 1/16 of the input
+    assert net.backbone_maps(x).shape == (5, net.out_channels, 4, 4)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([1])).backward()
+    grads = [p.grad for p in net.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert net.backbone[0].conv_mask.weight.grad.abs().sum() > 0  # the mask branch learns too
+    assert net.head.cbam.spatial.conv.weight.shape == (1, 2, 9, 9)
+
+
+def test_default_layout_is_resnext50_at_quarter_width():
+    net = build(ARCHITECTURE)
+    stages = list(net.backbone)[1:]
+    assert [len(s) for s in stages] == [3, 4, 6, 3]
+    assert stages[0][0].conv2.conv.groups == 8
+    assert net.out_channels == 512 and net.head.lstm.hidden_size == 64 and net.head.lstm.bidirectional
+    n = sum(p.numel() for p in net.parameters())
+    assert 1.5e6 < n < 3e6  # fp16: about 4 MB
+
+
+def test_eval_is_deterministic_and_chunking_changes_nothing():
+    torch.manual_seed(1)
+    net = build(ARCHITECTURE, **TINY).eval()
+    x = torch.rand(7, 2, 64, 64)
+    with torch.no_grad():
+        a, alpha_a = net(x)
+        b, alpha_b = net(x)
+        c, alpha_c = net(x, chunk=3)
+    assert torch.equal(a, b) and torch.equal(alpha_a, alpha_b)
+    assert torch.allclose(a, c, atol=1e-5) and torch.allclose(alpha_a, alpha_c, atol=1e-6)
+
+
+def test_save_load_roundtrip_hash_check(tmp_path):
+    torch.manual_seed(2)
+    net = build(ARCHITECTURE, **TINY).eval()
+    save_model(net, tmp_path / "d.safetensors", architecture=ARCHITECTURE, arch_kwargs=TINY, version="0.0.1")
+    assert "d.safetensors" in read_manifest(tmp_path)
+    loaded = load_model("d", tmp_path)
+    assert isinstance(loaded.module, ResNeXtLSTM)
+    x = torch.rand(4, 2, 64, 64)
+    with torch.no_grad():
+        got, _ = loaded.module(x)
+        ref, _ = net.half().float()(x)
+    assert torch.allclose(got, ref, atol=1e-3)
+    raw = bytearray((tmp_path / "d.safetensors").read_bytes())
+    raw[-7] ^= 0xFF
+    (tmp_path / "d.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ModelError, match="does not match the manifest"):
+        load_model("d", tmp_path)
+
+
+def test_factory_without_weights_raises_model_error(tmp_path):
+    with pytest.raises(ModelError, match="not found") as err:
+        PIPELINES[method_d.PIPELINE_NAME].factory(torch.device("cpu"), tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_hull_mask_fills_each_lung_separately():
+    lab = np.zeros((1, 40, 40), np.uint8)
+    lab[0, 5:35, 5:8] = 1  # an "L" and a "C" shape
+    lab[0, 32:35, 5:15] = 1
+    lab[0, 5:35, 30:33] = 2
+    lab[0, 5:8, 22:33] = 2
+    lab[0, 32:35, 22:33] = 2
+    hull = method_d.hull_lung_mask(lab)
+    assert hull[0][lab[0] > 0].all()
+    assert hull[0, 30, 10] and hull[0, 20, 27]  # inside each lung's hull
+    assert not hull[0, 20, 18]  # the gap between the lungs stays out
+    assert not hull[0, 10, 12]  # above the diagonal of the right lung's "L"
+
+
+def _untrained_method(tmp_path, **settings) -> method_d.ResNeXtLSTMMethod:
+    torch.manual_seed(3)
+    net = build(ARCHITECTURE, **TINY).eval()
+    save_model(net, tmp_path / f"{method_d.WEIGHTS_NAME}.safetensors", architecture=ARCHITECTURE, arch_kwargs=TINY,
+               version="0.0.0-test", extra={"input": '{"size": 64}'})
+    m = PIPELINES[method_d.PIPELINE_NAME].factory(torch.device("cpu"), tmp_path)
+    m.settings = method_d.replace(m.settings, **settings)
+    return m
+
+
+def test_method_end_to_end_untrained(tmp_path, phantom):
+    ph = phantom
+    # heat_min_score 0: every lung slice gets a map, whatever the untrained score
+    m = _untrained_method(tmp_path, heat_min_score=0.0, chunk=5)
+    assert m.settings.input.size == 64  # taken from the weights' metadata
+    out = m(ph.hu, ph.spacing, (1, 0, 0, 0, 1, 0), ph.lung_labels)
+    assert isinstance(out, MethodOutput)
+    z = ph.hu.shape[0]
+    assert out.slice_scores.shape == (z,) and out.slice_scores.dtype == np.float32
+    assert out.heatmap.shape == ph.hu.shape and out.heatmap.dtype == np.float32
+    assert 0.0 <= out.probability <= 1.0 and out.threshold == 0.5
+    assert float(out.slice_scores.min()) >= 0 and float(out.slice_scores.max()) <= 1
+    assert float(out.heatmap.min()) >= 0 and float(out.heatmap.max()) <= 1 and out.heatmap.max() > 0
+    lung = ph.lung_labels > 0
+    inside = dilated_mask(lung, ph.spacing, m.settings.input.mask_dilation_mm)
+    assert not out.heatmap[~inside].any()
+    lung_z = np.flatnonzero(lung.reshape(z, -1).any(axis=1))
+    no_lung = np.setdiff1d(np.arange(z), lung_z)
+    assert not out.slice_scores[no_lung].any()
+    # the most attended slice scores the volume probability
+    assert np.isclose(out.slice_scores.max(), out.probability, atol=1e-6)
+    assert set(out.positive_slices.tolist()) <= set(lung_z.tolist())
+    assert out.model_versions[method_d.WEIGHTS_NAME].startswith("0.0.0-test+")
+    again = m(ph.hu, ph.spacing, (1, 0, 0, 0, 1, 0), ph.lung_labels)
+    assert again.probability == out.probability and np.array_equal(again.heatmap, out.heatmap)
+    assert len(m.net.head.cbam._forward_hooks) == 1  # one Grad-CAM per method, not one per call
+
+
+def test_no_heat_below_min_score(tmp_path, phantom):
+    ph = phantom
+    m = _untrained_method(tmp_path, heat_min_score=1.01)
+    out = m(ph.hu, ph.spacing, (1, 0, 0, 0, 1, 0), ph.lung_labels)
+    assert not out.heatmap.any() and out.slice_scores.max() > 0
+
+
+def test_heat_is_monai_gradcam_on_cbam_output():
+    """The pipeline's map equals monai.visualize.GradCAM run on the whole network
+    (backward through the backbone too) with the CBAM output as target layer."""
+    from monai.visualize import GradCAM
+
+    torch.manual_seed(4)
+    net = build(ARCHITECTURE, **TINY).eval()
+    img = (torch.rand(6, 64, 64) * 255).to(torch.uint8).numpy()
+    msk = (torch.rand(6, 64, 64) > 0.3).to(torch.uint8).numpy()
+    ms = method_d.MethodDSettings(heat_min_score=0.0, chunk=4)
+    cam = method_d.make_gradcam(net)
+    pred = method_d.predict_volume(net, img, msk, torch.device("cpu"), ms, cam=cam)
+    again = method_d.predict_volume(net, img, msk, torch.device("cpu"), ms, cam=cam)
+    np.testing.assert_array_equal(pred.heat, again.heat)  # one GradCAM serves every call
+    assert not cam.nn_module.activations and not cam.nn_module.gradients  # nothing kept
+    assert not method_d.predict_volume(net, img, msk, torch.device("cpu"), ms).heat.any()  # no cam, no heat
+
+    class Whole(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            logits, _ = self.net(x)
+            return logits[:, 1:2] - logits[:, 0:1]
+
+    ref = GradCAM(nn_module=Whole(), target_layers="net.head.cbam").compute_map(
+        method_d.to_tensor(img, msk), class_idx=0)
+    ref = ref.detach()
+    ref = ref / ref.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    ref = torch.nn.functional.interpolate(ref, size=(64, 64), mode="bilinear", align_corners=False)[:, 0].numpy()
+    rel = pred.alpha / pred.alpha.max()
+    np.testing.assert_allclose(pred.heat, ref * rel[:, None, None], atol=1e-4)
+
+
+def test_sampling_balance_and_augmentation():
+    rng = np.random.default_rng(0)
+    pick = stratified_slices(120, 50, rng)
+    assert pick.size == 50 and np.all(np.diff(pick) > 0) and pick[0] < 3 and pick[-1] >= 117
+    assert np.array_equal(stratified_slices(30, 50, rng), np.arange(30))
+    order = epoch_order(np.array([1, 0, 0, 0, 0]), True, rng)
+    assert order.size == 8 and (order == 0).sum() == 4
+    x = torch.cat([torch.rand(4, 1, 32, 32), (torch.rand(4, 1, 32, 32) > 0.5).float()], 1)
+    y = augment_volume(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+    assert set(torch.unique(y[:, 1]).tolist()) <= {0.0, 1.0}
+
+
+def test_training_one_epoch_tiny(tmp_path):
+    s = TrainDSettings(cache_dir=tmp_path / "cache", shape=(24, 96, 96), input_size=48, epochs=1, max_slices=12,
+                       arch_kwargs=TINY)
+    with pytest.raises(ValueError, match="held-out"):
+        train_method_d([1000, 90000], [], s, "cpu", progress=False)
+    model, metrics = train_method_d([1000, 1001, 1002, 1003], [50000, 50001], s, "cpu", progress=False)
+    assert isinstance(model, ResNeXtLSTM) and not model.training
+    assert not model.head.cbam._forward_hooks  # the calibration's Grad-CAM ran on a copy
+    assert metrics["train_volumes"] == 4 and metrics["val_volumes"] == 2
+    assert len(metrics["history"]) == 1 and np.isfinite(metrics["history"][0]["train_loss"])
+    assert 0.0 <= metrics["val"]["volume_accuracy"] <= 1.0
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 6  # cached crops
+    save_method_d(model, metrics, tmp_path / "w")
+    m = PIPELINES[method_d.PIPELINE_NAME].factory(torch.device("cpu"), tmp_path / "w")
+    assert m.settings.input.size == 48
