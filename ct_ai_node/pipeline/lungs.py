@@ -197,8 +197,14 @@ def _finish(candidates: np.ndarray, hu_work: np.ndarray, hu_shape, spacing, orie
     """Shared tail of both methods: clean the work-resolution lung candidates, split
     left/right and bring the labels back to the source grid."""
     spacing_w = _work_spacing(spacing, hu_shape, candidates.shape)
-    lung = _clean(candidates, hu_work, settings, spacing_w, orientation)
-    labels = _split_left_right(lung, orientation, spacing_w[1:], settings.min_component_fraction)
+    # everything below is local to the candidates: work in their box (with one voxel of
+    # background around, so that "touches the border" means the same as in the full image)
+    box = bounding_box(candidates, 1)
+    labels = np.zeros(candidates.shape, np.uint8)
+    if box is None:
+        return _to_source(labels, hu_shape)
+    lung = _clean(candidates[box], hu_work[box], settings, spacing_w, orientation)
+    labels[box] = _split_left_right(lung, orientation, spacing_w[1:], settings.min_component_fraction)
     return _to_source(labels, hu_shape)
 
 
@@ -225,7 +231,8 @@ class UNetLungSegmenter:
 
     def __init__(self, model: torch.nn.Module, version: str, device: torch.device | str = "cpu",
                  settings: LungSegmentationSettings | None = None, batch_size: int = 16):
-        self.model = model.to(device).eval()
+        # channels-last: oneDNN's convolutions run about 1.5x faster on CPU (same results to 1e-5)
+        self.model = model.to(device, memory_format=torch.channels_last).eval()
         self.version = version
         self.device = torch.device(device)
         self.settings = settings or LungSegmentationSettings()
@@ -249,7 +256,7 @@ class UNetLungSegmenter:
         for i in range(0, run.size, self.batch_size):
             zs = run[i : i + self.batch_size]
             x = torch.from_numpy(np.ascontiguousarray(hu[zs], np.float32))[:, None]
-            x = resize_slices(self.normalise(x), size).to(self.device)
+            x = resize_slices(self.normalise(x), size).to(self.device, memory_format=torch.channels_last)
             p = torch.sigmoid(self.model(x))
             out[zs] = resize_slices(p, work_shape[1:]).cpu().numpy()[:, 0]
         return fill_between_inplace(out, run)
