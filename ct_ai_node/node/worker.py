@@ -202,7 +202,16 @@ def worker_process_main(config_json: str, owner: str, log_level: int = logging.I
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops its workers itself
     config = NodeConfig.model_validate_json(config_json)
+    _preload()
     Worker(config, owner).run_forever(stop)
+
+
+def _preload() -> None:
+    """Import torch, MONAI and the pipelines now (3-5 s), not inside the first job's time."""
+    import ct_ai_node.analyze  # noqa: F401
+    from ct_ai_node.pipeline.methods import available_pipelines
+
+    available_pipelines()
 
 
 def _die_with_parent() -> None:
