@@ -105,29 +105,44 @@ def pipelines() -> None:
 
     for spec in available_pipelines():
         mark = " (default)" if spec.name == DEFAULT_PIPELINE else ""
-        typer.echo(f"{spec.name}{mark}: {spec.description}")
+        missing = spec.missing_weights()
+        state = f" [no weights yet: {', '.join(missing)}; see `ct-ai-node train --help`]" if missing else ""
+        typer.echo(f"{spec.name}{mark}: {spec.description}{state}")
 
 
 @app.command()
 def train(
+    method: str = typer.Argument("default", help="default (method A + lung U-Net), ctnet, dual-sampling, "
+                                                 "resnext-lstm or infection"),
     out: Path = typer.Option(Path("ct_ai_node/models/weights"), help="folder for the weights and manifest"),
     cases: int = typer.Option(300, help="training phantoms"),
-    val_cases: int = typer.Option(60, help="validation phantoms (calibration)"),
-    epochs: int = typer.Option(12, help="classifier epochs"),
-    lung_epochs: int = typer.Option(4, help="lung U-Net epochs"),
+    val_cases: int = typer.Option(60, help="validation phantoms (calibration, model selection)"),
+    epochs: Optional[int] = typer.Option(None, help="epochs (default: each method's own)"),
+    lung_epochs: int = typer.Option(4, help="lung U-Net epochs (METHOD default)"),
     shape: str = typer.Option("full", help="phantom shape z,y,x, or 'full' for drawn realistic geometries"),
+    cache_dir: Optional[Path] = typer.Option(None, help="cache of prepared phantoms (methods C, D, infection)"),
     device: str = typer.Option("auto"),
-    workers: Optional[int] = typer.Option(None, help="phantom generator processes"),
+    workers: Optional[int] = typer.Option(None, help="phantom generator processes (METHOD default)"),
 ) -> None:
-    """Train the bundled models on synthetic phantoms (method A classifier, lung U-Net)."""
+    """Train a model on synthetic phantoms (seeds never from the held-out test range) and
+    write fp16 safetensors + manifest entries into --out."""
     from ct_ai_node.analyze import resolve_device
-    from ct_ai_node.training.train import TrainSettings, train_default_models
+    from ct_ai_node.training.methods import TRAINABLE, train_method
 
+    if method not in TRAINABLE:
+        typer.echo(f"unknown METHOD {method!r}; one of: {', '.join(TRAINABLE)}", err=True)
+        raise typer.Exit(EXIT_REJECTED)
     dims = None if shape == "full" else tuple(int(v) for v in shape.split(","))
-    settings = TrainSettings(n_train_cases=cases, n_val_cases=val_cases, classifier_epochs=epochs,
-                             lung_epochs=lung_epochs, shape=dims, workers=workers)
-    report = train_default_models(out, settings, resolve_device(device), log=err.print)
-    typer.echo(json.dumps(report, indent=2, default=float))
+    if method == "default":
+        from ct_ai_node.training.train import TrainSettings, train_default_models
+
+        settings = TrainSettings(n_train_cases=cases, n_val_cases=val_cases, classifier_epochs=epochs or 12,
+                                 lung_epochs=lung_epochs, shape=dims, workers=workers)
+        report = train_default_models(out, settings, resolve_device(device), log=err.print)
+    else:
+        report = train_method(method, out, resolve_device(device), cases=cases, val_cases=val_cases, epochs=epochs,
+                              shape=dims, cache_dir=cache_dir, log=err.print)
+    typer.echo(json.dumps(report, indent=2, default=str))
 
 
 @app.command()
@@ -136,18 +151,32 @@ def evaluate(
     cases: int = typer.Option(24, help="held-out phantoms (seeds never used in training)"),
     device: str = typer.Option("auto"),
     lungs: str = typer.Option("unet"),
-    pipeline: str = typer.Option("radlogics"),
+    pipeline: str = typer.Option("radlogics", help="one pipeline, or several separated by commas: side by side "
+                                                   "on the same phantoms ('all': every registered pipeline)"),
     weights_dir: Optional[Path] = typer.Option(None, help="weights folder (default: the bundled weights)"),
     shape: Optional[str] = typer.Option(None, help="phantom shape z,y,x (default: drawn per case, full size)"),
     workers: Optional[int] = typer.Option(None, help="phantom generator processes"),
 ) -> None:
-    """Evaluate a pipeline on held-out synthetic phantoms and print the metrics."""
+    """Evaluate pipelines on held-out synthetic phantoms and print the metrics (AUC, sensitivity,
+    specificity, F1, lung and lesion Dice, volume errors, pointing game, seconds per case)."""
     from ct_ai_node.analyze import resolve_device
-    from ct_ai_node.training.evaluate import evaluate_pipeline
 
     dims = tuple(int(v) for v in shape.split(",")) if shape else None
-    summary = evaluate_pipeline(out, cases, resolve_device(device), pipeline=pipeline, lungs=lungs, log=err.print,
-                                weights_dir=weights_dir, shape=dims, workers=workers)
+    names = [p.strip() for p in pipeline.split(",") if p.strip()]
+    if names == ["all"]:
+        from ct_ai_node.pipeline.methods import available_pipelines
+
+        names = [spec.name for spec in available_pipelines()]
+    if len(names) == 1:
+        from ct_ai_node.training.evaluate import evaluate_pipeline
+
+        summary = evaluate_pipeline(out, cases, resolve_device(device), pipeline=names[0], lungs=lungs,
+                                    log=err.print, weights_dir=weights_dir, shape=dims, workers=workers)
+    else:
+        from ct_ai_node.training.compare import compare_pipelines
+
+        summary = compare_pipelines(out, names, cases, resolve_device(device), lungs=lungs, shape=dims,
+                                    weights_dir=weights_dir, workers=workers, log=err.print)
     typer.echo(json.dumps(summary, indent=2, default=float))
 
 

@@ -79,7 +79,20 @@ def build_lung_unet(channels: tuple[int, ...] = (16, 32, 64, 128, 256)) -> nn.Mo
     )
 
 
+#: modules that register the other methods' architectures (imported on first use)
+ARCHITECTURE_MODULES = ("net_b", "net_c", "net_d", "net_infection")
+
+
+def _import_architectures() -> None:
+    import importlib
+
+    for name in ARCHITECTURE_MODULES:
+        importlib.import_module(f"ct_ai_node.models.{name}")
+
+
 def build(architecture: str, **kwargs) -> nn.Module:
+    if architecture not in ARCHITECTURES:
+        _import_architectures()
     try:
         builder = ARCHITECTURES[architecture]
     except KeyError:

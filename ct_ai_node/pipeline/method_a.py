@@ -132,6 +132,6 @@ class RadLogicsMethod:
 
 
 @register_pipeline("radlogics", "Method A: slice ResNet-50 layout on lung-ROI crops, fused 14x14/28x28 Grad-CAM, "
-                   "positive-slice ratio (Frid-Adar et al. 2020)")
+                   "positive-slice ratio (Frid-Adar et al. 2020)", weights=(WEIGHTS_NAME,))
 def _factory(device: torch.device, weights_dir: Path | None) -> RadLogicsMethod:
     return RadLogicsMethod(load_model(WEIGHTS_NAME, weights_dir, device), device)

@@ -331,6 +331,6 @@ def load_method_b(device: torch.device | str = "cpu", weights_dir: Path | None =
 
 @register_pipeline(PIPELINE_NAME, "Method B: COVID CT-Net residual attention network (Attention-56 layout, p=1 t=2 "
                    "r=1) on lung-ROI slices, Grad-CAM++ of the third attention block, positive-slice ratio "
-                   "(Yazdani, Minaee et al. 2020)")
+                   "(Yazdani, Minaee et al. 2020)", weights=(WEIGHTS_NAME,))
 def _factory(device: torch.device, weights_dir: Path | None) -> CTNetMethod:
     return load_method_b(device, weights_dir)

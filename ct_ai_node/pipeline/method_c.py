@@ -323,6 +323,7 @@ def load_method_c(device: torch.device | str = "cpu", weights_dir: Path | None =
 
 
 @register_pipeline(PIPELINE_NAME, "Method C: dual-sampling attention network, 3D ResNet34 layout with online 3D CAM "
-                   "attention, uniform + size-balanced models ensembled by infection ratio (Ouyang et al. 2020)")
+                   "attention, uniform + size-balanced models ensembled by infection ratio (Ouyang et al. 2020)",
+                   weights=(WEIGHTS_NAME_US, WEIGHTS_NAME_SS))
 def _factory(device: torch.device, weights_dir: Path | None) -> DualSamplingMethod:
     return load_method_c(device, weights_dir)

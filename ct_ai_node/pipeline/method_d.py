@@ -304,6 +304,6 @@ class ResNeXtLSTMMethod:
 
 
 @register_pipeline(PIPELINE_NAME, "Method D: mask-fusion ResNeXt + CBAM, BiLSTM over slices, slice attention; "
-                   "weakly supervised by volume labels (ResNeXt+, IEEE Access 2020)")
+                   "weakly supervised by volume labels (ResNeXt+, IEEE Access 2020)", weights=(WEIGHTS_NAME,))
 def _factory(device: torch.device, weights_dir: Path | None) -> ResNeXtLSTMMethod:
     return ResNeXtLSTMMethod(load_model(WEIGHTS_NAME, weights_dir, device), device)

@@ -48,15 +48,23 @@ class PipelineSpec:
     name: str
     description: str
     factory: Callable[[torch.device, Path | None], Method]
+    #: weight files (names without .safetensors) the pipeline needs
+    weights: tuple[str, ...] = ()
+
+    def missing_weights(self, folder: Path | None = None) -> list[str]:
+        from ct_ai_node.models.weights import BUNDLED_WEIGHTS
+
+        folder = Path(folder) if folder else BUNDLED_WEIGHTS
+        return [w for w in self.weights if not (folder / f"{w}.safetensors").is_file()]
 
 
 PIPELINES: dict[str, PipelineSpec] = {}
 DEFAULT_PIPELINE = "radlogics"
 
 
-def register_pipeline(name: str, description: str):
+def register_pipeline(name: str, description: str, weights: tuple[str, ...] = ()):
     def _wrap(factory):
-        PIPELINES[name] = PipelineSpec(name, description, factory)
+        PIPELINES[name] = PipelineSpec(name, description, factory, tuple(weights))
         return factory
 
     return _wrap
@@ -78,4 +86,4 @@ def available_pipelines() -> list[PipelineSpec]:
 
 def _import_builtin_methods() -> None:
     # Imported lazily so that listing the registry does not pay for every network.
-    from ct_ai_node.pipeline import method_a  # noqa: F401
+    from ct_ai_node.pipeline import ensemble, method_a, method_b, method_c, method_d  # noqa: F401

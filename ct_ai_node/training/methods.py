@@ -1,0 +1,66 @@
+"""``ct-ai-node train METHOD``: one entry point per trainable model.
+
+Seeds: training phantoms from ``TRAIN_SEED0``, validation (calibration, model
+selection) from ``VAL_SEED0``; held-out test seeds (``TEST_SEED0`` and up) are
+never used here. Every trainer writes fp16 safetensors plus its manifest entry
+into ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ct_ai_node.training.data import TRAIN_SEED0, VAL_SEED0
+
+#: METHOD argument -> what it trains
+TRAINABLE = {
+    "default": "method A slice classifier + lung U-Net (the bundled default models)",
+    "ctnet": "method B residual attention network",
+    "dual-sampling": "method C uniform + size-balanced 3D networks",
+    "resnext-lstm": "method D ResNeXt + CBAM + BiLSTM",
+    "infection": "2.5D infection U-Net",
+}
+
+
+def _with(settings, **changes):
+    """A settings dataclass with the options that were given (None = keep its default)."""
+    return dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
+
+
+def train_method(method: str, out_dir: Path, device: torch.device, *, cases: int, val_cases: int,
+                 epochs: int | None = None, shape=None, cache_dir: Path | None = None, log=print) -> dict:
+    out_dir = Path(out_dir)
+    train = list(range(TRAIN_SEED0, TRAIN_SEED0 + cases))
+    val = list(range(VAL_SEED0, VAL_SEED0 + val_cases))
+    if method == "ctnet":
+        from ct_ai_node.training.train_b import TrainBSettings, save_method_b, train_method_b
+
+        model, metrics = train_method_b(train, val, _with(TrainBSettings(), epochs=epochs, shape=shape), device,
+                                        log=log)
+        return {"sha256": save_method_b(model, metrics, out_dir), "metrics": metrics}
+    if method == "dual-sampling":
+        from ct_ai_node.training.train_c import TrainCSettings, train_method_c_models
+
+        settings = _with(TrainCSettings(), epochs=epochs, shape=shape, cache_dir=cache_dir)
+        return train_method_c_models(out_dir, train, val, settings, device)
+    if method == "resnext-lstm":
+        from ct_ai_node.training.train_d import TrainDSettings, save_method_d, train_method_d
+
+        settings = _with(TrainDSettings(), epochs=epochs, shape=shape, cache_dir=cache_dir)
+        model, metrics = train_method_d(train, val, settings, device)
+        seeds = f"train {train[0]}..{train[-1]}, val {val[0]}..{val[-1]}"
+        return {"sha256": save_method_d(model, metrics, out_dir, seeds=seeds), "metrics": metrics}
+    if method == "infection":
+        from ct_ai_node.training.train_infection import (
+            InfectionTrainSettings,
+            save_infection_unet,
+            train_infection_unet,
+        )
+
+        settings = _with(InfectionTrainSettings(), epochs=epochs, shape=shape, cache_dir=cache_dir)
+        model, metrics = train_infection_unet(train, val, settings, device)
+        return {"sha256": save_infection_unet(model, out_dir, metrics, settings.input), "metrics": metrics}
+    raise ValueError(f"unknown METHOD {method!r}; one of: {', '.join(TRAINABLE)}")
