@@ -151,6 +151,7 @@ def evaluate(
     cases: int = typer.Option(24, help="held-out phantoms (seeds never used in training)"),
     device: str = typer.Option("auto"),
     lungs: str = typer.Option("unet"),
+    infection: str = typer.Option("heatmap", help="infection mask: heatmap (each method's map) or unet"),
     pipeline: str = typer.Option("radlogics", help="one pipeline, or several separated by commas: side by side "
                                                    "on the same phantoms ('all': every registered pipeline)"),
     weights_dir: Optional[Path] = typer.Option(None, help="weights folder (default: the bundled weights)"),
@@ -171,7 +172,8 @@ def evaluate(
         from ct_ai_node.training.evaluate import evaluate_pipeline
 
         summary = evaluate_pipeline(out, cases, resolve_device(device), pipeline=names[0], lungs=lungs,
-                                    log=err.print, weights_dir=weights_dir, shape=dims, workers=workers)
+                                    log=err.print, weights_dir=weights_dir, shape=dims, workers=workers,
+                                    infection=infection)
     else:
         from ct_ai_node.training.compare import compare_pipelines
 

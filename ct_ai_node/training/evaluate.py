@@ -33,10 +33,11 @@ def phantom_volume(ph) -> Volume:
                   study_instance_uid="2.25.1", series_instance_uid=f"2.25.{ph.seed}", frame_of_reference_uid=None)
 
 
-def evaluate_case(ph, method, lungs, other_lungs=None, settings: PipelineSettings | None = None) -> dict:
+def evaluate_case(ph, method, lungs, other_lungs=None, settings: PipelineSettings | None = None,
+                  infection=None) -> dict:
     vol = phantom_volume(ph)
     t = time.perf_counter()
-    res = analyse_volume(vol, method, lungs, settings)
+    res = analyse_volume(vol, method, lungs, settings, infection_segmenter=infection)
     seconds = time.perf_counter() - t
     truth_lung = ph.lung_labels > 0
     vox = float(np.prod(ph.spacing)) / 1000.0
@@ -96,17 +97,22 @@ def summarise(rows: list[dict]) -> dict:
 
 def evaluate_pipeline(out_dir: Path, n_cases: int, device: torch.device, pipeline: str = "radlogics",
                       lungs: str = "classical", shape=None, log=print, seed0: int = TEST_SEED0,
-                      weights_dir: Path | None = None, workers: int | None = None) -> dict:
+                      weights_dir: Path | None = None, workers: int | None = None,
+                      infection: str = "heatmap") -> dict:
+    from ct_ai_node.analyze import create_infection_source
+
     out_dir.mkdir(parents=True, exist_ok=True)
     method = create_method(pipeline, device, weights_dir)
+    infection_model = create_infection_source(infection, device, weights_dir)
     seg = create_lung_segmenter(lungs, device, weights_dir)
     other = create_lung_segmenter("unet" if lungs == "classical" else "classical", device, weights_dir)
     seeds = [seed0 + i for i in range(n_cases)]
     n_workers = max(1, min(workers or (os.cpu_count() or 2) - 1, 12))
     with ProcessPoolExecutor(n_workers) as pool:
-        rows = _evaluate_all(_prefetch(pool, seeds, shape, 2 * n_workers), method, seg, other, n_cases, log)
+        rows = _evaluate_all(_prefetch(pool, seeds, shape, 2 * n_workers), method, seg, other, n_cases, log,
+                             infection_model)
     summary = summarise(rows)
-    summary.update({"pipeline": pipeline, "lungs": lungs, "seeds": f"{seed0}..{seed0 + n_cases - 1}", "device": str(device)})
+    summary.update({"pipeline": pipeline, "lungs": lungs, "infection": infection, "seeds": f"{seed0}..{seed0 + n_cases - 1}", "device": str(device)})
     (out_dir / "cases.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary
@@ -131,11 +137,11 @@ def _generate(args):
     return generate_phantom(seed, kind=kind, shape=shape)
 
 
-def _evaluate_all(phantoms, method, seg, other, n_cases, log) -> list[dict]:
+def _evaluate_all(phantoms, method, seg, other, n_cases, log, infection=None) -> list[dict]:
     rows = []
     for i, ph in enumerate(phantoms):
         seed = ph.seed
-        row = evaluate_case(ph, method, seg, other)
+        row = evaluate_case(ph, method, seg, other, infection=infection)
         rows.append(row)
         log(f"case {i + 1}/{n_cases} seed {seed} {ph.kind:6s} p={row['probability']:.3f} lung Dice {row['lung_dice']:.3f}"
             f" (other {row.get('other_lung_dice', float('nan')):.3f}) lesion Dice {row['lesion_dice']} {row['seconds']:.1f} s")

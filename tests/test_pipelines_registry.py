@@ -1,0 +1,113 @@
+"""The pipeline registry, the ensemble's arithmetic, the summary metrics on a hand-made
+evaluation with known answers, and the train/evaluate/pipelines command line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ct_ai_node.cli import app
+from ct_ai_node.errors import ModelError
+from ct_ai_node.pipeline.ensemble import EnsembleMethod
+from ct_ai_node.pipeline.methods import MethodOutput, available_pipelines
+from ct_ai_node.pipeline.types import AlgorithmInfo
+from ct_ai_node.training.compare import _CachedLungs
+from ct_ai_node.training.evaluate import summarise
+
+runner = CliRunner()
+
+
+class _Fixed:
+    """A method with a fixed answer (the ensemble's arithmetic is what is tested)."""
+
+    def __init__(self, name, probability, scores, heat_value, infection_threshold=None):
+        self.name = name
+        self.p, self.scores, self.heat_value, self.thr = probability, scores, heat_value, infection_threshold
+
+    def __call__(self, hu, spacing, orientation, lung_labels):
+        heat = np.where(lung_labels > 0, self.heat_value, 0.0).astype(np.float32)
+        return MethodOutput(probability=self.p, threshold=0.5, slice_scores=np.asarray(self.scores, np.float32),
+                            positive_slices=np.flatnonzero(np.asarray(self.scores) >= 0.5),
+                            positive_slice_ratio=0.0, heatmap=heat, algorithm=AlgorithmInfo("x", "1"),
+                            model_versions={self.name: "1"}, infection_threshold=self.thr)
+
+
+def test_ensemble_means_probability_scores_and_heat():
+    lung = np.zeros((4, 8, 8), np.uint8)
+    lung[:, 2:6, 2:6] = 1
+    hu = np.zeros(lung.shape, np.float32)
+    ens = EnsembleMethod({"a": _Fixed("a", 0.9, [0.9, 0.8, 0.2, 0.0], 1.0, 0.2),
+                          "b": _Fixed("b", 0.3, [0.5, 0.0, 0.2, 0.0], 0.5, None)})
+    out = ens(hu, (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0), lung)
+    assert out.probability == pytest.approx(0.6)
+    np.testing.assert_allclose(out.slice_scores, [0.7, 0.4, 0.2, 0.0], atol=1e-6)
+    assert list(out.positive_slices) == [0]
+    assert out.positive_slice_ratio == pytest.approx(0.25)
+    assert out.heatmap.max() == pytest.approx(0.75) and out.heatmap[lung == 0].max() == 0
+    assert out.infection_threshold == pytest.approx(0.2)
+    assert set(out.model_versions) == {"a", "b"}
+
+
+def test_ensemble_needs_two_members():
+    with pytest.raises(ModelError, match="at least two"):
+        EnsembleMethod({"a": _Fixed("a", 0.5, [0.5], 0.5)})
+
+
+def test_summary_metrics_on_a_hand_made_evaluation():
+    def row(label, p, lesion_true, lesion_pred, hits, n):
+        return {"label": label, "probability": p, "predicted": int(p >= 0.5), "kind": "covid" if label else "normal",
+                "lung_dice": 0.9, "lung_lr_dice": 0.8, "lung_ml_true": 1000.0, "lung_ml_pred": 1100.0,
+                "lesion_ml_true": lesion_true, "lesion_ml_pred": lesion_pred,
+                "lesion_dice": 0.5 if lesion_true else None, "pointing_hits": hits, "pointing_slices": n,
+                "heat_in_lesion": 0.25 if n else None, "seconds": 2.0}
+    rows = [row(1, 0.9, 100.0, 80.0, 3, 4), row(1, 0.4, 50.0, 70.0, 1, 4), row(0, 0.2, 0.0, 0.0, 0, 0),
+            row(0, 0.6, 0.0, 5.0, 0, 0)]
+    s = summarise(rows)
+    assert s["auc"] == pytest.approx(0.75)  # pairs (0.9>0.2, 0.9>0.6, 0.4>0.2, 0.4<0.6): 3 of 4
+    assert s["sensitivity"] == pytest.approx(0.5) and s["specificity"] == pytest.approx(0.5)
+    assert s["f1"] == pytest.approx(0.5)
+    assert s["lung_volume_error_pct_mean"] == pytest.approx(10.0)
+    assert s["lesion_volume_abs_error_ml_mean_covid"] == pytest.approx(20.0)
+    assert s["pointing_game"] == pytest.approx(0.5)
+
+
+def test_cached_lungs_segment_each_phantom_once():
+    calls = []
+
+    def seg(hu, spacing, orientation):
+        calls.append(1)
+        return (hu > 0).astype(np.uint8)
+
+    cached = _CachedLungs(seg)
+    a = np.random.default_rng(0).normal(size=(8, 16, 16)).astype(np.float32)
+    cached(a, (1, 1, 1), None)
+    cached(a.copy(), (1, 1, 1), None)  # a fresh copy of the same phantom
+    assert len(calls) == 1
+    cached(a + 1, (1, 1, 1), None)
+    assert len(calls) == 2
+
+
+def test_registry_lists_every_method_and_the_ensemble():
+    names = {spec.name for spec in available_pipelines()}
+    assert {"radlogics", "ctnet", "dual-sampling", "resnext-lstm", "ensemble"} <= names
+    radlogics = next(s for s in available_pipelines() if s.name == "radlogics")
+    assert radlogics.missing_weights() == []  # bundled
+
+
+def test_cli_pipelines_and_train_reject_unknown_method(tmp_path):
+    res = runner.invoke(app, ["pipelines"])
+    assert res.exit_code == 0 and "radlogics (default)" in res.output
+    res = runner.invoke(app, ["train", "no-such-method", "--out", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "unknown METHOD" in res.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_method_without_weights_is_a_one_line_model_error(tmp_path):
+    from ct_ai_node.pipeline.methods import create_method
+
+    for name in ("ctnet", "dual-sampling", "resnext-lstm"):
+        with pytest.raises(ModelError) as err:
+            create_method(name, "cpu", tmp_path)
+        assert "\n" not in str(err.value)
