@@ -183,17 +183,18 @@ class Spool:
 
     Thread-safe: the SCP stores from one thread per association. File writes run
     in parallel; index updates share one SQLite connection under a lock (WAL,
-    synchronous=FULL, busy_timeout for the other processes using the same file).
+    synchronous=NORMAL since recover() rebuilds the index from the files; busy_timeout
+    for the other processes using the same file).
     """
 
     def __init__(self, spool_dir: Path, db_path: Path, *, busy_timeout_ms: int = 10_000,
                  synchronous: str | None = None, fsync: bool = True):
-        # fsync=True: an acknowledged instance survives a power cut (file, directory and index
-        # row are on disk before success). fsync=False: it survives a crash or SIGKILL of the
-        # node (the data is in the OS page cache; files appear atomically), like Orthanc's
-        # default, at about half the cost per instance. NORMAL suffices then: recover()
-        # rebuilds the index from the files.
-        synchronous = synchronous or ("FULL" if fsync else "NORMAL")
+        # fsync=True: an acknowledged instance survives a power cut (file and directory entry
+        # are on disk before success). fsync=False: it survives a crash or SIGKILL of the node
+        # (the data is in the OS page cache; files appear atomically), like Orthanc's default.
+        # The index is derived data either way: recover() rebuilds missing rows from the
+        # files, so WAL with synchronous=NORMAL (no fsync per commit) loses nothing.
+        synchronous = synchronous or "NORMAL"
         self.fsync = fsync
         if synchronous not in ("NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"synchronous must be NORMAL, FULL or EXTRA, not {synchronous!r}")
