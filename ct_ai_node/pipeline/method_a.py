@@ -15,7 +15,7 @@ from ct_ai_node import __version__
 from ct_ai_node.models.weights import LoadedModel, load_model
 from ct_ai_node.pipeline.geometry import fill_between, strided_indices
 from ct_ai_node.pipeline.localisation import FusedGradCAM
-from ct_ai_node.pipeline.methods import MethodOutput, register_pipeline
+from ct_ai_node.pipeline.methods import MethodOutput, ratio_decision_output, register_pipeline
 from ct_ai_node.pipeline.scoring import CaseDecision
 from ct_ai_node.pipeline.slice_input import (
     SliceInputSettings,
@@ -114,20 +114,11 @@ class RadLogicsMethod:
             inside = dilated_mask(lung[sel], spacing, s.input.mask_dilation_mm)
             heat[sel] = paste_back(np.stack([crop_maps[int(z)] for z in sel]), box, hu.shape[1:]) * inside
         t2 = time.perf_counter()
-        d = self.decision
-        ratio = d.ratio(scores, zs)
-        return MethodOutput(
-            probability=d.probability(ratio),
-            threshold=0.5,
-            slice_scores=scores,
-            positive_slices=d.positive_slices(scores, zs),
-            positive_slice_ratio=ratio,
-            heatmap=heat,
-            algorithm=self.algorithm,
+        return ratio_decision_output(
+            self.decision, scores, zs, heat, algorithm=self.algorithm,
             model_versions={WEIGHTS_NAME: self.model.version},
             timings_s={"classification": round(t1 - t0, 3), "localisation": round(t2 - t1, 3)},
-            infection_threshold=self.infection_threshold,
-            scored_slices=run_z,
+            infection_threshold=self.infection_threshold, scored_slices=run_z,
         )
 
 

@@ -49,7 +49,7 @@ from ct_ai_node.models import net_b  # noqa: F401  (registers "residual_attentio
 from ct_ai_node.models.net_b import ARCHITECTURE, CAM_LAYER
 from ct_ai_node.models.weights import BUNDLED_WEIGHTS, LoadedModel, load_model
 from ct_ai_node.pipeline.geometry import fill_between, strided_indices
-from ct_ai_node.pipeline.methods import MethodOutput, register_pipeline
+from ct_ai_node.pipeline.methods import MethodOutput, ratio_decision_output, register_pipeline
 from ct_ai_node.pipeline.scoring import CaseDecision, top_slices
 from ct_ai_node.pipeline.slice_input import (
     SliceInputSettings,
@@ -296,20 +296,11 @@ class CTNetMethod:
             pasted = paste_back(np.stack([crop_maps[int(z)] for z in sel]), box, hu.shape[1:])
             heat[sel] = np.clip(pasted, 0.0, 1.0) * inside
         t2 = time.perf_counter()
-        d = self.decision
-        ratio = d.ratio(scores, zs)
-        return MethodOutput(
-            probability=d.probability(ratio),
-            threshold=0.5,
-            slice_scores=scores,
-            positive_slices=d.positive_slices(scores, zs),
-            positive_slice_ratio=ratio,
-            heatmap=heat,
-            algorithm=self.algorithm,
+        return ratio_decision_output(
+            self.decision, scores, zs, heat, algorithm=self.algorithm,
             model_versions={WEIGHTS_NAME: self.model.version},
             timings_s={"classification": round(t1 - t0, 3), "localisation": round(t2 - t1, 3)},
-            infection_threshold=self.infection_threshold,
-            scored_slices=run_z,
+            infection_threshold=self.infection_threshold, scored_slices=run_z,
         )
 
 

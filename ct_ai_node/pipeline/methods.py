@@ -36,6 +36,27 @@ class MethodOutput:
     scored_slices: np.ndarray | None = None
 
 
+def ratio_decision_output(decision, scores: np.ndarray, lung_slices: np.ndarray, heatmap: np.ndarray, *,
+                          algorithm: AlgorithmInfo, model_versions: dict[str, str], timings_s: dict[str, float],
+                          infection_threshold: float | None, scored_slices: np.ndarray | None) -> MethodOutput:
+    """The output of a slice method whose case decision is the positive-slice ratio
+    (``scoring.CaseDecision``): methods A and B."""
+    ratio = decision.ratio(scores, lung_slices)
+    return MethodOutput(
+        probability=decision.probability(ratio),
+        threshold=0.5,
+        slice_scores=scores,
+        positive_slices=decision.positive_slices(scores, lung_slices),
+        positive_slice_ratio=ratio,
+        heatmap=heatmap,
+        algorithm=algorithm,
+        model_versions=model_versions,
+        timings_s=timings_s,
+        infection_threshold=infection_threshold,
+        scored_slices=scored_slices,
+    )
+
+
 class Method(Protocol):
     name: str
 
