@@ -250,6 +250,80 @@ def demo(
         raise typer.Exit(EXIT_FAILED)
 
 
+jobs_app = typer.Typer(no_args_is_help=True, help="See and re-run the node's jobs (its queue database).")
+app.add_typer(jobs_app, name="jobs")
+
+
+def _queue_of(config_file: Path):
+    from ct_ai_node.config import ConfigError, load_config
+    from ct_ai_node.jobqueue import SqliteJobQueue
+
+    try:
+        config = load_config(config_file, check_files=False)
+    except ConfigError as exc:
+        for line in exc.problems:
+            typer.echo(line, err=True)
+        raise typer.Exit(EXIT_REJECTED)
+    if not config.storage.db_path.is_file():
+        typer.echo(f"no job database at {config.storage.db_path} (has the node run here?)", err=True)
+        raise typer.Exit(EXIT_REJECTED)
+    return SqliteJobQueue(config.storage.db_path)
+
+
+@jobs_app.command("list")
+def jobs_list(
+    config_file: Path = typer.Option(..., "--config", "-c", help="node configuration (YAML)"),
+    state: Optional[str] = typer.Option(None, help="queued, running, sending, done, failed or dead"),
+    limit: int = typer.Option(50, help="newest first, at most this many"),
+) -> None:
+    """One line per job: id, kind, state, attempts, what it is about, and its last error."""
+    import datetime
+
+    from ct_ai_node.jobqueue import JobState
+
+    if state is not None and state not in {s.value for s in JobState}:
+        typer.echo(f"--state: {state!r} is not one of {', '.join(s.value for s in JobState)}", err=True)
+        raise typer.Exit(EXIT_REJECTED)
+    queue = _queue_of(config_file)
+    counts = queue.counts()
+    typer.echo("  ".join(f"{k} {v}" for k, v in counts.items() if v) or "no jobs")
+    for job in queue.list(state=state, limit=limit):
+        when = datetime.datetime.fromtimestamp(job.updated_at).strftime("%Y-%m-%d %H:%M:%S")
+        what = job.payload.get("destination") or job.payload.get("rule") or ""
+        parent = f" parent {job.parent_id}" if job.parent_id else ""
+        error = f"  {job.last_error}" if job.last_error else ""
+        typer.echo(f"{job.id:6d} {job.kind:8s} {str(job.state):8s} {job.attempts}/{job.max_attempts} {when} "
+                   f"{what}{parent}{error}")
+
+
+@jobs_app.command("requeue")
+def jobs_requeue(
+    job_id: int = typer.Argument(..., help="the job to run again (see `jobs list`)"),
+    config_file: Path = typer.Option(..., "--config", "-c", help="node configuration (YAML)"),
+) -> None:
+    """Run a failed or dead job again (attempts start from zero); a running node picks it up."""
+    from ct_ai_node.jobqueue import JobNotFound, JobStateError
+
+    queue = _queue_of(config_file)
+    try:
+        job = queue.get(job_id)
+        if job is None:
+            raise JobNotFound(f"no job {job_id}")
+        if job.kind in ("analyse", "forward") and queue.children(job_id):
+            # its deliveries hold the work left: re-run the ones that did not finish
+            redo = [c for c in queue.children(job_id) if str(c.state) in ("dead", "failed")]
+            for child in redo:
+                queue.requeue(child.id)
+            queue.set_state(job_id, "sending")
+            typer.echo(f"job {job_id}: {len(redo)} delivery job(s) queued again")
+            return
+        queue.requeue(job_id)
+    except (JobNotFound, JobStateError) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(EXIT_REJECTED)
+    typer.echo(f"job {job_id} queued again")
+
+
 rules_app = typer.Typer(no_args_is_help=True, help="Try the routing rules of a node configuration.")
 app.add_typer(rules_app, name="rules")
 
