@@ -528,6 +528,13 @@ class RoutingSection(_Model):
 
 # -- the whole file -------------------------------------------------------------
 
+class StatusSection(_Model):
+    """The read-only status page and Prometheus metrics (``/``, ``/status``, ``/metrics``)."""
+
+    host: Host = "127.0.0.1"
+    port: Port = 8080
+
+
 class NodeConfig(_Model):
     """The node's configuration (docs/node.md), one attribute per YAML section."""
 
@@ -542,6 +549,8 @@ class NodeConfig(_Model):
     destinations: list[Destination] = []
     routing: RoutingSection = RoutingSection()
     rules: list[Rule] = []
+    #: null = no status page
+    status: Optional[StatusSection] = None
 
     @model_validator(mode="after")
     def _cross_references(self) -> "NodeConfig":

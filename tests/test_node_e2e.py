@@ -61,6 +61,7 @@ def test_storescu_to_node_results_reach_orthanc_and_storescp(tmp_path):
                  "destinations": ["archive"]},
             ],
             allowed_callers=[{"ae_title": "STORESCU", "host": "127.0.0.1"}],
+            status={"host": "127.0.0.1", "port": (status_port := free_port())},
         )
         with NodeProcess(tmp_path / "node", config) as node:
             assert dcmtk("echoscu", "-aet", "STORESCU", "-aec", "CTAI", "127.0.0.1", str(port)).returncode == 0
@@ -89,6 +90,15 @@ def test_storescu_to_node_results_reach_orthanc_and_storescp(tmp_path):
                 states = sorted((r.instance_count, r.state) for r in spool.series())
             assert states == [(5, "discarded"), (5, "routed"), (56, "routed")]
             assert len(analysed) == 1
+
+            # the administrator's status page, JSON and Prometheus metrics
+            status = httpx.get(f"http://127.0.0.1:{status_port}/status", timeout=10).json()
+            assert status["jobs_by_state"]["done"] == 5  # analyse, forward, 3 deliveries
+            assert status["series_by_state"] == {"routed": 2, "discarded": 1}
+            metrics = httpx.get(f"http://127.0.0.1:{status_port}/metrics", timeout=10).text
+            assert 'ctai_jobs{kind="analyse",state="done"} 1.0' in metrics
+            page = httpx.get(f"http://127.0.0.1:{status_port}/", timeout=10).text
+            assert "Recent jobs" in page and "chest-ct" in page
 
         study = _study_uid(SAMPLE_COVID)
         modalities = _orthanc_series_modalities(orthanc, study)

@@ -56,6 +56,7 @@ class Node:
         self.n_workers = config.workers.count if workers is None else workers
         self.log_level = log_level
         self.scp = None
+        self.status = None
         self._scheduler = None
         self._workers: list[multiprocessing.Process] = []
         self._ctx = multiprocessing.get_context("spawn")  # no fork of a process with SCP threads
@@ -83,6 +84,11 @@ class Node:
         self._scheduler.start()
         self._supervisor = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
         self._supervisor.start()
+        if self.config.status is not None:
+            from ct_ai_node.node.status import StatusServer
+
+            self.status = StatusServer(self.queue, self.spool, self.config.status.host, self.config.status.port).start()
+            logger.info("status page on http://%s:%d/", self.config.status.host, self.status.port)
         return self
 
     def _spawn_worker(self, index: int) -> multiprocessing.Process:
@@ -116,6 +122,8 @@ class Node:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stopping.set()
+        if self.status is not None:
+            self.status.stop()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
         if self.scp is not None:
