@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 from ct_ai_node.errors import ModelError
 from ct_ai_node.pipeline.methods import create_method
 from ct_ai_node.pipeline.run import PipelineSettings, create_lung_segmenter
-from ct_ai_node.training.data import TEST_SEED0
+from ct_ai_node.training.data import TEST_SEED0, phantom_pool
 from ct_ai_node.training.evaluate import _prefetch, evaluate_case, phantom_volume, summarise
 
 
@@ -64,7 +63,7 @@ def compare_pipelines(out_dir: Path, pipelines: list[str], n_cases: int, device:
     seeds = [seed0 + i for i in range(n_cases)]
     rows: dict[str, list[dict]] = {name: [] for name in methods}
     n_workers = max(1, min(workers or (os.cpu_count() or 2) - 1, 8))
-    with ProcessPoolExecutor(n_workers) as pool:
+    with phantom_pool(n_workers) as pool:
         for i, ph in enumerate(_prefetch(pool, seeds, shape, 2 * n_workers)):
             vol = phantom_volume(ph)
             lungs_cached(vol.hu, vol.spacing, vol.orientation)  # once, outside every pipeline's time

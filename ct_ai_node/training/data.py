@@ -104,6 +104,15 @@ def _job(args):
     return phantom_samples(seed, kind, shape)
 
 
+def phantom_pool(workers: int) -> ProcessPoolExecutor:
+    """Processes that generate phantoms. Started with ``spawn``: a process forked from a
+    parent whose torch/OpenMP threads are running can hang on a lock it inherited (seen
+    here: a training run stuck in futex waits)."""
+    import multiprocessing
+
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
 def build_slice_dataset(seeds: Iterable[int], shape: tuple[int, int, int] | None, workers: int | None = None,
                         progress=None) -> dict[str, np.ndarray]:
     """Generate phantoms in parallel processes and concatenate their samples."""
@@ -116,7 +125,7 @@ def build_slice_dataset(seeds: Iterable[int], shape: tuple[int, int, int] | None
             if progress:
                 progress()
     else:
-        with ProcessPoolExecutor(workers) as pool:
+        with phantom_pool(workers) as pool:
             for part in pool.map(_job, jobs, chunksize=1):
                 parts.append(part)
                 if progress:

@@ -8,7 +8,6 @@ import json
 import os
 from collections import deque
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 from ct_ai_node.pipeline.lungs import ClassicalLungSegmenter
 from ct_ai_node.pipeline.methods import create_method
 from ct_ai_node.pipeline.run import PipelineSettings, analyse_volume, create_lung_segmenter
-from ct_ai_node.training.data import TEST_SEED0, kind_for_index
+from ct_ai_node.training.data import TEST_SEED0, kind_for_index, phantom_pool
 from ct_ai_node.training.metrics import confusion, dice, heat_in_lesion_fraction, pointing_game_hit, roc_auc
 from ct_ai_node.volume.types import SliceRef, Volume
 
@@ -108,7 +107,7 @@ def evaluate_pipeline(out_dir: Path, n_cases: int, device: torch.device, pipelin
     other = create_lung_segmenter("unet" if lungs == "classical" else "classical", device, weights_dir)
     seeds = [seed0 + i for i in range(n_cases)]
     n_workers = max(1, min(workers or (os.cpu_count() or 2) - 1, 12))
-    with ProcessPoolExecutor(n_workers) as pool:
+    with phantom_pool(n_workers) as pool:
         rows = _evaluate_all(_prefetch(pool, seeds, shape, 2 * n_workers), method, seg, other, n_cases, log,
                              infection_model)
     summary = summarise(rows)

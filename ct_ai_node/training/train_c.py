@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -55,7 +54,7 @@ from ct_ai_node.pipeline.method_c import (
     crop_to_grid,
     prepare_input,
 )
-from ct_ai_node.training.data import TEST_SEED0, kind_for_index
+from ct_ai_node.training.data import TEST_SEED0, kind_for_index, phantom_pool
 from ct_ai_node.training.metrics import confusion, dice, roc_auc
 
 logger = logging.getLogger(__name__)
@@ -158,7 +157,7 @@ def load_cases(seeds: Iterable[int], settings: TrainCSettings, progress=None) ->
             if progress:
                 progress()
     else:
-        with ProcessPoolExecutor(workers) as pool:
+        with phantom_pool(workers) as pool:
             for part in pool.map(_load_or_make, jobs, chunksize=1):
                 parts.append(part)
                 if progress:

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -56,7 +55,7 @@ from ct_ai_node.pipeline.method_d import (
 )
 from ct_ai_node.pipeline.slice_input import SliceInputSettings
 from ct_ai_node.training.augment import blur, random_affine
-from ct_ai_node.training.data import TEST_SEED0, SliceLabelRule, kind_for_index, slice_labels
+from ct_ai_node.training.data import TEST_SEED0, SliceLabelRule, kind_for_index, phantom_pool, slice_labels
 from ct_ai_node.training.metrics import confusion, roc_auc
 
 logger = logging.getLogger(__name__)
@@ -142,7 +141,7 @@ def build_cache(seeds: Sequence[int], settings: TrainDSettings,
             if progress:
                 progress()
     else:
-        with ProcessPoolExecutor(settings.workers) as pool:
+        with phantom_pool(settings.workers) as pool:
             for p in pool.map(_prepare_case, jobs, chunksize=1):
                 paths.append(Path(p))
                 if progress:

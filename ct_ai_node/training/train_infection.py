@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -51,7 +50,7 @@ from ct_ai_node.pipeline.infection import (
     prepare_planes,
 )
 from ct_ai_node.training.augment import blur, random_affine
-from ct_ai_node.training.data import TEST_SEED0, kind_for_index
+from ct_ai_node.training.data import TEST_SEED0, kind_for_index, phantom_pool
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +153,7 @@ def load_cases(seeds: Iterable[int], settings: InfectionTrainSettings, advance=N
             if advance:
                 advance()
     else:
-        with ProcessPoolExecutor(workers) as pool:
+        with phantom_pool(workers) as pool:
             for case in pool.map(_load_or_make, jobs, chunksize=1):
                 out.append(transform(case))
                 if advance:
