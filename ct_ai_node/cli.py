@@ -182,19 +182,24 @@ def evaluate(
     typer.echo(json.dumps(summary, indent=2, default=float))
 
 
+def _config_or_exit(path: Path, check_files: bool = True):
+    """The node configuration, or its problems on stderr (one line each) and exit 2."""
+    from ct_ai_node.config import ConfigError, load_config
+
+    try:
+        return load_config(path, check_files=check_files)
+    except ConfigError as exc:
+        for line in exc.problems:
+            typer.echo(line, err=True)
+        raise typer.Exit(EXIT_REJECTED)
+
+
 @app.command("check-config")
 def check_config(
     file: Path = typer.Argument(..., help="node configuration (YAML)"),
 ) -> None:
     """Check a node configuration: one line per problem (exit 2), or OK and a summary."""
-    from ct_ai_node.config import ConfigError, load_config
-
-    try:
-        config = load_config(file)
-    except ConfigError as exc:
-        for line in exc.problems:
-            typer.echo(line, err=True)
-        raise typer.Exit(EXIT_REJECTED)
+    config = _config_or_exit(file)
     typer.echo(f"OK: {config.summary()}")
 
 
@@ -204,15 +209,9 @@ def serve(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
 ) -> None:
     """Run the node: Storage SCP, routing rules, job queue, workers, senders (until Ctrl-C / SIGTERM)."""
-    from ct_ai_node.config import ConfigError, load_config
     from ct_ai_node.node import Node
 
-    try:
-        config = load_config(config_file)
-    except ConfigError as exc:
-        for line in exc.problems:
-            typer.echo(line, err=True)
-        raise typer.Exit(EXIT_REJECTED)
+    config = _config_or_exit(config_file)
     level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     err.print(f"ct-ai-node {__version__}: {config.summary()}; storage {config.storage.root}")
@@ -255,15 +254,9 @@ app.add_typer(jobs_app, name="jobs")
 
 
 def _queue_of(config_file: Path):
-    from ct_ai_node.config import ConfigError, load_config
     from ct_ai_node.jobqueue import SqliteJobQueue
 
-    try:
-        config = load_config(config_file, check_files=False)
-    except ConfigError as exc:
-        for line in exc.problems:
-            typer.echo(line, err=True)
-        raise typer.Exit(EXIT_REJECTED)
+    config = _config_or_exit(config_file, check_files=False)
     if not config.storage.db_path.is_file():
         typer.echo(f"no job database at {config.storage.db_path} (has the node run here?)", err=True)
         raise typer.Exit(EXIT_REJECTED)
@@ -337,17 +330,11 @@ def rules_test(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Route every series of a folder as the node would, and say why."""
-    from ct_ai_node.config import ConfigError, load_config
     from ct_ai_node.rules.routing import describe_action, facts_from_datasets, route
     from ct_ai_node.volume.reader import scan_folder
 
     _logging(verbose)
-    try:
-        config = load_config(config_file, check_files=False)
-    except ConfigError as exc:
-        for line in exc.problems:
-            typer.echo(line, err=True)
-        raise typer.Exit(EXIT_REJECTED)
+    config = _config_or_exit(config_file, check_files=False)
     if not folder.exists():
         typer.echo(f"{folder}: no such file or folder", err=True)
         raise typer.Exit(EXIT_REJECTED)
