@@ -51,6 +51,27 @@ def test_save_load_roundtrip_and_hash_check(tmp_path):
         load_model("absent", tmp_path)
 
 
+def test_values_beyond_fp16_range_stay_fp32(tmp_path):
+    """A late batch norm's running variance can exceed fp16's 65504 (seen in method B's
+    first run: stored as inf, the network's output became a constant)."""
+    torch.manual_seed(0)
+    net = build("slice_resnet50_w16").eval()
+    bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.no_grad():  # same layer output as before, from a variance fp16 cannot hold
+        bn.running_var.mul_(1e6)
+        bn.weight.mul_(1e3)
+    save_model(net, tmp_path / "m.safetensors", architecture="slice_resnet50_w16", arch_kwargs={}, version="1")
+    loaded = load_model("m", tmp_path)
+    state = loaded.module.state_dict()
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    name = next(k for k, m in net.named_modules() if m is bn)
+    assert torch.equal(state[f"{name}.running_var"], bn.running_var)  # kept exactly (fp32)
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        out, ref = loaded.module(x), net(x)
+    assert out.std() > 0 and torch.allclose(out, ref, atol=1e-2, rtol=1e-2)
+
+
 def test_bundled_weights_load_with_matching_hash():
     manifest = read_manifest(BUNDLED_WEIGHTS)
     assert manifest, "bundled weights have a manifest"

@@ -61,14 +61,26 @@ def read_manifest(folder: Path) -> dict[str, str]:
     return {name: entry["sha256"] if isinstance(entry, dict) else entry for name, entry in data.items()}
 
 
+FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def fits_half(t: torch.Tensor) -> bool:
+    """True when every value of ``t`` is finite and within fp16's range."""
+    return t.numel() == 0 or bool(t.detach().float().abs().max() <= FP16_MAX)
+
+
 def save_model(module: nn.Module, path: Path, *, architecture: str, arch_kwargs: dict, version: str,
                extra: dict[str, str] | None = None, half: bool = True) -> str:
     """Write ``module``'s state dict (fp16 for floating tensors when ``half``) and
-    update the folder's manifest; returns the file's SHA-256."""
+    update the folder's manifest; returns the file's SHA-256.
+
+    A tensor that fp16 cannot hold (any value beyond its range, e.g. the running
+    variance of a late batch-norm layer in a network whose activations grow) stays
+    fp32: an overflow to inf would silently turn that layer's output into a constant."""
     state = {}
     for k, v in module.state_dict().items():
         v = v.detach().cpu().contiguous()
-        if half and v.is_floating_point():
+        if half and v.is_floating_point() and fits_half(v):
             v = v.half()
         state[k] = v
     meta = {"architecture": architecture, "arch_kwargs": json.dumps(arch_kwargs), "version": version}
