@@ -123,25 +123,35 @@ def train(
     cache_dir: Optional[Path] = typer.Option(None, help="cache of prepared phantoms (methods C, D, infection)"),
     device: str = typer.Option("auto"),
     workers: Optional[int] = typer.Option(None, help="phantom generator processes (METHOD default)"),
+    data: Optional[Path] = typer.Option(None, help="a site's labelled scans instead of phantoms: a folder with "
+                                                   "labels.csv (scan,label[,lung_mask,lesion_mask,split]); "
+                                                   "DICOM series folders or NIfTI files"),
 ) -> None:
-    """Train a model on synthetic phantoms (seeds never from the held-out test range) and
-    write fp16 safetensors + manifest entries into --out."""
+    """Train a model on synthetic phantoms (seeds never from the held-out test range), or
+    on a site's own labelled scans (--data), and write fp16 safetensors + manifest
+    entries into --out."""
     from ct_ai_node.analyze import resolve_device
-    from ct_ai_node.training.methods import TRAINABLE, train_method
+    from ct_ai_node.errors import InputRejected
+    from ct_ai_node.training.methods import TRAINABLE, fit_cases, train_method
 
     if method not in TRAINABLE:
         typer.echo(f"unknown METHOD {method!r}; one of: {', '.join(TRAINABLE)}", err=True)
         raise typer.Exit(EXIT_REJECTED)
     dims = None if shape == "full" else tuple(int(v) for v in shape.split(","))
-    if method == "default":
-        from ct_ai_node.training.train import TrainSettings, train_default_models
+    try:
+        if method == "default":
+            from ct_ai_node.training.train import TrainSettings, train_default_models
 
-        settings = TrainSettings(n_train_cases=cases, n_val_cases=val_cases, classifier_epochs=epochs or 12,
-                                 lung_epochs=lung_epochs, shape=dims, workers=workers)
-        report = train_default_models(out, settings, resolve_device(device), log=err.print)
-    else:
-        report = train_method(method, out, resolve_device(device), cases=cases, val_cases=val_cases, epochs=epochs,
-                              shape=dims, cache_dir=cache_dir, log=err.print)
+            settings = TrainSettings(n_train_cases=cases, n_val_cases=val_cases, classifier_epochs=epochs or 12,
+                                     lung_epochs=lung_epochs, shape=dims, workers=workers)
+            report = train_default_models(out, settings, resolve_device(device), log=err.print,
+                                          cases=fit_cases(cases, val_cases, data))
+        else:
+            report = train_method(method, out, resolve_device(device), cases=cases, val_cases=val_cases,
+                                  epochs=epochs, shape=dims, cache_dir=cache_dir, log=err.print, data_dir=data)
+    except InputRejected as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(EXIT_REJECTED)
     typer.echo(json.dumps(report, indent=2, default=str))
 
 
@@ -157,10 +167,25 @@ def evaluate(
     weights_dir: Optional[Path] = typer.Option(None, help="weights folder (default: the bundled weights)"),
     shape: Optional[str] = typer.Option(None, help="phantom shape z,y,x (default: drawn per case, full size)"),
     workers: Optional[int] = typer.Option(None, help="phantom generator processes"),
+    data: Optional[Path] = typer.Option(None, help="a site's labelled scans instead of phantoms (labels.csv as for "
+                                                   "train; its 'test' rows, or every row when none is marked)"),
 ) -> None:
-    """Evaluate pipelines on held-out synthetic phantoms and print the metrics (AUC, sensitivity,
-    specificity, F1, lung and lesion Dice, volume errors, pointing game, seconds per case)."""
+    """Evaluate pipelines on held-out synthetic phantoms (or a site's labelled scans) and print
+    the metrics (AUC, sensitivity, specificity, F1, lung and lesion Dice, volume errors,
+    pointing game, seconds per case)."""
     from ct_ai_node.analyze import resolve_device
+    from ct_ai_node.errors import InputRejected
+
+    site_cases = None
+    if data is not None:
+        from ct_ai_node.training.site_data import read_site_cases, split_cases
+
+        try:
+            rows = read_site_cases(data)
+        except InputRejected as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(EXIT_REJECTED)
+        site_cases = split_cases(rows, "test") or rows
 
     dims = tuple(int(v) for v in shape.split(",")) if shape else None
     names = [p.strip() for p in pipeline.split(",") if p.strip()]
@@ -173,12 +198,12 @@ def evaluate(
 
         summary = evaluate_pipeline(out, cases, resolve_device(device), pipeline=names[0], lungs=lungs,
                                     log=err.print, weights_dir=weights_dir, shape=dims, workers=workers,
-                                    infection=infection)
+                                    infection=infection, cases=site_cases)
     else:
         from ct_ai_node.training.compare import compare_pipelines
 
         summary = compare_pipelines(out, names, cases, resolve_device(device), lungs=lungs, shape=dims,
-                                    weights_dir=weights_dir, workers=workers, log=err.print)
+                                    weights_dir=weights_dir, workers=workers, log=err.print, cases=site_cases)
     typer.echo(json.dumps(summary, indent=2, default=float))
 
 

@@ -20,7 +20,7 @@ convolutions, "32x4d" group width 4) at a quarter of the width (stage outputs
 64/128/256/512 instead of 256..2048, cardinality 8 instead of 32), no ImageNet
 pre-training; LSTM 64 per direction instead of 512; FC hidden 128 instead of 1024.
 The last stage keeps stride 1 (as method C's backbone does) so the map Grad-CAM reads
-is 1/16 of the input (10x10 for a 160 input) rather than 5x5.
+is 1/16 of the input (8x8 for a 128 input) rather than 5x5.
 
 The network is split into :attr:`ResNeXtLSTM.backbone` (per slice, run in chunks at
 inference so memory stays bounded) and :attr:`ResNeXtLSTM.head` (CBAM, pooling, LSTM,

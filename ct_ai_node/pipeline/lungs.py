@@ -89,7 +89,7 @@ def _remove_airways(lung: np.ndarray, hu: np.ndarray, settings: LungSegmentation
     return lung & ~ndi.binary_dilation(cand, iterations=1)
 
 
-def _split_left_right(lung: np.ndarray, orientation, spacing_yx, min_fraction: float) -> np.ndarray:
+def split_left_right(lung: np.ndarray, orientation, spacing_yx, min_fraction: float) -> np.ndarray:
     """Label 1 (right) / 2 (left) by connected components, separating touching lungs by erosion."""
     labels = np.zeros(lung.shape, np.uint8)
     if not lung.any():
@@ -204,7 +204,7 @@ def _finish(candidates: np.ndarray, hu_work: np.ndarray, hu_shape, spacing, orie
     if box is None:
         return _to_source(labels, hu_shape)
     lung = _clean(candidates[box], hu_work[box], settings, spacing_w, orientation)
-    labels[box] = _split_left_right(lung, orientation, spacing_w[1:], settings.min_component_fraction)
+    labels[box] = split_left_right(lung, orientation, spacing_w[1:], settings.min_component_fraction)
     return _to_source(labels, hu_shape)
 
 

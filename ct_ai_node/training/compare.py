@@ -18,10 +18,40 @@ import numpy as np
 import torch
 
 from ct_ai_node.errors import ModelError
+from ct_ai_node.pipeline.ensemble import NAME as ENSEMBLE
+from ct_ai_node.pipeline.ensemble import EnsembleMethod
 from ct_ai_node.pipeline.methods import create_method
 from ct_ai_node.pipeline.run import PipelineSettings, create_lung_segmenter
-from ct_ai_node.training.data import TEST_SEED0, phantom_pool
+from ct_ai_node.training.data import TEST_SEED0, describe_cases, phantom_pool
 from ct_ai_node.training.evaluate import _prefetch, evaluate_case, phantom_volume, summarise
+
+
+def _fingerprint(hu: np.ndarray, spacing) -> tuple:
+    # every pipeline gets a fresh copy of the same phantom: key on a cheap fingerprint
+    return (hu.shape, tuple(spacing), float(hu[::7, ::13, ::13].sum(dtype=np.float64)))
+
+
+class _CachedMethod:
+    """A member pipeline whose output on the current phantom is kept, so the ensemble
+    combines the very outputs the members were scored with instead of running every
+    member a second time. ``seconds`` is the member's own time on that phantom."""
+
+    def __init__(self, method):
+        self.method = method
+        self.name = getattr(method, "name", "method")
+        self.algorithm = getattr(method, "algorithm", None)
+        self._key = None
+        self._out = None
+        self.seconds = 0.0
+
+    def __call__(self, hu, spacing, orientation, lung_labels):
+        key = _fingerprint(hu, spacing)
+        if key != self._key:
+            t = time.perf_counter()
+            self._out = self.method(hu, spacing, orientation, lung_labels)
+            self.seconds = time.perf_counter() - t
+            self._key = key
+        return self._out
 
 
 class _CachedLungs:
@@ -36,8 +66,7 @@ class _CachedLungs:
         self.seconds = 0.0
 
     def __call__(self, hu, spacing, orientation):
-        # every pipeline gets a fresh copy of the same phantom: key on a cheap fingerprint
-        key = (hu.shape, tuple(spacing), float(hu[::7, ::13, ::13].sum(dtype=np.float64)))
+        key = _fingerprint(hu, spacing)
         if key != self._key:
             t = time.perf_counter()
             self._labels = self.segmenter(hu, spacing, orientation)
@@ -49,18 +78,31 @@ class _CachedLungs:
 def compare_pipelines(out_dir: Path, pipelines: list[str], n_cases: int, device: torch.device, *,
                       lungs: str = "unet", shape=None, seed0: int = TEST_SEED0, weights_dir: Path | None = None,
                       settings: dict[str, PipelineSettings] | None = None, workers: int | None = None,
-                      log=print) -> dict:
+                      log=print, cases: list | None = None) -> dict:
+    """``cases``: site cases (``--data``) instead of the held-out phantoms ``seed0`` ..."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     methods, skipped = {}, {}
     for name in pipelines:
+        if name == ENSEMBLE:
+            continue
         try:
-            methods[name] = create_method(name, device, weights_dir)
+            methods[name] = _CachedMethod(create_method(name, device, weights_dir))
         except (ModelError, ValueError) as exc:
             skipped[name] = " ".join(str(exc).split())
             log(f"{name}: skipped ({skipped[name]})")
+    if ENSEMBLE in pipelines:
+        # the ensemble of the evaluated members, on their kept outputs (last, after them);
+        # its time per case is the sum of the members' times plus its own
+        members = {n: m for n, m in methods.items()}
+        try:
+            methods[ENSEMBLE] = EnsembleMethod(members)
+        except ModelError as exc:
+            skipped[ENSEMBLE] = " ".join(str(exc).split())
+            log(f"{ENSEMBLE}: skipped ({skipped[ENSEMBLE]})")
     lungs_cached = _CachedLungs(create_lung_segmenter(lungs, device, weights_dir))
-    seeds = [seed0 + i for i in range(n_cases)]
+    seeds = cases if cases is not None else [seed0 + i for i in range(n_cases)]
+    n_cases = len(seeds)
     rows: dict[str, list[dict]] = {name: [] for name in methods}
     n_workers = max(1, min(workers or (os.cpu_count() or 2) - 1, 8))
     with phantom_pool(n_workers) as pool:
@@ -70,6 +112,8 @@ def compare_pipelines(out_dir: Path, pipelines: list[str], n_cases: int, device:
             del vol
             for name, method in methods.items():
                 row = evaluate_case(ph, method, lungs_cached, None, (settings or {}).get(name))
+                if name == ENSEMBLE:
+                    row["seconds"] += sum(m.seconds for m in method.members.values())
                 row["pipeline"] = name
                 row["lung_seconds"] = lungs_cached.seconds
                 rows[name].append(row)
@@ -79,7 +123,7 @@ def compare_pipelines(out_dir: Path, pipelines: list[str], n_cases: int, device:
     for name, r in rows.items():
         if r:
             summaries[name] = {**summarise(r), "pipeline": name, "lungs": lungs,
-                               "seeds": f"{seed0}..{seed0 + n_cases - 1}", "device": str(device)}
+                               "seeds": describe_cases(seeds), "device": str(device)}
     (out_dir / "compare_cases.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
     (out_dir / "compare_summary.json").write_text(json.dumps({"summaries": summaries, "skipped": skipped},
                                                              indent=2, default=float) + "\n")

@@ -42,6 +42,58 @@ def kind_for_index(i: int) -> str:
     return KINDS[i % len(KINDS)]
 
 
+# A training case is a phantom seed (int) or a row of a site's labels.csv (SiteCase).
+
+def case_kind(ref) -> str:
+    """"covid", "cap", "normal" (phantoms, from the seed) or the site's label."""
+    return kind_for_index(ref) if isinstance(ref, (int, np.integer)) else ref.kind
+
+
+def case_id(ref) -> int:
+    """An int naming the case in arrays and cache files: the seed, or the site case's
+    (negative) row id."""
+    return int(ref) if isinstance(ref, (int, np.integer)) else int(ref.id)
+
+
+def make_case(ref, shape: tuple[int, int, int] | None, kind: str | None = None):
+    """The phantom of seed ``ref`` (kind from the seed unless given; ``shape`` None draws
+    a realistic geometry), or the site scan ``ref`` loaded as one (``shape`` unused)."""
+    if isinstance(ref, (int, np.integer)):
+        from ct_ai_node.synthetic import generate_phantom
+
+        return generate_phantom(int(ref), kind=kind or kind_for_index(int(ref)), shape=shape)
+    from ct_ai_node.training.site_data import load_site_case
+
+    return load_site_case(ref)
+
+
+def describe_cases(refs) -> str:
+    """"1000..1059,1070" for phantom seeds, plus "N site scans" for site cases."""
+    seeds = sorted(int(r) for r in refs if isinstance(r, (int, np.integer)))
+    n_site = sum(1 for r in refs if not isinstance(r, (int, np.integer)))
+    parts, i = [], 0
+    while i < len(seeds):
+        j = i
+        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
+            j += 1
+        parts.append(f"{seeds[i]}..{seeds[j]}" if j > i else str(seeds[i]))
+        i = j + 1
+    if n_site:
+        parts.append(f"{n_site} site scans")
+    return ",".join(parts)
+
+
+def check_fit_cases(train: list, val: list) -> None:
+    """Refuse held-out test seeds and cases in both sets (one-line ValueError)."""
+    bad = [case_id(r) for r in list(train) + list(val)
+           if isinstance(r, (int, np.integer)) and int(r) >= TEST_SEED0]
+    if bad:
+        raise ValueError(f"seeds >= {TEST_SEED0} are the held-out test set and never used for fitting: {bad[:5]}")
+    both = {case_id(r) for r in train} & {case_id(r) for r in val}
+    if both:
+        raise ValueError(f"training and validation cases overlap: {sorted(both)[:5]}")
+
+
 def slice_labels(lesion: np.ndarray, lung: np.ndarray, kind: str, spacing, rule: SliceLabelRule) -> tuple[np.ndarray, np.ndarray]:
     """Per-slice (label, weight): label 1 for clearly infected slices of a COVID-like case;
     weight 0 for ambiguous slices."""
@@ -63,7 +115,7 @@ def _evenly(indices: np.ndarray, at_most: int) -> np.ndarray:
     return indices[np.linspace(0, indices.size - 1, at_most).round().astype(int)]
 
 
-def phantom_samples(seed: int, kind: str, shape: tuple[int, int, int] | None,
+def phantom_samples(seed, kind: str, shape: tuple[int, int, int] | None,
                     settings: SliceInputSettings = SliceInputSettings(), rule: SliceLabelRule = SliceLabelRule(),
                     lung_size: int = 256, max_slices: int = 48) -> dict[str, np.ndarray]:
     """One phantom -> classifier inputs (uint8, 224x224) with labels, and lung U-Net
@@ -71,16 +123,18 @@ def phantom_samples(seed: int, kind: str, shape: tuple[int, int, int] | None,
 
     With ``shape`` None the phantom has a realistic, randomly drawn geometry (0.5-5 mm
     slices, so thin noisy slices are seen as well as thick ones) and at most
-    ``max_slices`` evenly spaced slices are kept, so every case weighs about the same."""
-    from ct_ai_node.synthetic import generate_phantom
-
-    ph = generate_phantom(seed, kind=kind, shape=shape)
+    ``max_slices`` evenly spaced slices are kept, so every case weighs about the same.
+    ``seed`` may also be a site case (:mod:`ct_ai_node.training.site_data`); without a
+    lesion mask every lung slice of its COVID-19-like scan is labelled positive."""
+    ph = make_case(seed, shape, kind)
     hu = ph.hu.astype(np.float32)
     lung = ph.lung_labels > 0
     zs = _evenly(lung_slice_indices(lung, settings.min_lung_fraction), max_slices)
     box = roi_box(lung, ph.spacing, settings)
     x = slice_tensors(hu[zs], lung[zs], box, ph.spacing, settings)
     labels, weights = slice_labels(ph.lesion_mask, lung, ph.kind, ph.spacing, rule)
+    if not getattr(ph, "has_lesion_mask", True) and ph.kind == "covid":
+        labels[:], weights[:] = 1.0, 1.0  # a volume label only: weak slice labels
     crops_lesion = ph.lesion_mask[zs][:, box.y0 : box.y1, box.x0 : box.x1].astype(np.float32)
     lesion_224 = resize_slices(torch.from_numpy(crops_lesion)[:, None], (settings.size, settings.size))[:, 0] >= 0.5
     # lung U-Net: slices with and without lung, input window [-1000, 0]
@@ -93,7 +147,7 @@ def phantom_samples(seed: int, kind: str, shape: tuple[int, int, int] | None,
         "y": labels[zs],
         "w": weights[zs],
         "lesion": lesion_224.numpy(),
-        "case": np.full(zs.size, seed, np.int64),
+        "case": np.full(zs.size, case_id(seed), np.int64),
         "lung_x": (lung_x.numpy() * 255).round().astype(np.uint8),
         "lung_y": lung_y.numpy(),
     }
@@ -116,7 +170,7 @@ def phantom_pool(workers: int) -> ProcessPoolExecutor:
 def build_slice_dataset(seeds: Iterable[int], shape: tuple[int, int, int] | None, workers: int | None = None,
                         progress=None) -> dict[str, np.ndarray]:
     """Generate phantoms in parallel processes and concatenate their samples."""
-    jobs = [(s, kind_for_index(s), shape) for s in seeds]
+    jobs = [(s, case_kind(s), shape) for s in seeds]
     workers = workers or max(1, (os.cpu_count() or 2))
     parts: list[dict[str, np.ndarray]] = []
     if workers == 1:

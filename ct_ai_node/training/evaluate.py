@@ -16,7 +16,7 @@ import torch
 from ct_ai_node.pipeline.lungs import ClassicalLungSegmenter
 from ct_ai_node.pipeline.methods import create_method
 from ct_ai_node.pipeline.run import PipelineSettings, analyse_volume, create_lung_segmenter
-from ct_ai_node.training.data import TEST_SEED0, kind_for_index, phantom_pool
+from ct_ai_node.training.data import TEST_SEED0, case_kind, describe_cases, make_case, phantom_pool
 from ct_ai_node.training.metrics import confusion, dice, heat_in_lesion_fraction, pointing_game_hit, roc_auc
 from ct_ai_node.volume.types import SliceRef, Volume
 
@@ -97,7 +97,8 @@ def summarise(rows: list[dict]) -> dict:
 def evaluate_pipeline(out_dir: Path, n_cases: int, device: torch.device, pipeline: str = "radlogics",
                       lungs: str = "classical", shape=None, log=print, seed0: int = TEST_SEED0,
                       weights_dir: Path | None = None, workers: int | None = None,
-                      infection: str = "heatmap") -> dict:
+                      infection: str = "heatmap", cases: list | None = None) -> dict:
+    """``cases``: site cases (``--data``) instead of the held-out phantoms ``seed0`` ..."""
     from ct_ai_node.analyze import create_infection_source
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -105,13 +106,14 @@ def evaluate_pipeline(out_dir: Path, n_cases: int, device: torch.device, pipelin
     infection_model = create_infection_source(infection, device, weights_dir)
     seg = create_lung_segmenter(lungs, device, weights_dir)
     other = create_lung_segmenter("unet" if lungs == "classical" else "classical", device, weights_dir)
-    seeds = [seed0 + i for i in range(n_cases)]
+    seeds = cases if cases is not None else [seed0 + i for i in range(n_cases)]
     n_workers = max(1, min(workers or (os.cpu_count() or 2) - 1, 12))
     with phantom_pool(n_workers) as pool:
-        rows = _evaluate_all(_prefetch(pool, seeds, shape, 2 * n_workers), method, seg, other, n_cases, log,
+        rows = _evaluate_all(_prefetch(pool, seeds, shape, 2 * n_workers), method, seg, other, len(seeds), log,
                              infection_model)
     summary = summarise(rows)
-    summary.update({"pipeline": pipeline, "lungs": lungs, "infection": infection, "seeds": f"{seed0}..{seed0 + n_cases - 1}", "device": str(device)})
+    summary.update({"pipeline": pipeline, "lungs": lungs, "infection": infection, "seeds": describe_cases(seeds),
+                    "device": str(device)})
     (out_dir / "cases.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary
@@ -122,7 +124,7 @@ def _prefetch(pool, seeds, shape, depth: int):
     (a full-size phantom holds about 300 MB)."""
     pending = deque()
     for seed in seeds:
-        pending.append(pool.submit(_generate, (seed, kind_for_index(seed), shape)))
+        pending.append(pool.submit(_generate, (seed, case_kind(seed), shape)))
         if len(pending) >= depth:
             yield pending.popleft().result()
     while pending:
@@ -130,10 +132,8 @@ def _prefetch(pool, seeds, shape, depth: int):
 
 
 def _generate(args):
-    from ct_ai_node.synthetic import generate_phantom
-
     seed, kind, shape = args
-    return generate_phantom(seed, kind=kind, shape=shape)
+    return make_case(seed, shape, kind)
 
 
 def _evaluate_all(phantoms, method, seg, other, n_cases, log, infection=None) -> list[dict]:

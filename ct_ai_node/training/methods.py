@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ct_ai_node.training.data import TRAIN_SEED0, VAL_SEED0
+from ct_ai_node.training.data import TRAIN_SEED0, VAL_SEED0, describe_cases
 
 #: METHOD argument -> what it trains
 TRAINABLE = {
@@ -30,11 +30,30 @@ def _with(settings, **changes):
     return dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
 
 
+def fit_cases(cases: int, val_cases: int, data_dir: Path | None = None) -> tuple[list, list]:
+    """(training, validation) case references: the first ``cases`` / ``val_cases``
+    phantoms of the training / validation seed ranges, or a site's scans (``labels.csv``
+    split column; its "test" rows are never used here)."""
+    if data_dir is None:
+        return list(range(TRAIN_SEED0, TRAIN_SEED0 + cases)), list(range(VAL_SEED0, VAL_SEED0 + val_cases))
+    from ct_ai_node.errors import InputRejected
+    from ct_ai_node.training.site_data import read_site_cases, split_cases
+
+    rows = read_site_cases(Path(data_dir))
+    train, val = split_cases(rows, "train"), split_cases(rows, "val")
+    if not train or not val:
+        raise InputRejected(f"--data {data_dir}: {len(train)} training and {len(val)} validation scans; "
+                            "both are needed (split column, or at least 5 rows)")
+    return train, val
+
+
 def train_method(method: str, out_dir: Path, device: torch.device, *, cases: int, val_cases: int,
-                 epochs: int | None = None, shape=None, cache_dir: Path | None = None, log=print) -> dict:
+                 epochs: int | None = None, shape=None, cache_dir: Path | None = None, log=print,
+                 data_dir: Path | None = None) -> dict:
+    """Train METHOD on phantoms (``cases`` / ``val_cases``) or on a site's scans
+    (``data_dir``, see :mod:`ct_ai_node.training.site_data`)."""
     out_dir = Path(out_dir)
-    train = list(range(TRAIN_SEED0, TRAIN_SEED0 + cases))
-    val = list(range(VAL_SEED0, VAL_SEED0 + val_cases))
+    train, val = fit_cases(cases, val_cases, data_dir)
     if method == "ctnet":
         from ct_ai_node.training.train_b import TrainBSettings, save_method_b, train_method_b
 
@@ -51,7 +70,7 @@ def train_method(method: str, out_dir: Path, device: torch.device, *, cases: int
 
         settings = _with(TrainDSettings(), epochs=epochs, shape=shape, cache_dir=cache_dir)
         model, metrics = train_method_d(train, val, settings, device)
-        seeds = f"train {train[0]}..{train[-1]}, val {val[0]}..{val[-1]}"
+        seeds = f"train {describe_cases(train)}, val {describe_cases(val)}"
         return {"sha256": save_method_d(model, metrics, out_dir, seeds=seeds), "metrics": metrics}
     if method == "infection":
         from ct_ai_node.training.train_infection import (

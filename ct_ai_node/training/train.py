@@ -22,7 +22,15 @@ from ct_ai_node.pipeline.method_a import WEIGHTS_NAME
 from ct_ai_node.pipeline.run import LUNG_UNET_WEIGHTS
 from ct_ai_node.pipeline.scoring import CaseDecision
 from ct_ai_node.training.augment import random_affine, scanner_variation
-from ct_ai_node.training.data import TRAIN_SEED0, VAL_SEED0, build_slice_dataset
+from ct_ai_node.training.data import (
+    TRAIN_SEED0,
+    VAL_SEED0,
+    build_slice_dataset,
+    case_id,
+    case_kind,
+    check_fit_cases,
+    describe_cases,
+)
 from ct_ai_node.training.metrics import roc_auc
 
 logger = logging.getLogger(__name__)
@@ -203,14 +211,22 @@ def calibrate_infection_threshold(model, data: dict, device: torch.device, max_s
     return float(best), {"lesion_dice_by_threshold_val": res}
 
 
-def train_default_models(out_dir: Path, settings: TrainSettings, device: torch.device, log=print) -> dict:
+def train_default_models(out_dir: Path, settings: TrainSettings, device: torch.device, log=print,
+                         cases: tuple[list, list] | None = None) -> dict:
+    """Train and save the method A classifier and the lung U-Net. ``cases``: (train,
+    validation) case references (phantom seeds or site cases); by default the first
+    ``n_train_cases`` / ``n_val_cases`` phantoms of the training / validation ranges."""
     t0 = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
-    prog, adv = _progress(settings.n_train_cases + settings.n_val_cases, "generate phantoms")
+    if cases is None:
+        cases = (list(range(TRAIN_SEED0, TRAIN_SEED0 + settings.n_train_cases)),
+                 list(range(VAL_SEED0, VAL_SEED0 + settings.n_val_cases)))
+    train_refs, val_refs = cases
+    check_fit_cases(train_refs, val_refs)
+    prog, adv = _progress(len(train_refs) + len(val_refs), "generate phantoms")
     with prog:
-        train = build_slice_dataset(range(TRAIN_SEED0, TRAIN_SEED0 + settings.n_train_cases), settings.shape,
-                                    settings.workers, adv)
-        val = build_slice_dataset(range(VAL_SEED0, VAL_SEED0 + settings.n_val_cases), settings.shape, settings.workers, adv)
+        train = build_slice_dataset(train_refs, settings.shape, settings.workers, adv)
+        val = build_slice_dataset(val_refs, settings.shape, settings.workers, adv)
     t_data = time.time() - t0
     log(f"data: {len(train['y'])} train slices, {len(val['y'])} val slices in {t_data:.0f} s")
 
@@ -218,11 +234,7 @@ def train_default_models(out_dir: Path, settings: TrainSettings, device: torch.d
     val_scores = slice_scores(clf, val["x"], device)
     keep = val["w"] > 0
     slice_auc = roc_auc(val["y"][keep], val_scores[keep])
-    case_labels = {}
-    from ct_ai_node.training.data import kind_for_index
-
-    for c in np.unique(val["case"]):
-        case_labels[int(c)] = int(kind_for_index(int(c)) == "covid")
+    case_labels = {case_id(r): int(case_kind(r) == "covid") for r in val_refs}
     decision, cal = calibrate_case_decision(val_scores, val["case"], case_labels)
     inf_t, inf_rep = calibrate_infection_threshold(clf, val, device)
     log(f"val slice AUC {slice_auc:.3f}; case decision {decision}; infection threshold {inf_t}")
@@ -239,8 +251,8 @@ def train_default_models(out_dir: Path, settings: TrainSettings, device: torch.d
     log(f"val lung U-Net Dice (2D, 256) {lung_dice:.4f}")
 
     train_info = {
-        "train_seeds": f"{TRAIN_SEED0}..{TRAIN_SEED0 + settings.n_train_cases - 1}",
-        "val_seeds": f"{VAL_SEED0}..{VAL_SEED0 + settings.n_val_cases - 1}",
+        "train_seeds": describe_cases(train_refs),
+        "val_seeds": describe_cases(val_refs),
         "settings": json.dumps({k: v for k, v in asdict(settings).items() if k != "workers"}),
     }
     digest_a = save_model(clf.cpu(), out_dir / f"{WEIGHTS_NAME}.safetensors", architecture="slice_resnet50_w16",

@@ -35,7 +35,7 @@ from ct_ai_node.models.weights import save_model
 from ct_ai_node.pipeline.method_b import WEIGHTS_NAME, BatchGradCAMpp, _minmax
 from ct_ai_node.pipeline.slice_input import INPUT_SIZE
 from ct_ai_node.training.augment import random_affine, scanner_variation
-from ct_ai_node.training.data import TEST_SEED0, build_slice_dataset, kind_for_index
+from ct_ai_node.training.data import build_slice_dataset, case_id, case_kind, check_fit_cases, describe_cases
 from ct_ai_node.training.metrics import confusion, roc_auc
 from ct_ai_node.training.train import calibrate_case_decision
 
@@ -72,15 +72,6 @@ class TrainBSettings:
     #: when set, the weights (+ manifest) are written here as method_b_attention.safetensors
     out_dir: Path | None = None
     arch_kwargs: dict = field(default_factory=dict)
-
-
-def _check_seeds(train: list[int], val: list[int]) -> None:
-    bad = [s for s in train + val if s >= TEST_SEED0]
-    if bad:
-        raise ValueError(f"seeds >= {TEST_SEED0} are the held-out test set and never used for fitting: {bad[:5]}")
-    both = set(train) & set(val)
-    if both:
-        raise ValueError(f"training and validation seeds overlap: {sorted(both)[:5]}")
 
 
 def _resize_uint8(x: np.ndarray, size: int) -> np.ndarray:
@@ -250,7 +241,7 @@ def _threshold_table(labels: np.ndarray, scores: np.ndarray) -> dict[str, dict]:
     return out
 
 
-def train_method_b(seeds_train: Iterable[int], seeds_val: Iterable[int], settings: TrainBSettings | None = None,
+def train_method_b(seeds_train: Iterable, seeds_val: Iterable, settings: TrainBSettings | None = None,
                    device: torch.device | str = "cpu", progress: bool = True,
                    log=print) -> tuple[torch.nn.Module, dict]:
     """Train the residual attention slice classifier on phantoms ``seeds_train``, then
@@ -260,8 +251,8 @@ def train_method_b(seeds_train: Iterable[int], seeds_val: Iterable[int], setting
     tensors (and the method reads at inference)."""
     s = settings or TrainBSettings()
     device = torch.device(device)
-    seeds_train, seeds_val = [int(v) for v in seeds_train], [int(v) for v in seeds_val]
-    _check_seeds(seeds_train, seeds_val)
+    seeds_train, seeds_val = list(seeds_train), list(seeds_val)  # phantom seeds or site cases
+    check_fit_cases(seeds_train, seeds_val)
     if not progress:
         log = lambda *a, **k: None  # noqa: E731
     t0 = time.time()
@@ -295,7 +286,7 @@ def train_method_b(seeds_train: Iterable[int], seeds_val: Iterable[int], setting
     keep = val["w"] > 0
     labels = val["y"][keep]
     slice_auc = roc_auc(labels, val_scores[keep])
-    case_labels = {int(c): int(kind_for_index(int(c)) == "covid") for c in np.unique(val["case"])}
+    case_labels = {case_id(r): int(case_kind(r) == "covid") for r in seeds_val}
     decision, cal = calibrate_case_decision(val_scores, val["case"], case_labels)
     inf, inf_rep = calibrate_infection_thresholds(model, val, device, s.calibration_slices)
     model.eval()
@@ -308,8 +299,8 @@ def train_method_b(seeds_train: Iterable[int], seeds_val: Iterable[int], setting
         "trained_on": "synthetic chest-CT phantoms (ct_ai_node.synthetic)",
         "val_slice_auc": f"{slice_auc:.4f}",
         "optimizer": f"{optimizer} lr {lr}" + (f" (fallback: {fallback_reason})" if fallback_reason else ""),
-        "train_seeds": ",".join(str(v) for v in _ranges(seeds_train)),
-        "val_seeds": ",".join(str(v) for v in _ranges(seeds_val)),
+        "train_seeds": describe_cases(seeds_train),
+        "val_seeds": describe_cases(seeds_val),
         "settings": json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()
                                 if k not in ("workers", "out_dir")}),
     }
@@ -334,19 +325,6 @@ def train_method_b(seeds_train: Iterable[int], seeds_val: Iterable[int], setting
     if s.out_dir is not None:
         metrics["sha256"] = save_method_b(model, metrics, Path(s.out_dir))
     return model, metrics
-
-
-def _ranges(seeds: list[int]) -> list[str]:
-    """[1000, 1001, 1002, 1005] -> ["1000..1002", "1005"]."""
-    out, seeds = [], sorted(seeds)
-    i = 0
-    while i < len(seeds):
-        j = i
-        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
-            j += 1
-        out.append(f"{seeds[i]}..{seeds[j]}" if j > i else str(seeds[i]))
-        i = j + 1
-    return out
 
 
 def save_method_b(model: torch.nn.Module, metrics: dict, out_dir: Path, version: str = MODEL_VERSION) -> str:

@@ -50,7 +50,7 @@ from ct_ai_node.pipeline.infection import (
     prepare_planes,
 )
 from ct_ai_node.training.augment import blur, random_affine
-from ct_ai_node.training.data import TEST_SEED0, kind_for_index, phantom_pool
+from ct_ai_node.training.data import case_id, case_kind, check_fit_cases, make_case, phantom_pool
 
 logger = logging.getLogger(__name__)
 
@@ -96,12 +96,10 @@ def _cache_key(shape, input_settings: InfectionSettings) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def phantom_planes(seed: int, kind: str, shape, input_settings: InfectionSettings) -> dict[str, np.ndarray]:
-    """One phantom prepared for the infection U-Net: x uint8 (K, H, W), lesion, inside and
-    lung bool (K, H, W), plus the voxel volume (ml) of the planes."""
-    from ct_ai_node.synthetic import generate_phantom
-
-    ph = generate_phantom(seed, kind=kind, shape=shape)
+def phantom_planes(seed, kind: str, shape, input_settings: InfectionSettings) -> dict[str, np.ndarray]:
+    """One phantom (or site case) prepared for the infection U-Net: x uint8 (K, H, W),
+    lesion, inside and lung bool (K, H, W), plus the voxel volume (ml) of the planes."""
+    ph = make_case(seed, shape, kind)
     planes = prepare_planes(ph.hu, ph.spacing, ph.lung_labels, input_settings, lesion=ph.lesion_mask)
     if planes is None:  # never for phantoms; keep the loader total anyway
         raise ValueError(f"phantom {seed} has no lung")
@@ -111,7 +109,7 @@ def phantom_planes(seed: int, kind: str, shape, input_settings: InfectionSetting
         "inside": planes.inside,
         "lung": planes.lung,
         "voxel_ml": np.float64(planes.voxel_ml),
-        "seed": np.int64(seed),
+        "seed": np.int64(case_id(seed)),
         "kind": np.array(ph.kind),
     }
 
@@ -119,10 +117,11 @@ def phantom_planes(seed: int, kind: str, shape, input_settings: InfectionSetting
 def _load_or_make(args) -> dict[str, np.ndarray]:
     seed, shape, input_json, cache_dir = args
     input_settings = InfectionSettings.from_json(input_json)
-    kind = kind_for_index(seed)
+    kind = case_kind(seed)
     path = None
     if cache_dir:
-        path = Path(cache_dir) / f"infection-{_cache_key(shape, input_settings)}-{seed}.npz"
+        site = "" if isinstance(seed, (int, np.integer)) else "-" + hashlib.sha256(seed.scan.encode()).hexdigest()[:8]
+        path = Path(cache_dir) / f"infection-{_cache_key(shape, input_settings)}-{case_id(seed)}{site}.npz"
         if path.is_file():
             try:
                 with np.load(path) as z:
@@ -143,7 +142,7 @@ def load_cases(seeds: Iterable[int], settings: InfectionTrainSettings, advance=N
     """Prepared phantoms of ``seeds`` (from the cache, or generated in ``settings.workers``
     processes and cached); ``transform`` is applied to each case as it arrives."""
     transform = transform or (lambda case: case)
-    jobs = [(int(s), settings.shape, settings.input.to_json(), settings.cache_dir) for s in seeds]
+    jobs = [(s, settings.shape, settings.input.to_json(), settings.cache_dir) for s in seeds]
     workers = settings.workers or max(1, os.cpu_count() or 1)
     workers = min(workers, max(len(jobs), 1))
     out: list[dict[str, np.ndarray]] = []
@@ -294,12 +293,6 @@ def _progress(enabled: bool, total: int, desc: str):
     return p, (lambda k=1: p.advance(task, k))
 
 
-def _check_seeds(seeds: list[int], what: str) -> None:
-    bad = [s for s in seeds if s >= TEST_SEED0]
-    if bad:
-        raise ValueError(f"{what} seeds {bad[:3]}... are held-out test seeds (>= {TEST_SEED0})")
-
-
 def train_infection_unet(seeds_train: Iterable[int], seeds_val: Iterable[int],
                          settings: InfectionTrainSettings | None, device: torch.device | str = "cpu",
                          progress: bool = True) -> tuple[torch.nn.Module, dict]:
@@ -309,9 +302,11 @@ def train_infection_unet(seeds_train: Iterable[int], seeds_val: Iterable[int],
     Dice by threshold, the best threshold, timings); save it with :func:`save_infection_unet`."""
     s = settings or InfectionTrainSettings()
     device = torch.device(device)
-    seeds_train, seeds_val = [int(v) for v in seeds_train], [int(v) for v in seeds_val]
-    _check_seeds(seeds_train, "training")
-    _check_seeds(seeds_val, "validation")
+    seeds_train, seeds_val = list(seeds_train), list(seeds_val)  # phantom seeds or site cases
+    check_fit_cases(seeds_train, seeds_val)
+    # a site scan without a lesion mask teaches nothing about lesions here
+    seeds_train = [r for r in seeds_train if getattr(r, "lesion_mask", True) or case_kind(r) != "covid"]
+    seeds_val = [r for r in seeds_val if getattr(r, "lesion_mask", True) or case_kind(r) != "covid"]
     if s.crop % SIZE_MULTIPLE:
         raise ValueError(f"crop must be a multiple of {SIZE_MULTIPLE}, got {s.crop}")
     if 2 ** (len(s.channels) - 1) > SIZE_MULTIPLE:
