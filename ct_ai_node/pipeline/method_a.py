@@ -13,17 +13,17 @@ import torch
 
 from ct_ai_node import __version__
 from ct_ai_node.models.weights import LoadedModel, load_model
-from ct_ai_node.pipeline.geometry import fill_between, strided_indices
+from ct_ai_node.pipeline.geometry import strided_indices
 from ct_ai_node.pipeline.localisation import FusedGradCAM
 from ct_ai_node.pipeline.methods import MethodOutput, ratio_decision_output, register_pipeline
 from ct_ai_node.pipeline.scoring import CaseDecision
 from ct_ai_node.pipeline.slice_input import (
+    SliceBatch,
     SliceInputSettings,
-    dilated_mask,
     lung_slice_indices,
-    paste_back,
     roi_box,
-    slice_tensors,
+    slice_maps_in_volume,
+    strided_scores,
 )
 from ct_ai_node.pipeline.types import AlgorithmInfo
 
@@ -85,34 +85,16 @@ class RadLogicsMethod:
         t0 = time.perf_counter()
         lung = lung_labels > 0
         zs = lung_slice_indices(lung, s.input.min_lung_fraction)
-        box = roi_box(lung, spacing, s.input)
+        batch = SliceBatch(hu, lung, roi_box(lung, spacing, s.input), spacing, s.input)
         # thin-slice scans: classify slices about z_step_mm apart (and both ends of the lung
         # range); scores of the slices between are interpolated along z
         stride = max(1, int(s.z_step_mm // spacing[0]))
-        run_z = strided_indices(zs, stride)
-        x = slice_tensors(hu[run_z], lung[run_z], box, spacing, s.input)
-        run_scores = self._scores(x)
-        filled = fill_between({int(z): np.float32(v) for z, v in zip(run_z, run_scores)}, zs)
-        scores = np.zeros(hu.shape[0], np.float32)
-        scores[zs] = [filled[int(z)] for z in zs]
+        scores, run_z = strided_scores(batch, zs, stride, self._scores)
         t1 = time.perf_counter()
-        heat = np.zeros(hu.shape, np.float32)
+        # Grad-CAM on candidate slices about z_step_mm apart (and at the ends of every run
+        # of candidates); the maps between are interpolated along z
         cand = zs[scores[zs] >= s.gradcam_min_score]
-        if cand.size:
-            # Grad-CAM on candidate slices about z_step_mm apart (and at the ends of every
-            # run of candidates); the maps between are interpolated along z
-            cam_z = strided_indices(cand, stride)
-            have = {int(z): k for k, z in enumerate(run_z)}
-            missing = [int(z) for z in cam_z if int(z) not in have]
-            if missing:
-                extra = slice_tensors(hu[missing], lung[missing], box, spacing, s.input)
-                have.update({z: x.shape[0] + k for k, z in enumerate(missing)})
-                x = torch.cat([x, extra])
-            maps = self._maps(x[[have[int(z)] for z in cam_z]])
-            crop_maps = fill_between({int(z): m for z, m in zip(cam_z, maps)}, cand)
-            sel = np.array(sorted(crop_maps), dtype=int)
-            inside = dilated_mask(lung[sel], spacing, s.input.mask_dilation_mm)
-            heat[sel] = paste_back(np.stack([crop_maps[int(z)] for z in sel]), box, hu.shape[1:]) * inside
+        heat = slice_maps_in_volume(batch, strided_indices(cand, stride), self._maps, cand)
         t2 = time.perf_counter()
         return ratio_decision_output(
             self.decision, scores, zs, heat, algorithm=self.algorithm,

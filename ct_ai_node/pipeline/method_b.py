@@ -48,16 +48,19 @@ from ct_ai_node.errors import ModelError
 from ct_ai_node.models import net_b  # noqa: F401  (registers "residual_attention_2d" for load_model)
 from ct_ai_node.models.net_b import ARCHITECTURE, CAM_LAYER
 from ct_ai_node.models.weights import BUNDLED_WEIGHTS, LoadedModel, load_model
-from ct_ai_node.pipeline.geometry import fill_between, strided_indices
+from ct_ai_node.pipeline.geometry import strided_indices
 from ct_ai_node.pipeline.methods import MethodOutput, ratio_decision_output, register_pipeline
 from ct_ai_node.pipeline.scoring import CaseDecision, top_slices
 from ct_ai_node.pipeline.slice_input import (
+    SliceBatch,
     SliceInputSettings,
     dilated_mask,
     lung_slice_indices,
     paste_back,
     roi_box,
+    slice_maps_in_volume,
     slice_tensors,
+    strided_scores,
 )
 from ct_ai_node.pipeline.types import AlgorithmInfo
 
@@ -261,40 +264,18 @@ class CTNetMethod:
         t0 = time.perf_counter()
         lung = lung_labels > 0
         zs = lung_slice_indices(lung, s.input.min_lung_fraction)
-        box = roi_box(lung, spacing, s.input)
+        batch = SliceBatch(hu, lung, roi_box(lung, spacing, s.input), spacing, s.input)
         stride = max(1, int(s.z_step_mm // spacing[0]))
-        run_z = strided_indices(zs, stride)
-        scores = np.zeros(hu.shape[0], np.float32)
-        x = torch.zeros((0, 1, s.input.size, s.input.size))
-        if run_z.size:
-            x = self._inputs(hu, lung, box, spacing, run_z)
-            run_scores = self._scores(x)
-            filled = fill_between({int(z): np.float32(v) for z, v in zip(run_z, run_scores)}, zs)
-            scores[zs] = [filled[int(z)] for z in zs]
+        scores, run_z = strided_scores(batch, zs, stride, self._scores)
         t1 = time.perf_counter()
-        heat = np.zeros(hu.shape, np.float32)
         cand = zs[scores[zs] >= s.cam_min_score]
-        if cand.size:
-            if s.explanation == "occlusion":
-                # expensive: only the top_k scored (not interpolated) candidates, no filling between
-                scored_cand = np.intersect1d(cand, run_z)
-                map_z = np.array(sorted(top_slices(scores, scored_cand, s.occlusion.top_k)), dtype=int)
-            else:
-                map_z = strided_indices(cand, stride)
-            have = {int(z): k for k, z in enumerate(run_z)}
-            missing = [int(z) for z in map_z if int(z) not in have]
-            if missing:
-                extra = self._inputs(hu, lung, box, spacing, missing)
-                have.update({z: x.shape[0] + k for k, z in enumerate(missing)})
-                x = torch.cat([x, extra])
-            maps = self._maps(x[[have[int(z)] for z in map_z]])
-            crop_maps = {int(z): m for z, m in zip(map_z, maps)}
-            if s.explanation != "occlusion":
-                crop_maps = fill_between(crop_maps, cand)
-            sel = np.array(sorted(crop_maps), dtype=int)
-            inside = dilated_mask(lung[sel], spacing, s.input.mask_dilation_mm)
-            pasted = paste_back(np.stack([crop_maps[int(z)] for z in sel]), box, hu.shape[1:])
-            heat[sel] = np.clip(pasted, 0.0, 1.0) * inside
+        if s.explanation == "occlusion":
+            # expensive: only the top_k scored (not interpolated) candidates, no filling between
+            scored_cand = np.intersect1d(cand, run_z)
+            map_z = np.array(sorted(top_slices(scores, scored_cand, s.occlusion.top_k)), dtype=int)
+            heat = slice_maps_in_volume(batch, map_z, self._maps, None)
+        else:
+            heat = slice_maps_in_volume(batch, strided_indices(cand, stride), self._maps, cand)
         t2 = time.perf_counter()
         return ratio_decision_output(
             self.decision, scores, zs, heat, algorithm=self.algorithm,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ct_ai_node.pipeline.geometry import Box2D, dilate_slices, resize_slices, square_roi
+from ct_ai_node.pipeline.geometry import Box2D, dilate_slices, fill_between, resize_slices, square_roi, strided_indices
 
 INPUT_SIZE = 224
 HU_RANGE = (-1000.0, 0.0)
@@ -63,3 +63,55 @@ def paste_back(maps: np.ndarray, box: Box2D, shape_yx: tuple[int, int]) -> np.nd
     t = resize_slices(t, (box.height, box.width))[:, 0].numpy()
     out[:, box.y0 : box.y1, box.x0 : box.x1] = t
     return out
+
+
+# --- shared by the slice methods (A, B): score every few slices, explain candidates ---
+
+class SliceBatch:
+    """The network inputs of one volume's slices, made once per slice: scoring and the
+    explanation reuse them (``take`` builds the ones still missing)."""
+
+    def __init__(self, hu: np.ndarray, lung: np.ndarray, box: Box2D, spacing, settings: SliceInputSettings):
+        self.hu, self.lung, self.box, self.spacing, self.settings = hu, lung, box, spacing, settings
+        self.x = torch.zeros((0, 1, settings.size, settings.size))
+        self.index: dict[int, int] = {}
+
+    def take(self, zs) -> torch.Tensor:
+        missing = [int(z) for z in zs if int(z) not in self.index]
+        if missing:
+            extra = slice_tensors(self.hu[missing], self.lung[missing], self.box, self.spacing, self.settings)
+            self.index.update({z: self.x.shape[0] + k for k, z in enumerate(missing)})
+            self.x = torch.cat([self.x, extra])
+        return self.x[[self.index[int(z)] for z in zs]]
+
+
+def strided_scores(batch: SliceBatch, zs: np.ndarray, stride: int, score) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (z,) of the lung slices ``zs``: ``score`` (inputs -> (n,)) runs on slices
+    ``stride`` apart and both ends; the slices between get scores interpolated along z.
+    Returns ``(scores, scored_slices)``."""
+    run_z = strided_indices(zs, stride)
+    scores = np.zeros(batch.hu.shape[0], np.float32)
+    if run_z.size:
+        run_scores = score(batch.take(run_z))
+        filled = fill_between({int(z): np.float32(v) for z, v in zip(run_z, run_scores)}, zs)
+        scores[zs] = [filled[int(z)] for z in zs]
+    return scores, run_z
+
+
+def slice_maps_in_volume(batch: SliceBatch, map_z: np.ndarray, explain, fill_z: np.ndarray | None) -> np.ndarray:
+    """Heat (z, y, x) in [0, 1]: ``explain`` (inputs -> (n, size, size) maps) on slices
+    ``map_z``, interpolated along z over ``fill_z`` when given, pasted back into the slice
+    geometry and kept inside the dilated lungs."""
+    hu, s = batch.hu, batch.settings
+    heat = np.zeros(hu.shape, np.float32)
+    if len(map_z) == 0:
+        return heat
+    maps = explain(batch.take(map_z))
+    crop_maps = {int(z): m for z, m in zip(map_z, maps)}
+    if fill_z is not None:
+        crop_maps = fill_between(crop_maps, fill_z)
+    sel = np.array(sorted(crop_maps), dtype=int)
+    inside = dilated_mask(batch.lung[sel], batch.spacing, s.mask_dilation_mm)
+    pasted = paste_back(np.stack([crop_maps[int(z)] for z in sel]), batch.box, hu.shape[1:])
+    heat[sel] = np.clip(pasted, 0.0, 1.0) * inside
+    return heat

@@ -167,21 +167,30 @@ def phantom_pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
+def map_cases(fn, jobs: list, workers: int | None, progress=None):
+    """``fn(job)`` for every job, yielded in order: in this process when ``workers`` is 1
+    (or there is one job), else in ``workers`` spawned processes (None: one per core);
+    ``progress()`` after each."""
+    workers = min(workers or max(1, os.cpu_count() or 1), max(len(jobs), 1))
+    if workers <= 1:
+        results = map(fn, jobs)
+        pool = None
+    else:
+        pool = phantom_pool(workers)
+        results = pool.map(fn, jobs, chunksize=1)
+    try:
+        for r in results:
+            yield r
+            if progress:
+                progress()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
 def build_slice_dataset(seeds: Iterable[int], shape: tuple[int, int, int] | None, workers: int | None = None,
                         progress=None) -> dict[str, np.ndarray]:
     """Generate phantoms in parallel processes and concatenate their samples."""
     jobs = [(s, case_kind(s), shape) for s in seeds]
-    workers = workers or max(1, (os.cpu_count() or 2))
-    parts: list[dict[str, np.ndarray]] = []
-    if workers == 1:
-        for j in jobs:
-            parts.append(_job(j))
-            if progress:
-                progress()
-    else:
-        with phantom_pool(workers) as pool:
-            for part in pool.map(_job, jobs, chunksize=1):
-                parts.append(part)
-                if progress:
-                    progress()
+    parts = list(map_cases(_job, jobs, workers, progress))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ct_ai_node.pipeline.lungs import ClassicalLungSegmenter
 from ct_ai_node.pipeline.methods import create_method
 from ct_ai_node.pipeline.run import PipelineSettings, analyse_volume, create_lung_segmenter
 from ct_ai_node.training.data import TEST_SEED0, case_kind, describe_cases, make_case, phantom_pool

@@ -55,7 +55,7 @@ from ct_ai_node.pipeline.method_c import (
     crop_to_grid,
     prepare_input,
 )
-from ct_ai_node.training.data import case_id, case_kind, check_fit_cases, describe_cases, make_case, phantom_pool
+from ct_ai_node.training.data import case_id, case_kind, check_fit_cases, describe_cases, make_case, map_cases
 from ct_ai_node.training.metrics import confusion, dice, roc_auc
 
 logger = logging.getLogger(__name__)
@@ -156,19 +156,7 @@ def load_cases(seeds: Iterable[int], settings: TrainCSettings, progress=None) ->
     seeds = list(seeds)
     check_fit_cases(seeds, [])
     jobs = [(s, case_kind(s), settings.shape, settings.input, settings.cache_dir) for s in seeds]
-    workers = min(settings.workers or (os.cpu_count() or 1), max(len(jobs), 1))
-    parts: list[dict] = []
-    if workers <= 1:
-        for j in jobs:
-            parts.append(_load_or_make(j))
-            if progress:
-                progress()
-    else:
-        with phantom_pool(workers) as pool:
-            for part in pool.map(_load_or_make, jobs, chunksize=1):
-                parts.append(part)
-                if progress:
-                    progress()
+    parts = list(map_cases(_load_or_make, jobs, settings.workers, progress))
     if not parts:
         raise ValueError("no cases")
     return {k: np.stack([p[k] for p in parts]) for k in parts[0]}

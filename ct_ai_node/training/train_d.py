@@ -55,7 +55,7 @@ from ct_ai_node.pipeline.method_d import (
 )
 from ct_ai_node.pipeline.slice_input import SliceInputSettings
 from ct_ai_node.training.augment import blur, random_affine
-from ct_ai_node.training.data import SliceLabelRule, case_id, case_kind, check_fit_cases, make_case, phantom_pool, slice_labels
+from ct_ai_node.training.data import SliceLabelRule, case_id, case_kind, check_fit_cases, make_case, map_cases, slice_labels
 from ct_ai_node.training.metrics import confusion, roc_auc
 
 logger = logging.getLogger(__name__)
@@ -137,19 +137,7 @@ def build_cache(seeds: Sequence[int], settings: TrainDSettings,
     for s in seeds:
         kind = case_kind(s)
         jobs.append((s, kind, settings.shape, asdict(_input_settings(settings)), str(_cache_path(s, kind, settings))))
-    paths: list[Path] = []
-    if settings.workers <= 1:
-        for j in jobs:
-            paths.append(Path(_prepare_case(j)))
-            if progress:
-                progress()
-    else:
-        with phantom_pool(settings.workers) as pool:
-            for p in pool.map(_prepare_case, jobs, chunksize=1):
-                paths.append(Path(p))
-                if progress:
-                    progress()
-    return paths
+    return [Path(p) for p in map_cases(_prepare_case, jobs, settings.workers, progress)]
 
 
 def load_case(path: Path) -> dict[str, np.ndarray]:

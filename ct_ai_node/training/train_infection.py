@@ -50,7 +50,7 @@ from ct_ai_node.pipeline.infection import (
     prepare_planes,
 )
 from ct_ai_node.training.augment import blur, random_affine
-from ct_ai_node.training.data import case_id, case_kind, check_fit_cases, make_case, phantom_pool
+from ct_ai_node.training.data import case_id, case_kind, check_fit_cases, make_case, map_cases
 
 logger = logging.getLogger(__name__)
 
@@ -143,21 +143,7 @@ def load_cases(seeds: Iterable[int], settings: InfectionTrainSettings, advance=N
     processes and cached); ``transform`` is applied to each case as it arrives."""
     transform = transform or (lambda case: case)
     jobs = [(s, settings.shape, settings.input.to_json(), settings.cache_dir) for s in seeds]
-    workers = settings.workers or max(1, os.cpu_count() or 1)
-    workers = min(workers, max(len(jobs), 1))
-    out: list[dict[str, np.ndarray]] = []
-    if workers == 1:
-        for j in jobs:
-            out.append(transform(_load_or_make(j)))
-            if advance:
-                advance()
-    else:
-        with phantom_pool(workers) as pool:
-            for case in pool.map(_load_or_make, jobs, chunksize=1):
-                out.append(transform(case))
-                if advance:
-                    advance()
-    return out
+    return [transform(case) for case in map_cases(_load_or_make, jobs, settings.workers, advance)]
 
 
 # ----------------------------------------------------------------------------- sampling
