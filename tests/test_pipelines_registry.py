@@ -12,7 +12,7 @@ from ct_ai_node.errors import ModelError
 from ct_ai_node.pipeline.ensemble import EnsembleMethod
 from ct_ai_node.pipeline.methods import MethodOutput, available_pipelines
 from ct_ai_node.pipeline.types import AlgorithmInfo
-from ct_ai_node.training.compare import _CachedLungs
+from ct_ai_node.training.compare import _CachedLungs, _CachedMethod
 from ct_ai_node.training.evaluate import summarise
 
 runner = CliRunner()
@@ -86,6 +86,30 @@ def test_cached_lungs_segment_each_phantom_once():
     assert len(calls) == 1
     cached(a + 1, (1, 1, 1), None)
     assert len(calls) == 2
+
+
+def test_compared_ensemble_reuses_its_members_outputs():
+    """In a side-by-side evaluation each member runs once per phantom: its own row and
+    the ensemble get the same kept output."""
+    calls = {"a": 0, "b": 0}
+
+    class _Counting(_Fixed):
+        def __call__(self, *args):
+            calls[self.name] += 1
+            return super().__call__(*args)
+
+    lung = np.zeros((4, 8, 8), np.uint8)
+    lung[:, 2:6, 2:6] = 1
+    hu = np.random.default_rng(1).normal(size=lung.shape).astype(np.float32)
+    members = {"a": _CachedMethod(_Counting("a", 0.9, [0.9] * 4, 1.0)),
+               "b": _CachedMethod(_Counting("b", 0.1, [0.1] * 4, 0.0))}
+    ens = EnsembleMethod(members)
+    own = [m(hu.copy(), (1, 1, 1), None, lung) for m in members.values()]
+    out = ens(hu.copy(), (1, 1, 1), None, lung)
+    assert calls == {"a": 1, "b": 1}
+    assert out.probability == pytest.approx(0.5) and own[0].probability == 0.9
+    ens(hu + 1, (1, 1, 1), None, lung)  # the next phantom: each member runs again, once
+    assert calls == {"a": 2, "b": 2}
 
 
 def test_registry_lists_every_method_and_the_ensemble():
