@@ -207,6 +207,37 @@ def evaluate(
     typer.echo(json.dumps(summary, indent=2, default=float))
 
 
+@app.command()
+def calibrate(
+    pipeline: str = typer.Argument(..., help="radlogics or ctnet (the positive-slice-ratio pipelines)"),
+    cases: int = typer.Option(60, help="validation phantoms (seeds never used for training or testing)"),
+    data: Optional[Path] = typer.Option(None, help="a site's labelled scans instead (labels.csv; its 'val' rows)"),
+    weights_dir: Optional[Path] = typer.Option(None, help="weights folder to update (default: the bundled weights)"),
+    out: Path = typer.Option(Path("out/calibration"), help="folder for the per-case rows"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Fit a slice-ratio pipeline's case decision (ratio threshold, probability slope) on
+    validation cases and write it into its weight file (tensors unchanged, new hash)."""
+    from ct_ai_node.analyze import resolve_device
+    from ct_ai_node.errors import InputRejected
+    from ct_ai_node.training.calibrate import calibrate_pipeline
+
+    site_cases = None
+    try:
+        if data is not None:
+            from ct_ai_node.training.site_data import read_site_cases, split_cases
+
+            site_cases = split_cases(read_site_cases(data), "val")
+            if not site_cases:
+                raise InputRejected(f"--data {data}: no validation rows (split column 'val', or at least 5 rows)")
+        report = calibrate_pipeline(pipeline, resolve_device(device), cases=cases, site_cases=site_cases,
+                                    weights_dir=weights_dir, out_dir=out, log=err.print)
+    except (InputRejected, ValueError) as exc:
+        typer.echo(" ".join(str(exc).split()), err=True)
+        raise typer.Exit(EXIT_REJECTED)
+    typer.echo(json.dumps(report, indent=2, default=float))
+
+
 def _config_or_exit(path: Path, check_files: bool = True):
     """The node configuration, or its problems on stderr (one line each) and exit 2."""
     from ct_ai_node.config import ConfigError, load_config

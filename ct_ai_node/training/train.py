@@ -164,6 +164,14 @@ def calibrate_case_decision(scores: np.ndarray, cases: np.ndarray, case_labels: 
     ids = sorted(case_labels)
     ratios = np.array([float((scores[cases == c] >= slice_threshold).mean()) if (cases == c).any() else 0.0 for c in ids])
     labels = np.array([case_labels[c] for c in ids])
+    return fit_ratio_decision(ratios, labels, slice_threshold)
+
+
+def fit_ratio_decision(ratios: np.ndarray, labels: np.ndarray, slice_threshold: float = 0.5) -> tuple[CaseDecision, dict]:
+    """The positive-slice-ratio threshold with the best Youden index (midway between
+    observed ratios) and the probability slope by maximum likelihood, from one ratio and
+    one label per validation case."""
+    ratios, labels = np.asarray(ratios, float), np.asarray(labels, int)
     cands = np.unique(np.concatenate([[0.0], ratios]))
     best_t, best_j = 0.1, -1.0
     for i, t in enumerate(cands):
@@ -182,7 +190,7 @@ def calibrate_case_decision(scores: np.ndarray, cases: np.ndarray, case_labels: 
         if ll > best_ll:
             best_ll, best_slope = ll, float(slope)
     decision = CaseDecision(slice_threshold=slice_threshold, ratio_threshold=best_t, slope=best_slope)
-    report = {"val_cases": len(ids), "val_auc": roc_auc(labels, ratios), "youden_j": best_j, **asdict(decision)}
+    report = {"val_cases": len(labels), "val_auc": roc_auc(labels, ratios), "youden_j": best_j, **asdict(decision)}
     return decision, report
 
 
