@@ -12,7 +12,7 @@ from ct_ai_node.errors import ModelError
 from ct_ai_node.pipeline.ensemble import EnsembleMethod
 from ct_ai_node.pipeline.methods import MethodOutput, available_pipelines
 from ct_ai_node.pipeline.types import AlgorithmInfo
-from ct_ai_node.training.compare import _CachedLungs, _CachedMethod
+from ct_ai_node.training.compare import _CachedLungs, _CachedMethod, summary_table
 from ct_ai_node.training.evaluate import summarise
 
 runner = CliRunner()
@@ -110,6 +110,23 @@ def test_compared_ensemble_reuses_its_members_outputs():
     assert out.probability == pytest.approx(0.5) and own[0].probability == 0.9
     ens(hu + 1, (1, 1, 1), None, lung)  # the next phantom: each member runs again, once
     assert calls == {"a": 2, "b": 2}
+
+
+def test_summary_table_side_by_side():
+    base = {"cases": 3, "covid": 1, "other": 2, "auc": 1.0, "sensitivity": 1.0, "specificity": 0.5, "f1": 0.667,
+            "accuracy": 0.6667, "lung_dice_mean": 0.95, "lung_volume_error_pct_mean": 5.0,
+            "lesion_dice_mean_covid": 0.5, "lesion_volume_abs_error_ml_mean_covid": 12.34, "pointing_game": None,
+            "heat_in_lesion_mean": float("nan"), "seconds_per_case_mean": 3.0, "seeds": "90000..90002",
+            "lungs": "unet", "device": "cpu"}
+    table = summary_table({"a": base, "b": {**base, "auc": 0.5}}, {"a": 10.0})
+    lines = table.splitlines()
+    assert lines[0] == "| metric | `a` | `b` |"
+    assert "| cases (COVID-19-like / other) | 3 (1 / 2) | 3 (1 / 2) |" in lines
+    assert "| AUC (COVID-19-like vs other) | 1.000 | 0.500 |" in lines
+    assert any(line.startswith("| pointing game") and line.endswith("| - | - |") for line in lines)
+    assert any(line.startswith("| share of the heat") and line.endswith("| - | - |") for line in lines)  # NaN
+    assert "| CPU seconds per 300-slice scan (method only) | 10.0 | - |" in lines
+    assert "seeds 90000..90002" in table
 
 
 def test_registry_lists_every_method_and_the_ensemble():

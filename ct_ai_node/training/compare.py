@@ -127,7 +127,49 @@ def compare_pipelines(out_dir: Path, pipelines: list[str], n_cases: int, device:
     (out_dir / "compare_cases.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
     (out_dir / "compare_summary.json").write_text(json.dumps({"summaries": summaries, "skipped": skipped},
                                                              indent=2, default=float) + "\n")
+    (out_dir / "compare_table.md").write_text(summary_table(summaries))
     return {"summaries": summaries, "skipped": skipped}
+
+
+#: (summary key, row label, format) of the side-by-side table
+TABLE_ROWS = (
+    ("auc", "AUC (COVID-19-like vs other)", "{:.3f}"),
+    ("sensitivity", "sensitivity at the pipeline's threshold", "{:.3f}"),
+    ("specificity", "specificity", "{:.3f}"),
+    ("f1", "F1", "{:.3f}"),
+    ("accuracy", "accuracy", "{:.3f}"),
+    ("lung_dice_mean", "lung Dice (U-Net, shared by all)", "{:.3f}"),
+    ("lung_volume_error_pct_mean", "lung volume error, mean abs (%)", "{:.1f}"),
+    ("lesion_dice_mean_covid", "lesion Dice, COVID-19-like (from the pipeline's own map)", "{:.3f}"),
+    ("lesion_volume_abs_error_ml_mean_covid", "lesion volume error, COVID-19-like, mean abs (ml)", "{:.1f}"),
+    ("pointing_game", "pointing game (heat maximum within 5 mm of a lesion)", "{:.3f}"),
+    ("heat_in_lesion_mean", "share of the heat on the lesion", "{:.3f}"),
+    ("seconds_per_case_mean", "seconds per case (pipeline + mask + scores, lungs excluded)", "{:.1f}"),
+)
+
+
+def summary_table(summaries: dict[str, dict], seconds_300: dict[str, float] | None = None) -> str:
+    """The side-by-side table (markdown): one column per pipeline, one row per metric;
+    ``seconds_300`` adds the CPU seconds per 300-slice scan (benchmarks/pipelines.py)."""
+    names = list(summaries)
+    lines = ["| metric | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---|" * len(names)]
+    first = summaries[names[0]] if names else {}
+    lines.append("| cases (COVID-19-like / other) | "
+                 + " | ".join(f"{summaries[n]['cases']} ({summaries[n]['covid']} / {summaries[n]['other']})" for n in names)
+                 + " |")
+    for key, label, fmt in TABLE_ROWS:
+        cells = []
+        for n in names:
+            v = summaries[n].get(key)
+            cells.append("-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else fmt.format(v))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if seconds_300:
+        cells = [f"{seconds_300[n]:.1f}" if n in seconds_300 else "-" for n in names]
+        lines.append("| CPU seconds per 300-slice scan (method only) | " + " | ".join(cells) + " |")
+    if first:
+        lines.append("")
+        lines.append(f"Cases: seeds {first.get('seeds')}; lungs: {first.get('lungs')}; device: {first.get('device')}.")
+    return "\n".join(lines) + "\n"
 
 
 def seconds_per_scan(pipelines: list[str], device: torch.device, *, slices: int = 300, size: int = 512,
