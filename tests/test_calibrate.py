@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ct_ai_node.models.weights import BUNDLED_WEIGHTS, load_model, read_manifest, sha256_of
-from ct_ai_node.training.calibrate import calibrate_pipeline, rewrite_metadata
+from ct_ai_node.models.weights import BUNDLED_WEIGHTS, load_model, read_manifest, rewrite_metadata, sha256_of
+from ct_ai_node.training.calibrate import calibrate_pipeline
 from ct_ai_node.training.train import fit_ratio_decision
 
 

@@ -87,10 +87,35 @@ def save_model(module: nn.Module, path: Path, *, architecture: str, arch_kwargs:
     meta.update(extra or {})
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=meta)
+    return _record_hash(path, {"version": version, "architecture": architecture})
+
+
+def rewrite_metadata(path: Path, updates: dict[str, str]) -> str:
+    """Write ``path`` again with ``updates`` merged into its safetensors metadata (the
+    tensors byte for byte as they were) and update the manifest; returns the new SHA-256."""
+    with safe_open(str(path), framework="pt", device="cpu") as fh:
+        meta = dict(fh.metadata() or {})
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    meta.update(updates)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return _record_hash(path)
+
+
+def _record_hash(path: Path, entry: dict[str, str] | None = None) -> str:
+    """Put ``path``'s SHA-256 into the manifest beside it: a new ``entry`` (with the
+    hash) when given, else the hash of the existing entry replaced. Returns the hash."""
     digest = sha256_of(path)
     manifest_path = path.parent / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    manifest[path.name] = {"sha256": digest, "version": version, "architecture": architecture}
+    old = manifest.get(path.name)
+    if entry is not None:
+        manifest[path.name] = {"sha256": digest, **entry}
+    elif isinstance(old, dict):
+        old["sha256"] = digest
+    else:
+        manifest[path.name] = digest
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return digest
 

@@ -17,38 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-from ct_ai_node.models.weights import BUNDLED_WEIGHTS, MANIFEST, sha256_of
+from ct_ai_node.models.weights import BUNDLED_WEIGHTS, rewrite_metadata
 from ct_ai_node.training.compare import compare_pipelines
 from ct_ai_node.training.data import VAL_SEED0, describe_cases
 from ct_ai_node.training.train import fit_ratio_decision
 
 #: pipeline -> its weight file (without .safetensors) whose "case_decision" it reads
 RATIO_PIPELINES = {"radlogics": "method_a_slice_classifier", "ctnet": "method_b_attention"}
-
-
-def rewrite_metadata(path: Path, updates: dict[str, str]) -> str:
-    """Write ``path`` again with ``updates`` merged into its safetensors metadata (the
-    tensors byte for byte as they were) and update the manifest; returns the new SHA-256."""
-    with safe_open(str(path), framework="pt", device="cpu") as fh:
-        meta = dict(fh.metadata() or {})
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    meta.update(updates)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-    digest = sha256_of(path)
-    manifest_path = path.parent / MANIFEST
-    manifest = json.loads(manifest_path.read_text())
-    entry = manifest.get(path.name)
-    if isinstance(entry, dict):
-        entry["sha256"] = digest
-    else:
-        manifest[path.name] = digest
-    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return digest
 
 
 def calibrate_pipeline(pipeline: str, device: torch.device, *, cases: int = 60, site_cases: list | None = None,
@@ -64,7 +39,7 @@ def calibrate_pipeline(pipeline: str, device: torch.device, *, cases: int = 60, 
                             cases=site_cases, shape=shape)
     if pipeline in res["skipped"]:
         raise ValueError(f"{pipeline}: {res['skipped'][pipeline]}")
-    rows = json.loads((Path(out_dir) / "compare_cases.json").read_text())[pipeline]
+    rows = res["rows"][pipeline]
     ratios = np.array([r["ratio"] for r in rows])
     labels = np.array([r["label"] for r in rows])
     if labels.min() == labels.max():

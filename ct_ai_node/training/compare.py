@@ -94,9 +94,8 @@ def compare_pipelines(out_dir: Path, pipelines: list[str], n_cases: int, device:
     if ENSEMBLE in pipelines:
         # the ensemble of the evaluated members, on their kept outputs (last, after them);
         # its time per case is the sum of the members' times plus its own
-        members = {n: m for n, m in methods.items()}
         try:
-            methods[ENSEMBLE] = EnsembleMethod(members)
+            methods[ENSEMBLE] = EnsembleMethod(dict(methods))
         except ModelError as exc:
             skipped[ENSEMBLE] = " ".join(str(exc).split())
             log(f"{ENSEMBLE}: skipped ({skipped[ENSEMBLE]})")
@@ -128,7 +127,7 @@ def compare_pipelines(out_dir: Path, pipelines: list[str], n_cases: int, device:
     (out_dir / "compare_summary.json").write_text(json.dumps({"summaries": summaries, "skipped": skipped},
                                                              indent=2, default=float) + "\n")
     (out_dir / "compare_table.md").write_text(summary_table(summaries))
-    return {"summaries": summaries, "skipped": skipped}
+    return {"summaries": summaries, "skipped": skipped, "rows": rows}
 
 
 #: (summary key, row label, format) of the side-by-side table

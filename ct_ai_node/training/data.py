@@ -44,21 +44,35 @@ def kind_for_index(i: int) -> str:
 
 # A training case is a phantom seed (int) or a row of a site's labels.csv (SiteCase).
 
+def _is_seed(ref) -> bool:
+    return isinstance(ref, (int, np.integer))
+
+
+def site_scan(ref) -> str | None:
+    """The scan file of a site case (what its cache entries are keyed on), None for a seed."""
+    return None if _is_seed(ref) else ref.scan
+
+
 def case_kind(ref) -> str:
     """"covid", "cap", "normal" (phantoms, from the seed) or the site's label."""
-    return kind_for_index(ref) if isinstance(ref, (int, np.integer)) else ref.kind
+    return kind_for_index(ref) if _is_seed(ref) else ref.kind
 
 
 def case_id(ref) -> int:
     """An int naming the case in arrays and cache files: the seed, or the site case's
     (negative) row id."""
-    return int(ref) if isinstance(ref, (int, np.integer)) else int(ref.id)
+    return int(ref) if _is_seed(ref) else int(ref.id)
+
+
+def fit_phantoms(n_train: int, n_val: int) -> tuple[list[int], list[int]]:
+    """The first ``n_train`` training and ``n_val`` validation phantom seeds."""
+    return list(range(TRAIN_SEED0, TRAIN_SEED0 + n_train)), list(range(VAL_SEED0, VAL_SEED0 + n_val))
 
 
 def make_case(ref, shape: tuple[int, int, int] | None, kind: str | None = None):
     """The phantom of seed ``ref`` (kind from the seed unless given; ``shape`` None draws
     a realistic geometry), or the site scan ``ref`` loaded as one (``shape`` unused)."""
-    if isinstance(ref, (int, np.integer)):
+    if _is_seed(ref):
         from ct_ai_node.synthetic import generate_phantom
 
         return generate_phantom(int(ref), kind=kind or kind_for_index(int(ref)), shape=shape)
@@ -69,8 +83,8 @@ def make_case(ref, shape: tuple[int, int, int] | None, kind: str | None = None):
 
 def describe_cases(refs) -> str:
     """"1000..1059,1070" for phantom seeds, plus "N site scans" for site cases."""
-    seeds = sorted(int(r) for r in refs if isinstance(r, (int, np.integer)))
-    n_site = sum(1 for r in refs if not isinstance(r, (int, np.integer)))
+    seeds = sorted(int(r) for r in refs if _is_seed(r))
+    n_site = sum(1 for r in refs if not _is_seed(r))
     parts, i = [], 0
     while i < len(seeds):
         j = i
@@ -85,8 +99,7 @@ def describe_cases(refs) -> str:
 
 def check_fit_cases(train: list, val: list) -> None:
     """Refuse held-out test seeds and cases in both sets (one-line ValueError)."""
-    bad = [case_id(r) for r in list(train) + list(val)
-           if isinstance(r, (int, np.integer)) and int(r) >= TEST_SEED0]
+    bad = [case_id(r) for r in list(train) + list(val) if _is_seed(r) and int(r) >= TEST_SEED0]
     if bad:
         raise ValueError(f"seeds >= {TEST_SEED0} are the held-out test set and never used for fitting: {bad[:5]}")
     both = {case_id(r) for r in train} & {case_id(r) for r in val}

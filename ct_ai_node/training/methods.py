@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ct_ai_node.training.data import TRAIN_SEED0, VAL_SEED0, describe_cases
+from ct_ai_node.training.data import describe_cases, fit_phantoms
 
 #: METHOD argument -> what it trains
 TRAINABLE = {
@@ -35,7 +35,7 @@ def fit_cases(cases: int, val_cases: int, data_dir: Path | None = None) -> tuple
     phantoms of the training / validation seed ranges, or a site's scans (``labels.csv``
     split column; its "test" rows are never used here)."""
     if data_dir is None:
-        return list(range(TRAIN_SEED0, TRAIN_SEED0 + cases)), list(range(VAL_SEED0, VAL_SEED0 + val_cases))
+        return fit_phantoms(cases, val_cases)
     from ct_ai_node.errors import InputRejected
     from ct_ai_node.training.site_data import read_site_cases, split_cases
 

@@ -23,13 +23,12 @@ from ct_ai_node.pipeline.run import LUNG_UNET_WEIGHTS
 from ct_ai_node.pipeline.scoring import CaseDecision
 from ct_ai_node.training.augment import random_affine, scanner_variation
 from ct_ai_node.training.data import (
-    TRAIN_SEED0,
-    VAL_SEED0,
     build_slice_dataset,
     case_id,
     case_kind,
     check_fit_cases,
     describe_cases,
+    fit_phantoms,
 )
 from ct_ai_node.training.metrics import roc_auc
 
@@ -226,10 +225,7 @@ def train_default_models(out_dir: Path, settings: TrainSettings, device: torch.d
     ``n_train_cases`` / ``n_val_cases`` phantoms of the training / validation ranges."""
     t0 = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cases is None:
-        cases = (list(range(TRAIN_SEED0, TRAIN_SEED0 + settings.n_train_cases)),
-                 list(range(VAL_SEED0, VAL_SEED0 + settings.n_val_cases)))
-    train_refs, val_refs = cases
+    train_refs, val_refs = cases if cases is not None else fit_phantoms(settings.n_train_cases, settings.n_val_cases)
     check_fit_cases(train_refs, val_refs)
     prog, adv = _progress(len(train_refs) + len(val_refs), "generate phantoms")
     with prog:

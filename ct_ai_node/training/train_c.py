@@ -55,7 +55,15 @@ from ct_ai_node.pipeline.method_c import (
     crop_to_grid,
     prepare_input,
 )
-from ct_ai_node.training.data import case_id, case_kind, check_fit_cases, describe_cases, make_case, map_cases
+from ct_ai_node.training.data import (
+    case_id,
+    case_kind,
+    check_fit_cases,
+    describe_cases,
+    make_case,
+    map_cases,
+    site_scan,
+)
 from ct_ai_node.training.metrics import confusion, dice, roc_auc
 
 logger = logging.getLogger(__name__)
@@ -107,8 +115,8 @@ class TrainCSettings:
 
 def _cache_key(seed, kind: str, shape, inp: CInputSettings) -> str:
     parts = [CACHE_VERSION, list(shape) if shape else None, inp.to_json()]
-    if not isinstance(seed, (int, np.integer)):
-        parts.append(seed.scan)  # a site case: its file
+    if site_scan(seed) is not None:
+        parts.append(site_scan(seed))
     tag = json.dumps(parts)
     return f"c_{case_id(seed)}_{kind}_{hashlib.sha1(tag.encode()).hexdigest()[:10]}.npz"
 

@@ -55,7 +55,16 @@ from ct_ai_node.pipeline.method_d import (
 )
 from ct_ai_node.pipeline.slice_input import SliceInputSettings
 from ct_ai_node.training.augment import blur, random_affine
-from ct_ai_node.training.data import SliceLabelRule, case_id, case_kind, check_fit_cases, make_case, map_cases, slice_labels
+from ct_ai_node.training.data import (
+    SliceLabelRule,
+    case_id,
+    case_kind,
+    check_fit_cases,
+    make_case,
+    map_cases,
+    site_scan,
+    slice_labels,
+)
 from ct_ai_node.training.metrics import confusion, roc_auc
 
 logger = logging.getLogger(__name__)
@@ -103,8 +112,8 @@ def _input_settings(settings: TrainDSettings) -> SliceInputSettings:
 def _cache_path(seed, kind: str, settings: TrainDSettings) -> Path:
     parts = {"fmt": _CACHE_FORMAT, "shape": settings.shape, "input": asdict(_input_settings(settings)),
              "rule": asdict(SliceLabelRule())}
-    if not isinstance(seed, (int, np.integer)):
-        parts["site"] = seed.scan  # a site case: its file
+    if site_scan(seed) is not None:
+        parts["site"] = site_scan(seed)
     tag = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
     return Path(settings.cache_dir) / f"d_{case_id(seed)}_{kind}_{tag}.npz"
 

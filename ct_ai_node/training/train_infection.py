@@ -50,7 +50,7 @@ from ct_ai_node.pipeline.infection import (
     prepare_planes,
 )
 from ct_ai_node.training.augment import blur, random_affine
-from ct_ai_node.training.data import case_id, case_kind, check_fit_cases, make_case, map_cases
+from ct_ai_node.training.data import case_id, case_kind, check_fit_cases, make_case, map_cases, site_scan
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,8 @@ def _load_or_make(args) -> dict[str, np.ndarray]:
     kind = case_kind(seed)
     path = None
     if cache_dir:
-        site = "" if isinstance(seed, (int, np.integer)) else "-" + hashlib.sha256(seed.scan.encode()).hexdigest()[:8]
+        scan = site_scan(seed)
+        site = "" if scan is None else "-" + hashlib.sha256(scan.encode()).hexdigest()[:8]
         path = Path(cache_dir) / f"infection-{_cache_key(shape, input_settings)}-{case_id(seed)}{site}.npz"
         if path.is_file():
             try:
