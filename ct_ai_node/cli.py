@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -126,6 +127,9 @@ def train(
     data: Optional[Path] = typer.Option(None, help="a site's labelled scans instead of phantoms: a folder with "
                                                    "labels.csv (scan,label[,lung_mask,lesion_mask,split]); "
                                                    "DICOM series folders or NIfTI files"),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", help="KEY=VALUE: change one of METHOD's training "
+                                                                     "settings (repeatable), e.g. --set width=16 "
+                                                                     "--set time_budget_s=300"),
 ) -> None:
     """Train a model on synthetic phantoms (seeds never from the held-out test range), or
     on a site's own labelled scans (--data), and write fp16 safetensors + manifest
@@ -148,11 +152,41 @@ def train(
                                           cases=fit_cases(cases, val_cases, data))
         else:
             report = train_method(method, out, resolve_device(device), cases=cases, val_cases=val_cases,
-                                  epochs=epochs, shape=dims, cache_dir=cache_dir, log=err.print, data_dir=data)
+                                  epochs=epochs, shape=dims, cache_dir=cache_dir, log=err.print, data_dir=data,
+                                  workers=workers, overrides=overrides or ())
     except InputRejected as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(EXIT_REJECTED)
     typer.echo(json.dumps(report, indent=2, default=str))
+
+
+@app.command()
+def prepare(
+    methods: str = typer.Option("dual-sampling,resnext-lstm", help="methods whose cache to fill, separated by commas: "
+                                                                   "dual-sampling, resnext-lstm, infection"),
+    cache_dir: Path = typer.Option(..., help="the cache folder `ct-ai-node train --cache-dir` then reads"),
+    cases: int = typer.Option(300, help="training phantoms"),
+    val_cases: int = typer.Option(60, help="validation phantoms"),
+    shape: str = typer.Option("full", help="phantom shape z,y,x, or 'full' for drawn realistic geometries"),
+    workers: Optional[int] = typer.Option(None, help="phantom generator processes (default: one per core)"),
+    data: Optional[Path] = typer.Option(None, help="a site's labelled scans instead of phantoms (as for train)"),
+) -> None:
+    """Generate each training and validation phantom once and cache what every METHOD's
+    trainer reads, so that several trainers can then run side by side from the cache."""
+    from ct_ai_node.errors import InputRejected
+    from ct_ai_node.training.budget import prepare_caches
+    from ct_ai_node.training.methods import fit_cases
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    dims = None if shape == "full" else tuple(int(v) for v in shape.split(","))
+    try:
+        train_refs, val_refs = fit_cases(cases, val_cases, data)
+        t0 = time.time()
+        n = prepare_caches(names, list(train_refs) + list(val_refs), cache_dir, dims, workers)
+    except (InputRejected, ValueError) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(EXIT_REJECTED)
+    typer.echo(f"{n} cases prepared for {', '.join(names)} in {cache_dir} ({time.time() - t0:.0f} s)")
 
 
 @app.command()

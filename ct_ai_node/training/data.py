@@ -7,6 +7,7 @@ test set at ``TEST_SEED0``. The held-out set is never used to fit anything.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -73,12 +74,23 @@ def make_case(ref, shape: tuple[int, int, int] | None, kind: str | None = None):
     """The phantom of seed ``ref`` (kind from the seed unless given; ``shape`` None draws
     a realistic geometry), or the site scan ``ref`` loaded as one (``shape`` unused)."""
     if _is_seed(ref):
-        from ct_ai_node.synthetic import generate_phantom
-
-        return generate_phantom(int(ref), kind=kind or kind_for_index(int(ref)), shape=shape)
+        return _phantom(int(ref), None if shape is None else tuple(shape), kind or kind_for_index(int(ref)))
     from ct_ai_node.training.site_data import load_site_case
 
     return load_site_case(ref)
+
+
+@functools.lru_cache(maxsize=1)
+def _phantom(seed: int, shape: tuple[int, int, int] | None, kind: str):
+    """The last phantom made in this process, so that preparing one case for several
+    methods (``ct-ai-node prepare``) generates it once. Its arrays are read-only: a
+    caller that changed them in place would change them for the next caller too."""
+    from ct_ai_node.synthetic import generate_phantom
+
+    ph = generate_phantom(seed, kind=kind, shape=shape)
+    for a in (ph.hu, ph.lung_labels, ph.lesion_mask):
+        a.flags.writeable = False
+    return ph
 
 
 def describe_cases(refs) -> str:

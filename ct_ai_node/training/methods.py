@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
+from ct_ai_node.training.budget import apply_overrides
 from ct_ai_node.training.data import describe_cases, fit_phantoms
 
 #: METHOD argument -> what it trains
@@ -49,27 +51,37 @@ def fit_cases(cases: int, val_cases: int, data_dir: Path | None = None) -> tuple
 
 def train_method(method: str, out_dir: Path, device: torch.device, *, cases: int, val_cases: int,
                  epochs: int | None = None, shape=None, cache_dir: Path | None = None, log=print,
-                 data_dir: Path | None = None) -> dict:
+                 data_dir: Path | None = None, workers: int | None = None, overrides: Sequence[str] = ()) -> dict:
     """Train METHOD on phantoms (``cases`` / ``val_cases``) or on a site's scans
-    (``data_dir``, see :mod:`ct_ai_node.training.site_data`)."""
+    (``data_dir``, see :mod:`ct_ai_node.training.site_data`). ``overrides`` are
+    ``KEY=VALUE`` changes of the method's training settings (``--set``)."""
     out_dir = Path(out_dir)
     train, val = fit_cases(cases, val_cases, data_dir)
+
+    def settings_of(defaults, **changes):
+        try:
+            return apply_overrides(_with(defaults, **changes), overrides)
+        except ValueError as exc:
+            from ct_ai_node.errors import InputRejected
+
+            raise InputRejected(str(exc)) from None
+
     if method == "ctnet":
         from ct_ai_node.training.train_b import TrainBSettings, save_method_b, train_method_b
 
-        model, metrics = train_method_b(train, val, _with(TrainBSettings(), epochs=epochs, shape=shape), device,
-                                        log=log)
+        settings = settings_of(TrainBSettings(), epochs=epochs, shape=shape, workers=workers)
+        model, metrics = train_method_b(train, val, settings, device, log=log)
         return {"sha256": save_method_b(model, metrics, out_dir), "metrics": metrics}
     if method == "dual-sampling":
         from ct_ai_node.training.train_c import TrainCSettings, train_method_c_models
 
-        settings = _with(TrainCSettings(), epochs=epochs, shape=shape, cache_dir=cache_dir)
-        return train_method_c_models(out_dir, train, val, settings, device)
+        settings = settings_of(TrainCSettings(), epochs=epochs, shape=shape, cache_dir=cache_dir, workers=workers)
+        return train_method_c_models(out_dir, train, val, settings, device, progress=False, log=log)
     if method == "resnext-lstm":
         from ct_ai_node.training.train_d import TrainDSettings, save_method_d, train_method_d
 
-        settings = _with(TrainDSettings(), epochs=epochs, shape=shape, cache_dir=cache_dir)
-        model, metrics = train_method_d(train, val, settings, device)
+        settings = settings_of(TrainDSettings(), epochs=epochs, shape=shape, cache_dir=cache_dir, workers=workers)
+        model, metrics = train_method_d(train, val, settings, device, log=log)
         seeds = f"train {describe_cases(train)}, val {describe_cases(val)}"
         return {"sha256": save_method_d(model, metrics, out_dir, seeds=seeds), "metrics": metrics}
     if method == "infection":
@@ -79,7 +91,8 @@ def train_method(method: str, out_dir: Path, device: torch.device, *, cases: int
             train_infection_unet,
         )
 
-        settings = _with(InfectionTrainSettings(), epochs=epochs, shape=shape, cache_dir=cache_dir)
+        settings = settings_of(InfectionTrainSettings(), epochs=epochs, shape=shape,
+                               cache_dir=None if cache_dir is None else str(cache_dir), workers=workers)
         model, metrics = train_infection_unet(train, val, settings, device)
         return {"sha256": save_infection_unet(model, out_dir, metrics, settings.input), "metrics": metrics}
     raise ValueError(f"unknown METHOD {method!r}; one of: {', '.join(TRAINABLE)}")

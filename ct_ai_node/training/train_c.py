@@ -55,6 +55,7 @@ from ct_ai_node.pipeline.method_c import (
     crop_to_grid,
     prepare_input,
 )
+from ct_ai_node.training.budget import out_of_time
 from ct_ai_node.training.data import (
     case_id,
     case_kind,
@@ -102,6 +103,11 @@ class TrainCSettings:
     augment: bool = True
     covid_small_ratio: float = 0.030
     other_large_ratio: float = 0.001
+    #: keep the epoch with the lowest validation loss (when there are validation cases)
+    keep_best: bool = True
+    #: stop before an epoch that would end after this many seconds of training (a lease
+    #: on a borrowed GPU); None: run every epoch
+    time_budget_s: float | None = None
     input: CInputSettings = field(default_factory=CInputSettings)
 
     def to_json(self) -> str:
@@ -291,6 +297,8 @@ def train_method_c(seeds_train: Sequence[int], seeds_val: Sequence[int], setting
         f"{s.epochs} epochs on {device}")
 
     history = []
+    best_state, best_loss, best_epoch = None, float("inf"), 0
+    t_train = time.time()
     steps_per_epoch = -(-n // s.batch_size)
     bar, adv = _progress(s.epochs * steps_per_epoch, f"method C: train {sampling}") if progress else (None, None)
     with bar or _Null():
@@ -333,8 +341,16 @@ def train_method_c(seeds_train: Sequence[int], seeds_val: Sequence[int], setting
             if val is not None:
                 ev = evaluate_cases(model, val, device, s)
                 row.update({f"val_{k}": ev[k] for k in ("auc", "bce", "accuracy", "attention_dice_covid")})
+                if s.keep_best and ev["bce"] < best_loss:
+                    best_loss, best_epoch = ev["bce"], epoch + 1
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             history.append(row)
             log("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            if out_of_time(s.time_budget_s, t_train, epoch + 1) and epoch + 1 < s.epochs:
+                log(f"  time budget of {s.time_budget_s:.0f} s reached after epoch {epoch + 1}")
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
     metrics = {
         "sampling": sampling,
@@ -345,6 +361,8 @@ def train_method_c(seeds_train: Sequence[int], seeds_val: Sequence[int], setting
         "group_counts": counts,
         "group_weights": gw.tolist(),
         "history": history,
+        "epochs_run": len(history),
+        "best_epoch": best_epoch if best_state is not None else len(history),
         "settings": json.loads(s.to_json()),
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "data_seconds": round(t_data, 1),

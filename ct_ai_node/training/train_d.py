@@ -55,6 +55,7 @@ from ct_ai_node.pipeline.method_d import (
 )
 from ct_ai_node.pipeline.slice_input import SliceInputSettings
 from ct_ai_node.training.augment import blur, random_affine
+from ct_ai_node.training.budget import out_of_time
 from ct_ai_node.training.data import (
     SliceLabelRule,
     case_id,
@@ -101,6 +102,9 @@ class TrainDSettings:
     workers: int = 1
     #: backbone chunk at validation
     chunk: int = 32
+    #: stop before an epoch that would end after this many seconds of training (a lease
+    #: on a borrowed GPU); None: run every epoch
+    time_budget_s: float | None = None
 
 
 # --- data -----------------------------------------------------------------------------
@@ -263,7 +267,8 @@ def evaluate(model: ResNeXtLSTM, cases: list[dict], device: torch.device, chunk:
 # --- training -------------------------------------------------------------------------
 
 def train_method_d(seeds_train: Sequence[int], seeds_val: Sequence[int], settings: TrainDSettings | None = None,
-                   device: torch.device | str = "cpu", progress: bool = True) -> tuple[ResNeXtLSTM, dict]:
+                   device: torch.device | str = "cpu", progress: bool = True,
+                   log: Callable[[str], None] | None = None) -> tuple[ResNeXtLSTM, dict]:
     """Train method D on phantoms of ``seeds_train`` (volume labels only), select and
     calibrate on ``seeds_val``; returns the model (eval mode, on ``device``) and a
     metrics dict (per-epoch losses, validation volume/slice metrics, calibration)."""
@@ -271,7 +276,7 @@ def train_method_d(seeds_train: Sequence[int], seeds_val: Sequence[int], setting
     device = torch.device(device)
     seeds_train, seeds_val = list(seeds_train), list(seeds_val)  # phantom seeds or site cases
     check_fit_cases(seeds_train, seeds_val)
-    log = (lambda msg: print(msg, flush=True)) if progress else logger.info
+    log = log or ((lambda msg: print(msg, flush=True)) if progress else logger.info)
     t0 = time.time()
     train_cases = [load_case(p) for p in build_cache(seeds_train, s)]
     val_cases = [load_case(p) for p in build_cache(seeds_val, s)] if len(seeds_val) else []
@@ -292,6 +297,7 @@ def train_method_d(seeds_train: Sequence[int], seeds_val: Sequence[int], setting
                                               mode="triangular", cycle_momentum=False)
     history: list[dict] = []
     best_state, best_loss, best_epoch = None, float("inf"), -1
+    t_train = time.time()
     for epoch in range(s.epochs):
         te = time.time()
         model.train()
@@ -324,6 +330,9 @@ def train_method_d(seeds_train: Sequence[int], seeds_val: Sequence[int], setting
         log("  epoch {epoch}/{n}: loss {train_loss:.4f} acc {train_accuracy:.2f}".format(n=s.epochs, **rec)
             + (f" | val loss {rec['val_loss']:.4f} AUC {rec['val_auc']:.3f}" if "val_loss" in rec else "")
             + f" ({rec['seconds']} s)")
+        if out_of_time(s.time_budget_s, t_train, epoch + 1) and epoch + 1 < s.epochs:
+            log(f"  time budget of {s.time_budget_s:.0f} s reached after epoch {epoch + 1}")
+            break
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
@@ -332,7 +341,8 @@ def train_method_d(seeds_train: Sequence[int], seeds_val: Sequence[int], setting
         "train_positive": int(labels.sum()),
         "val_volumes": len(val_cases),
         "history": history,
-        "best_epoch": best_epoch if best_state is not None else s.epochs,
+        "epochs_run": len(history),
+        "best_epoch": best_epoch if best_state is not None else len(history),
         "data_seconds": round(t_data, 1),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
         "input": asdict(_input_settings(s)),
