@@ -120,7 +120,8 @@ def train(
     val_cases: int = typer.Option(60, help="validation phantoms (calibration, model selection)"),
     epochs: Optional[int] = typer.Option(None, help="epochs (default: each method's own)"),
     lung_epochs: int = typer.Option(4, help="lung U-Net epochs (METHOD default)"),
-    shape: str = typer.Option("full", help="phantom shape z,y,x, or 'full' for drawn realistic geometries"),
+    shape: str = typer.Option("full", help="phantom shape z,y,x; 'full': drawn realistic geometries; "
+                                                 "0,256,256: the same geometries on a 256 matrix (cheaper)"),
     cache_dir: Optional[Path] = typer.Option(None, help="cache of prepared phantoms (methods C, D, infection)"),
     device: str = typer.Option("auto"),
     workers: Optional[int] = typer.Option(None, help="phantom generator processes (METHOD default)"),
@@ -167,7 +168,8 @@ def prepare(
     cache_dir: Path = typer.Option(..., help="the cache folder `ct-ai-node train --cache-dir` then reads"),
     cases: int = typer.Option(300, help="training phantoms"),
     val_cases: int = typer.Option(60, help="validation phantoms"),
-    shape: str = typer.Option("full", help="phantom shape z,y,x, or 'full' for drawn realistic geometries"),
+    shape: str = typer.Option("full", help="phantom shape z,y,x; 'full': drawn realistic geometries; "
+                                                 "0,256,256: the same geometries on a 256 matrix (cheaper)"),
     workers: Optional[int] = typer.Option(None, help="phantom generator processes (default: one per core)"),
     data: Optional[Path] = typer.Option(None, help="a site's labelled scans instead of phantoms (as for train)"),
 ) -> None:

@@ -225,7 +225,8 @@ def predict_volume(net: ResNeXtLSTM, image: np.ndarray, mask: np.ndarray, device
     t0 = time.perf_counter()
     if cam is not None and sel.size:
         try:
-            with torch.enable_grad(), warnings.catch_warnings():
+            # cuDNN's LSTM has no backward in eval mode: the head (small) runs without it
+            with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 raw = cam.compute_map(maps, class_idx=0)  # (n, 1, h, w), ReLU'd
         finally:

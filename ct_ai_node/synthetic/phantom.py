@@ -73,14 +73,17 @@ def _draw_geometry(rng, p: Patient, an: Anatomy, shape, spacing) -> ScanGeometry
     ant = an.body_axes(0.4 * p.H)[1]
     depth = ant + p.body_post + 45.0  # + table
     need = max(width, depth) * 1.04
-    if shape is None:
+    if shape is None or shape[0] == 0:
+        # a realistic scan; shape (0, ny, nx) keeps its field of view and slices but
+        # samples the plane with fewer pixels (cheaper training data for coarse inputs)
+        ny, nx = (512, 512) if shape is None else (int(shape[1]), int(shape[2]))
         if spacing is None:
             fov = max(need * rng.uniform(1.02, 1.25), 0.55 * 512)
-            px = min(0.9, fov / 512)
+            px = min(0.9, fov / 512) * 512 / max(ny, nx)
             dz = float(rng.choice([0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0], p=[.08, .2, .2, .1, .1, .12, .05, .15]))
             spacing = (dz, px, px)
         nz = int(math.ceil((z1 - z0) / spacing[0]))
-        shape = (nz, 512, 512)
+        shape = (nz, ny, nx)
     nz, ny, nx = shape
     if spacing is None:
         fov = need * rng.uniform(1.02, 1.2)
@@ -201,8 +204,9 @@ def generate_phantom(seed: int, kind: str | None = None, shape: tuple[int, int, 
 
     ``kind``: "covid", "cap", "normal" or None (drawn from the seed). ``shape``
     (z, y, x) and ``spacing`` (z, y, x) mm: None draws a realistic scan (512x512,
-    0.55-0.9 mm pixels, 0.8-5 mm slices covering the chest); with a given shape
-    the anatomy is scaled to fit the field of view. Arrays are (z, y, x) with z
+    0.55-0.9 mm pixels, 0.8-5 mm slices covering the chest); ``shape`` (0, ny, nx)
+    draws the same realistic scan sampled on ny x nx pixels; with any other given
+    shape the anatomy is scaled to fit the field of view. Arrays are (z, y, x) with z
     index 0 the most inferior slice, y anterior -> posterior, x patient right ->
     left.
     """
@@ -232,6 +236,9 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
     # measured on real scans: soft-tissue noise ~15 HU at 5 mm, ~20 at 2.5 mm, ~40 at 1.25 mm
     # (standard kernels); sharp kernels 2-3x; air outside the body about 0.4x
     noise_sd = float(np.clip(21.0 * (2.5 / geo.thickness) ** 0.6 * rng.uniform(0.7, 1.3) * nfac * size_factor, 7, 90))
+    if shape is not None and shape[0] == 0:
+        # the same scan on coarser pixels: each averages more of the 512-matrix noise
+        noise_sd *= max(geo.shape[1:]) / 512
     # lung density: non-dependent level, supine gravity gradient (measured on real
     # scans: about -930 anteriorly to -720 in the dependent lung), slight apex-base gradient
     lung_hu0 = float(rng.uniform(-945, -875))
