@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,24 @@ def rewrite_metadata(path: Path, updates: dict[str, str]) -> str:
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)
     return _record_hash(path)
+
+
+def install_weights(src: Path, folder: Path) -> str:
+    """Copy a weights file trained elsewhere (e.g. on a borrowed GPU) into ``folder`` and
+    enter it in that folder's manifest with the architecture and version its metadata
+    names; returns its SHA-256. A file without them is refused (ModelError)."""
+    src, folder = Path(src), Path(folder)
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata() or {}
+    missing = [k for k in ("architecture", "version") if k not in meta]
+    if missing:
+        raise ModelError(f"{src.name}: metadata lacks {', '.join(missing)}; not a ct-ai-node weights file")
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / src.name
+    tmp = folder / f".{src.name}.tmp"
+    shutil.copyfile(src, tmp)
+    tmp.replace(dest)
+    return _record_hash(dest, {"architecture": meta["architecture"], "version": meta["version"]})
 
 
 def _record_hash(path: Path, entry: dict[str, str] | None = None) -> str:

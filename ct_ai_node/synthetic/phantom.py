@@ -205,7 +205,8 @@ def generate_phantom(seed: int, kind: str | None = None, shape: tuple[int, int, 
     ``kind``: "covid", "cap", "normal" or None (drawn from the seed). ``shape``
     (z, y, x) and ``spacing`` (z, y, x) mm: None draws a realistic scan (512x512,
     0.55-0.9 mm pixels, 0.8-5 mm slices covering the chest); ``shape`` (0, ny, nx)
-    draws the same realistic scan sampled on ny x nx pixels; with any other given
+    draws the same realistic scan sampled on ny x nx pixels (same patient, slices and,
+    while the pixels stay under 2 mm, lesions; other texture); with any other given
     shape the anatomy is scaled to fit the field of view. Arrays are (z, y, x) with z
     index 0 the most inferior slice, y anterior -> posterior, x patient right ->
     left.
