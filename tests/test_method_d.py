@@ -269,3 +269,28 @@ def test_several_volumes_per_step_let_the_network_tell_volumes_apart():
     with torch.no_grad():
         p = torch.stack([torch.softmax(model(v)[0], 1)[0, 1] for v in vols]).numpy()
     assert p[labels.numpy() == 1].min() > p[labels.numpy() == 0].max(), p
+
+
+def test_batch_norm_recalibration_is_the_plain_average_of_training_batches():
+    from ct_ai_node.training.train_d import recalibrate_batch_norm
+
+    torch.manual_seed(0)
+    model = ResNeXtLSTM(width=8, layers=(1, 1, 1, 1), lstm_hidden=8, attention_hidden=8, fc_hidden=16).eval()
+    rng = np.random.default_rng(0)
+    cases = [{"image": rng.integers(0, 255, (5, 32, 32)).astype(np.uint8),
+              "mask": np.ones((5, 32, 32), np.uint8)} for _ in range(4)]
+    s = TrainDSettings(max_slices=5, volumes_per_step=2, recalibrate_steps=8)
+    stem_bn = model.backbone[0].bn
+    stem_bn.running_mean.fill_(123.0)
+    assert recalibrate_batch_norm(model, cases, s, torch.device("cpu"), seed=1) == 2  # 4 volumes, 2 per batch
+    assert not model.training and stem_bn.momentum == 0.1
+    # expected: the mean of the two batches' means at the stem (same grouping as the function)
+    order = np.random.default_rng(1).permutation(4)
+    means = []
+    with torch.no_grad():
+        for k in (0, 2):
+            x = torch.cat([method_d.to_tensor(cases[i]["image"], cases[i]["mask"]) for i in order[k : k + 2]])
+            stem = model.backbone[0]
+            means.append((stem.conv_image(x[:, :1]) + stem.conv_mask(x[:, 1:2])).mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(stem_bn.running_mean, (means[0] + means[1]) / 2, rtol=1e-4, atol=1e-5)
+    assert recalibrate_batch_norm(model, cases, TrainDSettings(recalibrate_steps=0), torch.device("cpu")) == 0

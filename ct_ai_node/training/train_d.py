@@ -19,8 +19,10 @@ Recipe (IEEE Access 2020, adapted to phantoms and the node's budget):
   epoch holds as many positive as negative volumes;
 * augmentation per volume (the same for all its slices): rotation, scale, shift,
   left-right flip of image and mask; HU offset and gain, blur and noise inside the mask;
-* the epoch with the lowest validation loss is kept; the heat-map level for the
-  infection mask is calibrated on the validation COVID-like volumes (best lesion Dice).
+* after each epoch batch norm's running statistics are recomputed over training batches
+  (:func:`recalibrate_batch_norm`), then the epoch with the lowest validation loss is
+  kept; the heat-map level for the infection mask is calibrated on the validation
+  COVID-like volumes (best lesion Dice).
 
 Phantoms are prepared once with :func:`ct_ai_node.pipeline.method_d.prepare_volume`
 (the same code as inference) and cached as ``.npz`` in ``settings.cache_dir``.
@@ -91,6 +93,10 @@ class TrainDSettings:
     max_slices: int = 32
     #: volumes per optimiser step: their slices share the backbone's batch norm statistics
     volumes_per_step: int = 4
+    #: before each validation (and so in the saved weights), batch norm's running
+    #: statistics are recomputed as the plain average over this many training steps' worth
+    #: of volumes (0: keep the moving averages of training)
+    recalibrate_steps: int = 32
     #: cyclic learning rate bounds (10x the paper's: from scratch on about 60 volumes,
     #: 1e-4 left the network at chance within a CPU-sized run)
     lr_min: float = 1e-4
@@ -272,6 +278,42 @@ def evaluate(model: ResNeXtLSTM, cases: list[dict], device: torch.device, chunk:
 
 # --- training -------------------------------------------------------------------------
 
+@torch.no_grad()
+def recalibrate_batch_norm(model: ResNeXtLSTM, cases: list[dict], settings: TrainDSettings, device: torch.device,
+                           seed: int = 0) -> int:
+    """Recompute every batch norm's running statistics as the plain average of the batch
+    statistics over ``settings.recalibrate_steps`` training batches (volumes grouped as in
+    training, no augmentation). The moving averages of training trail a network whose
+    weights are still moving, and method D's sequence head reacts to the difference (seen:
+    every volume given the same probability in eval mode while training batches were
+    fitted). Returns the number of batches used (0: nothing to do)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or not cases or settings.recalibrate_steps <= 0:
+        return 0
+    was_training = model.training
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    model.train()
+    rng = np.random.default_rng(seed)
+    vps = max(1, int(settings.volumes_per_step))
+    order = rng.permutation(len(cases))
+    n = 0
+    for start in range(0, min(len(order), settings.recalibrate_steps * vps), vps):
+        xs = []
+        for i in order[start : start + vps]:
+            c = cases[i]
+            pick = stratified_slices(c["image"].shape[0], settings.max_slices, rng)
+            xs.append(to_tensor(c["image"][pick], c["mask"][pick]))
+        model.backbone(torch.cat(xs).to(device))
+        n += 1
+    for bn, mom in zip(bns, momenta):
+        bn.momentum = mom
+    model.train(was_training)
+    return n
+
+
 def volume_batch_logits(model: ResNeXtLSTM, volumes: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Logits (len(volumes), 2): the slices of all ``volumes`` ((n_i, 2, s, s) each) go
     through the backbone as one batch, so batch norm's statistics span several volumes;
@@ -339,6 +381,7 @@ def train_method_d(seeds_train: Sequence[int], seeds_val: Sequence[int], setting
         rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
                "train_accuracy": correct / max(seen, 1), "lr": float(sched.get_last_lr()[0]),
                "seconds": round(time.time() - te, 1)}
+        recalibrate_batch_norm(model, train_cases, s, device, seed=s.seed + epoch)
         if val_cases:
             v = evaluate(model, val_cases, device, s.chunk)
             rec.update(val_loss=v["loss"], val_auc=v["auc"], val_accuracy=v["volume_accuracy"])
