@@ -111,6 +111,11 @@ def pipelines() -> None:
         typer.echo(f"{spec.name}{mark}: {spec.description}{state}")
 
 
+def _phantom_shape(text: str):
+    """--shape: "full" (None: drawn realistic geometries) or z,y,x."""
+    return None if text == "full" else tuple(int(v) for v in text.split(","))
+
+
 @app.command()
 def train(
     method: str = typer.Argument("default", help="default (method A + lung U-Net), ctnet, dual-sampling, "
@@ -142,7 +147,7 @@ def train(
     if method not in TRAINABLE:
         typer.echo(f"unknown METHOD {method!r}; one of: {', '.join(TRAINABLE)}", err=True)
         raise typer.Exit(EXIT_REJECTED)
-    dims = None if shape == "full" else tuple(int(v) for v in shape.split(","))
+    dims = _phantom_shape(shape)
     try:
         if method == "default":
             from ct_ai_node.training.train import TrainSettings, train_default_models
@@ -180,7 +185,7 @@ def prepare(
     from ct_ai_node.training.methods import fit_cases
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    dims = None if shape == "full" else tuple(int(v) for v in shape.split(","))
+    dims = _phantom_shape(shape)
     try:
         train_refs, val_refs = fit_cases(cases, val_cases, data)
         t0 = time.time()

@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ct_ai_node.training.data import case_kind, map_cases
+from ct_ai_node.training.data import map_cases
 
 #: METHOD arguments whose prepared phantoms are cached (``--cache-dir``)
 CACHED_METHODS = ("dual-sampling", "resnext-lstm", "infection")
@@ -59,31 +59,25 @@ def apply_overrides(settings, pairs: Sequence[str]):
 
 
 def _writers(methods: Sequence[str], cache_dir: Path, shape) -> list[Callable]:
-    """One function per method that writes a case's cache entry (if missing)."""
+    """One function per method that writes a case's cache entry (if missing), through
+    that method's own loader, so the entries are exactly the ones its trainer reads."""
     out = []
     for m in methods:
         if m == "dual-sampling":
             from ct_ai_node.training import train_c
 
-            inp = train_c.TrainCSettings().input
-            out.append(lambda ref, inp=inp: train_c._load_or_make((ref, case_kind(ref), shape, inp, cache_dir)))
+            sc = train_c.TrainCSettings(cache_dir=Path(cache_dir), shape=shape, workers=1)
+            out.append(lambda ref, sc=sc: train_c.load_cases([ref], sc))
         elif m == "resnext-lstm":
             from ct_ai_node.training import train_d
 
-            sd = train_d.TrainDSettings(cache_dir=Path(cache_dir), shape=shape)
-            inp = dataclasses.asdict(train_d._input_settings(sd))
-
-            def write_d(ref, sd=sd, inp=inp):
-                kind = case_kind(ref)
-                train_d._prepare_case((ref, kind, shape, inp, str(train_d._cache_path(ref, kind, sd))))
-
-            out.append(write_d)
+            sd = train_d.TrainDSettings(cache_dir=Path(cache_dir), shape=shape, workers=1)
+            out.append(lambda ref, sd=sd: train_d.build_cache([ref], sd))
         elif m == "infection":
             from ct_ai_node.training import train_infection
 
-            si = train_infection.InfectionTrainSettings()
-            out.append(lambda ref, si=si: train_infection._load_or_make(
-                (ref, shape, si.input.to_json(), str(cache_dir))))
+            si = train_infection.InfectionTrainSettings(cache_dir=str(cache_dir), shape=shape, workers=1)
+            out.append(lambda ref, si=si: train_infection.load_cases([ref], si))
         else:
             raise ValueError(f"--methods {m}: nothing to prepare; one of: {', '.join(CACHED_METHODS)}")
     return out

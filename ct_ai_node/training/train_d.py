@@ -278,6 +278,19 @@ def evaluate(model: ResNeXtLSTM, cases: list[dict], device: torch.device, chunk:
 
 # --- training -------------------------------------------------------------------------
 
+def volume_batch(cases: list[dict], indices, max_slices: int, rng: np.random.Generator,
+                 augment: torch.Generator | None = None) -> list[torch.Tensor]:
+    """The network inputs ((n_i, 2, s, s) each) of ``cases[indices]``: at most
+    ``max_slices`` stratified slices per volume, augmented when ``augment`` is given."""
+    xs = []
+    for i in indices:
+        c = cases[i]
+        pick = stratified_slices(c["image"].shape[0], max_slices, rng)
+        x = to_tensor(c["image"][pick], c["mask"][pick])
+        xs.append(augment_volume(x, augment) if augment is not None else x)
+    return xs
+
+
 @torch.no_grad()
 def recalibrate_batch_norm(model: ResNeXtLSTM, cases: list[dict], settings: TrainDSettings, device: torch.device,
                            seed: int = 0) -> int:
@@ -301,12 +314,7 @@ def recalibrate_batch_norm(model: ResNeXtLSTM, cases: list[dict], settings: Trai
     order = rng.permutation(len(cases))
     n = 0
     for start in range(0, min(len(order), settings.recalibrate_steps * vps), vps):
-        xs = []
-        for i in order[start : start + vps]:
-            c = cases[i]
-            pick = stratified_slices(c["image"].shape[0], settings.max_slices, rng)
-            xs.append(to_tensor(c["image"][pick], c["mask"][pick]))
-        model.backbone(torch.cat(xs).to(device))
+        model.backbone(torch.cat(volume_batch(cases, order[start : start + vps], settings.max_slices, rng)).to(device))
         n += 1
     for bn, mom in zip(bns, momenta):
         bn.momentum = mom
@@ -362,12 +370,7 @@ def train_method_d(seeds_train: Sequence[int], seeds_val: Sequence[int], setting
         order = epoch_order(labels, s.balance, rng)
         for start in range(0, order.size, vps):
             batch = order[start : start + vps]
-            xs = []
-            for i in batch:
-                c = train_cases[i]
-                pick = stratified_slices(c["image"].shape[0], s.max_slices, rng)
-                x = to_tensor(c["image"][pick], c["mask"][pick])
-                xs.append(augment_volume(x, gen) if s.augment else x)
+            xs = volume_batch(train_cases, batch, s.max_slices, rng, gen if s.augment else None)
             y = torch.tensor([int(train_cases[i]["label"]) for i in batch], device=device)
             logits = volume_batch_logits(model, xs, device)
             loss = F.cross_entropy(logits.float(), y)
