@@ -7,10 +7,11 @@
 # 1. `ct-ai-node prepare` generates CASES training + VAL_CASES validation phantoms on
 #    every core and caches what both trainers read;
 # 2. three trainers share the GPU: method C (uniform, then size-balanced model) and two
-#    method D runs with different learning rates (the one with the lower validation loss
-#    is the one to ship); each stops its epochs so that all end by DEADLINE_S seconds
-#    after the start (`--set time_budget_s`).
-# OUT receives the weights and the training reports: OUT/c, OUT/d_lr1e-3, OUT/d_lr3e-4,
+#    method D runs, with and without the deep-supervision loss (the one with the lower
+#    validation loss is the one to ship; runs with the same settings differ about as
+#    much); each stops its epochs so that all end by DEADLINE_S seconds after the start
+#    (`--set time_budget_s`).
+# OUT receives the weights and the training reports: OUT/c, OUT/d_aux, OUT/d_noaux,
 # and train.log. Environment: PYTHON (default python3), CACHE (default a temp folder),
 # SHAPE (phantom shape z,y,x; default full: drawn realistic geometries).
 set -euo pipefail
@@ -40,14 +41,14 @@ export OMP_NUM_THREADS=4
 node train dual-sampling --out "$OUT/c" "${common[@]}" --set width=16 --set batch_size=8 --set epochs=60 \
     --set lr_step_epochs=15 --set time_budget_s=$(( left / 2 - 15 )) >"$OUT/c/stdout.json" 2>"$OUT/c.log" &
 pc=$!
-node train resnext-lstm --out "$OUT/d_lr1e-3" "${common[@]}" --set epochs=40 --set lr_min=1e-4 --set lr_max=1e-3 \
-    --set time_budget_s="$left" >"$OUT/d_lr1e-3.json" 2>"$OUT/d_lr1e-3.log" &
+node train resnext-lstm --out "$OUT/d_aux" "${common[@]}" --set epochs=60 \
+    --set time_budget_s="$left" >"$OUT/d_aux.json" 2>"$OUT/d_aux.log" &
 pd1=$!
-node train resnext-lstm --out "$OUT/d_lr3e-4" "${common[@]}" --set epochs=40 --set lr_min=3e-5 --set lr_max=3e-4 \
-    --set time_budget_s="$left" >"$OUT/d_lr3e-4.json" 2>"$OUT/d_lr3e-4.log" &
+node train resnext-lstm --out "$OUT/d_noaux" "${common[@]}" --set epochs=60 --set aux_weight=0 \
+    --set time_budget_s="$left" >"$OUT/d_noaux.json" 2>"$OUT/d_noaux.log" &
 pd2=$!
 status=0
 for p in $pc $pd1 $pd2; do wait "$p" || status=1; done
-cat "$OUT"/c.log "$OUT"/d_lr1e-3.log "$OUT"/d_lr3e-4.log >>"$log" 2>/dev/null || true
+cat "$OUT"/c.log "$OUT"/d_aux.log "$OUT"/d_noaux.log >>"$log" 2>/dev/null || true
 echo "all runs ended after $(( $(date +%s) - t0 )) s (status ${status})" | tee -a "$log"
 exit $status

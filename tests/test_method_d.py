@@ -215,7 +215,7 @@ def test_sampling_balance_and_augmentation():
 
 def test_training_one_epoch_tiny(tmp_path):
     s = TrainDSettings(cache_dir=tmp_path / "cache", shape=(24, 96, 96), input_size=48, epochs=1, max_slices=12,
-                       arch_kwargs=TINY)
+                       arch_kwargs=TINY, aux_weight=0.5)
     with pytest.raises(ValueError, match="held-out"):
         train_method_d([1000, 90000], [], s, "cpu", progress=False)
     model, metrics = train_method_d([1000, 1001, 1002, 1003], [50000, 50001], s, "cpu", progress=False)
@@ -225,6 +225,8 @@ def test_training_one_epoch_tiny(tmp_path):
     assert len(metrics["history"]) == 1 and np.isfinite(metrics["history"][0]["train_loss"])
     assert 0.0 <= metrics["val"]["volume_accuracy"] <= 1.0
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 6  # cached crops
+    # the deep-supervision classifier is training-only: the model is the method's network
+    assert model.state_dict().keys() == ResNeXtLSTM(**TINY).state_dict().keys()
     save_method_d(model, metrics, tmp_path / "w")
     m = PIPELINES[method_d.PIPELINE_NAME].factory(torch.device("cpu"), tmp_path / "w")
     assert m.settings.input.size == 48
@@ -269,6 +271,22 @@ def test_several_volumes_per_step_let_the_network_tell_volumes_apart():
     with torch.no_grad():
         p = torch.stack([torch.softmax(model(v)[0], 1)[0, 1] for v in vols]).numpy()
     assert p[labels.numpy() == 1].min() > p[labels.numpy() == 0].max(), p
+
+
+def test_deep_supervision_logits_come_from_each_volumes_mean_slice_feature():
+    from ct_ai_node.training.train_d import volume_batch_outputs
+
+    torch.manual_seed(0)
+    vols, _ = _toy_volumes(3)
+    model = ResNeXtLSTM(**TINY).eval()
+    aux = torch.nn.Linear(model.out_channels, 2)
+    with torch.no_grad():
+        logits, aux_logits = volume_batch_outputs(model, vols, torch.device("cpu"), aux)
+        assert volume_batch_outputs(model, vols, torch.device("cpu"))[1] is None
+        for i, v in enumerate(vols):
+            feats = model.head.slice_features(model.backbone(v))
+            torch.testing.assert_close(aux_logits[i], aux(feats.mean(dim=0)), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(logits[i : i + 1], model(v)[0], rtol=1e-4, atol=1e-5)
 
 
 def test_batch_norm_recalibration_is_the_plain_average_of_training_batches():

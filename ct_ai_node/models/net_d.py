@@ -27,9 +27,10 @@ inference so memory stays bounded) and :attr:`ResNeXtLSTM.head` (CBAM, pooling, 
 attention, classifier: cheap, run on the whole sequence at once). Grad-CAM on the CBAM
 output therefore needs a backward pass through the head only.
 
-Normalisation: batch norm as in ResNeXt (``norm="batch"``). With one volume per
-training step its batch statistics come from that volume's slices only (the paper's
-backbone was ImageNet pre-trained; ours is not); ``norm="group"`` is available as an
+Normalisation: batch norm as in ResNeXt (``norm="batch"``). Training therefore puts the
+slices of several volumes in one backbone batch (with one volume per step the batch
+statistics come from that volume alone and erase what tells volumes apart; the paper's
+backbone was ImageNet pre-trained, ours is not); ``norm="group"`` is available as an
 alternative that does not depend on the batch.
 """
 
