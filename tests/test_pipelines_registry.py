@@ -63,7 +63,12 @@ def test_summary_metrics_on_a_hand_made_evaluation():
                 "heat_in_lesion": 0.25 if n else None, "seconds": 2.0}
     rows = [row(1, 0.9, 100.0, 80.0, 3, 4), row(1, 0.4, 50.0, 70.0, 1, 4), row(0, 0.2, 0.0, 0.0, 0, 0),
             row(0, 0.6, 0.0, 5.0, 0, 0)]
+    # slices pooled over the cases: positives 0.8, 0.3; negatives 0.1, 0.5, 0.2 -> 5 of 6 pairs
+    for r, (lab, sc) in zip(rows, [([1, 0], [0.8, 0.1]), ([1], [0.3]), ([0], [0.5]), ([0], [0.2])]):
+        r["slice_labels"], r["slice_scores"] = lab, sc
     s = summarise(rows)
+    assert s["slice_auc"] == pytest.approx(5 / 6)
+    assert (s["slices_positive"], s["slices_negative"]) == (2, 3)
     assert s["auc"] == pytest.approx(0.75)  # pairs (0.9>0.2, 0.9>0.6, 0.4>0.2, 0.4<0.6): 3 of 4
     assert s["sensitivity"] == pytest.approx(0.5) and s["specificity"] == pytest.approx(0.5)
     assert s["f1"] == pytest.approx(0.5)

@@ -146,6 +146,8 @@ def test_train_and_evaluate_on_site_scans(site, tmp_path):
     assert summary["cases"] == 1 and summary["seeds"] == "1 site scans"
     rows = json.loads((tmp_path / "ev" / "cases.json").read_text())
     assert rows[0]["kind"] == "normal" and rows[0]["lung_dice"] > 0.8
+    # a normal scan: every lung slice is a negative, so no slice-level AUC can be formed
+    assert set(rows[0]["slice_labels"]) == {0} and summary["slice_auc"] is None
 
     bad = CliRunner().invoke(app, ["train", "resnext-lstm", "--data", str(tmp_path), "--out", str(tmp_path / "w")])
     assert bad.exit_code == 2 and "no labels.csv" in bad.output

@@ -2,7 +2,7 @@
 
 Every phantom is generated once and its lungs segmented once (the default U-Net);
 each pipeline then runs the same stages as ``analyze`` on that volume. The rows
-and the per-pipeline summaries (AUC, sensitivity, specificity, F1, lung and lesion
+and the per-pipeline summaries (AUC, sensitivity, specificity, F1, slice-level AUC, lung and lesion
 Dice, volume errors, pointing game, heat in lesion, seconds per case) are written
 to ``out_dir`` and feed the table in ``docs/models.md``.
 """
@@ -137,6 +137,7 @@ TABLE_ROWS = (
     ("specificity", "specificity", "{:.3f}"),
     ("f1", "F1", "{:.3f}"),
     ("accuracy", "accuracy", "{:.3f}"),
+    ("slice_auc", "slice-level AUC (slices with lesion in COVID-19-like cases vs all other lung slices)", "{:.3f}"),
     ("lung_dice_mean", "lung Dice (U-Net, shared by all)", "{:.3f}"),
     ("lung_volume_error_pct_mean", "lung volume error, mean abs (%)", "{:.1f}"),
     ("lesion_dice_mean_covid", "lesion Dice, COVID-19-like (from the pipeline's own map)", "{:.3f}"),

@@ -15,7 +15,15 @@ import torch
 
 from ct_ai_node.pipeline.methods import create_method
 from ct_ai_node.pipeline.run import PipelineSettings, analyse_volume, create_lung_segmenter
-from ct_ai_node.training.data import TEST_SEED0, case_kind, describe_cases, make_case, phantom_pool
+from ct_ai_node.training.data import (
+    TEST_SEED0,
+    SliceLabelRule,
+    case_kind,
+    describe_cases,
+    make_case,
+    phantom_pool,
+    slice_labels,
+)
 from ct_ai_node.training.metrics import confusion, dice, heat_in_lesion_fraction, pointing_game_hit, roc_auc
 from ct_ai_node.volume.types import SliceRef, Volume
 
@@ -51,6 +59,14 @@ def evaluate_case(ph, method, lungs, other_lungs=None, settings: PipelineSetting
         "corona_score_ml": res.corona_score_ml, "seconds": seconds, "shape": list(ph.hu.shape),
         "spacing": [round(float(s), 3) for s in ph.spacing],
     }
+    # slice labels as in training: slices of COVID-like cases with a clear lesion are
+    # positive, every other lung slice negative, slices with a trace of lesion left out;
+    # a site's COVID-19 scan without a lesion mask has no slice labels
+    if getattr(ph, "has_lesion_mask", True) or ph.kind != "covid":
+        labels, weights = slice_labels(ph.lesion_mask, truth_lung, ph.kind, ph.spacing, SliceLabelRule())
+        keep = (weights > 0) & truth_lung.any(axis=(1, 2))
+        row["slice_labels"] = labels[keep].astype(int).tolist()
+        row["slice_scores"] = [round(float(v), 5) for v in np.asarray(res.slice_scores, np.float64)[keep]]
     if other_lungs is not None:
         t = time.perf_counter()
         other = other_lungs(vol.hu, vol.spacing, vol.orientation)
@@ -88,6 +104,13 @@ def summarise(rows: list[dict]) -> dict:
         "heat_in_lesion_mean": float(np.mean([r["heat_in_lesion"] for r in rows if r["heat_in_lesion"] is not None])) if any(r["heat_in_lesion"] is not None for r in rows) else None,
         "seconds_per_case_mean": float(np.mean([r["seconds"] for r in rows])),
     }
+    labelled = [r for r in rows if "slice_labels" in r]
+    if labelled:
+        # pooled over every labelled lung slice of every case that has slice labels
+        sy = np.concatenate([np.asarray(r["slice_labels"], int) for r in labelled])
+        ss = np.concatenate([np.asarray(r["slice_scores"], float) for r in labelled])
+        out["slice_auc"] = roc_auc(sy, ss) if 0 < sy.sum() < sy.size else None
+        out["slices_positive"], out["slices_negative"] = int(sy.sum()), int(sy.size - sy.sum())
     if "other_lung_dice" in rows[0]:
         out["other_lung_dice_mean"] = float(np.mean([r["other_lung_dice"] for r in rows]))
     return out
