@@ -26,7 +26,7 @@ Choices (see also ``ct_ai_node/models/net_d.py``):
   A slice is positive when its score is >= ``slice_threshold``.
 * **Heat map**: Grad-CAM (``monai.visualize.GradCAM``) of the log-odds
   logit(COVID) - logit(other) on the CBAM output (the refined last-stage maps, 1/16 of
-  the input: 10x10), computed on the head only, per slice divided by its maximum, times
+  the input: 8x8), computed on the head only, per slice divided by its maximum, times
   alpha_n / max alpha; only for slices scoring >= ``heat_min_score`` (as method A
   computes Grad-CAM only for candidate slices). Upsampled to the crop, pasted back into
   the slice geometry and zeroed outside the dilated lungs.

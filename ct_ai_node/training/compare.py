@@ -23,7 +23,7 @@ from ct_ai_node.pipeline.ensemble import EnsembleMethod
 from ct_ai_node.pipeline.methods import create_method
 from ct_ai_node.pipeline.run import PipelineSettings, create_lung_segmenter
 from ct_ai_node.training.data import TEST_SEED0, describe_cases, phantom_pool
-from ct_ai_node.training.evaluate import _prefetch, evaluate_case, phantom_volume, summarise
+from ct_ai_node.training.evaluate import _prefetch, evaluate_case, phantom_volume, rows_json, summarise
 
 
 def _fingerprint(hu: np.ndarray, spacing) -> tuple:
@@ -123,7 +123,7 @@ def compare_pipelines(out_dir: Path, pipelines: list[str], n_cases: int, device:
         if r:
             summaries[name] = {**summarise(r), "pipeline": name, "lungs": lungs,
                                "seeds": describe_cases(seeds), "device": str(device)}
-    (out_dir / "compare_cases.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
+    (out_dir / "compare_cases.json").write_text(rows_json(rows))
     (out_dir / "compare_summary.json").write_text(json.dumps({"summaries": summaries, "skipped": skipped},
                                                              indent=2, default=float) + "\n")
     (out_dir / "compare_table.md").write_text(summary_table(summaries))

@@ -136,9 +136,21 @@ def evaluate_pipeline(out_dir: Path, n_cases: int, device: torch.device, pipelin
     summary = summarise(rows)
     summary.update({"pipeline": pipeline, "lungs": lungs, "infection": infection, "seeds": describe_cases(seeds),
                     "device": str(device)})
-    (out_dir / "cases.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
+    (out_dir / "cases.json").write_text(rows_json(rows))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary
+
+
+def rows_json(rows) -> str:
+    """Per-case rows as JSON text, one row per line (the per-slice lists make an indented
+    file ten times larger); ``rows`` is a list of rows or a dict of such lists."""
+    def block(rs: list[dict], pad: str) -> str:
+        return "[\n" + ",\n".join(pad + "  " + json.dumps(r, default=float) for r in rs) + "\n" + pad + "]"
+
+    if isinstance(rows, dict):
+        body = ",\n".join(f"  {json.dumps(k)}: {block(v, '  ')}" for k, v in rows.items())
+        return "{\n" + body + "\n}\n"
+    return block(rows, "") + "\n"
 
 
 def _prefetch(pool, seeds, shape, depth: int):
