@@ -251,7 +251,7 @@ def test_several_volumes_per_step_let_the_network_tell_volumes_apart():
     """The fix for the runs that stayed at chance: the volumes of a step share one
     backbone batch, so batch norm's statistics span volumes. A tiny network must then
     separate toy volumes (eval mode, running statistics) within a few dozen steps."""
-    from ct_ai_node.training.train_d import volume_batch_logits
+    from ct_ai_node.training.train_d import volume_batch_outputs
 
     torch.manual_seed(0)
     vols, labels = _toy_volumes(8)
@@ -261,7 +261,7 @@ def test_several_volumes_per_step_let_the_network_tell_volumes_apart():
     for _ in range(60):
         model.train()
         pick = rng.choice(8, 4, replace=False)
-        logits = volume_batch_logits(model, [vols[i] for i in pick], torch.device("cpu"))
+        logits, _ = volume_batch_outputs(model, [vols[i] for i in pick], torch.device("cpu"))
         assert logits.shape == (4, 2)
         loss = torch.nn.functional.cross_entropy(logits, labels[pick])
         opt.zero_grad()

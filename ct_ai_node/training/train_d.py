@@ -14,8 +14,8 @@ Recipe (IEEE Access 2020, adapted to phantoms and the node's budget):
   volume's mean slice feature adds its cross-entropy to the loss, a short gradient path
   to the backbone while the LSTM-attention head is still learning to use it; it is not
   part of the saved network (not in the paper; the shipped run used it);
-* at most ``max_slices`` (50) lung slices per volume and step, drawn by **stratified
-  sampling**: the lung range is cut into ``max_slices`` equal bins and one random slice
+* at most ``max_slices`` (32; the paper: 50) lung slices per volume and step, drawn by
+  **stratified sampling**: the lung range is cut into ``max_slices`` equal bins and one random slice
   is taken from each, so the sequence keeps its axial order and covers the whole lungs
   (the LSTM sees apex to base) while every epoch sees other slices; volumes with fewer
   lung slices use them all. Inference uses every lung slice;
@@ -346,11 +346,6 @@ def volume_batch_outputs(model: ResNeXtLSTM, volumes: list[torch.Tensor], device
         if aux is not None:
             aux_logits.append(aux(feats.mean(dim=0, keepdim=True)))
     return torch.cat(logits), (torch.cat(aux_logits) if aux is not None else None)
-
-
-def volume_batch_logits(model: ResNeXtLSTM, volumes: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """The head's logits of :func:`volume_batch_outputs`."""
-    return volume_batch_outputs(model, volumes, device)[0]
 
 
 def train_method_d(seeds_train: Sequence[int], seeds_val: Sequence[int], settings: TrainDSettings | None = None,
