@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 from pathlib import Path
 
 from ..spool import Spool
+from ..stop_signals import StopSignals
 from .scp import AllowedCaller, ScpSettings, StorageSCP, TlsSettings
 
 
@@ -53,16 +53,13 @@ def main(argv: list[str] | None = None) -> int:
                            allowed_callers=[_caller(a) for a in args.allow], max_associations=args.max_associations,
                            acse_timeout_s=args.acse_timeout, dimse_timeout_s=args.dimse_timeout,
                            network_timeout_s=args.network_timeout, min_free_mb=args.min_free_mb, tls=tls)
-    # Block the stop signals before any thread exists (threads inherit the mask) and wait for
-    # them synchronously: no handler can then run while the main thread holds a lock.
-    stop_signals = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-    with Spool(args.root / "spool", args.db or args.root / "node.db", fsync=not args.no_fsync) as spool:
+    with StopSignals() as stop, Spool(args.root / "spool", args.db or args.root / "node.db",
+                                      fsync=not args.no_fsync) as spool:
         spool.recover()
         scp = StorageSCP(settings, spool).start()
         try:
-            received = signal.sigwait(stop_signals)
-            logging.getLogger(__name__).info("%s: stopping", signal.Signals(received).name)
+            stop.wait()
+            logging.getLogger(__name__).info("%s: stopping", stop.received.name if stop.received else "stop")
         finally:
             scp.stop()
     return 0

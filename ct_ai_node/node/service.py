@@ -148,13 +148,11 @@ class Node:
 
     def serve_forever(self) -> None:
         """Block until SIGTERM / SIGINT, then stop cleanly."""
-        import signal
+        from ct_ai_node.stop_signals import StopSignals
 
-        done = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: done.set())
-        self.start()
-        try:
-            done.wait()
-        finally:
-            self.stop()
+        with StopSignals() as stop:
+            self.start()
+            try:
+                stop.wait()
+            finally:
+                self.stop()

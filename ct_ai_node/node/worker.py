@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ct_ai_node.config import NodeConfig
 from ct_ai_node.jobqueue import Job, JobState, LeaseLost
+from ct_ai_node.stop_signals import StopSignals
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,8 @@ class Worker:
             self._fail(job, f"{type(exc).__name__}: {exc}", retryable=True)
         return job
 
-    def run_forever(self, stop: threading.Event | None = None, idle_s: float = 0.5) -> None:
+    def run_forever(self, stop: threading.Event | StopSignals | None = None, idle_s: float = 0.5) -> None:
+        """Take jobs until ``stop`` is set (an Event, or the process's StopSignals)."""
         stop = stop or threading.Event()
         parent = os.getppid()
         while not stop.is_set():
@@ -198,9 +200,8 @@ def worker_process_main(config_json: str, owner: str, log_level: int = logging.I
 
     _die_with_parent()
     logging.basicConfig(level=log_level, format=f"%(asctime)s {owner} %(levelname)s %(name)s: %(message)s")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops its workers itself
+    # SIGTERM stops the loop; SIGINT is ignored (the node stops its workers itself)
+    stop = StopSignals((signal.SIGTERM,), ignored=(signal.SIGINT,)).install()
     config = NodeConfig.model_validate_json(config_json)
     _preload()
     Worker(config, owner).run_forever(stop)
