@@ -251,15 +251,17 @@ def evaluate(
 
 @app.command()
 def calibrate(
-    pipeline: str = typer.Argument(..., help="radlogics or ctnet (the positive-slice-ratio pipelines)"),
+    pipeline: str = typer.Argument(..., help="radlogics or ctnet (their case decision), or resnext-lstm "
+                                   "(its infection-mask heat level, on phantoms)"),
     cases: int = typer.Option(60, help="validation phantoms (seeds never used for training or testing)"),
     data: Optional[Path] = typer.Option(None, help="a site's labelled scans instead (labels.csv; its 'val' rows)"),
     weights_dir: Optional[Path] = typer.Option(None, help="weights folder to update (default: the bundled weights)"),
     out: Path = typer.Option(Path("out/calibration"), help="folder for the per-case rows"),
     device: str = typer.Option("auto"),
 ) -> None:
-    """Fit a slice-ratio pipeline's case decision (ratio threshold, probability slope) on
-    validation cases and write it into its weight file (tensors unchanged, new hash)."""
+    """Fit a slice-ratio pipeline's case decision (ratio threshold, probability slope), or
+    method D's infection-mask heat level, on validation cases and write it into the weight
+    file (tensors unchanged, new hash)."""
     from ct_ai_node.analyze import resolve_device
     from ct_ai_node.errors import InputRejected
     from ct_ai_node.training.calibrate import calibrate_pipeline

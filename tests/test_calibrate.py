@@ -59,5 +59,31 @@ def test_calibrate_pipeline_on_small_validation_phantoms(tmp_path):
     assert report["sha256"] == read_manifest(w)["method_a_slice_classifier.safetensors"]
     rows = json.loads((tmp_path / "out" / "compare_cases.json").read_text())["radlogics"]
     assert [r["seed"] for r in rows] == [50000, 50001, 50002]  # validation seeds, never the held-out ones
-    with pytest.raises(ValueError, match="no positive-slice-ratio"):
+    with pytest.raises(ValueError, match="nothing to calibrate"):
         calibrate_pipeline("dual-sampling", torch.device("cpu"), cases=3, weights_dir=w, out_dir=tmp_path / "o2")
+
+
+def test_calibrate_method_d_heat_level_on_small_validation_phantoms(tmp_path):
+    """Method D's infection-mask heat level: computed from its own heat maps on the
+    validation phantoms and written into a copy of its weight file."""
+    dst = tmp_path / "w"
+    dst.mkdir()
+    name = "method_d_resnext_lstm.safetensors"
+    shutil.copy(BUNDLED_WEIGHTS / name, dst / name)
+    (dst / "manifest.json").write_text(json.dumps({name: read_manifest(BUNDLED_WEIGHTS)[name]}))
+    before = load_model("method_d_resnext_lstm", dst)
+    report = calibrate_pipeline("resnext-lstm", torch.device("cpu"), cases=3, weights_dir=dst,
+                                out_dir=tmp_path / "out", log=lambda m: None)
+    with safe_open(str(dst / name), "pt") as fh:
+        meta = fh.metadata()
+    cal = json.loads(meta["infection_threshold_calibration"])
+    assert float(meta["infection_threshold"]) == report["infection_threshold"]
+    dice = {float(k): v for k, v in cal["lesion_dice_by_threshold"].items()}
+    assert report["infection_threshold"] == max(dice, key=dice.get) and dice[report["infection_threshold"]] > 0
+    assert cal["cases"] == "the 1 COVID-19-like of 50000..50002" and cal["shape"] == [0, 256, 256]  # as trained
+    assert report["sha256"] == read_manifest(dst)[name] != read_manifest(BUNDLED_WEIGHTS)[name]
+    after = load_model("method_d_resnext_lstm", dst)
+    for k, v in before.module.state_dict().items():
+        assert torch.equal(v, after.module.state_dict()[k])
+    with pytest.raises(ValueError, match="not supported"):
+        calibrate_pipeline("resnext-lstm", torch.device("cpu"), site_cases=[], weights_dir=dst, out_dir=tmp_path)

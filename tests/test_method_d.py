@@ -155,7 +155,7 @@ def test_method_end_to_end_untrained(tmp_path, phantom):
     assert out.model_versions[method_d.WEIGHTS_NAME].startswith("0.0.0-test+")
     again = m(ph.hu, ph.spacing, (1, 0, 0, 0, 1, 0), ph.lung_labels)
     assert again.probability == out.probability and np.array_equal(again.heatmap, out.heatmap)
-    assert len(m.net.head.cbam._forward_hooks) == 1  # one Grad-CAM per method, not one per call
+    assert len(m.cam.nn_module.model.entry._forward_hooks) == 1  # one CAM per method, not one per call
 
 
 def test_no_heat_below_min_score(tmp_path, phantom):
@@ -165,10 +165,10 @@ def test_no_heat_below_min_score(tmp_path, phantom):
     assert not out.heatmap.any() and out.slice_scores.max() > 0
 
 
-def test_heat_is_monai_gradcam_on_cbam_output():
-    """The pipeline's map equals monai.visualize.GradCAM run on the whole network
-    (backward through the backbone too) with the CBAM output as target layer."""
-    from monai.visualize import GradCAM
+def test_heat_is_hirescam_on_the_first_stage():
+    """The pipeline's map (chunked, through TailLogOdds) equals the HiResCAM map of the
+    first stage's output computed on the whole network in one pass."""
+    from ct_ai_node.pipeline.localisation import HiResCAM
 
     torch.manual_seed(4)
     net = build(ARCHITECTURE, **TINY).eval()
@@ -178,9 +178,11 @@ def test_heat_is_monai_gradcam_on_cbam_output():
     cam = method_d.make_gradcam(net)
     pred = method_d.predict_volume(net, img, msk, torch.device("cpu"), ms, cam=cam)
     again = method_d.predict_volume(net, img, msk, torch.device("cpu"), ms, cam=cam)
-    np.testing.assert_array_equal(pred.heat, again.heat)  # one GradCAM serves every call
+    np.testing.assert_array_equal(pred.heat, again.heat)  # one CAM serves every call
     assert not cam.nn_module.activations and not cam.nn_module.gradients  # nothing kept
+    assert all(p.grad is None for p in net.parameters())
     assert not method_d.predict_volume(net, img, msk, torch.device("cpu"), ms).heat.any()  # no cam, no heat
+    assert pred.heat.any()
 
     class Whole(torch.nn.Module):
         def __init__(self):
@@ -191,13 +193,35 @@ def test_heat_is_monai_gradcam_on_cbam_output():
             logits, _ = self.net(x)
             return logits[:, 1:2] - logits[:, 0:1]
 
-    ref = GradCAM(nn_module=Whole(), target_layers="net.head.cbam").compute_map(
-        method_d.to_tensor(img, msk), class_idx=0)
+    target = f"net.backbone.{method_d.CAM_SPLIT - 1}"
+    ref = HiResCAM(nn_module=Whole(), target_layers=target).compute_map(method_d.to_tensor(img, msk), class_idx=0)
     ref = ref.detach()
+    assert ref.shape[-1] == 64 // 4  # the first stage: 1/4 of the input
     ref = ref / ref.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
     ref = torch.nn.functional.interpolate(ref, size=(64, 64), mode="bilinear", align_corners=False)[:, 0].numpy()
     rel = pred.alpha / pred.alpha.max()
     np.testing.assert_allclose(pred.heat, ref * rel[:, None, None], atol=1e-4)
+
+
+def test_hirescam_differs_from_gradcam():
+    """HiResCAM keeps the gradient's position: on a layer where the channel-mean gradient
+    is the same, a map that is not position-weighted would be the same too."""
+    from monai.visualize import GradCAM
+
+    from ct_ai_node.pipeline.localisation import HiResCAM
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    x = torch.rand(2, 1, 8, 8, requires_grad=True)
+    hires = HiResCAM(model, target_layers="0").compute_map(x, class_idx=1)
+    grad = GradCAM(model, target_layers="0").compute_map(x, class_idx=1)
+    assert hires.shape == grad.shape == (2, 1, 8, 8)
+    assert not torch.allclose(hires, grad)
+    # by hand: ReLU(sum_c dS/dA_c * A_c)
+    a = model[0](x.detach()).detach().requires_grad_(True)
+    s = model[2](model[1](a))[:, 1].sum()
+    (g,) = torch.autograd.grad(s, a)
+    torch.testing.assert_close(hires, torch.relu((g * a).sum(1, keepdim=True)).detach())
 
 
 def test_sampling_balance_and_augmentation():
@@ -220,7 +244,6 @@ def test_training_one_epoch_tiny(tmp_path):
         train_method_d([1000, 90000], [], s, "cpu", progress=False)
     model, metrics = train_method_d([1000, 1001, 1002, 1003], [50000, 50001], s, "cpu", progress=False)
     assert isinstance(model, ResNeXtLSTM) and not model.training
-    assert not model.head.cbam._forward_hooks  # the calibration's Grad-CAM ran on a copy
     assert metrics["train_volumes"] == 4 and metrics["val_volumes"] == 2
     assert len(metrics["history"]) == 1 and np.isfinite(metrics["history"][0]["train_loss"])
     assert 0.0 <= metrics["val"]["volume_accuracy"] <= 1.0

@@ -19,13 +19,15 @@ Compared with the paper: ResNeXt-50 layout (bottleneck blocks 3-4-6-3, grouped 3
 convolutions, "32x4d" group width 4) at a quarter of the width (stage outputs
 64/128/256/512 instead of 256..2048, cardinality 8 instead of 32), no ImageNet
 pre-training; LSTM 64 per direction instead of 512; FC hidden 128 instead of 1024.
-The last stage keeps stride 1 (as method C's backbone does) so the map Grad-CAM reads
-is 1/16 of the input (8x8 for a 128 input) rather than 5x5.
+The last stage keeps stride 1 (as method C's backbone does), so the last-stage maps are
+1/16 of the input (8x8 for a 128 input) rather than 1/32.
 
 The network is split into :attr:`ResNeXtLSTM.backbone` (per slice, run in chunks at
 inference so memory stays bounded) and :attr:`ResNeXtLSTM.head` (CBAM, pooling, LSTM,
-attention, classifier: cheap, run on the whole sequence at once). Grad-CAM on the CBAM
-output therefore needs a backward pass through the head only.
+attention, classifier: cheap, run on the whole sequence at once). The localisation map
+(see ``ct_ai_node/pipeline/method_d.py``) reads the first stage's output (1/4 of the
+input) through :class:`TailLogOdds`, a backward pass through the later stages and the
+head for the slices that get a map.
 
 Normalisation: batch norm as in ResNeXt (``norm="batch"``). Training therefore puts the
 slices of several volumes in one backbone batch (with one volume per step the batch
@@ -188,16 +190,20 @@ class VolumeHead(nn.Module):
         return self.sequence(self.slice_features(maps))
 
 
-class LogOdds(nn.Module):
-    """Wraps the head for Grad-CAM: output (1, 1) = logit(COVID) - logit(other), the
-    log-odds of the softmax; its gradient is the class-discriminative signal."""
+class TailLogOdds(nn.Module):
+    """For a map below the head: the log-odds logit(COVID) - logit(other) as a function of
+    the activations after ``backbone[:split]`` of some slices (``index``), the other
+    slices' last-stage ``maps`` held fixed. The target layer is :attr:`entry`."""
 
-    def __init__(self, head: VolumeHead):
+    def __init__(self, net: "ResNeXtLSTM", split: int):
         super().__init__()
-        self.head = head
+        self.entry = nn.Identity()
+        self.tail = nn.Sequential(*list(net.backbone)[split:])
+        self.head = net.head
 
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        logits, _ = self.head(maps)
+    def forward(self, feats: torch.Tensor, maps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        full = maps.index_copy(0, index, self.tail(self.entry(feats)))
+        logits, _ = self.head(full)
         return logits[:, 1:2] - logits[:, 0:1]
 
 

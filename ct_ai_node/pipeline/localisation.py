@@ -1,10 +1,16 @@
-"""Fused multi-resolution Grad-CAM (Frid-Adar et al.): Grad-CAM on the stride-8 and
-stride-16 layers (28x28 and 14x14 for a 224 input), each normalised to [0, 1],
-resized to the input size and multiplied.
+"""Grad-CAM family maps shared by the methods.
+
+* :class:`FusedGradCAM` (method A, Frid-Adar et al.): Grad-CAM on the stride-8 and
+  stride-16 layers (28x28 and 14x14 for a 224 input), each normalised to [0, 1], resized
+  to the input size and multiplied. One forward and one backward pass serve both layers
+  and the slice scores.
+* :class:`HiResCAM` (method D): MONAI's ``GradCAM`` with the map of Draelos & Carin
+  (2020), gradient times activation summed over channels, instead of Grad-CAM's
+  channel-mean gradient weights. On an early, fine layer the channel mean washes out
+  where in the map the gradient points; the element-wise product keeps it.
 
 The activations and gradients come from MONAI's ``monai.visualize`` hooks
-(``ModelWithHooks``); one forward and one backward pass serve both layers and the
-slice scores.
+(``ModelWithHooks``).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.visualize import GradCAM
 from monai.visualize.class_activation_maps import ModelWithHooks
 from torch import nn
 
@@ -48,3 +55,11 @@ class FusedGradCAM:
             cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[:, 0]
             fused = fused * _normalise(cam)
         return logits.detach()[:, 0], fused.detach()
+
+
+class HiResCAM(GradCAM):
+    """``monai.visualize.GradCAM`` whose map is ReLU(sum_c dScore/dA_c * A_c) (HiResCAM)."""
+
+    def compute_map(self, x, class_idx=None, retain_graph=False, layer_idx=-1, **kwargs):  # type: ignore[override]
+        _, acti, grad = self.nn_module(x, class_idx=class_idx, retain_graph=retain_graph, **kwargs)
+        return F.relu((grad[layer_idx] * acti[layer_idx]).sum(1, keepdim=True))

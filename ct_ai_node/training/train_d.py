@@ -39,7 +39,6 @@ are refused.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -230,19 +229,18 @@ def evaluate(model: ResNeXtLSTM, cases: list[dict], device: torch.device, chunk:
     """Volume probabilities and slice scores of every case (all lung slices), with the
     volume and slice metrics; ``with_heat`` adds the infection-threshold calibration."""
     ms = MethodDSettings(chunk=chunk)
-    # Grad-CAM hooks go on a copy, so the returned model carries none
-    heat_net = copy.deepcopy(model).eval() if with_heat else None
-    cam = make_gradcam(heat_net) if heat_net is not None else None
+    # the CAM's hooks sit on its own wrapper, not on the model's layers
+    cam = make_gradcam(model) if with_heat else None
     probs, labels, losses = [], [], []
     slice_y, slice_pred, slice_score, slice_pos_case = [], [], [], []
-    thresholds = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6)
+    thresholds = (0.01, 0.02, 0.03, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6)
     inter = {t: 0 for t in thresholds}
     pred_sum = {t: 0 for t in thresholds}
     truth_sum = 0
     model.eval()
     for c in cases:
         if with_heat and int(c["label"]) == 1:
-            pred = predict_volume(heat_net, c["image"], c["mask"], device, ms, cam=cam)
+            pred = predict_volume(model, c["image"], c["mask"], device, ms, cam=cam)
         else:
             pred = predict_volume(model, c["image"], c["mask"], device, ms)
         p = min(max(pred.probability, 1e-7), 1 - 1e-7)
