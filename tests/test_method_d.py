@@ -203,6 +203,23 @@ def test_heat_is_hirescam_on_the_first_stage():
     np.testing.assert_allclose(pred.heat, ref * rel[:, None, None], atol=1e-4)
 
 
+def test_heat_on_thin_slices_is_computed_apart_and_interpolated():
+    torch.manual_seed(5)
+    net = build(ARCHITECTURE, **TINY).eval()
+    img = (torch.rand(7, 64, 64) * 255).to(torch.uint8).numpy()
+    msk = (torch.rand(7, 64, 64) > 0.3).to(torch.uint8).numpy()
+    ms = method_d.MethodDSettings(heat_min_score=0.0, chunk=4)
+    cam = method_d.make_gradcam(net)
+    every = method_d.predict_volume(net, img, msk, torch.device("cpu"), ms, cam=cam)
+    apart = method_d.predict_volume(net, img, msk, torch.device("cpu"), ms, cam=cam, cam_stride=3)
+    np.testing.assert_array_equal(apart.scores, every.scores)
+    computed = [0, 3, 6]  # every third slice and both ends
+    np.testing.assert_allclose(apart.heat[computed], every.heat[computed], atol=1e-6)
+    np.testing.assert_allclose(apart.heat[1], (2 * every.heat[0] + every.heat[3]) / 3, atol=1e-6)
+    np.testing.assert_allclose(apart.heat[5], (every.heat[3] + 2 * every.heat[6]) / 3, atol=1e-6)
+    assert not np.allclose(apart.heat[1], every.heat[1])
+
+
 def test_hirescam_differs_from_gradcam():
     """HiResCAM keeps the gradient's position: on a layer where the channel-mean gradient
     is the same, a map that is not position-weighted would be the same too."""
