@@ -165,17 +165,22 @@ def test_no_heat_below_min_score(tmp_path, phantom):
     assert not out.heatmap.any() and out.slice_scores.max() > 0
 
 
+def _tiny_heat_case(seed: int, n: int):
+    """A tiny untrained network, n random 64x64 slices and masks, settings that map every
+    slice (chunks of 4), and the network's CAM."""
+    torch.manual_seed(seed)
+    net = build(ARCHITECTURE, **TINY).eval()
+    img = (torch.rand(n, 64, 64) * 255).to(torch.uint8).numpy()
+    msk = (torch.rand(n, 64, 64) > 0.3).to(torch.uint8).numpy()
+    return net, img, msk, method_d.MethodDSettings(heat_min_score=0.0, chunk=4), method_d.make_gradcam(net)
+
+
 def test_heat_is_hirescam_on_the_first_stage():
     """The pipeline's map (chunked, through TailLogOdds) equals the HiResCAM map of the
     first stage's output computed on the whole network in one pass."""
     from ct_ai_node.pipeline.localisation import HiResCAM
 
-    torch.manual_seed(4)
-    net = build(ARCHITECTURE, **TINY).eval()
-    img = (torch.rand(6, 64, 64) * 255).to(torch.uint8).numpy()
-    msk = (torch.rand(6, 64, 64) > 0.3).to(torch.uint8).numpy()
-    ms = method_d.MethodDSettings(heat_min_score=0.0, chunk=4)
-    cam = method_d.make_gradcam(net)
+    net, img, msk, ms, cam = _tiny_heat_case(seed=4, n=6)
     pred = method_d.predict_volume(net, img, msk, torch.device("cpu"), ms, cam=cam)
     again = method_d.predict_volume(net, img, msk, torch.device("cpu"), ms, cam=cam)
     np.testing.assert_array_equal(pred.heat, again.heat)  # one CAM serves every call
@@ -204,12 +209,7 @@ def test_heat_is_hirescam_on_the_first_stage():
 
 
 def test_heat_on_thin_slices_is_computed_apart_and_interpolated():
-    torch.manual_seed(5)
-    net = build(ARCHITECTURE, **TINY).eval()
-    img = (torch.rand(7, 64, 64) * 255).to(torch.uint8).numpy()
-    msk = (torch.rand(7, 64, 64) > 0.3).to(torch.uint8).numpy()
-    ms = method_d.MethodDSettings(heat_min_score=0.0, chunk=4)
-    cam = method_d.make_gradcam(net)
+    net, img, msk, ms, cam = _tiny_heat_case(seed=5, n=7)
     every = method_d.predict_volume(net, img, msk, torch.device("cpu"), ms, cam=cam)
     apart = method_d.predict_volume(net, img, msk, torch.device("cpu"), ms, cam=cam, cam_stride=3)
     np.testing.assert_array_equal(apart.scores, every.scores)

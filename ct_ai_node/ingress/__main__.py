@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         scp = StorageSCP(settings, spool).start()
         try:
             stop.wait()
-            logging.getLogger(__name__).info("%s: stopping", stop.received.name if stop.received else "stop")
+            logging.getLogger(__name__).info("%s: stopping", stop.received.name)
         finally:
             scp.stop()
     return 0

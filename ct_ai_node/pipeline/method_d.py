@@ -58,7 +58,7 @@ from ct_ai_node import __version__
 from ct_ai_node.models import net_d  # noqa: F401  (registers the architecture)
 from ct_ai_node.models.net_d import ResNeXtLSTM, TailLogOdds
 from ct_ai_node.models.weights import LoadedModel, load_model
-from ct_ai_node.pipeline.geometry import Box2D, fill_between, resize_slices, strided_indices
+from ct_ai_node.pipeline.geometry import Box2D, fill_between_inplace, resize_slices, strided_indices
 from ct_ai_node.pipeline.localisation import HiResCAM
 from ct_ai_node.pipeline.methods import MethodOutput, register_pipeline
 from ct_ai_node.pipeline.slice_input import (
@@ -270,12 +270,12 @@ def predict_volume(net: ResNeXtLSTM, image: np.ndarray, mask: np.ndarray, device
         raw = _heat_maps(cam, early, maps, run, settings.chunk)
         peak = raw.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         up = F.interpolate(raw / peak, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-        up = up.clamp(0, 1).cpu().numpy() * rel[run, None, None]
-        if run.size == sel.size:
-            heat[sel] = up
-        else:
-            filled = fill_between(dict(zip(run.tolist(), up)), sel)
-            heat[sel] = np.stack([filled[int(i)] for i in sel])
+        # in the order of ``sel``, the ends of every run of selected slices are computed,
+        # so filling between computed neighbours never reaches across a gap
+        known = np.searchsorted(sel, run)
+        stack = np.empty((sel.size, size, size), np.float32)
+        stack[known] = up.clamp(0, 1).cpu().numpy() * rel[run, None, None]
+        heat[sel] = fill_between_inplace(stack, known)
     return VolumePrediction(p, alpha_np, scores, heat, time.perf_counter() - t0)
 
 

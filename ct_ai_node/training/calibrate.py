@@ -84,9 +84,11 @@ def calibrate_method_d_heat(device: torch.device, *, cases: int = 60, weights_di
     if shape is None and training.get("shape"):
         shape = tuple(training["shape"])
     size = json.loads(model.metadata["input"])["size"] if "input" in model.metadata else training.get("input_size")
-    settings = TrainDSettings(shape=shape, workers=workers or max(1, (os.cpu_count() or 2) - 1),
-                              **({"input_size": int(size)} if size else {}),
-                              **({"cache_dir": Path(cache_dir)} if cache_dir else {}))
+    settings = TrainDSettings(shape=shape, workers=workers or max(1, (os.cpu_count() or 2) - 1))
+    if size:
+        settings.input_size = int(size)
+    if cache_dir:
+        settings.cache_dir = Path(cache_dir)
     # only the COVID-19-like cases have lesions to compare the mask with
     seeds = [s for s in range(VAL_SEED0, VAL_SEED0 + cases) if case_kind(s) == "covid"]
     if not seeds:
