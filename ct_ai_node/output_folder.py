@@ -24,7 +24,7 @@ from ct_ai_node.errors import OutputError
 from ct_ai_node.pipeline.types import AnalysisResult
 from ct_ai_node.volume.types import Volume
 from ct_ai_node.writers import build_heatmap_series, build_outputs
-from ct_ai_node.writers.common import SeriesNumbers
+from ct_ai_node.writers.common import ResultUids, SeriesNumbers
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +40,12 @@ def heatmap_file_name(number: int) -> str:
     return f"heatmap_{number:04d}.dcm"
 
 
-def _write_heatmaps(volume: Volume, result: AnalysisResult, out_dir: Path, series_number_base: int) -> dict:
+def _write_heatmaps(volume: Volume, result: AnalysisResult, out_dir: Path, series_number_base: int,
+                    uids: ResultUids) -> dict:
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-        images = build_heatmap_series(volume, result, SeriesNumbers(series_number_base).heatmap)
+        images = build_heatmap_series(volume, result, SeriesNumbers(series_number_base).heatmap, uids=uids)
     built = time.perf_counter()
     names = {}
     for number, ds in enumerate(images, start=1):
@@ -54,9 +55,9 @@ def _write_heatmaps(volume: Volume, result: AnalysisResult, out_dir: Path, serie
                                           "write_heatmaps": round(time.perf_counter() - built, 3)}}
 
 
-def _heatmap_child(volume, result, out_dir, series_number_base, conn) -> None:
+def _heatmap_child(volume, result, out_dir, series_number_base, uids, conn) -> None:
     try:
-        conn.send(("ok", _write_heatmaps(volume, result, out_dir, series_number_base)))
+        conn.send(("ok", _write_heatmaps(volume, result, out_dir, series_number_base, uids)))
     except BaseException as exc:  # reported to the parent, which raises OutputError
         logger.debug("heat-map child failed:\n%s", traceback.format_exc())
         conn.send(("error", f"heat-map series: {' '.join(str(exc).split())}"))
@@ -70,11 +71,13 @@ def _can_fork() -> bool:
 
 
 def write_outputs(volume: Volume, result: AnalysisResult, out_dir: Path, *, series_number_base: int = 900,
-                  parallel: bool = True) -> tuple[dict[str, str], dict[str, float]]:
+                  parallel: bool = True, uids: ResultUids | None = None) -> tuple[dict[str, str], dict[str, float]]:
     """Build and write every result object; returns (file name -> SOP Class UID in the
-    order seg, heat maps, key images, SR, KOS) and the seconds per step.
+    order seg, heat maps, key images, SR, KOS) and the seconds per step. ``uids``: see
+    :class:`ResultUids` (default: derived from the source series and model, revision 1).
 
     Raises OutputError when an object cannot be built or written."""
+    uids = uids or ResultUids.for_analysis(volume, result)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fork = parallel and _can_fork()
@@ -82,13 +85,13 @@ def write_outputs(volume: Volume, result: AnalysisResult, out_dir: Path, *, seri
     if fork:
         ctx = multiprocessing.get_context("fork")
         conn, child_conn = ctx.Pipe(duplex=False)
-        child = ctx.Process(target=_heatmap_child, args=(volume, result, out_dir, series_number_base, child_conn),
+        child = ctx.Process(target=_heatmap_child, args=(volume, result, out_dir, series_number_base, uids, child_conn),
                             name="ct-ai-node-heatmaps", daemon=True)
         child.start()
         child_conn.close()
     try:
         start = time.perf_counter()
-        built = build_outputs(volume, result, series_number_base=series_number_base, heatmaps=False)
+        built = build_outputs(volume, result, series_number_base=series_number_base, heatmaps=False, uids=uids)
         timings = {f"writers.{k}": v for k, v in built.timings_s.items()}
         t_write = time.perf_counter()
         own = {}
@@ -99,7 +102,7 @@ def write_outputs(volume: Volume, result: AnalysisResult, out_dir: Path, *, seri
         if fork:
             heat = _receive(child, conn)
         else:
-            heat = _write_heatmaps(volume, result, out_dir, series_number_base)
+            heat = _write_heatmaps(volume, result, out_dir, series_number_base, uids)
         timings.update({("writers.heatmap" if k == "heatmap" else k): v for k, v in heat["timings"].items()})
         timings["outputs_wall"] = round(time.perf_counter() - start, 3)
     finally:

@@ -16,7 +16,7 @@ from pydicom.uid import SecondaryCaptureImageStorage, SegmentationStorage
 from ct_ai_node.errors import OutputError
 from ct_ai_node.pipeline.types import LEFT_LUNG, RIGHT_LUNG, AlgorithmInfo
 from ct_ai_node.writers import OutputSet, build_all, build_outputs
-from ct_ai_node.writers.common import caption_for, series_description
+from ct_ai_node.writers.common import ResultUids, caption_for, series_description
 from ct_ai_node.writers.heatmap import render_slice
 from ct_ai_node.writers.secondary_capture import (
     build_heatmap_series,
@@ -178,11 +178,38 @@ def test_seg_all_empty_raises(volume):
         build_seg(volume, result, 901)
 
 
-def test_seg_new_uids_every_call(volume, result):
+def test_seg_same_analysis_same_uids_new_revision_new_uids(volume, result):
     a, b = build_seg(volume, result, 901), build_seg(volume, result, 901)
-    assert a.SOPInstanceUID != b.SOPInstanceUID
-    assert a.SeriesInstanceUID != b.SeriesInstanceUID
+    assert a.SOPInstanceUID == b.SOPInstanceUID
+    assert a.SeriesInstanceUID == b.SeriesInstanceUID
     assert a.StudyInstanceUID == b.StudyInstanceUID == volume.study_instance_uid
+    second = build_seg(volume, result, 901, uids=ResultUids.for_analysis(volume, result, revision=2))
+    assert second.SOPInstanceUID != a.SOPInstanceUID
+    assert second.SeriesInstanceUID != a.SeriesInstanceUID
+
+
+def test_result_uids_are_valid_distinct_and_repeatable(volume, result):
+    """Every object of one output set has its own valid UIDs; building again gives the same
+    ones; another pipeline, model version or revision gives others."""
+    from pydicom.uid import UID
+
+    def uids_of(outputs):
+        return [(str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)) for ds in outputs]
+
+    first = uids_of(build_all(volume, result))
+    assert first == uids_of(build_all(volume, result))
+    instances = [sop for _, sop in first]
+    assert len(set(instances)) == len(instances)
+    assert all(UID(sop).is_valid for sop in instances)
+    assert len({series for series, _ in first}) == 5  # SEG, heat maps, key images, SR, KOS
+    base = ResultUids.for_analysis(volume, result)
+    others = [ResultUids.for_analysis(volume, result, revision=2),
+              ResultUids(base.source_series_uid, "ctnet", base.model_versions),
+              ResultUids(base.source_series_uid, base.pipeline, (("algorithm", "other"),))]
+    for other in others:
+        assert other.uid("sr", "instance") != base.uid("sr", "instance")
+    with pytest.raises(ValueError, match="revision"):
+        ResultUids("1.2.3", "radlogics", revision=0)
 
 
 def test_seg_rejects_mismatched_masks(volume, result):

@@ -1,7 +1,9 @@
 """Result writers: one analysis + its source series -> DICOM result objects.
 
-Pure functions (no disk, no network): each builder returns pydicom datasets, new UIDs
-on every call, one new series per output, all in the source's study.
+Pure functions (no disk, no network): each builder returns pydicom datasets, one new
+series per output, all in the source's study. UIDs are derived from the source series,
+the pipeline, the model versions and the revision (:class:`common.ResultUids`): the same
+analysis twice gives the same UIDs.
 
 ==================  =========================================  ================  ======
 output              builder                                    file name         series
@@ -26,7 +28,7 @@ from pydicom.dataset import Dataset
 
 from ct_ai_node.pipeline.types import AnalysisResult
 from ct_ai_node.volume.types import Volume
-from ct_ai_node.writers.common import SeriesNumbers
+from ct_ai_node.writers.common import ResultUids, SeriesNumbers
 from ct_ai_node.writers.heatmap import HeatStyle
 from ct_ai_node.writers.secondary_capture import (
     build_heatmap_series,
@@ -41,6 +43,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "HeatStyle",
     "OutputSet",
+    "ResultUids",
     "SeriesNumbers",
     "build_all",
     "build_heatmap_series",
@@ -95,12 +98,14 @@ def build_outputs(
     key_images: bool = True,
     key_object_selection: bool = True,
     style: HeatStyle = HeatStyle(),
+    uids: ResultUids | None = None,
 ) -> OutputSet:
     """Build every result object of one analysis.
 
     Series numbers: SEG ``base+1``, heat maps ``base+2``, key images ``base+3``, SR
     ``base+4``, key object selection ``base+5``. The SR references the SEG and lists the
-    key images as evidence.
+    key images as evidence. UIDs come from ``uids`` (by default derived from the source
+    series and the model, revision 1): the same analysis gives the same UIDs.
 
     Raises
     ------
@@ -112,11 +117,11 @@ def build_outputs(
         # patient data must not reach the log, and the name is copied unchanged anyway
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
         return _build_outputs(volume, result, series_number_base, institution_name, heatmaps, key_images,
-                              key_object_selection, style)
+                              key_object_selection, style, uids or ResultUids.for_analysis(volume, result))
 
 
 def _build_outputs(volume, result, series_number_base, institution_name, heatmaps, key_images,
-                   key_object_selection, style) -> OutputSet:
+                   key_object_selection, style, uids: ResultUids) -> OutputSet:
     numbers = SeriesNumbers(series_number_base)
     timings: dict[str, float] = {}
 
@@ -126,21 +131,21 @@ def _build_outputs(volume, result, series_number_base, institution_name, heatmap
         timings[name] = round(time.perf_counter() - start, 3)
         return value
 
-    seg = timed("seg", build_seg, volume, result, numbers.seg, institution_name=institution_name)
+    seg = timed("seg", build_seg, volume, result, numbers.seg, institution_name=institution_name, uids=uids)
     maps = (
         timed("heatmap", build_heatmap_series, volume, result, numbers.heatmap,
-              style=style, institution_name=institution_name)
+              style=style, institution_name=institution_name, uids=uids)
         if heatmaps else []
     )
     keys = (
         timed("key_images", build_key_image_series, volume, result, numbers.key_images,
-              style=style, institution_name=institution_name)
+              style=style, institution_name=institution_name, uids=uids)
         if key_images else []
     )
-    sr = timed("sr", build_sr, volume, result, seg, keys, numbers.sr, institution_name=institution_name)
+    sr = timed("sr", build_sr, volume, result, seg, keys, numbers.sr, institution_name=institution_name, uids=uids)
     ko = (
         timed("ko", build_key_object_selection, keys, numbers.key_object_selection,
-              result=result, institution_name=institution_name)
+              result=result, institution_name=institution_name, uids=uids)
         if key_object_selection and keys else None
     )
     out = OutputSet(seg, maps, keys, sr, ko, timings)
@@ -157,8 +162,9 @@ def build_all(
     *,
     series_number_base: int = 900,
     institution_name: str | None = None,
+    uids: ResultUids | None = None,
 ) -> list[Dataset]:
     """Every result object of one analysis, in the order of :meth:`OutputSet.named`."""
     return build_outputs(
-        volume, result, series_number_base=series_number_base, institution_name=institution_name
+        volume, result, series_number_base=series_number_base, institution_name=institution_name, uids=uids
     ).datasets()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
 
 from ct_ai_node import __version__
 from ct_ai_node.errors import OutputError
@@ -67,6 +68,44 @@ class SeriesNumbers:
     @property
     def key_object_selection(self) -> int:
         return self.base + 5
+
+
+@dataclass(frozen=True)
+class ResultUids:
+    """The UIDs of one analysis's result objects, derived from what was analysed.
+
+    Every UID is a hash of (source series, pipeline, model versions, revision) and the
+    object's role, so re-running the same analysis on the same series yields the same
+    SOP Instance UIDs: a re-sent or re-analysed series replaces (or is ignored by) the
+    PACS instead of duplicating. A later revision (the series changed) gets new UIDs.
+    """
+
+    source_series_uid: str
+    pipeline: str
+    #: model name -> version (``AnalysisResult.model_versions``) plus the algorithm version
+    model_versions: tuple[tuple[str, str], ...] = ()
+    #: 1 for the first analysis of a series, 2.. when it was analysed again after it changed
+    revision: int = 1
+
+    def __post_init__(self) -> None:
+        if not str(self.source_series_uid).strip():
+            raise ValueError("source_series_uid is empty: result UIDs need the source series")
+        if not isinstance(self.revision, int) or self.revision < 1:
+            raise ValueError(f"revision must be an int >= 1, got {self.revision!r}")
+
+    @classmethod
+    def for_analysis(cls, volume: Volume, result: AnalysisResult, revision: int = 1) -> "ResultUids":
+        versions = {**result.model_versions, "algorithm": result.algorithm.version}
+        return cls(str(volume.series_instance_uid), str(result.pipeline),
+                   tuple(sorted((str(k), str(v)) for k, v in versions.items())), revision)
+
+    def uid(self, *role: object) -> str:
+        """The UID of ``role``, e.g. ``uid("seg", "series")`` or ``uid("heatmap", 3)``."""
+        sources = [MANUFACTURER, self.source_series_uid, self.pipeline,
+                   *(f"{k}={v}" for k, v in self.model_versions), *(str(r) for r in role)]
+        if self.revision > 1:  # revision 1 keeps the UIDs results had before revisions existed
+            sources.append(f"revision={self.revision}")
+        return str(generate_uid(entropy_srcs=sources))
 
 
 def lo(text: str) -> str:

@@ -69,10 +69,13 @@ class _SeriesWriter:
         description: str,
         derivation: str,
         institution_name: str | None,
+        uids: common.ResultUids,
+        role: str,
     ) -> None:
         self.volume = volume
         self.result = result
-        self.series_uid = hd.UID()
+        self.uids, self.role = uids, role
+        self.series_uid = uids.uid(role, "series")
         self.series_number = series_number
         self.description = description
         self.derivation = derivation[:1024]
@@ -115,7 +118,7 @@ class _SeriesWriter:
             coordinate_system=hd.CoordinateSystemNames.PATIENT,
             series_instance_uid=self.series_uid,
             series_number=self.series_number,
-            sop_instance_uid=hd.UID(),
+            sop_instance_uid=self.uids.uid(self.role, "instance", z),
             instance_number=instance_number,
             manufacturer=common.MANUFACTURER,
             pixel_spacing=self.pixel_spacing,
@@ -165,6 +168,7 @@ def build_heatmap_series(
     *,
     style: HeatStyle = HeatStyle(),
     institution_name: str | None = None,
+    uids: common.ResultUids | None = None,
 ) -> list[hd.sc.SCImage]:
     """One RGB Secondary Capture per source slice that contains lung.
 
@@ -198,6 +202,8 @@ def build_heatmap_series(
         description=common.series_description("AI heat map", result),
         derivation=_derivation(result, "Heat map", style),
         institution_name=institution_name,
+        uids=uids or common.ResultUids.for_analysis(volume, result),
+        role="heatmap",
     )
     images = []
     with common.building("heat-map SC"):
@@ -215,6 +221,7 @@ def build_key_image_series(
     style: HeatStyle = HeatStyle(),
     institution_name: str | None = None,
     max_images: int = MAX_KEY_IMAGES,
+    uids: common.ResultUids | None = None,
 ) -> list[hd.sc.SCImage]:
     """The top ``result.key_slices`` (at most ``max_images``) as their own SC series,
     rendered like the heat maps plus a "Key image k/N" caption line; Instance Number k
@@ -240,6 +247,8 @@ def build_key_image_series(
         description=common.series_description("AI key images", result),
         derivation=_derivation(result, "Key image (highest AI slice score)", style),
         institution_name=institution_name,
+        uids=uids or common.ResultUids.for_analysis(volume, result),
+        role="key_images",
     )
     images = []
     with common.building("key-image SC"):
@@ -256,16 +265,19 @@ def build_key_object_selection(
     *,
     result: AnalysisResult,
     institution_name: str | None = None,
+    uids: common.ResultUids | None = None,
 ) -> hd.ko.KeyObjectSelectionDocument:
     """A Key Object Selection Document ("Of Interest") flagging ``key_images``, so that
-    viewers with KOS support jump to them."""
+    viewers with KOS support jump to them. UIDs from ``uids``, by default derived from the
+    key-image series (itself derived from the analysis)."""
     if not key_images:
         raise ValueError("key_images is empty: nothing to select")
+    uids = uids or common.ResultUids(str(key_images[0].SeriesInstanceUID), str(result.pipeline))
     algo = result.algorithm
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=hd.UID(),
+            uid=uids.uid("ko", "device"),
             name=common.lo(algo.name),
             manufacturer_name=common.MANUFACTURER,
             model_name=common.lo(algo.version),
@@ -284,9 +296,9 @@ def build_key_object_selection(
         ko = hd.ko.KeyObjectSelectionDocument(
             evidence=list(key_images),
             content=content,
-            series_instance_uid=hd.UID(),
+            series_instance_uid=uids.uid("ko", "series"),
             series_number=series_number,
-            sop_instance_uid=hd.UID(),
+            sop_instance_uid=uids.uid("ko", "instance"),
             instance_number=1,
             manufacturer=common.MANUFACTURER,
             institution_name=institution_name,

@@ -78,7 +78,7 @@ def segment_number(seg: hd.seg.Segmentation, key: str) -> int | None:
 
 
 def _description(
-    number: int, spec: SegmentSpec, algorithm: hd.AlgorithmIdentificationSequence
+    number: int, spec: SegmentSpec, algorithm: hd.AlgorithmIdentificationSequence, uids: common.ResultUids
 ) -> hd.seg.SegmentDescription:
     desc = hd.seg.SegmentDescription(
         segment_number=number,
@@ -87,7 +87,7 @@ def _description(
         segmented_property_type=spec.type,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
-        tracking_uid=hd.UID(),
+        tracking_uid=uids.uid("seg", "segment", spec.key),
         tracking_id=spec.label,
         anatomic_regions=[LUNG] if spec.modifier is None else None,
         display_color=hd.color.CIELabColor.from_rgb(*spec.rgb),
@@ -144,6 +144,7 @@ def build_seg(
     *,
     omit_empty_frames: bool = True,
     institution_name: str | None = None,
+    uids: common.ResultUids | None = None,
 ) -> hd.seg.Segmentation:
     """Build the lung + infection SEG.
 
@@ -162,6 +163,9 @@ def build_seg(
         more than 400).
     institution_name
         (0008,0080) Institution Name, optional.
+    uids
+        Where the series, instance and tracking UIDs come from; by default derived from
+        the source series and the model (:class:`common.ResultUids`, revision 1).
 
     Raises
     ------
@@ -169,6 +173,7 @@ def build_seg(
         If no segment is non-empty or highdicom cannot build the object.
     """
     common.check_result_matches(volume, result)
+    uids = uids or common.ResultUids.for_analysis(volume, result)
     present = segment_masks(result)
     if not present:
         raise OutputError("SEG: lungs and infection are all empty; nothing to segment")
@@ -181,7 +186,7 @@ def build_seg(
     )
     with common.building("SEG"):
         descriptions = [
-            _description(i, spec, algorithm_id) for i, (spec, _) in enumerate(present, start=1)
+            _description(i, spec, algorithm_id, uids) for i, (spec, _) in enumerate(present, start=1)
         ]
         sources, stack = _source_stack(volume, [mask for _, mask in present])
         seg = hd.seg.Segmentation(
@@ -189,9 +194,9 @@ def build_seg(
             pixel_array=stack,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
-            series_instance_uid=hd.UID(),
+            series_instance_uid=uids.uid("seg", "series"),
             series_number=series_number,
-            sop_instance_uid=hd.UID(),
+            sop_instance_uid=uids.uid("seg", "instance"),
             instance_number=1,
             manufacturer=common.MANUFACTURER,
             manufacturer_model_name=common.lo(algo.name),

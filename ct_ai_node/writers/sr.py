@@ -142,8 +142,8 @@ def _algorithm_id(result: AnalysisResult) -> hd.sr.AlgorithmIdentification:
     )
 
 
-def _tracking(text: str) -> hd.sr.TrackingIdentifier:
-    return hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=text)
+def _tracking(text: str, uids: common.ResultUids) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(uid=uids.uid("sr", "tracking", text), identifier=text)
 
 
 def _measurement(name, value: float, unit, algorithm_id=None) -> hd.sr.Measurement:
@@ -170,6 +170,7 @@ def _segment_groups(
     result: AnalysisResult,
     seg: Dataset,
     algorithm_id: hd.sr.AlgorithmIdentification,
+    uids: common.ResultUids,
 ) -> list:
     groups = []
     labels = np.asarray(result.lung_labels)
@@ -183,7 +184,7 @@ def _segment_groups(
             continue
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=_tracking(f"{spec.label} (AI segmentation)"),
+                tracking_identifier=_tracking(f"{spec.label} (AI segmentation)", uids),
                 referenced_segment=_segment_ref(seg, number, volume),
                 finding_type=seg_writer.LUNG,
                 finding_category=seg_writer.ANATOMICAL_STRUCTURE,
@@ -196,7 +197,7 @@ def _segment_groups(
     if number is not None:
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=_tracking("Suspected infection (AI segmentation)"),
+                tracking_identifier=_tracking("Suspected infection (AI segmentation)", uids),
                 referenced_segment=_segment_ref(seg, number, volume),
                 finding_type=seg_writer.INFLAMMATION,
                 finding_category=seg_writer.MORPHOLOGICALLY_ABNORMAL,
@@ -211,9 +212,9 @@ def _segment_groups(
     return groups
 
 
-def _summary_groups(result: AnalysisResult, algorithm_id) -> list:
+def _summary_groups(result: AnalysisResult, algorithm_id, uids: common.ResultUids) -> list:
     lungs = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking("Both lungs (AI segmentation)"),
+        tracking_identifier=_tracking("Both lungs (AI segmentation)", uids),
         finding_type=seg_writer.LUNG,
         finding_category=seg_writer.ANATOMICAL_STRUCTURE,
         finding_sites=[hd.sr.FindingSite(seg_writer.LUNG)],
@@ -223,7 +224,7 @@ def _summary_groups(result: AnalysisResult, algorithm_id) -> list:
     classification = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(
             f"AI classification: {result.label} (p={result.probability:.2f})"
-        ),
+        , uids),
         finding_type=COVID_19,
         finding_sites=[hd.sr.FindingSite(seg_writer.LUNG)],
         algorithm_id=algorithm_id,
@@ -241,7 +242,7 @@ def _summary_groups(result: AnalysisResult, algorithm_id) -> list:
 
 
 def _planar_group(
-    volume: Volume, result: AnalysisResult, region: DrawnRegion, algorithm_id
+    volume: Volume, result: AnalysisResult, region: DrawnRegion, algorithm_id, uids: common.ResultUids
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     ref = common.source_ref(volume, region.z)
     source = hd.sr.SourceImageForRegion(
@@ -258,7 +259,7 @@ def _planar_group(
         text = f"No infection found: outline of the {side} lung ({where})"
         finding_type, category = seg_writer.LUNG, seg_writer.ANATOMICAL_STRUCTURE
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(text),
+        tracking_identifier=_tracking(text, uids),
         referenced_region=hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,  # closed: first == last (PS3.3 C.18.6.1.2)
             graphic_data=region.points,
@@ -294,6 +295,7 @@ def build_sr(
     *,
     institution_name: str | None = None,
     image_library: bool = True,
+    uids: common.ResultUids | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 measurement report.
 
@@ -313,6 +315,9 @@ def build_sr(
     image_library
         Add the image the drawn region lies on to the TID 1600 image library
         (single-frame sources only).
+    uids
+        Where the series, instance and tracking UIDs come from; by default derived from
+        the source series and the model (:class:`common.ResultUids`, revision 1).
 
     Returns
     -------
@@ -329,13 +334,14 @@ def build_sr(
             "seg_dataset belongs to another study "
             f"({seg_dataset.StudyInstanceUID} != {volume.study_instance_uid})"
         )
+    uids = uids or common.ResultUids.for_analysis(volume, result)
     with common.building("SR"):
         algorithm_id = _algorithm_id(result)
         region = choose_region(volume, result)
         groups = [
-            *_segment_groups(volume, result, seg_dataset, algorithm_id),
-            *_summary_groups(result, algorithm_id),
-            _planar_group(volume, result, region, algorithm_id),
+            *_segment_groups(volume, result, seg_dataset, algorithm_id, uids),
+            *_summary_groups(result, algorithm_id, uids),
+            _planar_group(volume, result, region, algorithm_id, uids),
         ]
         report = hd.sr.MeasurementReport(
             observation_context=hd.sr.ObservationContext(observer_device_context=_device_context(result)),
@@ -346,9 +352,9 @@ def build_sr(
         sr = hd.sr.Comprehensive3DSR(
             evidence=[*volume.datasets, seg_dataset, *key_images],
             content=report[0],
-            series_instance_uid=hd.UID(),
+            series_instance_uid=uids.uid("sr", "series"),
             series_number=series_number,
-            sop_instance_uid=hd.UID(),
+            sop_instance_uid=uids.uid("sr", "instance"),
             instance_number=1,
             manufacturer=common.MANUFACTURER,
             is_complete=True,
