@@ -25,6 +25,7 @@ system-deps:
 	for tool in dciodvfy storescu; do command -v $$tool >/dev/null || missing=yes; done; \
 	command -v Orthanc >/dev/null || test -x /usr/sbin/Orthanc || missing=yes; \
 	test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing=yes; \
+	test -e /usr/share/orthanc/plugins/libOrthancPython.so || missing=yes; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null; then \
 	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(DEBIAN_PACKAGES); \
@@ -35,7 +36,7 @@ demo: install
 	$(VENV)/bin/ct-ai-node demo --workdir out/demo
 
 test: install system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 train: install
 	$(VENV)/bin/ct-ai-node train

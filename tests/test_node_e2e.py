@@ -23,7 +23,7 @@ from node_harness import CHEST_RULE, SAMPLE_COVID, NodeProcess, dcmtk, node_conf
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not (shutil.which("storescu") and (shutil.which("Orthanc") or Path("/usr/sbin/Orthanc").exists())),
-                       reason="needs DCMTK and Orthanc (make test installs them)"),
+                       reason="DCMTK or Orthanc not installed (make test installs them)"),
 ]
 
 RESULT_MODALITIES = {"SEG", "SR", "OT", "KO"}

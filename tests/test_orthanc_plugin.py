@@ -21,7 +21,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not Path("/usr/share/orthanc/plugins/libOrthancPython.so").exists()
                        or not shutil.which("storescu"),
-                       reason="needs orthanc-python and DCMTK (make test installs them)"),
+                       reason="orthanc-python or DCMTK not installed (make test installs them)"),
 ]
 
 
