@@ -53,10 +53,12 @@ def _missing_slices(d: Path) -> str:
 
 
 def _two_series_mixed(d: Path) -> str:
-    # two acquisitions filed under one SeriesInstanceUID: sizes differ
-    write_ct_series(d / "a", n=24, rows=64, cols=64, series_uid="1.2.826.0.1.3680043.8.498.77")
-    write_ct_series(d / "b", n=24, rows=48, cols=48, series_uid="1.2.826.0.1.3680043.8.498.77")
-    return "mixed"
+    # two reconstructions filed under one SeriesInstanceUID: pixel spacing differs. (Two
+    # matrices, e.g. 64x64 and 48x48, are no longer refused: the loader takes the
+    # largest stack, issue 11.)
+    write_ct_series(d / "a", n=24, series_uid="1.2.826.0.1.3680043.8.498.77")
+    write_ct_series(d / "b", n=24, spacing=(2.5, 0.8, 0.8), series_uid="1.2.826.0.1.3680043.8.498.77")
+    return "mixed pixel spacing"
 
 
 def _corrupt_pixels(d: Path) -> str:

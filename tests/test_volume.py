@@ -152,15 +152,19 @@ def test_two_images_at_the_same_position_are_rejected(tmp_path):
         load_series_from_folder(tmp_path)
 
 
-def test_mixed_sizes_in_one_series_are_rejected(tmp_path):
+def test_mixed_sizes_in_one_series_load_the_largest_stack(tmp_path):
+    # issue 11: two acquisitions with different matrices in one series used to be
+    # refused; the largest stack is loaded and the rest named in a warning
     uid, study = generate_uid(), generate_uid()
     a = write_ct_series(tmp_path / "a", n=20, series_uid=uid, study_uid=study)
     b = write_ct_series(tmp_path / "b", n=5, rows=32, cols=32, series_uid=uid, study_uid=study,
                         z0=-350 + 20 * 2.5)
-    with pytest.raises(InputRejected, match=r"^mixed image sizes in one series"):
-        load_volume([*a.paths, *b.paths])
-    with pytest.raises(InputRejected, match="mixed image sizes in one series"):
-        load_series_from_folder(tmp_path)
+    volume = load_volume([*a.paths, *b.paths])
+    np.testing.assert_array_equal(volume.hu, a.hu)
+    assert len(volume.datasets) == 20 and {ds.Rows for ds in volume.datasets} == {64}
+    assert any("5 of 25 images left out" in w and "5 images of 32x32" in w for w in volume.warnings)
+    volume, selection, _ = load_series_from_folder(tmp_path)
+    assert volume.shape == (20, 64, 64) and selection.chosen.n_frames == 20
 
 
 def test_mixed_pixel_spacing_is_rejected(tmp_path):
@@ -172,12 +176,15 @@ def test_mixed_pixel_spacing_is_rejected(tmp_path):
         load_volume([*a.paths, *b.paths])
 
 
-def test_mixed_orientations_are_rejected(tmp_path):
+def test_mixed_orientations_load_the_largest_stack(tmp_path):
+    # issue 11: a few images in another orientation no longer refuse the series
     uid = generate_uid()
     a = write_ct_series(tmp_path, n=20, series_uid=uid, name_prefix="a")
     b = write_ct_series(tmp_path, n=2, series_uid=uid, iop=(1, 0, 0, 0, 0, -1), name_prefix="b")
-    with pytest.raises(InputRejected, match="mixed orientations"):
-        load_volume([*a.paths, *b.paths])
+    volume = load_volume([*a.paths, *b.paths])
+    np.testing.assert_array_equal(volume.hu, a.hu)
+    assert volume.orientation == pytest.approx((1, 0, 0, 0, 1, 0))
+    assert any("2 images in another orientation" in w for w in volume.warnings)
 
 
 # --- folders with several series, no series, bad files --------------------------------

@@ -146,7 +146,11 @@ def _check_original(s: SeriesSummary, p: SelectionPolicy) -> str | None:
 
 
 def _check_single(s: SeriesSummary, p: SelectionPolicy) -> str | None:
-    return "single slice" if s.n_frames <= 1 else None
+    if s.n_frames > 1:
+        return None
+    # no usable frame because of a header problem (absurd NumberOfFrames, damaged
+    # file): that problem is the true reason, not "single slice"
+    return s.problems[0] if s.problems and s.n_frames == 0 else "single slice"
 
 
 def _check_orientation(s: SeriesSummary, p: SelectionPolicy) -> str | None:

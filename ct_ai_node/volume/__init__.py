@@ -6,6 +6,9 @@
     load_volume(paths)           pixel data -> sorted, checked HU volume    (assemble)
     load_series_from_folder(...) all of the above, one call
 
+    choose_stack(images)         the largest consistent stack of a series   (stack)
+    repair_identity(...)         valid, deterministic UIDs in memory        (identity)
+
 Every refusal is ``InputRejected`` with a one-line reason.
 """
 

@@ -3,8 +3,15 @@
 ``assemble`` works on datasets already in memory (the network node's spool can
 hand them over); ``load_volume`` reads files first. Either refuses a stack it
 cannot trust with ``InputRejected`` and a one-line reason that names the file
-(never the patient): mixed sizes or orientations, missing slices, uneven spacing,
-strong gantry tilt, two images at one position, truncated or corrupt pixel data.
+(never the patient): absurd frame counts or matrices, mixed pixel spacing,
+missing slices, uneven spacing, strong gantry tilt, two images at one position,
+truncated or corrupt pixel data.
+
+What it can repair it repairs in memory, with one warning per kind of repair:
+images of another matrix, orientation or acquisition in the series are left out
+(``stack``), orientation rounding noise is unified, a file meta transfer syntax
+that does not match the data is corrected, and empty, invalid or shared identity
+UIDs are replaced by valid deterministic ones (``identity``).
 
 Slices are ordered by their position along the slice normal,
 ``dot(ImagePositionPatient, cross(row, column))``, never by InstanceNumber.
@@ -25,11 +32,19 @@ from typing import Sequence
 import numpy as np
 import pydicom
 from pydicom.pixels import pixel_array
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 
 from ct_ai_node.errors import InputRejected
 
-from .frames import FrameHeader, frame_headers, is_multiframe, sop_class_uid, sop_instance_uid
+from .frames import (
+    FrameHeader,
+    frame_bytes,
+    frame_headers,
+    header_problem,
+    is_multiframe,
+    number_of_frames,
+    sop_class_uid,
+)
 from .geometry import (
     SAME_POSITION_MM,
     StackLimits,
@@ -38,7 +53,9 @@ from .geometry import (
     slice_normal,
     stack_stats,
 )
-from .reader import read_dataset
+from .identity import repair_identity
+from .reader import read_dataset, read_notes
+from .stack import choose_stack, image_facts, instance_key
 from .types import SliceRef, Volume
 
 logger = logging.getLogger(__name__)
@@ -48,6 +65,9 @@ AIR_HU = -1024.0
 #: nothing in a patient's CT is below this; lower values are padding (-2000, -2048, -3024)
 PADDING_BELOW_HU = -1500.0
 _AXIAL_IOP = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+#: largest volume assembled (voxels): 2**31 float32 voxels are 8 GiB
+MAX_VOXELS = 1 << 31
+_ITEM_TAG_LE = b"\xfe\xff\x00\xe0"
 
 
 @dataclass(frozen=True)
@@ -66,36 +86,52 @@ def _workers(n: int) -> int:
     return max(1, min(8, os.cpu_count() or 1, n))
 
 
-def _dedupe(
-    datasets: Sequence[pydicom.Dataset], names: Sequence[str], warnings: list[str]
-) -> tuple[list[pydicom.Dataset], list[str]]:
-    """Drop second copies of one SOP instance; refuse two different ones with one UID."""
-    kept: list[pydicom.Dataset] = []
-    kept_names: list[str] = []
-    seen: dict[str, int] = {}
+def _headers(datasets: Sequence[pydicom.Dataset], names: Sequence[str]) -> list[list[FrameHeader]]:
+    """``frame_headers`` of every dataset; an absurd frame claim refuses, naming the file."""
+    out = []
     for i, ds in enumerate(datasets):
-        uid = sop_instance_uid(ds)
-        if uid and uid in seen:
-            first = kept[seen[uid]]
-            a = [f.position for f in frame_headers(first)]
-            b = [f.position for f in frame_headers(ds)]
-            if a != b:
-                raise InputRejected(
-                    f"files {kept_names[seen[uid]]} and {_name(names, i)} share one SOP Instance "
-                    "UID but lie at different positions"
-                )
+        try:
+            out.append(frame_headers(ds))
+        except InputRejected as exc:
+            raise InputRejected(f"file {_name(names, i)}: {exc.reason}") from exc
+    return out
+
+
+def _same_pixels(a: pydicom.Dataset, b: pydicom.Dataset) -> bool:
+    try:
+        return bytes(a.PixelData) == bytes(b.PixelData)
+    except AttributeError:
+        return False
+
+
+def _dedupe(
+    datasets: Sequence[pydicom.Dataset],
+    headers: Sequence[list[FrameHeader]],
+    names: Sequence[str],
+    warnings: list[str],
+) -> list[int]:
+    """Indices of the distinct images: second copies of one image dropped.
+
+    A copy has the same SOP Instance UID and frame positions (``instance_key``);
+    without a usable UID, the same position, InstanceNumber, AcquisitionNumber
+    and pixel data. One UID on images at different positions names different
+    images (minted apart later by ``repair_identity``).
+    """
+    kept: list[int] = []
+    seen: dict[tuple, int] = {}
+    for i, ds in enumerate(datasets):
+        key = instance_key(ds, headers[i])
+        first = seen.get(key)
+        if first is not None and (key[0] == "uid" or _same_pixels(datasets[first], ds)):
             warnings.append(f"duplicate copy of one image ignored (file {_name(names, i)})")
             continue
-        if uid:
-            seen[uid] = len(kept)
-        kept.append(ds)
-        kept_names.append(_name(names, i))
-    return kept, kept_names
+        seen.setdefault(key, i)
+        kept.append(i)
+    return kept
 
 
-def _check_images(datasets: Sequence[pydicom.Dataset], names: Sequence[str]) -> tuple[int, int]:
-    """Every dataset is a grey-scale image of one size; returns (rows, columns)."""
-    sizes: dict[tuple[int, int], str] = {}
+def _check_images(datasets: Sequence[pydicom.Dataset], names: Sequence[str]) -> None:
+    """Every dataset is a grey-scale image of a sane size."""
     for ds, name in zip(datasets, names):
         if "PixelData" not in ds:
             raise InputRejected(f"file {name}: no pixel data (file truncated or not an image)")
@@ -103,13 +139,94 @@ def _check_images(datasets: Sequence[pydicom.Dataset], names: Sequence[str]) -> 
             rows, cols = int(ds.Rows), int(ds.Columns)
         except (AttributeError, TypeError, ValueError) as exc:
             raise InputRejected(f"file {name}: Rows/Columns missing") from exc
+        if rows <= 0 or cols <= 0:
+            raise InputRejected(f"file {name}: image size {rows}x{cols}")
+        problem = header_problem(ds)
+        if problem:
+            raise InputRejected(f"file {name}: {problem}")
         if int(ds.get("SamplesPerPixel") or 1) != 1:
             raise InputRejected(f"file {name}: not a grey-scale image (SamplesPerPixel > 1)")
-        sizes.setdefault((rows, cols), name)
-    if len(sizes) > 1:
-        shown = ", ".join(f"{r}x{c} ({n})" for (r, c), n in list(sizes.items())[:3])
-        raise InputRejected(f"mixed image sizes in one series: {shown}")
-    return next(iter(sizes))
+
+
+def _fix_pixel_syntax(ds: pydicom.Dataset, name: str) -> str | None:
+    """Match the transfer syntax to how the pixel data is really stored.
+
+    A file meta that names a compressed syntax over native pixel data of exactly
+    Rows x Columns x frames x BitsAllocated/8 bytes is read as native (returns a
+    note); compressed data behind a native syntax is refused with that reason.
+    """
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None or not syntax.is_transfer_syntax:
+        return None
+    data = ds.PixelData
+    if not isinstance(data, (bytes, bytearray)):
+        return None
+    looks_encapsulated = bytes(data[:4]) == _ITEM_TAG_LE
+    size = frame_bytes(ds)
+    native_length = size * number_of_frames(ds) if size else None
+    if syntax.is_encapsulated and not looks_encapsulated:
+        if native_length is not None and len(data) in (native_length, native_length + 1):
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            return (
+                f"file meta transfer syntax {syntax.name} but the pixel data is not "
+                "compressed: read as native pixel data"
+            )
+        return None  # the decoder names what is wrong
+    if not syntax.is_encapsulated and looks_encapsulated and len(data) != native_length:
+        raise InputRejected(
+            f"file {name}: pixel data is compressed (encapsulated) but the transfer syntax "
+            f"{syntax.name} is uncompressed"
+        )
+    return None
+
+
+def _choose(
+    datasets: Sequence[pydicom.Dataset],
+    headers: Sequence[list[FrameHeader]],
+    names: Sequence[str],
+    warnings: list[str],
+) -> list[int]:
+    """Indices of the images of the largest consistent stack (``stack.choose_stack``)."""
+    choice = choose_stack([image_facts(ds, h) for ds, h in zip(datasets, headers)])
+    note = choice.note(names)
+    if note:
+        warnings.append(note)
+    return choice.kept
+
+
+def _unify_orientation(
+    datasets: Sequence[pydicom.Dataset], reference: pydicom.Dataset, warnings: list[str]
+) -> None:
+    """Give every single-frame dataset the reference's ImageOrientationPatient.
+
+    Slices of one stack whose orientations differ by rounding noise (within
+    ``ORIENTATION_TOLERANCE``) would make the writers see "different"
+    orientations; the in-memory headers get the reference slice's value.
+    """
+    if is_multiframe(reference) or "ImageOrientationPatient" not in reference:
+        return
+    value = list(reference.ImageOrientationPatient)
+    iop = [float(v) for v in value]
+    worst = 0.0
+    changed = 0
+    for ds in datasets:
+        if ds is reference or is_multiframe(ds):
+            continue
+        try:
+            values = [float(v) for v in ds.ImageOrientationPatient]
+            diff = max(abs(a - b) for a, b in zip(values, iop, strict=True))
+        except (AttributeError, TypeError, ValueError):
+            continue
+        if diff > 0.0:
+            ds.ImageOrientationPatient = value
+            worst = max(worst, diff)
+            changed += 1
+    if changed:
+        warnings.append(
+            f"ImageOrientationPatient differs by up to {worst:.1e} between slices "
+            f"(rounding): the first slice's value set on {changed} images"
+        )
 
 
 def _check_frames(
@@ -263,35 +380,6 @@ def _fill(
     return padded
 
 
-def _repair_uids(datasets: Sequence[pydicom.Dataset], warnings: list[str]) -> None:
-    """Fill empty SOP/Series/Study UIDs so that writers can reference the images.
-
-    SOPInstanceUID and SOPClassUID come from the file meta (they are the same
-    values by definition); an empty Series or Study Instance UID is replaced
-    by a UID derived from the instance UIDs, the same on every run.
-    """
-    filled = 0
-    for ds in datasets:
-        for keyword, getter in (("SOPInstanceUID", sop_instance_uid), ("SOPClassUID", sop_class_uid)):
-            if not str(ds.get(keyword) or "").strip():
-                value = getter(ds)
-                if value:
-                    setattr(ds, keyword, value)
-                    filled += 1
-    if filled:
-        warnings.append("SOP Instance/Class UIDs missing in the data set: taken from the file meta")
-    instance_uids = sorted(sop_instance_uid(ds) for ds in datasets)
-    for keyword in ("SeriesInstanceUID", "StudyInstanceUID"):
-        values = {str(ds.get(keyword) or "").strip() for ds in datasets}
-        if "" in values:
-            present = sorted(values - {""})
-            value = present[0] if present else generate_uid(entropy_srcs=[keyword, *instance_uids])
-            for ds in datasets:
-                if not str(ds.get(keyword) or "").strip():
-                    setattr(ds, keyword, value)
-            warnings.append(f"{keyword} missing: set to {value}")
-
-
 def assemble(
     datasets: Sequence[pydicom.Dataset],
     *,
@@ -326,16 +414,32 @@ def assemble(
     names = list(names) if names is not None else [f"image {i + 1}" for i in range(len(datasets))]
     warnings: list[str] = []
 
-    datasets, names = _dedupe(datasets, names, warnings)
-    rows, cols = _check_images(datasets, names)
+    headers = _headers(datasets, names)
+    kept = _dedupe(datasets, headers, names, warnings)
+    datasets = [datasets[i] for i in kept]
+    names = [names[i] for i in kept]
+    headers = [headers[i] for i in kept]
+    _check_images(datasets, names)
+    kept = _choose(datasets, headers, names, warnings)
+    datasets = [datasets[i] for i in kept]
+    names = [names[i] for i in kept]
+    headers = [headers[i] for i in kept]
+    notes: Counter[str] = Counter()
+    for ds, name in zip(datasets, names):
+        notes.update(read_notes(ds))
+        note = _fix_pixel_syntax(ds, name)
+        if note:
+            notes[note] += 1
+    for text, count in notes.items():
+        warnings.append(f"{text} ({count} of {len(datasets)} images)")
+
     slices = [
-        _Slice(source=i, header=header)
-        for i, ds in enumerate(datasets)
-        for header in frame_headers(ds)
+        _Slice(source=i, header=header) for i, hs in enumerate(headers) for header in hs
     ]
     iop, pixel_spacing = _check_frames(slices, names, warnings)
     normal = slice_normal(iop)
     ordered, spacing_z = _sort(slices, names, normal, limits, warnings)
+    _unify_orientation(datasets, datasets[slices[0].source], warnings)
 
     thickness = Counter(
         s.header.slice_thickness for s in ordered if s.header.slice_thickness is not None
@@ -344,7 +448,18 @@ def assemble(
     if spacing_z is None:
         spacing_z = slice_thickness or 1.0
         warnings.append(f"single slice: z spacing taken as {spacing_z:g} mm")
+    elif slice_thickness is None:
+        slice_thickness = float(spacing_z)
+        warnings.append(
+            f"SliceThickness missing: taken as the slice spacing ({spacing_z:.3g} mm)"
+        )
 
+    rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
+    if len(ordered) * rows * cols > MAX_VOXELS:
+        raise InputRejected(
+            f"volume of {len(ordered)}x{rows}x{cols} voxels exceeds the limit of "
+            f"{MAX_VOXELS} voxels"
+        )
     hu = np.empty((len(ordered), rows, cols), dtype=np.float32)
     targets: dict[int, list[tuple[int, FrameHeader]]] = {}
     for z, s in enumerate(ordered):
@@ -363,7 +478,17 @@ def assemble(
             f"{PADDING_BELOW_HU:g} HU) set to {AIR_HU:g} HU"
         )
 
-    _repair_uids(datasets, warnings)
+    used: list[int] = []
+    for s in ordered:
+        if s.source not in used:
+            used.append(s.source)
+    used_datasets = [datasets[i] for i in used]
+    study_uid, series_uid, frame_uid = repair_identity(
+        used_datasets, [headers[i][0].position for i in used], warnings
+    )
+    for ds in used_datasets:
+        if not str(ds.get("SOPClassUID") or "").strip() and sop_class_uid(ds):
+            ds.SOPClassUID = sop_class_uid(ds)  # from the file meta
     slices_out = []
     for s in ordered:
         ds = datasets[s.source]
@@ -374,27 +499,22 @@ def assemble(
         position = s.header.position or (0.0, 0.0, 0.0)
         slices_out.append(
             SliceRef(
-                sop_instance_uid=sop_instance_uid(ds),
+                sop_instance_uid=str(ds.SOPInstanceUID),
                 sop_class_uid=sop_class_uid(ds),
                 instance_number=instance_number,
                 frame_number=s.header.frame_number if is_multiframe(ds) else None,
                 position=tuple(float(v) for v in position),  # type: ignore[arg-type]
             )
         )
-    used: list[int] = []
-    for s in ordered:
-        if s.source not in used:
-            used.append(s.source)
-    first = datasets[ordered[0].source]
     volume = Volume(
         hu=hu,
         spacing=(float(spacing_z), pixel_spacing[0], pixel_spacing[1]),
         orientation=iop,  # type: ignore[arg-type]
         slices=slices_out,
-        datasets=[datasets[i] for i in used],
-        study_instance_uid=str(first.StudyInstanceUID),
-        series_instance_uid=str(first.SeriesInstanceUID),
-        frame_of_reference_uid=str(first.get("FrameOfReferenceUID") or "") or None,
+        datasets=used_datasets,
+        study_instance_uid=study_uid,
+        series_instance_uid=series_uid,
+        frame_of_reference_uid=frame_uid,
         slice_thickness=slice_thickness,
         warnings=warnings,
     )

@@ -15,6 +15,8 @@ from typing import Any, Sequence
 
 import pydicom
 
+from ct_ai_node.errors import InputRejected
+
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
@@ -26,6 +28,14 @@ CT_SOP_CLASSES = (
     ENHANCED_CT_IMAGE_STORAGE,
     LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE,
 )
+
+
+#: most frames one instance may claim: bounds the work per header (a CT has < 3000 slices)
+MAX_FRAMES = 10000
+#: largest Rows / Columns accepted (CT matrices are 512..2048)
+MAX_MATRIX = 4096
+#: item tag (FFFE,E000) in little endian: encapsulated pixel data starts with it
+_ITEM_TAG_LE = b"\xfe\xff\x00\xe0"
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,78 @@ def number_of_frames(ds: pydicom.Dataset) -> int:
     return max(n, 1)
 
 
+def claimed_frames(ds: pydicom.Dataset) -> int:
+    """NumberOfFrames as written (0 when absent or not a number), unclamped."""
+    try:
+        return int(ds.get("NumberOfFrames") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def native_pixel_bytes(ds: pydicom.Dataset) -> int | None:
+    """Length of a native (not encapsulated) Pixel Data value in memory, else None."""
+    if "PixelData" not in ds:
+        return None
+    try:
+        data = ds.PixelData
+    except Exception:  # noqa: BLE001 - unreadable pixel data is judged by the decoder
+        return None
+    if not isinstance(data, (bytes, bytearray)) or data[:4] == _ITEM_TAG_LE:
+        return None
+    return len(data)
+
+
+def frame_bytes(ds: pydicom.Dataset) -> int | None:
+    """Bytes of one native frame (Rows x Columns x samples x BitsAllocated / 8)."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.get("BitsAllocated") or 16)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if bits % 8 or rows <= 0 or cols <= 0 or samples <= 0:
+        return None
+    return rows * cols * samples * bits // 8
+
+
+def header_problem(ds: pydicom.Dataset, pixel_bytes: int | None = None) -> str | None:
+    """Why the image size or frame count a header claims cannot be trusted, else None.
+
+    Checked before any work proportional to the claim: Rows/Columns above
+    ``MAX_MATRIX``, NumberOfFrames above ``MAX_FRAMES``, a frame count that
+    differs from the number of per-frame functional group items, or more frames
+    than the native pixel data (``pixel_bytes``, else the value in memory) holds.
+    """
+    for keyword in ("Rows", "Columns"):
+        try:
+            value = int(ds.get(keyword) or 0)
+        except (TypeError, ValueError):
+            continue
+        if value > MAX_MATRIX:
+            return f"{keyword} {value} exceeds the limit of {MAX_MATRIX}"
+    n = claimed_frames(ds)
+    if n > MAX_FRAMES:
+        return f"NumberOfFrames {n} exceeds the limit of {MAX_FRAMES} frames"
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None:
+        described = len(per_frame)
+        if described != max(n, 1):
+            return (
+                f"NumberOfFrames {n} but {described} frames described "
+                "(PerFrameFunctionalGroupsSequence)"
+            )
+    if n > 1:
+        if pixel_bytes is None:
+            pixel_bytes = native_pixel_bytes(ds)
+        size = frame_bytes(ds)
+        if pixel_bytes is not None and size and n * size > pixel_bytes:
+            return (
+                f"NumberOfFrames {n} but the pixel data holds {pixel_bytes // size} frames "
+                f"({pixel_bytes} bytes)"
+            )
+    return None
+
+
 def is_multiframe(ds: pydicom.Dataset) -> bool:
     """True for instances whose frames are described by functional groups."""
     return "PerFrameFunctionalGroupsSequence" in ds or number_of_frames(ds) > 1
@@ -130,7 +212,16 @@ def _from_groups(
 
 
 def frame_headers(ds: pydicom.Dataset) -> list[FrameHeader]:
-    """One ``FrameHeader`` per frame of ``ds``, in stored frame order."""
+    """One ``FrameHeader`` per frame of ``ds``, in stored frame order.
+
+    The work is bounded by the frames actually present: a frame count that
+    ``header_problem`` finds absurd or inconsistent is refused at once.
+
+    Raises
+    ------
+    InputRejected
+        With ``header_problem``'s one-line reason (no file name: callers add it).
+    """
     if not is_multiframe(ds):
         return [
             FrameHeader(
@@ -143,6 +234,9 @@ def frame_headers(ds: pydicom.Dataset) -> list[FrameHeader]:
                 intercept=_float(ds.get("RescaleIntercept")) or 0.0,
             )
         ]
+    problem = header_problem(ds)
+    if problem:
+        raise InputRejected(problem)
     n = number_of_frames(ds)
     shared = _group_item(ds.get("SharedFunctionalGroupsSequence"), 0)
     per_frame_seq = ds.get("PerFrameFunctionalGroupsSequence")

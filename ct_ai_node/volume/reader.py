@@ -30,6 +30,7 @@ from ct_ai_node.errors import InputRejected
 from .frames import (
     CT_SOP_CLASSES,
     MEDIA_STORAGE_DIRECTORY_STORAGE,
+    header_problem,
     sop_class_uid,
     sop_instance_uid,
     uid_of,
@@ -61,6 +62,32 @@ _SCAN_TAGS = [pydicom.datadict.tag_for_keyword(k) for k in SCAN_KEYWORDS]
 
 #: prefix of the skip reason of a DICOM file that is damaged (vs. not DICOM at all)
 DAMAGED = "damaged DICOM file"
+#: what ``read_dataset`` repaired in memory, kept on the dataset for the volume's warnings
+NOTES_ATTR = "_ct_ai_node_read_notes"
+#: value representations: two of these letters after a tag mean explicit VR
+_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI "
+    b"UL UN UR US UT UV".split()
+)
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+#: elements the loader needs: an unreadable one refuses the file, any other is dropped
+_NEEDED_TAGS = frozenset(_SCAN_TAGS) | {
+    pydicom.datadict.tag_for_keyword(k)
+    for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData", "HighBit")
+}
+
+
+def read_notes(ds: pydicom.Dataset) -> list[str]:
+    """What ``read_dataset`` repaired in memory for ``ds`` (one line each)."""
+    return list(getattr(ds, NOTES_ATTR, ()))
+
+
+def _add_note(ds: pydicom.Dataset, text: str) -> None:
+    notes = getattr(ds, NOTES_ATTR, None)
+    if notes is None:
+        notes = []
+        object.__setattr__(ds, NOTES_ATTR, notes)
+    notes.append(text)
 
 
 @dataclass(frozen=True)
@@ -204,33 +231,39 @@ def _pixel_data_damage(fp, ds: pydicom.Dataset, file_size: int) -> str | None:
     tag; its length field tells whether the file holds all the bytes it
     announces, and whether that is as many as Rows x Columns x frames need.
     """
+    file_meta = getattr(ds, "file_meta", None)
+    syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if syntax is not None and getattr(syntax, "is_deflated", False):
+        # pydicom inflated the data set into memory: ``fp`` does not stand at
+        # the pixel data; the full read checks its length
+        return header_problem(ds)
     position = fp.tell()
     head = fp.read(12)
     if len(head) < 8:
         if "PixelData" not in ds and ("Rows" in ds or sop_class_uid(ds) in CT_SOP_CLASSES):
             return "truncated before the pixel data"
-        return None
-    file_meta = getattr(ds, "file_meta", None)
-    syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+        return header_problem(ds)
+    little = True
     if syntax is not None and getattr(syntax, "is_transfer_syntax", False):
-        little, implicit = syntax.is_little_endian, syntax.is_implicit_VR
-    else:  # raw stream without file meta: explicit VR shows two letters here
-        little, implicit = True, not (head[4:6].isalpha() and head[4:6].isupper())
+        little = syntax.is_little_endian
+    # explicit or implicit VR from the bytes themselves: the file meta may be
+    # wrong about it (pydicom then reads the data set with the right one)
+    implicit = not (head[4:6] in _LONG_VRS and head[6:8] == b"\0\0")
     fmt = "<" if little else ">"
     group, element = struct.unpack(fmt + "HH", head[:4])
     if (group, element) != (0x7FE0, 0x0010):
-        return None
+        return header_problem(ds)
     if implicit:
         (length,) = struct.unpack(fmt + "I", head[4:8])
         header_length = 8
-    elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN"):
+    else:
         (length,) = struct.unpack(fmt + "I", head[8:12])
         header_length = 12
-    else:
-        (length,) = struct.unpack(fmt + "H", head[6:8])
-        header_length = 8
     if length == 0xFFFFFFFF:  # encapsulated (compressed): checked when decoded
-        return None
+        return header_problem(ds)
+    problem = header_problem(ds, pixel_bytes=length)
+    if problem:
+        return problem
     available = file_size - position - header_length
     if available < length:
         return f"truncated, pixel data {max(available, 0)} of {length} bytes"
@@ -396,10 +429,79 @@ def read_dataset(path: str | os.PathLike[str]) -> pydicom.Dataset:
     bad = unreadable_elements(ds)
     if getattr(ds, "file_meta", None) is not None:
         bad += unreadable_elements(ds.file_meta)
-    if bad:
-        raise InputRejected(f"file {path.name}: damaged header (unreadable element {bad[0]})")
+    needed = [tag for tag in bad if _needed(tag)]
+    if needed:
+        raise InputRejected(f"file {path.name}: damaged header (unreadable element {needed[0]})")
+    if bad:  # private or unused attributes: they do not matter to the volume
+        logger.debug("file %s: unreadable elements dropped %s", path.name, bad)
+        _add_note(ds, "unreadable private or unused elements dropped")
     _ensure_transfer_syntax(ds)
+    if has_prefix:
+        note = _fix_transfer_syntax(ds, path)
+        if note:
+            _add_note(ds, note)
     return ds
+
+
+def _needed(tag_text: str) -> bool:
+    """True for an element (named as ``unreadable_elements`` names it) the loader uses."""
+    try:
+        group, element = (int(part, 16) for part in tag_text.strip("()").split(","))
+    except ValueError:
+        return True
+    if group == 0x0002:
+        return True  # file meta: the transfer syntax
+    return (group << 16 | element) in _NEEDED_TAGS
+
+
+def _data_set_start(head: bytes) -> int | None:
+    """Offset of the first data set element after the preamble and file meta."""
+    off = 132
+    while off + 8 <= len(head):
+        (group,) = struct.unpack("<H", head[off : off + 2])
+        if group != 0x0002:
+            return off
+        vr = head[off + 4 : off + 6]
+        if vr in _LONG_VRS:
+            if off + 12 > len(head):
+                return None
+            (length,) = struct.unpack("<I", head[off + 8 : off + 12])
+            off += 12 + length
+        else:
+            (length,) = struct.unpack("<H", head[off + 6 : off + 8])
+            off += 8 + length
+    return None
+
+
+def _fix_transfer_syntax(ds: pydicom.Dataset, path: Path) -> str | None:
+    """Set the transfer syntax the data set is really encoded in, when the file meta is wrong.
+
+    pydicom reads an implicit VR data set behind a file meta that says explicit
+    VR (and the reverse) by looking at the bytes; the data set then still
+    carries the wrong syntax. Returns a one-line note when it was corrected.
+    """
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is None or not syntax.is_transfer_syntax or syntax.is_deflated:
+        return None
+    if not syntax.is_little_endian:
+        return None
+    try:
+        with open(path, "rb") as fp:
+            head = fp.read(8192)
+    except OSError:
+        return None
+    start = _data_set_start(head)
+    if start is None or start + 8 > len(head):
+        return None
+    explicit = head[start + 4 : start + 6] in _VRS
+    if explicit != syntax.is_implicit_VR:
+        return None
+    actual = pydicom.uid.ExplicitVRLittleEndian if explicit else pydicom.uid.ImplicitVRLittleEndian
+    ds.file_meta.TransferSyntaxUID = actual
+    return (
+        f"file meta transfer syntax {syntax.name} does not match the data set "
+        f"({'explicit' if explicit else 'implicit'} VR): read as {actual.name}"
+    )
 
 
 def _ensure_transfer_syntax(ds: pydicom.Dataset) -> None:

@@ -15,12 +15,13 @@ import pydicom
 from pydicom.multival import MultiValue
 from pydantic import BaseModel, ConfigDict, Field
 
+from ct_ai_node.errors import InputRejected
+
 from .frames import (
     FrameHeader,
     frame_headers,
     image_type,
     sop_class_uid,
-    sop_instance_uid,
     uid_of,
 )
 from .geometry import (
@@ -31,6 +32,7 @@ from .geometry import (
     slice_normal,
     stack_stats,
 )
+from .stack import choose_stack, image_facts, instance_key
 
 #: ImageType values that mark a projection localizer (scout, topogram)
 LOCALIZER_TYPES = frozenset({"LOCALIZER", "SCOUT", "TOPOGRAM"})
@@ -203,19 +205,22 @@ def summarise(datasets: Sequence[pydicom.Dataset], key: str | None = None) -> Se
     first = datasets[0]
     key = key or series_key(first)
 
-    unique: dict[str, pydicom.Dataset] = {}
-    anonymous = 0
+    # distinct images (copies dropped), then the largest consistent stack among
+    # them: the same choice as the assembler's (see ``stack``)
+    problems: list[str] = []
+    unique: dict[tuple, tuple[pydicom.Dataset, list[FrameHeader]]] = {}
     for ds in datasets:
-        uid = sop_instance_uid(ds)
-        if not uid:
-            uid = f"anonymous-{anonymous}"
-            anonymous += 1
-        unique.setdefault(uid, ds)
-    instances = list(unique.values())
-
-    frames: list[FrameHeader] = []
-    for ds in instances:
-        frames.extend(frame_headers(ds))
+        try:
+            headers = frame_headers(ds)
+        except InputRejected as exc:  # absurd frame count: named, not looped over
+            if exc.reason not in problems:
+                problems.append(exc.reason)
+            continue
+        unique.setdefault(instance_key(ds, headers), (ds, headers))
+    entries = list(unique.values())
+    choice = choose_stack([image_facts(ds, headers) for ds, headers in entries])
+    instances = [entries[i][0] for i in choice.kept] or [first]
+    frames: list[FrameHeader] = [h for i in choice.kept for h in entries[i][1]]
 
     sop_classes = [sop_class_uid(ds) for ds in instances]
     sop_class = _most_common(sop_classes, "")
@@ -223,12 +228,6 @@ def summarise(datasets: Sequence[pydicom.Dataset], key: str | None = None) -> Se
     if not modality:
         modality = _MODALITY_OF_SOP_CLASS.get(sop_class, "")
 
-    problems: list[str] = []
-    sizes = {(_int(ds.get("Rows")), _int(ds.get("Columns"))) for ds in instances}
-    sizes.discard((None, None))
-    if len(sizes) > 1:
-        shown = ", ".join(f"{r}x{c}" for r, c in sorted(sizes, key=str)[:3])
-        problems.append(f"mixed image sizes in one series ({shown})")
     rows, columns = _most_common(
         ((_int(ds.get("Rows")), _int(ds.get("Columns"))) for ds in instances), (None, None)
     )
@@ -279,7 +278,7 @@ def summarise(datasets: Sequence[pydicom.Dataset], key: str | None = None) -> Se
         sop_class_uid=sop_class,
         sop_class_uids=tuple(sorted(set(sop_classes) - {""})),
         transfer_syntax_uids=tuple(transfer_syntaxes),
-        n_instances=len(instances),
+        n_instances=len(choice.kept),
         n_files=len(datasets),
         n_frames=len(frames),
         rows=rows,

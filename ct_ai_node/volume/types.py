@@ -37,8 +37,9 @@ class Volume:
     #: ImageOrientationPatient (row cosines, column cosines)
     orientation: tuple[float, float, float, float, float, float]
     slices: list[SliceRef]
-    #: the source datasets (headers and pixel data), one per source instance,
-    #: in the order of first appearance in ``slices``
+    #: the source datasets (headers and pixel data) of the slices in the volume
+    #: only, one per source instance, in the order of first appearance in
+    #: ``slices``; identity UIDs made valid in memory (``identity.repair_identity``)
     datasets: list[pydicom.Dataset]
     study_instance_uid: str
     series_instance_uid: str
