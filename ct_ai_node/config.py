@@ -476,6 +476,9 @@ class ActionSpec(_Model):
     lungs: Optional[Literal["unet", "classical"]] = None
     #: analyse: where the results go; forward: where the series goes
     destinations: list[Name] = []
+    #: analyse only: a series refused by the analysis, or whose analysis fails for good,
+    #: gets an "AI analysis not performed: <reason>" SC + SR at the destinations; default true
+    notify_not_analysed: Optional[StrictBool] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -487,13 +490,15 @@ class ActionSpec(_Model):
                 data["pipeline"] = DEFAULT_PIPELINE
             if data.get("lungs") is None:
                 data["lungs"] = DEFAULT_LUNGS
+            if data.get("notify_not_analysed") is None:
+                data["notify_not_analysed"] = True
         return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "ActionSpec":
         errors: list[tuple[tuple[str | int, ...], str]] = []
         if self.action != "analyse":
-            for field in ("pipeline", "lungs"):
+            for field in ("pipeline", "lungs", "notify_not_analysed"):
                 if getattr(self, field) is not None:
                     errors.append(((field,), f"only for action analyse, not {self.action}"))
         if self.action == "forward" and not self.destinations:

@@ -54,6 +54,7 @@ def _job_payload(rec: SeriesRecord, action: RoutedAction) -> dict:
         "destinations": list(action.destinations),
         "instance_count": rec.instance_count,
         "calling_ae": rec.calling_ae,
+        "notify_not_analysed": action.notify_not_analysed,
     }
 
 

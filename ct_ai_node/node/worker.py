@@ -108,6 +108,11 @@ class Worker:
                 stop.wait(idle_s)
 
     def _fail(self, job: Job, reason: str, retryable: bool) -> None:
+        if job.kind == "analyse" and (not retryable or job.attempts >= job.max_attempts):
+            # the last attempt: the notice is queued before the job goes dead, so a crash in
+            # between still leaves it queued (the claim then marks the job dead)
+            why = reason.removeprefix("analysis failed: ")
+            self._not_analysed(job, f"the analysis failed ({job.attempts} attempt(s)): {why}")
         try:
             self.queue.fail(job.id, reason, retryable=retryable, owner=self.owner)
         except LeaseLost:
@@ -132,14 +137,16 @@ class Worker:
     def _analyse(self, job: Job) -> None:
         from ct_ai_node.analyze import AnalyzeOptions, analyze_folder
 
-        if self.queue.children(job.id):  # analysed before a crash: only the sending is left
+        # analysed before a crash: only the sending is left (notice deliveries do not count:
+        # after a crash the analysis runs again and decides again)
+        if any(not c.payload.get("notice") for c in self.queue.children(job.id)):
             self.queue.set_state(job.id, JobState.SENDING, owner=self.owner)
             self._waiting_parent = job.id
             return
         key = job.payload["series_key"]
         source = self.spool.series_dir(key)
         out = self.outbox / f"job-{job.id}"
-        shutil.rmtree(out, ignore_errors=True)  # a half-written earlier attempt
+        _clear_outbox(out)  # a half-written earlier attempt; a notice on its way stays
         options = AnalyzeOptions(pipeline=job.payload.get("pipeline") or "radlogics",
                                  lungs=job.payload.get("lungs") or "unet",
                                  device=self.config.workers.device)
@@ -147,7 +154,9 @@ class Worker:
         doc = analyze_folder(source, out, options)
         seconds = time.perf_counter() - start
         if doc.status == "rejected":
-            # the series cannot be analysed: final, with the reason on the job and in result.json
+            # the series cannot be analysed: final, with the reason on the job and in result.json;
+            # the notice's deliveries (children) go on after the job is final
+            self._not_analysed(job, doc.reason or "refused by the analysis")
             self.queue.mark_failed(job.id, f"not analysed: {doc.reason}")
             logger.info("job %d: series %s not analysed: %s", job.id, key, doc.reason)
             return
@@ -157,6 +166,67 @@ class Worker:
         logger.info("job %d: analysis done in %.1f s: %s, p=%.3f, %d objects", job.id, seconds, doc.label,
                     doc.probability or 0.0, len(doc.outputs))
         self._start_deliveries(job, [out / name for name in doc.outputs])
+
+    def _not_analysed(self, job: Job, reason: str) -> None:
+        """Write the "AI analysis not performed: <reason>" SC + SR into the job's outbox
+        folder and queue one ``deliver`` child per destination (key ``notice:<job>:<name>``:
+        once per job, retried and dead-lettered like results). Never raises: the job's own
+        failure must be recorded whatever happens here."""
+        destinations = job.payload.get("destinations") or []
+        if job.payload.get("notify_not_analysed") is False or not destinations:
+            return
+        try:
+            if any(c.payload.get("notice") for c in self.queue.children(job.id)):
+                return  # queued before (a crash, a requeue): its files stay as they were sent
+            files = self._write_notice(job, reason)
+            if not files:
+                return
+            for name in destinations:
+                self.queue.enqueue("deliver", {"destination": name, "files": [str(p) for p in files],
+                                               "series_key": job.payload.get("series_key"), "notice": True},
+                                   key=f"notice:{job.id}:{name}", parent_id=job.id,
+                                   max_attempts=self.config.retry.max_attempts)
+            logger.info("job %d: not-analysed notice queued for %s", job.id, ", ".join(destinations))
+        except Exception:  # noqa: BLE001 - see above
+            logger.exception("job %d: the not-analysed notice could not be queued", job.id)
+
+    def _write_notice(self, job: Job, reason: str) -> list[Path]:
+        import json
+
+        import pydicom
+
+        from ct_ai_node.output_folder import write_dataset
+        from ct_ai_node.writers.notice import algorithm_for_pipeline, build_notice
+
+        header = None
+        for path in self.spool.instance_paths(job.payload["series_key"]):
+            try:
+                header = pydicom.dcmread(path, stop_before_pixels=True)
+                break
+            except Exception:  # noqa: BLE001 - try the next file
+                continue
+        if header is None:
+            logger.warning("job %d: no readable instance left: no not-analysed notice", job.id)
+            return []
+        pipeline = job.payload.get("pipeline") or "radlogics"
+        notice = build_notice(header, reason, algorithm_for_pipeline(pipeline), pipeline)
+        out = self.outbox / f"job-{job.id}"
+        out.mkdir(parents=True, exist_ok=True)
+        files = []
+        for name, ds in notice.named():
+            write_dataset(ds, out / name)
+            files.append(out / name)
+        # result.json (written by the analysis, or not when it raised) names the notice too
+        doc_path = out / "result.json"
+        try:
+            doc = json.loads(doc_path.read_text())
+        except (OSError, ValueError):
+            doc = {"status": "failed", "reason": reason}
+        doc["notice_outputs"] = notice.sop_classes()
+        tmp = out / ".result.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        os.replace(tmp, doc_path)
+        return files
 
     def _forward(self, job: Job) -> None:
         files = self.spool.instance_paths(job.payload["series_key"])
@@ -190,6 +260,22 @@ class Worker:
             return
         self.queue.complete(job.id, owner=self.owner)
         logger.info("job %d: %d object(s) delivered to %s in %.2f s", job.id, report.total, name, report.seconds)
+
+
+def _clear_outbox(out: Path) -> None:
+    """Remove what an earlier attempt left in ``out``, except notice files whose deliveries
+    may still be reading them (rewritten with the same content if needed again)."""
+    from ct_ai_node.writers.notice import SC_FILE, SR_FILE
+
+    if not out.is_dir():
+        return
+    for path in out.iterdir():
+        if path.name in (SC_FILE, SR_FILE):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def worker_process_main(config_json: str, owner: str, log_level: int = logging.INFO) -> None:

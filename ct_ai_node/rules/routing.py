@@ -94,6 +94,9 @@ class RoutedAction:
     pipeline: str | None = None
     lungs: str | None = None
     destinations: tuple[str, ...] = ()
+    #: analyse: send an "AI analysis not performed" notice when the analysis refuses the
+    #: series or fails for good (meaningless for the other actions)
+    notify_not_analysed: bool = True
 
 
 @dataclass(frozen=True)
@@ -332,14 +335,16 @@ def check_condition(condition: Condition, facts: SeriesFacts) -> tuple[bool, str
 
 def _routed(name: str, spec: ActionSpec) -> RoutedAction:
     return RoutedAction(rule=name, action=spec.action, pipeline=spec.pipeline, lungs=spec.lungs,
-                        destinations=tuple(spec.destinations))
+                        destinations=tuple(spec.destinations),
+                        notify_not_analysed=spec.notify_not_analysed is not False)
 
 
 def describe_action(action: RoutedAction) -> str:
     """``analyse (pipeline radlogics, lungs unet) -> pacs``."""
     text = action.action
     if action.action == "analyse":
-        text += f" (pipeline {action.pipeline}, lungs {action.lungs})"
+        notice = "" if action.notify_not_analysed else ", no not-analysed notice"
+        text += f" (pipeline {action.pipeline}, lungs {action.lungs}{notice})"
     if action.destinations:
         text += " -> " + ", ".join(action.destinations)
     return text
