@@ -5,9 +5,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
-DEBIAN_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-python
+DEBIAN_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-python chromium
+# The OHIF viewer test (tests/test_ohif_viewer.py): OHIF's prebuilt app (npm @ohif/app ships
+# dist/) and playwright-core to drive Debian's chromium, into the gitignored .ohif/
+OHIF_VERSION := 3.13.2
+PLAYWRIGHT_CORE_VERSION := 1.65.2
+OHIF_DIR := .ohif
+OHIF_STAMP := $(OHIF_DIR)/.installed-$(OHIF_VERSION)-$(PLAYWRIGHT_CORE_VERSION)
 
-.PHONY: install system-deps demo test train evaluate benchmark clean
+.PHONY: install system-deps ohif-viewer demo test train evaluate benchmark clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,17 +31,34 @@ system-deps:
 	for tool in dciodvfy storescu; do command -v $$tool >/dev/null || missing=yes; done; \
 	command -v Orthanc >/dev/null || test -x /usr/sbin/Orthanc || missing=yes; \
 	test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing=yes; \
+	command -v chromium >/dev/null || missing=yes; \
 	test -e /usr/share/orthanc/plugins/libOrthancPython.so || missing=yes; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null; then \
 	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(DEBIAN_PACKAGES); \
 	  else echo "apt-get not found: install $(DEBIAN_PACKAGES) by hand"; fi; \
 	fi
+	@# node and npm for the OHIF viewer test, unless the machine already has them
+	@if ! command -v node >/dev/null || ! command -v npm >/dev/null; then \
+	  if command -v apt-get >/dev/null; then \
+	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nodejs npm; \
+	  else echo "apt-get not found: install node and npm by hand"; fi; \
+	fi
+
+$(OHIF_STAMP):
+	rm -rf $(OHIF_DIR) && mkdir -p $(OHIF_DIR)
+	echo '{"private": true}' > $(OHIF_DIR)/package.json
+	cd $(OHIF_DIR) && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null \
+	  && tar xzf ohif-app-$(OHIF_VERSION).tgz && mv package app && rm ohif-app-$(OHIF_VERSION).tgz
+	cd $(OHIF_DIR) && npm install --silent --no-audit --no-fund --no-package-lock playwright-core@$(PLAYWRIGHT_CORE_VERSION)
+	touch $@
+
+ohif-viewer: system-deps $(OHIF_STAMP)
 
 demo: install
 	$(VENV)/bin/ct-ai-node demo --workdir out/demo
 
-test: install system-deps
+test: install system-deps ohif-viewer
 	$(PY) -m pytest -q -rs
 
 train: install

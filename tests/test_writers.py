@@ -24,7 +24,14 @@ from ct_ai_node.writers.secondary_capture import (
     build_key_object_selection,
 )
 from ct_ai_node.writers.seg import build_seg
-from ct_ai_node.writers.sr import COVID_19, CORONA_SCORE, LUNG_INVOLVEMENT, POSITIVE_SLICE_RATIO, build_sr
+from ct_ai_node.writers.sr import (
+    COVID_19,
+    CORONA_SCORE,
+    LUNG_INVOLVEMENT,
+    POSITIVE_SLICE_RATIO,
+    build_display_sr,
+    build_sr,
+)
 
 from helpers_writers import (
     dciodvfy_errors,
@@ -201,7 +208,7 @@ def test_result_uids_are_valid_distinct_and_repeatable(volume, result):
     instances = [sop for _, sop in first]
     assert len(set(instances)) == len(instances)
     assert all(UID(sop).is_valid for sop in instances)
-    assert len({series for series, _ in first}) == 5  # SEG, heat maps, key images, SR, KOS
+    assert len({series for series, _ in first}) == 6  # SEG, heat maps, key images, SR, KOS, display SR
     base = ResultUids.for_analysis(volume, result)
     others = [ResultUids.for_analysis(volume, result, revision=2),
               ResultUids(base.source_series_uid, "ctnet", base.model_versions),
@@ -395,6 +402,42 @@ def test_sr_requires_the_seg(volume, result):
         build_sr(volume, result, volume.datasets[0], [], 904)
 
 
+def test_display_sr_holds_only_the_drawable_region(any_volume):
+    """The display SR: TID 1500 with the full report's planar group alone (same tracking
+    UID), every group with a SCOORD on a source image (what OHIF v3 needs to draw it)."""
+    volume = any_volume
+    result = make_result(volume)
+    seg = build_seg(volume, result, 901)
+    full = hd.sr.srread(io.BytesIO(to_bytes(build_sr(volume, result, seg, [], 904))))
+    display = build_display_sr(volume, result, 908)
+    back = hd.sr.srread(io.BytesIO(to_bytes(display)))
+    assert isinstance(back, hd.sr.Comprehensive3DSR) and back.SeriesNumber == 908
+    assert back.StudyInstanceUID == volume.study_instance_uid
+    assert back.SeriesInstanceUID != full.SeriesInstanceUID and back.SOPInstanceUID != full.SOPInstanceUID
+    assert "NOT FOR DIAGNOSTIC USE" in back.SeriesDescription
+    report = back.content
+    assert not report.get_volumetric_roi_measurement_groups() and not report.get_image_measurement_groups()
+    (planar,) = report.get_planar_roi_measurement_groups()
+    (full_planar,) = full.content.get_planar_roi_measurement_groups()
+    assert planar.tracking_uid == full_planar.tracking_uid
+    assert planar.tracking_identifier == full_planar.tracking_identifier
+    assert np.array_equal(planar.roi.value, full_planar.roi.value)
+    assert _measurement(planar, codes.SCT.Area) == pytest.approx(_measurement(full_planar, codes.SCT.Area))
+    src = planar.roi.ContentSequence[0].ReferencedSOPSequence[0]  # SELECTED FROM: the CT image
+    full_src = full_planar.roi.ContentSequence[0].ReferencedSOPSequence[0]
+    assert src.ReferencedSOPInstanceUID == full_src.ReferencedSOPInstanceUID
+    assert result.infection_mask[slice_of(volume, src.ReferencedSOPInstanceUID, src.get("ReferencedFrameNumber"))].any()
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for study in back.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert {ref.sop_instance_uid for ref in volume.slices} == evidence
+    assert display.SOPInstanceUID == build_display_sr(volume, result, 908).SOPInstanceUID  # repeatable
+    assert_valid(display)
+
+
 # --- everything together ------------------------------------------------------------------
 
 
@@ -406,16 +449,16 @@ def test_build_outputs_names_series_and_uids(volume, result):
     assert names[0] == "seg.dcm" and "sr.dcm" in names and "ko.dcm" in names
     assert "heatmap_0001.dcm" in names and "key_0001.dcm" in names
     assert len(set(names)) == len(names)
-    numbers = {n.split("_")[0].removesuffix(".dcm"): int(ds.SeriesNumber) for n, ds in named}
-    assert numbers == {"seg": 901, "heatmap": 902, "key": 903, "sr": 904, "ko": 905}
+    numbers = {n.removesuffix(".dcm").rstrip("_0123456789"): int(ds.SeriesNumber) for n, ds in named}
+    assert numbers == {"seg": 901, "heatmap": 902, "key": 903, "sr": 904, "ko": 905, "sr_display": 908}
     datasets = [ds for _, ds in named]
     assert len({ds.SOPInstanceUID for ds in datasets}) == len(datasets)
     assert {ds.StudyInstanceUID for ds in datasets} == {volume.study_instance_uid}
     series_uids = {}
     for name, ds in named:
-        series_uids.setdefault(name.split("_")[0], set()).add(ds.SeriesInstanceUID)
+        series_uids.setdefault(name.removesuffix(".dcm").rstrip("_0123456789"), set()).add(ds.SeriesInstanceUID)
     assert all(len(v) == 1 for v in series_uids.values())
-    assert len(set().union(*series_uids.values())) == 5
+    assert len(set().union(*series_uids.values())) == 6
     assert volume.series_instance_uid not in set().union(*series_uids.values())
     for ds in datasets:
         assert ds.Manufacturer == "ct-ai-node"

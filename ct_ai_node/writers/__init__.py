@@ -12,6 +12,7 @@ SEG                 :func:`seg.build_seg`                      ``seg.dcm``      
 heat-map SC series  :func:`secondary_capture.build_heatmap_series`  ``heatmap_0001.dcm``  base+2
 key-image SC series :func:`secondary_capture.build_key_image_series`  ``key_0001.dcm``  base+3
 SR (TID 1500)       :func:`sr.build_sr`                        ``sr.dcm``        base+4
+display SR          :func:`sr.build_display_sr`  (OHIF draws it)  ``sr_display.dcm``  base+8
 KOS (optional)      :func:`secondary_capture.build_key_object_selection`  ``ko.dcm``  base+5
 ==================  =========================================  ================  ======
 """
@@ -36,7 +37,7 @@ from ct_ai_node.writers.secondary_capture import (
     build_key_object_selection,
 )
 from ct_ai_node.writers.seg import build_seg
-from ct_ai_node.writers.sr import build_sr
+from ct_ai_node.writers.sr import DISPLAY_SR_SERIES_OFFSET, build_display_sr, build_sr
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ __all__ = [
     "build_key_object_selection",
     "build_outputs",
     "build_seg",
+    "build_display_sr",
     "build_sr",
 ]
 
@@ -66,6 +68,8 @@ class OutputSet:
     key_object_selection: Dataset | None = None
     #: seconds spent per builder ("seg", "heatmap", "key_images", "sr", "ko")
     timings_s: dict[str, float] = field(default_factory=dict)
+    #: the display SR: the SR's planar finding alone, which image viewers can draw
+    display_sr: Dataset | None = None
 
     def named(self) -> Iterator[tuple[str, Dataset]]:
         """(file name, dataset) pairs: ``seg.dcm``, ``heatmap_0001.dcm``...,
@@ -77,6 +81,8 @@ class OutputSet:
             yield f"key_{i:04d}.dcm", ds
         if self.sr is not None:
             yield "sr.dcm", self.sr
+        if self.display_sr is not None:
+            yield "sr_display.dcm", self.display_sr
         if self.key_object_selection is not None:
             yield "ko.dcm", self.key_object_selection
 
@@ -143,12 +149,14 @@ def _build_outputs(volume, result, series_number_base, institution_name, heatmap
         if key_images else []
     )
     sr = timed("sr", build_sr, volume, result, seg, keys, numbers.sr, institution_name=institution_name, uids=uids)
+    display = timed("sr_display", build_display_sr, volume, result, numbers.base + DISPLAY_SR_SERIES_OFFSET,
+                    institution_name=institution_name, uids=uids)
     ko = (
         timed("ko", build_key_object_selection, keys, numbers.key_object_selection,
               result=result, institution_name=institution_name, uids=uids)
         if key_object_selection and keys else None
     )
-    out = OutputSet(seg, maps, keys, sr, ko, timings)
+    out = OutputSet(seg, maps, keys, sr, ko, timings, display_sr=display)
     logger.info(
         "built %d result objects (SEG %d frames, %d heat maps, %d key images) in %.2f s",
         len(out.datasets()), int(seg.NumberOfFrames), len(maps), len(keys), sum(timings.values()),

@@ -12,7 +12,13 @@ Content, under an observer context that names the algorithm as the device:
   positive slice ratio;
 - one planar ROI group (TID 1410) with a closed SCOORD POLYLINE (first point == last) on the source CT: the outline
   of the largest infection region on the top key slice (or of the right lung when there
-  is no infection), with its area. OHIF draws SRs only when such a region exists.
+  is no infection), with its area.
+
+OHIF v3 (3.13) cannot open this report: its SR loader expects every measurement group
+to carry geometry and throws on the volumetric and classification groups. So a second,
+*display* SR (:func:`build_display_sr`, TID 1500 too) holds only the planar group, with
+the same tracking UID: viewers draw it on the CT image, while the full report stays the
+one with the SEG-referencing findings.
 
 Codes come from pydicom's code dictionary; concepts no public terminology has (Corona
 score, positive slice ratio, percentage of lung involved, decision threshold) use the
@@ -71,6 +77,10 @@ MM2 = codes.UCUM.SquareMillimeter
 PERCENT = codes.UCUM.Percent
 RATIO = codes.UCUM.Ratio
 PROBABILITY_UNIT = CodedConcept("{probability}", "UCUM", "probability")
+
+#: (0020,0011) Series Number of the display SR: base + 8 (base+1..+5 are the result
+#: series of common.SeriesNumbers, +6 and +7 the failure notices of writers.notice)
+DISPLAY_SR_SERIES_OFFSET = 8
 
 
 @dataclass(frozen=True)
@@ -349,22 +359,64 @@ def build_sr(
             imaging_measurements=groups,
             referenced_images=_library_images(volume, region) if image_library else None,
         )
-        sr = hd.sr.Comprehensive3DSR(
-            evidence=[*volume.datasets, seg_dataset, *key_images],
-            content=report[0],
-            series_instance_uid=uids.uid("sr", "series"),
-            series_number=series_number,
-            sop_instance_uid=uids.uid("sr", "instance"),
-            instance_number=1,
-            manufacturer=common.MANUFACTURER,
-            is_complete=True,
-            is_final=False,
-            is_verified=False,
-            institution_name=institution_name,
-            series_description=common.series_description("AI report", result),
-            manufacturer_model_name=common.MODEL_NAME,
-            software_versions=common.SOFTWARE_VERSION,
-            coding_schemes=[LOCAL_CODING_SCHEME],
-            **common.content_date_time(),
-        )
+        sr = _report_object(report, [*volume.datasets, seg_dataset, *key_images], "sr", series_number,
+                            common.series_description("AI report", result), uids, institution_name)
     return sr
+
+
+def _report_object(report: hd.sr.MeasurementReport, evidence: list[Dataset], role: str, series_number: int,
+                   description: str, uids: common.ResultUids, institution_name: str | None) -> hd.sr.Comprehensive3DSR:
+    """The SR instance around ``report``; its series and instance UIDs are ``uids.uid(role, ...)``."""
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report[0],
+        series_instance_uid=uids.uid(role, "series"),
+        series_number=series_number,
+        sop_instance_uid=uids.uid(role, "instance"),
+        instance_number=1,
+        manufacturer=common.MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=institution_name,
+        series_description=description,
+        manufacturer_model_name=common.MODEL_NAME,
+        software_versions=common.SOFTWARE_VERSION,
+        coding_schemes=[LOCAL_CODING_SCHEME],
+        **common.content_date_time(),
+    )
+
+
+def build_display_sr(
+    volume: Volume,
+    result: AnalysisResult,
+    series_number: int = 900 + DISPLAY_SR_SERIES_OFFSET,
+    *,
+    institution_name: str | None = None,
+    image_library: bool = True,
+    uids: common.ResultUids | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """Build the display SR: a TID 1500 report with only the planar region (TID 1410).
+
+    Image viewers that draw SR measurements (OHIF v3) need every measurement group to
+    carry geometry on a loaded image; this report is the full report's drawable part:
+    the same planar group (same tracking UID, so the same finding), its area, on the
+    source CT image it was drawn on. The full report (:func:`build_sr`) keeps the
+    volumes, the SEG references and the classification.
+
+    Parameters are those of :func:`build_sr`; series and instance UIDs come from
+    ``uids.uid("sr_display", ...)``.
+    """
+    common.check_result_matches(volume, result)
+    uids = uids or common.ResultUids.for_analysis(volume, result)
+    with common.building("display SR"):
+        region = choose_region(volume, result)
+        report = hd.sr.MeasurementReport(
+            observation_context=hd.sr.ObservationContext(observer_device_context=_device_context(result)),
+            procedure_reported=CT_CHEST,
+            imaging_measurements=[_planar_group(volume, result, region, _algorithm_id(result), uids)],
+            referenced_images=_library_images(volume, region) if image_library else None,
+        )
+        return _report_object(report, list(volume.datasets), "sr_display", series_number,
+                              common.series_description("AI finding on image", result),
+                              uids, institution_name)
