@@ -225,6 +225,9 @@ class CompletenessSection(_Model):
 
     quiet_time_s: float = Field(20.0, gt=0, le=3600)
     check_interval_s: float = Field(2.0, gt=0, le=600)
+    #: routing one complete series (reading its header, the rules) may take this long; then
+    #: the series ends ``failed`` and the dispatcher goes on with the others
+    route_timeout_s: float = Field(30.0, ge=1, le=3600)
 
 
 class WorkersSection(_Model):

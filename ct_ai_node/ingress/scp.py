@@ -36,13 +36,57 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from pydicom import uid as dcm_uid
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config as pynetdicom_config, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from ..spool import BadInstance, InstanceMeta, Spool, StoredInstance, dataset_header, part10
 
 log = logging.getLogger(__name__)
+
+#: longest UID the DIMSE layer lets through (PS3.5 says 64; senders in the wild exceed it)
+MAX_UID_CHARS = 256
+
+
+def lenient_uid(value: object) -> tuple[bool, str]:
+    """pynetdicom's ``_config.VALIDATORS["UI"]``, accepting over-long UIDs.
+
+    pynetdicom 3.0 refuses a UID over 64 characters even with ENFORCE_UID_CONFORMANCE off,
+    and a refused Affected SOP Instance UID loses the whole C-STORE: no response, the
+    association aborted, the sender never learns why. Real senders do send such UIDs. With
+    this, the request reaches ``StorageSCP._store``, which answers every C-STORE with a
+    status (stores and flags an over-long UID; the spool names the file by a hash and the
+    loader mints valid UIDs). Still refused: what cannot be carried as one UI value.
+    """
+    if not isinstance(value, str):
+        return False, "must be pydicom.uid.UID"
+    if not value:
+        return False, "must not be an empty str"
+    if len(value) > MAX_UID_CHARS:
+        return False, f"must not exceed {MAX_UID_CHARS} characters"
+    if not value.isascii() or "\\" in value:
+        return False, "must be ASCII without backslashes"
+    return True, ""
+
+
+# Once, at import, for the whole process (pynetdicom has no per-AE setting); see lenient_uid.
+pynetdicom_config.VALIDATORS["UI"] = lenient_uid
+
+
+def uid_problem(uid: str) -> tuple[str, bool] | None:
+    """(what is wrong, whether it can be stored anyway) for a non-conformant UID, else None."""
+    if uid.strip("0123456789.") or not uid[:1].isdigit():
+        return "not digits and dots", False
+    if len(uid) > 64:
+        return f"{len(uid)} characters (more than 64)", True
+    return None
+
+
+def _same_uid(in_data_set: str, in_request: str) -> bool:
+    # DCMTK's storescu cuts the request's Affected SOP Instance UID to 64 characters
+    return in_data_set == in_request or (
+        len(in_request) == 64 and len(in_data_set) > 64 and in_data_set.startswith(in_request))
+
 
 #: accepted as sent: the spool keeps the bytes, nothing is decoded or transcoded here
 TRANSFER_SYNTAXES = (
@@ -221,6 +265,7 @@ class _AssocState:
     series: set[str] = field(default_factory=set)
     stored: int = 0
     failed: int = 0
+    flagged: int = 0  # stored with a non-conformant SOP Instance UID
 
 
 class StorageSCP:
@@ -387,11 +432,21 @@ class StorageSCP:
             log.warning("C-STORE from %s refused (0xC000): %s", calling_ae, exc)
             return CANNOT_UNDERSTAND
         sop_class = str(req.AffectedSOPClassUID or "").strip()
-        if hdr["SOPInstanceUID"] != str(req.AffectedSOPInstanceUID or "").strip() or (
+        if not _same_uid(hdr["SOPInstanceUID"], str(req.AffectedSOPInstanceUID or "").strip()) or (
                 hdr["SOPClassUID"] and hdr["SOPClassUID"] != sop_class):
             log.warning("C-STORE from %s refused (0xA900): SOP class/instance UID of the data set differ from "
                         "the request's", calling_ae)
             return DATA_SET_DOES_NOT_MATCH
+        problem = uid_problem(hdr["SOPInstanceUID"])
+        if problem is not None and not problem[1]:
+            log.warning("C-STORE from %s refused (0xC000): SOP Instance UID is %s", calling_ae, problem[0])
+            return CANNOT_UNDERSTAND
+        if problem is not None:  # stored under a hashed file name; the loader mints valid UIDs
+            with self._lock:
+                state.flagged += 1
+                first = state.flagged == 1
+            log.log(logging.WARNING if first else logging.DEBUG, "C-STORE from %s: SOP Instance UID of %s; "
+                    "stored anyway (counted in the association's summary)", calling_ae, problem[0])
         meta = InstanceMeta(
             sop_instance_uid=hdr["SOPInstanceUID"], sop_class_uid=sop_class,
             study_instance_uid=hdr["StudyInstanceUID"], series_instance_uid=hdr["SeriesInstanceUID"],
@@ -422,8 +477,8 @@ class StorageSCP:
         host = assoc.requestor.address
         how = "released" if assoc.is_released else "aborted" if assoc.is_aborted else "ended"
         log.log(logging.INFO if state.stored or state.failed else logging.DEBUG,
-                "association from %s@%s %s: %d instance(s) stored, %d refused, %d series", calling_ae, host,
-                how, state.stored, state.failed, len(state.series))
+                "association from %s@%s %s: %d instance(s) stored (%d with a non-conformant UID), %d refused, "
+                "%d series", calling_ae, host, how, state.stored, state.flagged, state.failed, len(state.series))
         if not state.series:
             return
         keys = sorted(state.series)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from pathlib import Path
@@ -52,7 +53,7 @@ class Node:
         self.spool = Spool(st.spool_dir, st.db_path, fsync=st.fsync)
         self.queue = SqliteJobQueue(st.db_path, backoff_initial_s=config.retry.backoff_initial_s,
                                     backoff_max_s=config.retry.backoff_max_s)
-        self.dispatcher = Dispatcher(config, self.spool, self.queue)
+        self.dispatcher = Dispatcher(config, self.spool, self.queue, log_level=log_level)
         self.n_workers = config.workers.count if workers is None else workers
         self.log_level = log_level
         self.scp = None
@@ -126,6 +127,7 @@ class Node:
             self.status.stop()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
+        self.dispatcher.close()  # a tick waiting on a slow series returns now
         if self.scp is not None:
             self.scp.stop()
         for proc in self._workers:
@@ -147,7 +149,8 @@ class Node:
         self.stop()
 
     def serve_forever(self) -> None:
-        """Block until SIGTERM / SIGINT, then stop cleanly."""
+        """Block until SIGTERM / SIGINT, then stop cleanly, and in bounded time: a thread that
+        is still stuck afterwards (or a stop() that hangs) ends the process after a log line."""
         from ct_ai_node.stop_signals import StopSignals
 
         with StopSignals() as stop:
@@ -155,4 +158,39 @@ class Node:
             try:
                 stop.wait()
             finally:
+                watchdog = threading.Timer(STOP_DEADLINE_S, _force_exit,
+                                           args=(f"stopping took longer than {STOP_DEADLINE_S:g} s",))
+                watchdog.daemon = True
+                watchdog.start()
                 self.stop()
+                _exit_if_threads_stuck(STUCK_THREAD_GRACE_S)
+                watchdog.cancel()
+
+
+#: stop() waits up to 10 s for workers and for associations each; beyond this, something hangs
+STOP_DEADLINE_S = 45.0
+#: after stop(), how long other non-daemon threads get to end before the process exits anyway
+STUCK_THREAD_GRACE_S = 3.0
+
+
+def _force_exit(why: str) -> None:
+    logger.error("%s; ending the process now", why)
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+    os._exit(1)
+
+
+def _exit_if_threads_stuck(grace_s: float) -> None:
+    """Python joins every non-daemon thread at exit, forever: one stuck in native code or a
+    loop (a pool thread of apscheduler running a tick) would keep the stopped node alive."""
+    deadline = time.monotonic() + grace_s
+    me = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not me and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in threading.enumerate() if t is not me and not t.daemon and t.is_alive()]
+    if stuck:
+        _force_exit(f"node stopped but thread(s) {', '.join(stuck)} still run")

@@ -1,7 +1,8 @@
 """The node's status page and metrics over HTTP (read-only, from the node's database).
 
 ``GET /``         a small HTML page for the administrator: jobs by state, recent jobs
-                  with their errors, series in the spool by state.
+                  with their errors, series in the spool by state, series that could
+                  not be routed (``failed``) with the reason.
 ``GET /status``   the same as JSON.
 ``GET /metrics``  Prometheus text format (prometheus-client): jobs by kind and state,
                   series by state, spool free space.
@@ -36,8 +37,12 @@ def snapshot(queue, spool, limit: int = 30) -> dict:
              "about": j.payload.get("destination") or j.payload.get("rule") or "",
              "updated": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.updated_at)),
              "error": j.last_error or ""} for j in queue.list(limit=limit)]
+    failed = sorted((r for r in series if r.state == "failed"), key=lambda r: r.updated_at, reverse=True)
+    failed_series = [{"series": r.key, "instances": r.instance_count, "caller": r.calling_ae,
+                      "updated": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.updated_at)),
+                      "reason": r.reason or ""} for r in failed[:limit]]
     return {"jobs_by_state": queue.counts(), "series_by_state": by_state, "spool_free_mb": round(spool.free_mb()),
-            "recent_jobs": jobs}
+            "recent_jobs": jobs, "failed_series": failed_series}
 
 
 class _Collector:
@@ -76,6 +81,9 @@ def _page(data: dict) -> str:
             f"<h1>ct-ai-node</h1><p>Jobs: {html.escape(counts)}</p><p>Series in the spool: {html.escape(series)}; "
             f"free space {data['spool_free_mb']} MB</p><h2>Recent jobs</h2>"
             + table(data["recent_jobs"], ["id", "kind", "state", "attempts", "about", "parent", "updated", "error"])
+            + ("<h2>Series that could not be routed</h2>"
+               + table(data["failed_series"], ["series", "instances", "caller", "updated", "reason"])
+               if data["failed_series"] else "")
             + "<p>Re-run a job: <code>ct-ai-node jobs requeue ID --config FILE</code></p></body></html>")
 
 

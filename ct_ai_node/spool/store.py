@@ -37,7 +37,9 @@ from .dicomfile import BadInstance, read_header
 
 log = logging.getLogger(__name__)
 
-STATES = ("receiving", "complete", "routed", "discarded")
+#: ``failed``: the dispatcher could not route it (unreadable, implausible or too slow a header);
+#: ``reason`` says why, and it is tried again only when new instances arrive
+STATES = ("receiving", "complete", "routed", "discarded", "failed")
 SIDECAR = "series.json"
 _UID_NAME = re.compile(r"^[0-9][0-9.]{0,63}$")
 
@@ -55,7 +57,8 @@ CREATE TABLE IF NOT EXISTS series (
     instance_count INTEGER NOT NULL DEFAULT 0,
     released_at REAL,
     state TEXT NOT NULL DEFAULT 'receiving',
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    reason TEXT
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state);
 CREATE TABLE IF NOT EXISTS instances (
@@ -116,6 +119,7 @@ class SeriesRecord:
     released_at: float | None
     state: str
     updated_at: float
+    reason: str | None = None  # why the series is ``failed``
 
 
 @dataclass
@@ -213,6 +217,13 @@ class Spool:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous}")
             self._db.executescript(_SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(series)")}
+            if "reason" not in columns:  # a database from before the failed state
+                try:
+                    self._db.execute("ALTER TABLE series ADD COLUMN reason TEXT")
+                except sqlite3.OperationalError as exc:  # another process added it meanwhile
+                    if "duplicate column" not in str(exc):
+                        raise
 
     def close(self) -> None:
         with self._lock:
@@ -343,11 +354,13 @@ class Spool:
                                  [(now, k, calling_ae) for k in keys])
         log.debug("association from %s@%s ended: %d series released", calling_ae, host, len(keys))
 
-    def set_series_state(self, key: str, state: str) -> None:
+    def set_series_state(self, key: str, state: str, reason: str | None = None) -> None:
+        """``reason``: one line saying why (kept for ``failed``; other states clear it)."""
         if state not in STATES:
             raise ValueError(f"unknown series state {state!r} (one of {', '.join(STATES)})")
         with self._tx():
-            cur = self._db.execute("UPDATE series SET state=?, updated_at=? WHERE key=?", (state, time.time(), key))
+            cur = self._db.execute("UPDATE series SET state=?, reason=?, updated_at=? WHERE key=?",
+                                   (state, reason, time.time(), key))
         if cur.rowcount == 0:
             raise KeyError(key)
 
