@@ -109,8 +109,8 @@ def analyze_folder(input_dir: Path, out_dir: Path, options: AnalyzeOptions | Non
         with _stage(timings, "pipeline", report):
             result = analyse_volume(volume, method, lungs, opts.pipeline_settings, opts.pipeline, infection)
         with _stage(timings, "outputs", report):
-            outputs, output_times = write_outputs(volume, result, out_dir, series_number_base=opts.series_number_base,
-                                                  parallel=opts.parallel_writers)
+            written = write_outputs(volume, result, out_dir, series_number_base=opts.series_number_base,
+                                    parallel=opts.parallel_writers)
     except InputRejected as exc:
         logger.info("analysis rejected: %s", exc.reason)
         doc = ResultDocument(status="rejected", reason=exc.reason, pipeline=opts.pipeline, version=__version__,
@@ -125,8 +125,10 @@ def analyze_folder(input_dir: Path, out_dir: Path, options: AnalyzeOptions | Non
         write_result(doc, out_dir)
         return doc
     stage_times = {**{f"pipeline.{k}": v for k, v in result.timings_s.items()},
-                   **output_times, **timings}
+                   **written.timings, **timings}
     stage_times["total"] = round(time.perf_counter() - t_all, 3)
-    doc = result_document(volume, result, outputs, stage_times, skipped, __version__)
+    # the volume as the writers saw it (repaired UIDs); their repairs and failures are warnings
+    doc = result_document(written.volume or volume, result, written.outputs, stage_times, skipped, __version__,
+                          extra_warnings=written.warnings)
     write_result(doc, out_dir)
     return doc

@@ -16,6 +16,7 @@ import os
 import time
 import traceback
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
@@ -23,7 +24,8 @@ import pydicom
 from ct_ai_node.errors import OutputError
 from ct_ai_node.pipeline.types import AnalysisResult
 from ct_ai_node.volume.types import Volume
-from ct_ai_node.writers import build_heatmap_series, build_outputs
+from ct_ai_node.writers import OutputSet, build_heatmap_series, build_outputs, one_line
+from ct_ai_node.writers.source_header import sanitise_volume
 from ct_ai_node.writers.common import ResultUids, SeriesNumbers
 
 logger = logging.getLogger(__name__)
@@ -58,9 +60,9 @@ def _write_heatmaps(volume: Volume, result: AnalysisResult, out_dir: Path, serie
 def _heatmap_child(volume, result, out_dir, series_number_base, uids, conn) -> None:
     try:
         conn.send(("ok", _write_heatmaps(volume, result, out_dir, series_number_base, uids)))
-    except BaseException as exc:  # reported to the parent, which raises OutputError
+    except BaseException as exc:  # reported to the parent, which keeps the other outputs
         logger.debug("heat-map child failed:\n%s", traceback.format_exc())
-        conn.send(("error", f"heat-map series: {' '.join(str(exc).split())}"))
+        conn.send(("error", one_line(exc)))
     finally:
         conn.close()
 
@@ -70,16 +72,38 @@ def _can_fork() -> bool:
             and not multiprocessing.current_process().daemon)
 
 
-def write_outputs(volume: Volume, result: AnalysisResult, out_dir: Path, *, series_number_base: int = 900,
-                  parallel: bool = True, uids: ResultUids | None = None) -> tuple[dict[str, str], dict[str, float]]:
-    """Build and write every result object; returns (file name -> SOP Class UID in the
-    order seg, heat maps, key images, SR, KOS) and the seconds per step. ``uids``: see
-    :class:`ResultUids` (default: derived from the source series and model, revision 1).
+@dataclass
+class WrittenOutputs:
+    """What :func:`write_outputs` wrote."""
 
-    Raises OutputError when an object cannot be built or written."""
+    #: file name -> SOP Class UID, in the order seg, heat maps, key images, SR, KOS
+    outputs: dict[str, str]
+    #: seconds per step
+    timings: dict[str, float]
+    #: one line per source-header repair and per object not written (and why)
+    warnings: list[str] = field(default_factory=list)
+    #: the volume as the writers saw it (repaired identity UIDs; for result.json)
+    volume: Volume | None = None
+
+
+def write_outputs(volume: Volume, result: AnalysisResult, out_dir: Path, *, series_number_base: int = 900,
+                  parallel: bool = True, uids: ResultUids | None = None) -> WrittenOutputs:
+    """Build and write every result object. ``uids``: see :class:`ResultUids` (default:
+    derived from the source series and model, revision 1).
+
+    The source headers are repaired once (:func:`sanitise_volume`) for every builder,
+    the forked heat-map writer included. An object that cannot be built or written is
+    left out (the SR with the SEG it references, the KOS with its key images) and
+    named in ``warnings``; the others are kept.
+
+    Raises OutputError only when no object at all could be built and written."""
     uids = uids or ResultUids.for_analysis(volume, result)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    source = sanitise_volume(volume)
+    volume = source.volume
+    timings = {"writers.source_header": round(time.perf_counter() - t0, 3)}
     fork = parallel and _can_fork()
     child = conn = None
     if fork:
@@ -89,29 +113,59 @@ def write_outputs(volume: Volume, result: AnalysisResult, out_dir: Path, *, seri
                             name="ct-ai-node-heatmaps", daemon=True)
         child.start()
         child_conn.close()
+    failures: list[str] = []
     try:
         start = time.perf_counter()
-        built = build_outputs(volume, result, series_number_base=series_number_base, heatmaps=False, uids=uids)
-        timings = {f"writers.{k}": v for k, v in built.timings_s.items()}
+        built = build_outputs(volume, result, series_number_base=series_number_base, heatmaps=False, uids=uids,
+                              sanitise=False)
+        failures.extend(built.warnings)
+        timings.update({f"writers.{k}": v for k, v in built.timings_s.items()})
         t_write = time.perf_counter()
-        own = {}
-        for name, ds in built.named():
-            write_dataset(ds, out_dir / name)
-            own[name] = str(ds.SOPClassUID)
+        own = _write_own(built, out_dir, failures)
         timings["write_files"] = round(time.perf_counter() - t_write, 3)
-        if fork:
-            heat = _receive(child, conn)
-        else:
-            heat = _write_heatmaps(volume, result, out_dir, series_number_base, uids)
+        try:
+            heat = _receive(child, conn) if fork else _write_heatmaps(volume, result, out_dir, series_number_base, uids)
+        except Exception as exc:  # noqa: BLE001 - the other outputs are kept
+            logger.warning("heat-map series not written: %s", type(exc).__name__)
+            failures.append(f"heat-map series not written: {one_line(exc)}")
+            for path in out_dir.glob("heatmap_*.dcm"):
+                path.unlink(missing_ok=True)
+            heat = {"outputs": {}, "timings": {}}
         timings.update({("writers.heatmap" if k == "heatmap" else k): v for k, v in heat["timings"].items()})
         timings["outputs_wall"] = round(time.perf_counter() - start, 3)
     finally:
         if child is not None and child.is_alive():
             child.kill()
             child.join()
-    names = list(own)
-    outputs = {names[0]: own[names[0]], **heat["outputs"], **{n: own[n] for n in names[1:]}}
-    return outputs, timings
+    seg = {n: c for n, c in own.items() if n == "seg.dcm"}
+    outputs = {**seg, **heat["outputs"], **{n: c for n, c in own.items() if n != "seg.dcm"}}
+    if not outputs:
+        raise OutputError("no result object could be built or written: " + "; ".join(failures))
+    return WrittenOutputs(outputs, timings, [*source.notes, *failures], volume)
+
+
+def _write_own(built: OutputSet, out_dir: Path, failures: list[str]) -> dict[str, str]:
+    """Write ``built``; a file that cannot be written is left out, with what depends on
+    it (the SR on the SEG, the KOS on the key images)."""
+    own: dict[str, str] = {}
+    unwritten: set[str] = set()
+    for name, ds in built.named():
+        if name == "sr.dcm" and "seg" in unwritten:
+            failures.append("SR not written: it references the SEG, which could not be written")
+            continue
+        if name == "ko.dcm" and "key" in unwritten:
+            failures.append("key object selection not written: a key image it selects could not be written")
+            continue
+        try:
+            write_dataset(ds, out_dir / name)
+        except Exception as exc:  # noqa: BLE001 - the other outputs are kept
+            logger.warning("%s not written: %s", name, type(exc).__name__)
+            failures.append(f"{name} not written: {one_line(exc)}")
+            unwritten.add(name.split("_")[0].removesuffix(".dcm"))
+            (out_dir / f".{name}.tmp").unlink(missing_ok=True)
+            continue
+        own[name] = str(ds.SOPClassUID)
+    return own
 
 
 def _receive(child, conn) -> dict:
@@ -119,8 +173,7 @@ def _receive(child, conn) -> dict:
         status, payload = conn.recv()
     except EOFError:
         child.join()
-        raise OutputError(f"heat-map series: the writer process ended without an answer "
-                          f"(exit code {child.exitcode})") from None
+        raise OutputError(f"the writer process ended without an answer (exit code {child.exitcode})") from None
     child.join()
     if status != "ok":
         raise OutputError(payload)

@@ -5,6 +5,7 @@ result and the written outputs."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -61,7 +62,9 @@ def _instance_numbers(volume: Volume, zs) -> list[int]:
 
 
 def result_document(volume: Volume, result: AnalysisResult, outputs: dict[str, str], timings: dict[str, float],
-                    skipped: list[str], version: str) -> ResultDocument:
+                    skipped: list[str], version: str, extra_warnings: Sequence[str] = ()) -> ResultDocument:
+    """``warnings``: the analysis's (the loader's among them) then ``extra_warnings``
+    (the writers' source-header repairs and objects not written)."""
     from ct_ai_node.pipeline.scoring import volume_ml
     from ct_ai_node.pipeline.types import LEFT_LUNG, RIGHT_LUNG
 
@@ -89,7 +92,7 @@ def result_document(volume: Volume, result: AnalysisResult, outputs: dict[str, s
         key_slices=_instance_numbers(volume, result.key_slices),
         outputs=outputs,
         timings_s=timings,
-        warnings=result.warnings,
+        warnings=[*result.warnings, *(w for w in extra_warnings if w not in result.warnings)],
         skipped_series=skipped,
         slice_scores=[
             SliceScore(sop_instance_uid=ref.sop_instance_uid, instance_number=ref.instance_number,

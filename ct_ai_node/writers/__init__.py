@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 
+from ct_ai_node.errors import OutputError
 from ct_ai_node.pipeline.types import AnalysisResult
 from ct_ai_node.volume.types import Volume
 from ct_ai_node.writers.common import ResultUids, SeriesNumbers
@@ -37,6 +38,7 @@ from ct_ai_node.writers.secondary_capture import (
     build_key_object_selection,
 )
 from ct_ai_node.writers.seg import build_seg
+from ct_ai_node.writers.source_header import SanitisedSource, sanitise_volume
 from ct_ai_node.writers.sr import DISPLAY_SR_SERIES_OFFSET, build_display_sr, build_sr
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ __all__ = [
     "HeatStyle",
     "OutputSet",
     "ResultUids",
+    "SanitisedSource",
     "SeriesNumbers",
     "build_all",
     "build_heatmap_series",
@@ -54,27 +57,32 @@ __all__ = [
     "build_seg",
     "build_display_sr",
     "build_sr",
+    "sanitise_volume",
 ]
 
 
 @dataclass
 class OutputSet:
-    """The result objects of one analysis, with their file names."""
+    """The result objects of one analysis, with their file names. An object that could
+    not be built is None / empty, and ``warnings`` says which and why."""
 
-    seg: Dataset
+    seg: Dataset | None
     heatmaps: list[Dataset] = field(default_factory=list)
     key_images: list[Dataset] = field(default_factory=list)
     sr: Dataset | None = None
     key_object_selection: Dataset | None = None
     #: seconds spent per builder ("seg", "heatmap", "key_images", "sr", "ko")
     timings_s: dict[str, float] = field(default_factory=dict)
+    #: one line per source-header repair and per object that could not be built
+    warnings: list[str] = field(default_factory=list)
     #: the display SR: the SR's planar finding alone, which image viewers can draw
     display_sr: Dataset | None = None
 
     def named(self) -> Iterator[tuple[str, Dataset]]:
         """(file name, dataset) pairs: ``seg.dcm``, ``heatmap_0001.dcm``...,
         ``key_0001.dcm``..., ``sr.dcm``, ``ko.dcm``."""
-        yield "seg.dcm", self.seg
+        if self.seg is not None:
+            yield "seg.dcm", self.seg
         for i, ds in enumerate(self.heatmaps, start=1):
             yield f"heatmap_{i:04d}.dcm", ds
         for i, ds in enumerate(self.key_images, start=1):
@@ -105,6 +113,7 @@ def build_outputs(
     key_object_selection: bool = True,
     style: HeatStyle = HeatStyle(),
     uids: ResultUids | None = None,
+    sanitise: bool = True,
 ) -> OutputSet:
     """Build every result object of one analysis.
 
@@ -113,53 +122,89 @@ def build_outputs(
     key images as evidence. UIDs come from ``uids`` (by default derived from the source
     series and the model, revision 1): the same analysis gives the same UIDs.
 
+    The source headers are first checked and repaired once for all builders
+    (:func:`source_header.sanitise_volume`; ``sanitise=False`` when the caller already
+    did). Each object is built on its own: one that fails is left out with a one-line
+    warning in ``OutputSet.warnings`` (the SR is left out with the SEG it references,
+    the KOS with the key images), and the others are kept.
+
     Raises
     ------
     ct_ai_node.errors.OutputError
-        When an object cannot be built (e.g. no lung and no infection at all).
+        When no object at all could be built; it names each failure. (With
+        ``heatmaps=False`` the caller builds the heat maps, and decides.)
     """
+    uids = uids or ResultUids.for_analysis(volume, result)
     with warnings.catch_warnings():
         # highdicom warns about single-component person names and prints the name:
         # patient data must not reach the log, and the name is copied unchanged anyway
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-        return _build_outputs(volume, result, series_number_base, institution_name, heatmaps, key_images,
-                              key_object_selection, style, uids or ResultUids.for_analysis(volume, result))
+        notes: list[str] = []
+        if sanitise:
+            source = sanitise_volume(volume)
+            volume, notes = source.volume, list(source.notes)
+        out = _build_outputs(volume, result, series_number_base, institution_name, heatmaps, key_images,
+                             key_object_selection, style, uids)
+    out.warnings[:0] = notes
+    return out
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its message, or its type when it has none."""
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, OutputError) else f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _build_outputs(volume, result, series_number_base, institution_name, heatmaps, key_images,
                    key_object_selection, style, uids: ResultUids) -> OutputSet:
     numbers = SeriesNumbers(series_number_base)
     timings: dict[str, float] = {}
+    failures: list[str] = []
 
-    def timed(name: str, fn, *args, **kwargs):
+    def timed(name: str, label: str, fn, *args, default=None, **kwargs):
+        """Build one object; a failure becomes a warning and ``default``."""
         start = time.perf_counter()
-        value = fn(*args, **kwargs)
-        timings[name] = round(time.perf_counter() - start, 3)
-        return value
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - one writer's failure must not lose the others
+            logger.warning("%s not built: %s", label, type(exc).__name__)
+            logger.debug("%s failed", label, exc_info=True)
+            failures.append(f"{label} not written: {one_line(exc)}")
+            return default
+        finally:
+            timings[name] = round(time.perf_counter() - start, 3)
 
-    seg = timed("seg", build_seg, volume, result, numbers.seg, institution_name=institution_name, uids=uids)
+    seg = timed("seg", "SEG", build_seg, volume, result, numbers.seg, institution_name=institution_name, uids=uids)
     maps = (
-        timed("heatmap", build_heatmap_series, volume, result, numbers.heatmap,
-              style=style, institution_name=institution_name, uids=uids)
+        timed("heatmap", "heat-map series", build_heatmap_series, volume, result, numbers.heatmap,
+              style=style, institution_name=institution_name, uids=uids, default=[])
         if heatmaps else []
     )
     keys = (
-        timed("key_images", build_key_image_series, volume, result, numbers.key_images,
-              style=style, institution_name=institution_name, uids=uids)
+        timed("key_images", "key-image series", build_key_image_series, volume, result, numbers.key_images,
+              style=style, institution_name=institution_name, uids=uids, default=[])
         if key_images else []
     )
-    sr = timed("sr", build_sr, volume, result, seg, keys, numbers.sr, institution_name=institution_name, uids=uids)
-    display = timed("sr_display", build_display_sr, volume, result, numbers.base + DISPLAY_SR_SERIES_OFFSET,
-                    institution_name=institution_name, uids=uids)
+    if seg is not None:
+        sr = timed("sr", "SR", build_sr, volume, result, seg, keys, numbers.sr,
+                   institution_name=institution_name, uids=uids)
+    else:  # its volumetric findings reference the SEG: no SR without it
+        sr = None
+        failures.append("SR not written: it references the SEG, which could not be built")
+    display = timed("sr_display", "display SR", build_display_sr, volume, result,
+                    numbers.base + DISPLAY_SR_SERIES_OFFSET, institution_name=institution_name, uids=uids)
     ko = (
-        timed("ko", build_key_object_selection, keys, numbers.key_object_selection,
+        timed("ko", "key object selection", build_key_object_selection, keys, numbers.key_object_selection,
               result=result, institution_name=institution_name, uids=uids)
         if key_object_selection and keys else None
     )
-    out = OutputSet(seg, maps, keys, sr, ko, timings, display_sr=display)
+    out = OutputSet(seg, maps, keys, sr, ko, timings, failures, display_sr=display)
+    if not out.datasets() and heatmaps:  # without them, the caller builds the heat maps and decides
+        raise OutputError("no result object could be built: " + "; ".join(failures or ["nothing to build"]))
     logger.info(
-        "built %d result objects (SEG %d frames, %d heat maps, %d key images) in %.2f s",
-        len(out.datasets()), int(seg.NumberOfFrames), len(maps), len(keys), sum(timings.values()),
+        "built %d result objects (SEG %d frames, %d heat maps, %d key images) in %.2f s%s",
+        len(out.datasets()), int(seg.NumberOfFrames) if seg is not None else 0, len(maps), len(keys),
+        sum(timings.values()), f"; {len(failures)} not built" if failures else "",
     )
     return out
 
