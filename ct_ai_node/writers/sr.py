@@ -261,6 +261,9 @@ def _planar_group(
         referenced_frame_numbers=[ref.frame_number] if ref.frame_number is not None else None,
     )
     where = f"slice {region.z + 1}/{volume.shape[0]}"
+    number = volume.slices[region.z].instance_number
+    if number is not None and ref.frame_number is None:  # what viewers show as the image number
+        where += f", instance {number}"
     if region.is_infection:
         text = f"Largest suspected infection region on key slice ({where})"
         finding_type, category = seg_writer.INFLAMMATION, seg_writer.MORPHOLOGICALLY_ABNORMAL
