@@ -117,7 +117,7 @@ CASES = {
     "orientation_noise": (_orientation_noise, "ImageOrientationPatient: differed by float noise"),
     "multi_valued": (_multi_valued, "PatientID: held several values"),
     "long_and_odd_strings": (_long_and_odd_strings, "StudyDescription: longer than 64 characters"),
-    "uuid_uids": (_uuid_uids, "StudyInstanceUID: not a valid UID after loading"),
+    "uuid_uids": (_uuid_uids, "StudyInstanceUID not a valid UID after loading"),
     "empty_sop_uids": (_empty_sop_uids, "SOPInstanceUID: not a valid or unique UID after loading"),
 }
 
@@ -208,7 +208,7 @@ def test_headers_of_another_matrix_are_left_out():
     volume.datasets = [*volume.datasets, *other]
     out = build_outputs(volume, make_result(volume))
     assert out.seg is not None and not [w for w in out.warnings if "not written" in w], out.warnings
-    assert any("not in the analysed stack" in w for w in out.warnings), out.warnings
+    assert any("outside the analysed stack" in w for w in out.warnings), out.warnings
     refs = {item.ReferencedSOPInstanceUID for s in out.seg.ReferencedSeriesSequence
             for item in s.ReferencedInstanceSequence}
     assert not refs & {ds.SOPInstanceUID for ds in other}

@@ -93,6 +93,11 @@ class _Notes:
     def __init__(self) -> None:
         self._counts: Counter[tuple[str, str]] = Counter()
         self._order: list[tuple[str, str]] = []
+        self._plain: list[str] = []
+
+    def line(self, text: str) -> None:
+        """A note about the series, not counted per header."""
+        self._plain.append(text)
 
     def add(self, keyword: str, what: str) -> None:
         key = (keyword, what)
@@ -101,8 +106,9 @@ class _Notes:
         self._counts[key] += 1
 
     def lines(self, n_headers: int) -> list[str]:
-        return [f"source header {keyword}: {what} ({self._counts[(keyword, what)]} of {n_headers} instances)"
-                for keyword, what in self._order]
+        return self._plain + [
+            f"source header {keyword}: {what} ({self._counts[(keyword, what)]} of {n_headers} instances)"
+            for keyword, what in self._order]
 
 
 def _copy(ds: Dataset) -> Dataset:
@@ -463,28 +469,29 @@ def _repair_identity(volume: Volume, notes: _Notes) -> tuple[Volume, list[Datase
     if not is_valid_uid(study):
         study = repaired_uid("study", study)
         fields["study_instance_uid"] = study
-        notes.add("StudyInstanceUID", "not a valid UID after loading: replaced by a derived UID")
+        notes.line("StudyInstanceUID not a valid UID after loading: a derived UID written")
     series = volume.series_instance_uid
     if not is_valid_uid(series):
         series = repaired_uid("series", study, series)
         fields["series_instance_uid"] = series
-        notes.add("SeriesInstanceUID", "not a valid UID after loading: replaced by a derived UID")
+        notes.line("SeriesInstanceUID not a valid UID after loading: a derived UID written")
     frame = volume.frame_of_reference_uid
     if not is_valid_uid(frame):
         frame = repaired_uid("frame-of-reference", series, frame)
         fields["frame_of_reference_uid"] = frame
-        notes.add("FrameOfReferenceUID", "missing or not a valid UID after loading: replaced by a derived UID")
+        notes.line("FrameOfReferenceUID missing or not a valid UID after loading: a derived UID written")
 
     pairing = _dataset_of_slices(volume)
     if pairing is None:
         copies = [_copy(ds) for ds in volume.datasets]
-        notes.add("SOPInstanceUID", "does not pair headers with slices: headers used as loaded")
+        notes.line("source headers: not paired with the volume's slices (by SOP Instance UID or position): "
+                   "used as loaded")
         slices = list(volume.slices)
     else:
         order = list(dict.fromkeys(pairing))  # order of first appearance in slices
         if len(order) < len(volume.datasets):
-            notes.add("Rows/Columns", f"{len(volume.datasets) - len(order)} header(s) of instances not in the "
-                                      "analysed stack: left out of the results' references")
+            notes.line(f"source headers: {len(volume.datasets) - len(order)} of {len(volume.datasets)} are of "
+                       "instances outside the analysed stack: left out of the results' references")
         copy_of = {i: _copy(volume.datasets[i]) for i in order}
         copies = [copy_of[i] for i in order]
         slices, seen = [], set()
@@ -506,10 +513,8 @@ def _repair_identity(volume: Volume, notes: _Notes) -> tuple[Volume, list[Datase
         for keyword, uid in zip(_IDENTITY_UIDS, (study, series, frame)):
             if _uid_in(ds, keyword) != uid:
                 _set(ds, keyword, uid)
-    if volume.frame_of_reference_uid != frame or any("PositionReferenceIndicator" not in ds for ds in copies):
-        for ds in copies:
-            if "PositionReferenceIndicator" not in ds:
-                _set(ds, "PositionReferenceIndicator", "")
+        if "PositionReferenceIndicator" not in ds:  # type 2 beside the Frame of Reference UID
+            _set(ds, "PositionReferenceIndicator", "")
     return dataclasses.replace(volume, slices=slices, datasets=copies, **fields), copies
 
 
