@@ -24,6 +24,7 @@ from ct_ai_node.errors import CtAiNodeError, InputRejected
 from ct_ai_node.pipeline.methods import DEFAULT_PIPELINE, create_method
 from ct_ai_node.pipeline.run import PipelineSettings, analyse_volume, create_lung_segmenter
 from ct_ai_node.result import ResultDocument, result_document
+from ct_ai_node.writers.common import ReportRef, ResultUids
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ class AnalyzeOptions:
     infection: str = "heatmap"
     #: build and write the heat-map series in a forked process beside the other outputs
     parallel_writers: bool = True
+    #: which revision of the series' results this is, and the report it replaces
+    #: (``ct_ai_node.node.revisions``); result UIDs derive from it
+    revision: int = 1
+    predecessor: ReportRef | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -109,8 +114,9 @@ def analyze_folder(input_dir: Path, out_dir: Path, options: AnalyzeOptions | Non
         with _stage(timings, "pipeline", report):
             result = analyse_volume(volume, method, lungs, opts.pipeline_settings, opts.pipeline, infection)
         with _stage(timings, "outputs", report):
+            uids = ResultUids.for_analysis(volume, result, opts.revision, opts.predecessor)
             written = write_outputs(volume, result, out_dir, series_number_base=opts.series_number_base,
-                                    parallel=opts.parallel_writers)
+                                    parallel=opts.parallel_writers, uids=uids)
     except InputRejected as exc:
         logger.info("analysis rejected: %s", exc.reason)
         doc = ResultDocument(status="rejected", reason=exc.reason, pipeline=opts.pipeline, version=__version__,
@@ -130,5 +136,7 @@ def analyze_folder(input_dir: Path, out_dir: Path, options: AnalyzeOptions | Non
     # the volume as the writers saw it (repaired UIDs); their repairs and failures are warnings
     doc = result_document(written.volume or volume, result, written.outputs, stage_times, skipped, __version__,
                           extra_warnings=written.warnings)
+    doc.revision = opts.revision
+    doc.predecessor_sr = opts.predecessor.sop_instance_uid if opts.predecessor else None
     write_result(doc, out_dir)
     return doc

@@ -51,6 +51,10 @@ class ResultDocument(BaseModel):
     skipped_series: list[str] = Field(default_factory=list)
     slice_scores: list[SliceScore] = Field(default_factory=list)
     version: str | None = None
+    #: 1 for a series' first results; 2.. when the series changed and was analysed again
+    revision: int = 1
+    #: SOP Instance UID of the SR this revision replaces (named in its Predecessor Documents)
+    predecessor_sr: str | None = None
 
 
 def _instance_numbers(volume: Volume, zs) -> list[int]:

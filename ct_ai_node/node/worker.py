@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ct_ai_node.config import NodeConfig
 from ct_ai_node.jobqueue import Job, JobState, LeaseLost
+from ct_ai_node.node.revisions import RevisionLog, instance_fingerprint
 from ct_ai_node.stop_signals import StopSignals
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Worker:
         self.queue = queue or SqliteJobQueue(st.db_path, backoff_initial_s=config.retry.backoff_initial_s,
                                              backoff_max_s=config.retry.backoff_max_s)
         self.spool = spool or Spool(st.spool_dir, st.db_path, fsync=st.fsync)
+        self.revisions = RevisionLog(st.db_path)
         self.outbox = Path(st.outbox_dir)
         self.lease_s = float(config.workers.lease_s)
         self._waiting_parent: int | None = None
@@ -150,9 +152,15 @@ class Worker:
         options = AnalyzeOptions(pipeline=job.payload.get("pipeline") or "radlogics",
                                  lungs=job.payload.get("lungs") or "unet",
                                  device=self.config.workers.device)
+        # the same instances again -> the same revision and result UIDs; changed -> the next
+        fingerprint = instance_fingerprint(self.spool.instance_uids(key))
+        plan = self.revisions.plan(key, options.pipeline, fingerprint)
+        options.revision, options.predecessor = plan.revision, plan.predecessor
         start = time.perf_counter()
         doc = analyze_folder(source, out, options)
         seconds = time.perf_counter() - start
+        if doc.status == "done":
+            self.revisions.record(key, options.pipeline, plan.revision, fingerprint, _report_in(out), job.id)
         if doc.status == "rejected":
             # the series cannot be analysed: final, with the reason on the job and in result.json;
             # the notice's deliveries (children) go on after the job is final
@@ -163,8 +171,8 @@ class Worker:
         if doc.status != "done":
             self._fail(job, f"analysis failed: {doc.reason}", retryable=True)
             return
-        logger.info("job %d: analysis done in %.1f s: %s, p=%.3f, %d objects", job.id, seconds, doc.label,
-                    doc.probability or 0.0, len(doc.outputs))
+        logger.info("job %d: analysis done in %.1f s: %s, p=%.3f, %d objects, revision %d", job.id, seconds,
+                    doc.label, doc.probability or 0.0, len(doc.outputs), plan.revision)
         self._start_deliveries(job, [out / name for name in doc.outputs])
 
     def _not_analysed(self, job: Job, reason: str) -> None:
@@ -276,6 +284,18 @@ def _clear_outbox(out: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+
+def _report_in(out: Path):
+    """The main SR written into ``out`` (what a later revision replaces), None without one."""
+    import pydicom
+
+    from ct_ai_node.writers.common import ReportRef
+
+    path = out / "sr.dcm"
+    if not path.is_file():
+        return None
+    return ReportRef.of(pydicom.dcmread(path, stop_before_pixels=True))
 
 
 def worker_process_main(config_json: str, owner: str, log_level: int = logging.INFO) -> None:

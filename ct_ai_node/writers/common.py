@@ -71,8 +71,38 @@ class SeriesNumbers:
 
 
 @dataclass(frozen=True)
+class ReportRef:
+    """An SR already sent for a series: what a later revision's SR names in (0040,A360)
+    Predecessor Documents Sequence."""
+
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+
+    @classmethod
+    def of(cls, ds: Dataset) -> "ReportRef":
+        return cls(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPClassUID),
+                   str(ds.SOPInstanceUID))
+
+    def as_predecessor_item(self) -> Dataset:
+        """A Hierarchical SOP Instance Reference Macro item (PS3.3 Table C.17-3)."""
+        sop = Dataset()
+        sop.ReferencedSOPClassUID = self.sop_class_uid
+        sop.ReferencedSOPInstanceUID = self.sop_instance_uid
+        series = Dataset()
+        series.SeriesInstanceUID = self.series_uid
+        series.ReferencedSOPSequence = [sop]
+        item = Dataset()
+        item.StudyInstanceUID = self.study_uid
+        item.ReferencedSeriesSequence = [series]
+        return item
+
+
+@dataclass(frozen=True)
 class ResultUids:
-    """The UIDs of one analysis's result objects, derived from what was analysed.
+    """The UIDs of one analysis's result objects, derived from what was analysed, and the
+    revision they are (with the report they replace).
 
     Every UID is a hash of (source series, pipeline, model versions, revision) and the
     object's role, so re-running the same analysis on the same series yields the same
@@ -86,6 +116,8 @@ class ResultUids:
     model_versions: tuple[tuple[str, str], ...] = ()
     #: 1 for the first analysis of a series, 2.. when it was analysed again after it changed
     revision: int = 1
+    #: the report of the revision this one replaces (its SR names it as predecessor)
+    predecessor: ReportRef | None = None
 
     def __post_init__(self) -> None:
         if not str(self.source_series_uid).strip():
@@ -94,10 +126,11 @@ class ResultUids:
             raise ValueError(f"revision must be an int >= 1, got {self.revision!r}")
 
     @classmethod
-    def for_analysis(cls, volume: Volume, result: AnalysisResult, revision: int = 1) -> "ResultUids":
+    def for_analysis(cls, volume: Volume, result: AnalysisResult, revision: int = 1,
+                     predecessor: ReportRef | None = None) -> "ResultUids":
         versions = {**result.model_versions, "algorithm": result.algorithm.version}
         return cls(str(volume.series_instance_uid), str(result.pipeline),
-                   tuple(sorted((str(k), str(v)) for k, v in versions.items())), revision)
+                   tuple(sorted((str(k), str(v)) for k, v in versions.items())), revision, predecessor)
 
     def uid(self, *role: object) -> str:
         """The UID of ``role``, e.g. ``uid("seg", "series")`` or ``uid("heatmap", 3)``."""
@@ -127,13 +160,15 @@ def method_label(pipeline: str) -> str:
     return text.replace("_", " ") or "unknown method"
 
 
-def series_description(kind: str, result: AnalysisResult) -> str:
-    """(0008,103E) Series Description, e.g. ``AI heat map (method A) NOT FOR DIAGNOSTIC USE``.
+def series_description(kind: str, result: AnalysisResult, revision: int = 1) -> str:
+    """(0008,103E) Series Description, e.g. ``AI heat map (method A) NOT FOR DIAGNOSTIC USE``;
+    from the second revision of a series' results on, ``AI report (method A, rev 2) ...``.
 
     The disclaimer is always kept, so ``kind`` and the method are shortened first.
     """
     suffix = f" {NOT_FOR_DIAGNOSTIC_USE}" if needs_disclaimer(result.algorithm) else ""
-    text = f"{kind} ({method_label(result.pipeline)})"
+    rev = f", rev {revision}" if revision > 1 else ""
+    text = f"{kind} ({method_label(result.pipeline)}{rev})"
     room = _LO_MAX - len(suffix)
     if len(text) > room:
         text = text[: room - 1] + "~"

@@ -196,13 +196,14 @@ def build_heatmap_series(
     if not zs:
         logger.info("no slice contains lung: no heat-map series")
         return []
+    uids = uids or common.ResultUids.for_analysis(volume, result)
     writer = _SeriesWriter(
         volume, result,
         series_number=series_number,
-        description=common.series_description("AI heat map", result),
+        description=common.series_description("AI heat map", result, uids.revision),
         derivation=_derivation(result, "Heat map", style),
         institution_name=institution_name,
-        uids=uids or common.ResultUids.for_analysis(volume, result),
+        uids=uids,
         role="heatmap",
     )
     images = []
@@ -241,13 +242,14 @@ def build_key_image_series(
     if not keys:
         return []
     lung = np.asarray(result.lung_labels) > 0
+    uids = uids or common.ResultUids.for_analysis(volume, result)
     writer = _SeriesWriter(
         volume, result,
         series_number=series_number,
-        description=common.series_description("AI key images", result),
+        description=common.series_description("AI key images", result, uids.revision),
         derivation=_derivation(result, "Key image (highest AI slice score)", style),
         institution_name=institution_name,
-        uids=uids or common.ResultUids.for_analysis(volume, result),
+        uids=uids,
         role="key_images",
     )
     images = []
@@ -302,6 +304,6 @@ def build_key_object_selection(
             instance_number=1,
             manufacturer=common.MANUFACTURER,
             institution_name=institution_name,
-            series_description=common.series_description("AI key image selection", result),
+            series_description=common.series_description("AI key image selection", result, uids.revision),
         )
     return ko

@@ -207,7 +207,7 @@ def build_seg(
             ),
             content_label="AI_LUNG_INFECT",
             omit_empty_frames=omit_empty_frames,
-            series_description=common.series_description("AI lung + infection SEG", result),
+            series_description=common.series_description("AI lung + infection SEG", result, uids.revision),
             institution_name=institution_name,
             **common.content_date_time(),
         )

@@ -363,7 +363,9 @@ def build_sr(
             referenced_images=_library_images(volume, region) if image_library else None,
         )
         sr = _report_object(report, [*volume.datasets, seg_dataset, *key_images], "sr", series_number,
-                            common.series_description("AI report", result), uids, institution_name)
+                            common.series_description("AI report", result, uids.revision), uids, institution_name)
+        if uids.predecessor is not None:  # a later revision names the report it replaces
+            sr.PredecessorDocumentsSequence = [uids.predecessor.as_predecessor_item()]
     return sr
 
 
@@ -421,5 +423,5 @@ def build_display_sr(
             referenced_images=_library_images(volume, region) if image_library else None,
         )
         return _report_object(report, list(volume.datasets), "sr_display", series_number,
-                              common.series_description("AI finding on image", result),
+                              common.series_description("AI finding on image", result, uids.revision),
                               uids, institution_name)
