@@ -274,3 +274,14 @@ def test_write_outputs_keeps_files_when_the_heatmap_series_fails(monkeypatch, tm
     assert "heat-map series not written: RuntimeError: renderer exploded" in written.warnings
     assert any("PatientName: missing" in w for w in written.warnings)
     assert np.all([pydicom.dcmread(tmp_path / f).StudyInstanceUID == volume.study_instance_uid for f in files])
+
+
+def test_clean_headers_need_no_repair_and_are_shared_not_copied():
+    volume = make_volume(make_ct_series(N, ROWS, COLS))
+    source = sanitise_volume(volume)
+    assert source.notes == ()
+    assert source.volume.hu is volume.hu
+    for original, copy in zip(volume.datasets, source.volume.datasets):
+        assert copy is not original
+        # pixel data is the same element object: shared, not copied
+        assert copy.get_item("PixelData") is original.get_item("PixelData")

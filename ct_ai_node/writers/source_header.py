@@ -271,9 +271,10 @@ def _repair_values(new: Dataset, notes: _Notes) -> None:
         if tag.group in (0x0002, 0x7FE0) or tag.is_private or tag == 0x00080005:
             continue
         keyword = keyword_for_tag(tag)
-        if not keyword:
+        try:
+            wanted_vr = dictionary_VR(tag) if keyword else ""
+        except KeyError:  # a repeating-group or retired tag without a single VR
             continue
-        wanted_vr = dictionary_VR(tag)
         if wanted_vr not in _MULTI_VRS | _TEXT_VRS:
             continue
         elem = new.get_item(tag)
