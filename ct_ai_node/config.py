@@ -203,6 +203,9 @@ class StorageSection(_Model):
     #: true: success only once an instance is fsynced (survives a power cut); false: once it
     #: is written (survives a crash of the node, like Orthanc's default), about twice as fast
     fsync: bool = True
+    #: at most this much received data in the spool (MB; results in the outbox not counted):
+    #: C-STORE beyond it makes room (``retention.free_space_first``) or gets 0xA700; null = no quota
+    max_spool_mb: Optional[float] = Field(None, gt=0)
 
     @property
     def spool_dir(self) -> Path:
@@ -247,6 +250,30 @@ class RetrySection(_Model):
         if self.backoff_max_s < self.backoff_initial_s:
             _raise_at("RetrySection", [(("backoff_max_s",), f"must be at least backoff_initial_s "
                                                            f"({self.backoff_initial_s:g})")])
+        return self
+
+
+class RetentionSection(_Model):
+    """What the node deletes and when (docs/node.md, "Retention"). Undelivered work is never
+    deleted to make room; only ``max_age_days`` ends it."""
+
+    #: false: the node deletes nothing, neither on the timer nor to make room
+    enabled: StrictBool = True
+    #: a series whose every job is delivered (each destination acknowledged) or that no rule
+    #: wanted is deleted with its outbox folders this many hours after that
+    delivered_grace_h: float = Field(24.0, ge=0, le=24 * 3650)
+    #: undelivered, failed or dead-lettered work (and a series that could not be routed) is kept
+    #: until a requeue delivers it, or this many days after its last activity; null = forever
+    max_age_days: Optional[float] = Field(30.0, gt=0, le=3650)
+    interval_s: float = Field(300.0, ge=1, le=86400)
+    #: before answering C-STORE with 0xA700, delete the oldest delivered series (grace or not)
+    free_space_first: StrictBool = True
+
+    @model_validator(mode="after")
+    def _age_above_grace(self) -> "RetentionSection":
+        if self.max_age_days is not None and self.max_age_days * 24 < self.delivered_grace_h:
+            _raise_at("RetentionSection", [(("max_age_days",), f"must be at least delivered_grace_h "
+                                                              f"({self.delivered_grace_h:g} h)")])
         return self
 
 
@@ -554,6 +581,7 @@ class NodeConfig(_Model):
     completeness: CompletenessSection = CompletenessSection()
     workers: WorkersSection = WorkersSection()
     retry: RetrySection = RetrySection()
+    retention: RetentionSection = RetentionSection()
     destinations: list[Destination] = []
     routing: RoutingSection = RoutingSection()
     rules: list[Rule] = []
@@ -761,6 +789,7 @@ __all__ = [
     "NodeConfig",
     "NodeSection",
     "OrthancDestination",
+    "RetentionSection",
     "RetrySection",
     "RoutingSection",
     "Rule",

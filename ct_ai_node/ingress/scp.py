@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import select
 import socket
 import socketserver
@@ -103,6 +104,11 @@ CANNOT_UNDERSTAND = 0xC000
 
 OnInstance = Callable[[StoredInstance, InstanceMeta], None]
 OnReleased = Callable[[str, str, list[str]], None]
+#: ``make_room(shortfall)`` frees space (deletes delivered data) until ``shortfall()`` (bytes
+#: still missing) is <= 0 or nothing more may go; thread-safe (node/retention.py)
+MakeRoom = Callable[[Callable[[], int]], object]
+#: the spool file adds a 128-byte preamble and the file meta to the data set (an upper bound)
+PART10_OVERHEAD = 1024
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,7 @@ class ScpSettings:
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
     min_free_mb: float = 2048.0
+    max_spool_mb: float | None = None  # quota on the spool's instances (Spool.used_bytes); None: none
     tls: TlsSettings | None = None
     max_pdu_size: int = 1 << 20  # fewer, larger P-DATA PDUs: less Python work per instance
     max_pending_connections: int = 64  # connects that have not sent an A-ASSOCIATE-RQ yet
@@ -277,9 +284,10 @@ class StorageSCP:
     """
 
     def __init__(self, settings: ScpSettings, spool: Spool, on_instance: OnInstance | None = None,
-                 on_released: OnReleased | None = None):
+                 on_released: OnReleased | None = None, make_room: MakeRoom | None = None):
         self.settings = settings
         self.spool = spool
+        self.make_room = make_room
         self.on_instance = on_instance
         self.on_released = on_released
         self._server: _Server | None = None
@@ -420,10 +428,17 @@ class StorageSCP:
         except Exception as exc:  # noqa: BLE001 - any failure here is the sender's data
             log.warning("C-STORE from %s refused (0xC000): no data set: %s", calling_ae, exc)
             return CANNOT_UNDERSTAND
-        free_mb = self.spool.free_mb()
-        if free_mb - len(dataset) / 2**20 < self.settings.min_free_mb:
-            log.warning("C-STORE from %s refused (0xA700): spool free space %.0f MB below the %.0f MB minimum",
-                        calling_ae, free_mb, self.settings.min_free_mb)
+        if self._shortfall(len(dataset)) > 0 and self.make_room is not None:
+            try:  # delivered data goes first (never undelivered work), then we look again
+                self.make_room(lambda: self._shortfall(len(dataset)))
+            except Exception:  # noqa: BLE001 - then the answer is 0xA700, as without it
+                log.exception("making room in the spool failed")
+        if self._shortfall(len(dataset)) > 0:
+            s = self.settings
+            quota = f", {self.spool.used_bytes() / 2**20:.1f} of {s.max_spool_mb:.1f} MB spool quota used" \
+                if s.max_spool_mb is not None else ""
+            log.warning("C-STORE from %s refused (0xA700): %.0f MB free (minimum %.0f MB)%s", calling_ae,
+                        self.spool.free_mb(), s.min_free_mb, quota)
             return OUT_OF_RESOURCES
         transfer_syntax = str(event.context.transfer_syntax)
         try:
@@ -467,6 +482,16 @@ class StorageSCP:
             except Exception:  # noqa: BLE001 - the instance is safe on disk; a hook bug must not fail it
                 log.exception("on_instance hook failed")
         return SUCCESS
+
+    def _shortfall(self, incoming: int) -> int:
+        """Bytes missing to store ``incoming`` more: below ``min_free_mb`` of free disk, or over the
+        spool quota; 0 when it fits. Cheap (one statvfs, one counter): runs for every C-STORE."""
+        s = self.settings
+        incoming += PART10_OVERHEAD
+        short = s.min_free_mb * 2**20 - (self.spool.free_mb() * 2**20 - incoming)
+        if s.max_spool_mb is not None:
+            short = max(short, self.spool.used_bytes() + incoming - s.max_spool_mb * 2**20)
+        return max(0, int(math.ceil(short)))
 
     def _association_ended(self, assoc) -> None:
         with self._lock:

@@ -309,6 +309,19 @@ class SqliteJobQueue:
     def children(self, parent_id: int) -> list[Job]:
         return self._select("WHERE parent_id = ?", (parent_id,), "id")
 
+    def for_series(self, series_keys: Iterable[str],
+                   kinds: Iterable[str] = ("analyse", "forward")) -> list[Job]:
+        """Jobs of ``kinds`` whose payload names one of ``series_keys``, oldest first. By default
+        the parents: a parent is ``done`` only once every delivery of its results is."""
+        kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+        if not kinds:
+            return []
+        marks = ",".join("?" * len(kinds))
+        # one JSON array parameter: any number of keys, no SQLite variable limit
+        return self._select(f"WHERE kind IN ({marks}) AND json_extract(payload, '$.series_key')"
+                            " IN (SELECT value FROM json_each(?))",
+                            (*kinds, json.dumps(sorted(set(series_keys)))), "id")
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._connect().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()

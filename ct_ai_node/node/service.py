@@ -36,7 +36,7 @@ def scp_settings(config: NodeConfig):
         allowed_callers=[AllowedCaller(c.ae_title or "*", c.host) for c in config.allowed_callers],
         max_associations=n.max_associations, acse_timeout_s=n.acse_timeout_s,
         dimse_timeout_s=n.dimse_timeout_s, network_timeout_s=n.network_timeout_s,
-        min_free_mb=config.storage.min_free_mb, tls=tls,
+        min_free_mb=config.storage.min_free_mb, max_spool_mb=config.storage.max_spool_mb, tls=tls,
     )
 
 
@@ -44,6 +44,7 @@ class Node:
     def __init__(self, config: NodeConfig, *, workers: int | None = None, log_level: int = logging.INFO):
         from ct_ai_node.jobqueue import SqliteJobQueue
         from ct_ai_node.node.dispatcher import Dispatcher
+        from ct_ai_node.node.retention import Retention
         from ct_ai_node.spool import Spool
 
         self.config = config
@@ -54,6 +55,7 @@ class Node:
         self.queue = SqliteJobQueue(st.db_path, backoff_initial_s=config.retry.backoff_initial_s,
                                     backoff_max_s=config.retry.backoff_max_s)
         self.dispatcher = Dispatcher(config, self.spool, self.queue, log_level=log_level)
+        self.retention = Retention(config.retention, self.spool, self.queue, st.outbox_dir)
         self.n_workers = config.workers.count if workers is None else workers
         self.log_level = log_level
         self.scp = None
@@ -75,13 +77,17 @@ class Node:
 
         report = self.spool.recover()
         logger.info("spool recovered: %s", report)
-        self.scp = StorageSCP(scp_settings(self.config), self.spool).start()
+        # before a 0xA700 the SCP has retention delete the oldest delivered series
+        self.scp = StorageSCP(scp_settings(self.config), self.spool, make_room=self.retention.make_room).start()
         logger.info("listening as %s on %s:%d", self.config.node.ae_title, self.config.node.host, self.scp.port)
         for i in range(self.n_workers):
             self._workers.append(self._spawn_worker(i))
         self._scheduler = BackgroundScheduler(daemon=True)
         self._scheduler.add_job(self._tick, "interval", seconds=self.config.completeness.check_interval_s,
                                 max_instances=1, coalesce=True, id="dispatch")
+        if self.config.retention.enabled:
+            self._scheduler.add_job(self._retain, "interval", seconds=self.config.retention.interval_s,
+                                    max_instances=1, coalesce=True, id="retention")
         self._scheduler.start()
         self._supervisor = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
         self._supervisor.start()
@@ -117,6 +123,12 @@ class Node:
             self.dispatcher.tick()
         except Exception:  # the timer must keep running
             logger.exception("dispatcher tick failed")
+
+    def _retain(self) -> None:
+        try:
+            self.retention.run_once()
+        except Exception:  # the timer must keep running
+            logger.exception("retention pass failed")
 
     def tick_now(self) -> None:
         self._tick()

@@ -209,6 +209,11 @@ class Spool:
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._known_dirs: set[str] = set()  # series dirs whose sidecar is durable
+        # retention removes series while the SCP stores: a series being stored into is not
+        # removed, and a store into a series being removed waits until it is gone
+        self._busy: dict[str, int] = {}  # series key -> stores in progress
+        self._removing: set[str] = set()
+        self._changed = threading.Condition(self._lock)
         self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None,
                                    timeout=busy_timeout_ms / 1000)
         self._db.row_factory = sqlite3.Row
@@ -224,6 +229,7 @@ class Spool:
                 except sqlite3.OperationalError as exc:  # another process added it meanwhile
                     if "duplicate column" not in str(exc):
                         raise
+        self._used = self._indexed_bytes()  # kept up to date by store / remove_series / recover
 
     def close(self) -> None:
         with self._lock:
@@ -255,6 +261,18 @@ class Spool:
     def store(self, encoded: bytes, meta: InstanceMeta) -> StoredInstance:
         """Write one Part-10 instance durably, then index it. Returns only when both are done."""
         key = series_key(meta.calling_ae, meta.study_instance_uid, meta.series_instance_uid)
+        with self._changed:
+            self._changed.wait_for(lambda: key not in self._removing)
+            self._busy[key] = self._busy.get(key, 0) + 1
+        try:
+            return self._store(key, encoded, meta)
+        finally:
+            with self._lock:
+                self._busy[key] -= 1
+                if not self._busy[key]:
+                    del self._busy[key]
+
+    def _store(self, key: str, encoded: bytes, meta: InstanceMeta) -> StoredInstance:
         folder = self.series_dir(key)
         path = folder / instance_file_name(meta.sop_instance_uid)
         self._ensure_series_dir(folder, meta)
@@ -286,9 +304,10 @@ class Spool:
 
     def _index(self, key: str, meta: InstanceMeta, path: Path, size: int, now: float) -> bool:
         with self._tx():
-            replaced = self._db.execute(
-                "SELECT 1 FROM instances WHERE series_key=? AND sop_instance_uid=?",
-                (key, meta.sop_instance_uid)).fetchone() is not None
+            old = self._db.execute("SELECT size FROM instances WHERE series_key=? AND sop_instance_uid=?",
+                                   (key, meta.sop_instance_uid)).fetchone()
+            replaced = old is not None
+            self._used += size - (old[0] if old else 0)
             self._db.execute(
                 "INSERT INTO instances (series_key, sop_instance_uid, sop_class_uid, transfer_syntax, path, size,"
                 " received_at) VALUES (?,?,?,?,?,?,?) ON CONFLICT(series_key, sop_instance_uid) DO UPDATE SET"
@@ -367,20 +386,53 @@ class Spool:
     def free_mb(self) -> float:
         return shutil.disk_usage(self.spool_dir).free / 2**20
 
-    def remove_series(self, key: str) -> bool:
-        """Delete a series' files and rows. Crash-safe: the directory is first renamed
-        to a tombstone that ``recover`` finishes removing."""
+    def used_bytes(self) -> int:
+        """Bytes of the indexed instances (what ``storage.max_spool_mb`` limits); no I/O."""
+        return self._used
+
+    def _indexed_bytes(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM instances").fetchone()[0])
+
+    def series_sizes(self) -> dict[str, tuple[int, int]]:
+        """Series key -> (instances, bytes), from the index."""
+        with self._lock:
+            rows = self._db.execute("SELECT series_key, COUNT(*), COALESCE(SUM(size), 0) FROM instances"
+                                    " GROUP BY series_key").fetchall()
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+    def remove_series(self, key: str, *, unless_received_after: float | None = None) -> bool:
+        """Delete a series' files and rows; False if there was nothing to delete, or the series is
+        in use: being stored into, or (``unless_received_after``) received an instance after that
+        time, so an acknowledged instance is never deleted on an old decision. A store that comes
+        during the removal waits, then starts the series again. Crash-safe: the directory is
+        first renamed to a tombstone that ``recover`` finishes removing."""
         folder = self.series_dir(key)
         tomb = self.spool_dir / f".{key}.{secrets.token_hex(4)}.removing"
         with self._lock:
+            if key in self._busy or key in self._removing:
+                return False
+            if unless_received_after is not None:
+                row = self._db.execute("SELECT last_received_at FROM series WHERE key=?", (key,)).fetchone()
+                if row is not None and row[0] > unless_received_after:
+                    return False
+            self._removing.add(key)
             self._known_dirs.discard(key)
-        moved = folder.is_dir()
-        if moved:
-            os.replace(folder, tomb)
-            _fsync_dir(self.spool_dir)
-        with self._tx():
-            self._db.execute("DELETE FROM instances WHERE series_key=?", (key,))
-            cur = self._db.execute("DELETE FROM series WHERE key=?", (key,))
+        try:
+            moved = folder.is_dir()
+            if moved:
+                os.replace(folder, tomb)
+                _fsync_dir(self.spool_dir)
+            with self._tx():
+                size = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM instances WHERE series_key=?",
+                                        (key,)).fetchone()[0]
+                self._db.execute("DELETE FROM instances WHERE series_key=?", (key,))
+                cur = self._db.execute("DELETE FROM series WHERE key=?", (key,))
+                self._used -= int(size)
+        finally:
+            with self._changed:
+                self._removing.discard(key)
+                self._changed.notify_all()
         if moved:
             shutil.rmtree(tomb, ignore_errors=True)
         return moved or cur.rowcount > 0
@@ -400,6 +452,7 @@ class Spool:
             elif entry.is_dir() and not entry.name.startswith("."):
                 self._recover_series(entry, report)
         report.rows_dropped += self._drop_stale_rows()
+        self._used = self._indexed_bytes()
         log.info("%s", report)
         return report
 
