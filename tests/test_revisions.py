@@ -147,4 +147,5 @@ def test_resent_series_gives_one_result_set_and_late_instances_a_second_revision
             both = _orthanc_results(orthanc, study)
             assert set(once) < set(both)  # revision 1 stays, revision 2 is added beside it
             assert str(sr2.SOPInstanceUID) in both
-            assert all("rev 2" in both[uid]["SeriesDescription"] for uid in set(both) - set(once))
+            new = [both[uid].get("SeriesDescription", "") for uid in set(both) - set(once)]
+            assert new and all("rev 2" in text for text in new), sorted(set(new))

@@ -162,13 +162,14 @@ def method_label(pipeline: str) -> str:
 
 def series_description(kind: str, result: AnalysisResult, revision: int = 1) -> str:
     """(0008,103E) Series Description, e.g. ``AI heat map (method A) NOT FOR DIAGNOSTIC USE``;
-    from the second revision of a series' results on, ``AI report (method A, rev 2) ...``.
+    from the second revision of a series' results on, ``AI report (method A) rev 2 ...``.
 
-    The disclaimer is always kept, so ``kind`` and the method are shortened first.
+    The disclaimer and the revision are always kept, so ``kind`` and the method are
+    shortened first.
     """
-    suffix = f" {NOT_FOR_DIAGNOSTIC_USE}" if needs_disclaimer(result.algorithm) else ""
-    rev = f", rev {revision}" if revision > 1 else ""
-    text = f"{kind} ({method_label(result.pipeline)}{rev})"
+    suffix = (f" rev {revision}" if revision > 1 else "") + (
+        f" {NOT_FOR_DIAGNOSTIC_USE}" if needs_disclaimer(result.algorithm) else "")
+    text = f"{kind} ({method_label(result.pipeline)})"
     room = _LO_MAX - len(suffix)
     if len(text) > room:
         text = text[: room - 1] + "~"
