@@ -199,6 +199,20 @@ def test_dicom_lost_reply_resumes_on_new_association(strict_scp):
     assert err.value.retryable is True and "reply lost after 2 of 6" in str(err.value)
 
 
+def test_over_long_uid_is_offered_to_the_peer(tmp_path, strict_scp):
+    """An instance stored with a 70-character SOP Instance UID (the SCP accepts those) is
+    forwarded with the peer's status, not refused by the sender's own UID check."""
+    ds = dcmread(FEW[0])
+    long_uid = "1.2.826.0.1.3680043.8.498." + "1" * 44
+    assert len(long_uid) == 70
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = long_uid
+    path = tmp_path / "long.dcm"
+    ds.save_as(path)
+    report = DicomDestination("pacs", "127.0.0.1", strict_scp.port, "STRICT").send([path])
+    assert report.sent == 1
+    assert strict_scp.received == [long_uid]
+
+
 def test_unreadable_file_is_not_retryable(tmp_path, strict_scp):
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(b"not dicom at all")

@@ -39,9 +39,13 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 
+from ct_ai_node.dimse_uids import install_lenient_uid_validator
 from ct_ai_node.egress.base import DestinationError, SendReport, classify_status
 
 log = logging.getLogger(__name__)
+
+# a stored instance whose UID is over 64 characters is offered to the peer, not refused here
+install_lenient_uid_validator()
 
 #: DICOM allows at most 128 presentation contexts in one association request
 MAX_CONTEXTS = 128

@@ -37,41 +37,17 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from pydicom import uid as dcm_uid
-from pynetdicom import AE, AllStoragePresentationContexts, _config as pynetdicom_config, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from ..dimse_uids import install_lenient_uid_validator
 from ..spool import BadInstance, InstanceMeta, Spool, StoredInstance, dataset_header, part10
 
 log = logging.getLogger(__name__)
 
-#: longest UID the DIMSE layer lets through (PS3.5 says 64; senders in the wild exceed it)
-MAX_UID_CHARS = 256
-
-
-def lenient_uid(value: object) -> tuple[bool, str]:
-    """pynetdicom's ``_config.VALIDATORS["UI"]``, accepting over-long UIDs.
-
-    pynetdicom 3.0 refuses a UID over 64 characters even with ENFORCE_UID_CONFORMANCE off,
-    and a refused Affected SOP Instance UID loses the whole C-STORE: no response, the
-    association aborted, the sender never learns why. Real senders do send such UIDs. With
-    this, the request reaches ``StorageSCP._store``, which answers every C-STORE with a
-    status (stores and flags an over-long UID; the spool names the file by a hash and the
-    loader mints valid UIDs). Still refused: what cannot be carried as one UI value.
-    """
-    if not isinstance(value, str):
-        return False, "must be pydicom.uid.UID"
-    if not value:
-        return False, "must not be an empty str"
-    if len(value) > MAX_UID_CHARS:
-        return False, f"must not exceed {MAX_UID_CHARS} characters"
-    if not value.isascii() or "\\" in value:
-        return False, "must be ASCII without backslashes"
-    return True, ""
-
-
-# Once, at import, for the whole process (pynetdicom has no per-AE setting); see lenient_uid.
-pynetdicom_config.VALIDATORS["UI"] = lenient_uid
+# pynetdicom refuses over-long UIDs in a command set; see ct_ai_node.dimse_uids
+install_lenient_uid_validator()
 
 
 def uid_problem(uid: str) -> tuple[str, bool] | None:
