@@ -402,9 +402,11 @@ def jobs_requeue(
         job = queue.get(job_id)
         if job is None:
             raise JobNotFound(f"no job {job_id}")
-        if job.kind in ("analyse", "forward") and queue.children(job_id):
-            # its deliveries hold the work left: re-run the ones that did not finish
-            redo = [c for c in queue.children(job_id) if str(c.state) in ("dead", "failed")]
+        results = [c for c in queue.children(job_id) if not c.payload.get("notice")]
+        if job.kind in ("analyse", "forward") and results:
+            # its result deliveries hold the work left: re-run the ones that did not finish
+            # (a job with only "not analysed" notices was never analysed: it runs again whole)
+            redo = [c for c in results if str(c.state) in ("dead", "failed")]
             for child in redo:
                 queue.requeue(child.id)
             queue.set_state(job_id, "sending")

@@ -55,3 +55,20 @@ def test_requeue_unknown_job_and_bad_state(tmp_path):
 def test_no_database_yet(tmp_path):
     res = runner.invoke(app, ["jobs", "list", "--config", str(_config(tmp_path))])
     assert res.exit_code == 2 and "no job database" in res.output
+
+
+def test_requeue_a_not_analysed_job_runs_the_analysis_again(tmp_path):
+    """A job with only its "not analysed" notice deliveries was never analysed: requeue
+    runs it again whole instead of closing it as done once the notices are sent."""
+    config = _config(tmp_path)
+    (tmp_path / "var").mkdir()
+    q = SqliteJobQueue(tmp_path / "var" / "node.db")
+    parent = q.enqueue("analyse", {"rule": "chest-ct", "series_key": "k"})
+    q.claim(["analyse"], "w", 60)
+    notice = q.enqueue("deliver", {"destination": "pacs", "files": [], "notice": True}, parent_id=parent)
+    q.mark_failed(parent, "not analysed: only 5 slices (< 20)")
+
+    res = runner.invoke(app, ["jobs", "requeue", str(parent), "--config", str(config)])
+    assert res.exit_code == 0, res.output
+    assert q.get(parent).state == JobState.QUEUED
+    assert q.get(notice).state == JobState.QUEUED  # untouched: it was never failed
