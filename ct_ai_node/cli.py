@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from ct_ai_node import __version__
+from ct_ai_node.logs import configure_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ct-ai-node: chest-CT AI node beside a PACS.")
 err = Console(stderr=True)
@@ -313,7 +314,7 @@ def serve(
 
     config = _config_or_exit(config_file)
     level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level)
     err.print(f"ct-ai-node {__version__}: {config.summary()}; storage {config.storage.root}")
     try:
         Node(config, log_level=level).serve_forever()
@@ -335,8 +336,7 @@ def demo(
     if pacs not in ("builtin", "orthanc"):
         typer.echo(f"--pacs: {pacs!r} is not one of builtin, orthanc", err=True)
         raise typer.Exit(EXIT_REJECTED)
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(logging.INFO if verbose else logging.WARNING)
     try:
         report = run_demo(pacs, series or SAMPLE_SERIES, workdir, say=lambda m: err.print(m),
                           log_level=logging.INFO if verbose else logging.WARNING)

@@ -11,6 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..logs import configure_logging
 from ..spool import Spool
 from ..stop_signals import StopSignals
 from .scp import AllowedCaller, ScpSettings, StorageSCP, TlsSettings
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(logging.getLevelName(args.log_level.upper()))
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # per-message chatter
     tls = None

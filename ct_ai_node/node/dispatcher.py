@@ -35,6 +35,7 @@ import pydicom
 
 from ct_ai_node.config import NodeConfig
 from ct_ai_node.jobqueue import JobState
+from ct_ai_node.logs import configure_logging
 from ct_ai_node.rules.completeness import check_ready
 from ct_ai_node.rules.routing import RoutedAction, RoutingDecision, describe_action, facts_from_datasets, route
 from ct_ai_node.spool import SeriesRecord, Spool
@@ -174,7 +175,7 @@ def _router_main(conn, config_json: str, router: Router, memory_mb: int, log_lev
     from ct_ai_node.node.worker import _die_with_parent
 
     _die_with_parent()
-    logging.basicConfig(level=log_level, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level, "%(asctime)s router %(levelname)s %(name)s: %(message)s")
     config = NodeConfig.model_validate_json(config_json)
     _limit_memory(memory_mb)
     conn.send(("ready", None))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ct_ai_node.config import NodeConfig
 from ct_ai_node.jobqueue import Job, JobState, LeaseLost
+from ct_ai_node.logs import configure_logging
 from ct_ai_node.node.revisions import RevisionLog, instance_fingerprint
 from ct_ai_node.stop_signals import StopSignals
 
@@ -305,7 +306,7 @@ def worker_process_main(config_json: str, owner: str, log_level: int = logging.I
     from ct_ai_node.config import NodeConfig
 
     _die_with_parent()
-    logging.basicConfig(level=log_level, format=f"%(asctime)s {owner} %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level, f"%(asctime)s {owner} %(levelname)s %(name)s: %(message)s")
     # SIGTERM stops the loop; SIGINT is ignored (the node stops its workers itself)
     stop = StopSignals((signal.SIGTERM,), ignored=(signal.SIGINT,)).install()
     config = NodeConfig.model_validate_json(config_json)
