@@ -23,8 +23,7 @@ EXIT_FAILED = 3
 
 
 def _logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(logging.DEBUG if verbose else logging.WARNING)
 
 
 @app.command()
