@@ -237,6 +237,9 @@ class WorkersSection(_Model):
     count: int = Field(1, ge=1, le=64)
     #: a job whose worker stops renewing its lease for this long is run again
     lease_s: float = Field(120.0, ge=5, le=86400)
+    #: a job still running after this long is failed for good (the analysis of one series
+    #: must not hold a worker forever) and its worker process replaced
+    job_timeout_s: float = Field(1800.0, ge=1, le=7 * 86400)
     device: Annotated[str, AfterValidator(_check_device)] = "auto"
 
 

@@ -17,11 +17,13 @@ long analysis is not taken over, while a crashed worker's job is picked up again
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from ct_ai_node.config import NodeConfig
 from ct_ai_node.jobqueue import Job, JobState, LeaseLost
@@ -35,19 +37,31 @@ KINDS = ("analyse", "forward", "deliver")
 #: a parent in ``sending`` is closed by the dispatcher, not by a worker: it keeps a long
 #: lease so that no worker claims it while its deliveries are retried
 PARENT_LEASE_S = 365 * 24 * 3600.0
+#: exit status of a worker process that ended itself after a job overran workers.job_timeout_s
+EXIT_OVERRUN = 70
 
 
 class _LeaseKeeper:
-    """Renews a job's lease every third of ``lease_s`` until stopped."""
+    """Renews a job's lease every third of ``lease_s`` until stopped; past ``time_limit_s``
+    it stops renewing and calls ``on_overrun`` once (from its own thread: the job's thread
+    may be stuck anywhere, even in native code)."""
 
-    def __init__(self, queue, job_id: int, owner: str, lease_s: float):
+    def __init__(self, queue, job_id: int, owner: str, lease_s: float, time_limit_s: float = math.inf,
+                 on_overrun: Callable[[], None] | None = None):
         self.queue, self.job_id, self.owner, self.lease_s = queue, job_id, owner, lease_s
+        self.time_limit_s, self.on_overrun = time_limit_s, on_overrun
         self._stop = threading.Event()
         self.lost = False
         self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.lease_s / 3):
+        deadline = time.monotonic() + self.time_limit_s
+        while not self._stop.wait(max(min(self.lease_s / 3, deadline - time.monotonic()), 0.0)):
+            if time.monotonic() >= deadline:
+                self.lost = True
+                if self.on_overrun is not None:
+                    self.on_overrun()
+                return
             if not self.queue.renew(self.job_id, self.owner, self.lease_s):
                 self.lost = True
                 logger.warning("job %d: lease lost", self.job_id)
@@ -76,6 +90,9 @@ class Worker:
         self.revisions = RevisionLog(st.db_path)
         self.outbox = Path(st.outbox_dir)
         self.lease_s = float(config.workers.lease_s)
+        #: a worker process ends itself after a job overran its time (the node replaces it);
+        #: in-process (tests, tools) only the job is failed
+        self.exit_on_overrun = False
         self._waiting_parent: int | None = None
 
     # -- loop --------------------------------------------------------------------------
@@ -88,7 +105,8 @@ class Worker:
                     job.attempts, job.max_attempts)
         self._waiting_parent = None
         try:
-            with _LeaseKeeper(self.queue, job.id, self.owner, self.lease_s):
+            with _LeaseKeeper(self.queue, job.id, self.owner, self.lease_s,
+                              self.config.workers.job_timeout_s, lambda: self._overrun(job)):
                 getattr(self, f"_{job.kind}")(job)
             if self._waiting_parent is not None:  # after the keeper stopped: it would shorten it
                 self.queue.renew(self._waiting_parent, self.owner, PARENT_LEASE_S)
@@ -109,6 +127,21 @@ class Worker:
                 return
             if self.run_once() is None:
                 stop.wait(idle_s)
+
+    def _overrun(self, job: Job) -> None:
+        """The job ran past ``workers.job_timeout_s``: fail it for good (with its notice), then,
+        in a worker process, exit so that the node starts a fresh worker; the stuck thread
+        cannot be stopped any other way."""
+        limit = self.config.workers.job_timeout_s
+        logger.error("job %d (%s) still running after %.0f s (workers.job_timeout_s): failed", job.id, job.kind,
+                     limit)
+        recorder = threading.Thread(target=self._fail, daemon=True, args=(
+            job, f"{job.kind} did not finish within workers.job_timeout_s ({limit:.0f} s)", False))
+        recorder.start()
+        recorder.join(60)  # the notice reads the source again: bounded, the exit must come
+        if self.exit_on_overrun:
+            logging.shutdown()
+            os._exit(EXIT_OVERRUN)
 
     def _fail(self, job: Job, reason: str, retryable: bool) -> None:
         if job.kind == "analyse" and (not retryable or job.attempts >= job.max_attempts):
@@ -311,7 +344,9 @@ def worker_process_main(config_json: str, owner: str, log_level: int = logging.I
     stop = StopSignals((signal.SIGTERM,), ignored=(signal.SIGINT,)).install()
     config = NodeConfig.model_validate_json(config_json)
     _preload()
-    Worker(config, owner).run_forever(stop)
+    worker = Worker(config, owner)
+    worker.exit_on_overrun = True
+    worker.run_forever(stop)
 
 
 def _preload() -> None:
