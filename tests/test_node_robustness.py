@@ -38,7 +38,7 @@ LONG_UID = "1.2.826.0.1.3680043.8.498." + "1234567890" * 4 + "1234"  # 70 charac
 assert len(LONG_UID) == 70
 
 needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None or shutil.which("storescp") is None,
-                                 reason="needs DCMTK (make test installs it)")
+                                 reason="DCMTK not installed (make test installs it)")
 
 
 # -- bad instances on disk -------------------------------------------------------------------
