@@ -3,7 +3,8 @@
 Logs never carry patient data above DEBUG. Two libraries would break that by default:
 pydicom logs and warns about invalid values with the raw value (a malformed
 PatientBirthDate, a person name in the wrong VR), and apscheduler writes an INFO line for
-every dispatcher tick, burying the node's own lines.
+every dispatcher tick (and a WARNING for every tick skipped while one runs long), burying
+the node's own lines.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ def configure_logging(level: int, fmt: str = FORMAT) -> None:
     """``logging.basicConfig`` plus the library levels above; pydicom's value checks are
     silenced unless ``level`` is DEBUG (the writers repair what they take from headers)."""
     logging.basicConfig(level=level, format=fmt)
-    logging.getLogger("apscheduler").setLevel(max(level, logging.WARNING))
+    # a tick that overruns its interval is skipped, with a WARNING each time: normal while
+    # a series is routed; a tick that raises is still an ERROR
+    logging.getLogger("apscheduler").setLevel(level if level <= logging.DEBUG else logging.ERROR)
     if level > logging.DEBUG:
         import pydicom.config
 
