@@ -23,16 +23,16 @@ import datetime
 import logging
 import re
 import textwrap
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, UID, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from ct_ai_node.pipeline.types import AlgorithmInfo
+from ct_ai_node.volume.identity import is_valid_uid, uuid_as_uid
 from ct_ai_node.writers import common
 from ct_ai_node.writers.heatmap import burn_caption
 
@@ -146,21 +146,14 @@ def _time(value: object | None) -> str:
     return text
 
 
-def _valid_uid(value: object | None) -> str | None:
-    text = _text(value, 200)
-    return text if text and UID(text).is_valid else None
-
-
 def _study_uid(source: Dataset, series_uid: str) -> str:
     found = _get(source, "StudyInstanceUID")
-    valid = _valid_uid(found)
-    if valid:
-        return valid
     text = _text(found, 200)
-    try:  # a UUID: its standard UID form (PS3.5 B.2), as the loader repairs it for results
-        return "2.25." + str(uuid.UUID(text).int)
-    except ValueError:
-        pass
+    if is_valid_uid(text):
+        return text
+    converted = uuid_as_uid(text)  # a UUID: its UID form (PS3.5 B.2), as the loader repairs it
+    if converted is not None:
+        return converted
     # no usable study: a stable new one, derived from what is there
     logger.warning("source Study Instance UID is %s: the notice gets a study of its own",
                    "missing" if found is None else "invalid")

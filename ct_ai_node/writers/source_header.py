@@ -27,9 +27,9 @@ from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag, tag_
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.uid import generate_uid
 from pydicom.valuerep import format_number_as_ds
 
+from ct_ai_node.volume.identity import is_valid_uid, replacement_uid
 from ct_ai_node.volume.types import Volume
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,6 @@ SPACING_TOLERANCE = 1e-3
 #: Image Position (Patient) matching a slice's position within this (mm) is that slice
 POSITION_TOLERANCE = 1e-3
 
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _DA_RE = re.compile(r"^\d{8}$")
 _TM_RE = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
 _DT_RE = re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$")
@@ -75,16 +74,6 @@ class SanitisedSource:
 
     volume: Volume
     notes: tuple[str, ...]
-
-
-def is_valid_uid(value: object) -> bool:
-    """A DICOM UID (PS3.5 9.1): digits and dots, no leading zeros, at most 64 chars."""
-    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.match(value))
-
-
-def repaired_uid(kind: str, *sources: object) -> str:
-    """A deterministic UID standing in for an invalid or missing one."""
-    return str(generate_uid(entropy_srcs=["ct-ai-node", "repaired-source-uid", kind, *map(str, sources)]))
 
 
 class _Notes:
@@ -468,17 +457,17 @@ def _repair_identity(volume: Volume, notes: _Notes) -> tuple[Volume, list[Datase
     fields = {}
     study = volume.study_instance_uid
     if not is_valid_uid(study):
-        study = repaired_uid("study", study)
+        study = replacement_uid("StudyInstanceUID", study)
         fields["study_instance_uid"] = study
         notes.line("StudyInstanceUID not a valid UID after loading: a derived UID written")
     series = volume.series_instance_uid
     if not is_valid_uid(series):
-        series = repaired_uid("series", study, series)
+        series = replacement_uid("SeriesInstanceUID", series, study)
         fields["series_instance_uid"] = series
         notes.line("SeriesInstanceUID not a valid UID after loading: a derived UID written")
     frame = volume.frame_of_reference_uid
     if not is_valid_uid(frame):
-        frame = repaired_uid("frame-of-reference", series, frame)
+        frame = replacement_uid("FrameOfReferenceUID", frame, series)
         fields["frame_of_reference_uid"] = frame
         notes.line("FrameOfReferenceUID missing or not a valid UID after loading: a derived UID written")
 
@@ -499,7 +488,7 @@ def _repair_identity(volume: Volume, notes: _Notes) -> tuple[Volume, list[Datase
         for z, (ref, i) in enumerate(zip(volume.slices, pairing)):
             uid = ref.sop_instance_uid
             if not is_valid_uid(uid) or (uid in seen and not volume.is_multiframe):
-                uid = repaired_uid("sop-instance", series, ref.position, ref.instance_number, z)
+                uid = replacement_uid("SOPInstanceUID", uid, series, ref.position, ref.instance_number, z)
                 ref = dataclasses.replace(ref, sop_instance_uid=uid)
                 notes.add("SOPInstanceUID", "not a valid or unique UID after loading: replaced by a derived UID")
             seen.add(uid)
