@@ -120,6 +120,33 @@ def test_storescu_series_stored_indexed_idempotent_and_released(node):
     assert wait_until(lambda: len(node.released) == 2)
 
 
+def test_series_with_one_sop_uid_on_every_slice_is_received_whole_and_analysed(node, tmp_path):
+    """A de-identified export that wrote the same SOP Instance UID on every slice, sent with
+    DCMTK storescu: every slice gets success and is kept, and the spool folder analyses
+    with all of them (slices identified by position, valid UIDs minted, a warning)."""
+    from ct_ai_node.analyze import AnalyzeOptions, analyze_folder
+
+    sources = sorted(SAMPLE.glob("*.dcm"))
+    shared = str(pydicom.dcmread(sources[0], stop_before_pixels=True).SOPInstanceUID)
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for i, path in enumerate(sources):
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = shared
+        ds.save_as(folder / f"{i:04d}.dcm", enforce_file_format=True)
+    res = storescu(node.scp.port, sorted(folder.iterdir()))
+    assert res.returncode == 0, res.stderr[-2000:]
+    key = series_key("PACS", *(str(pydicom.dcmread(sources[0], stop_before_pixels=True).get(k))
+                               for k in ("StudyInstanceUID", "SeriesInstanceUID")))
+    assert node.spool.get_series(key).instance_count == len(sources)
+    doc = analyze_folder(node.spool.series_dir(key), tmp_path / "out",
+                         AnalyzeOptions(lungs="classical", device="cpu", parallel_writers=False))
+    assert doc.status == "done", doc.reason
+    assert len(doc.slice_scores) == len(sources)
+    assert len({s.sop_instance_uid for s in doc.slice_scores}) == len(sources)
+    assert any("SOPInstanceUID" in w for w in doc.warnings), doc.warnings
+
+
 def test_compressed_data_kept_as_sent(node, tmp_path):
     """JPEG Lossless via storescu and RLE via pynetdicom: stored in the transfer syntax sent."""
     src = write_ct_series(tmp_path / "src", n=3, rows=64, cols=64, shuffle_names=False)

@@ -252,3 +252,33 @@ def test_bad_data_raises_bad_instance(series):
     with pytest.raises(BadInstance):
         read_header(b"\x00" * 300)
     assert os.path.exists(series.paths[0])
+
+
+def test_different_images_under_one_sop_instance_uid_are_all_kept(tmp_path, spool):
+    """Exporters that write one SOP Instance UID on every slice: over C-STORE each slice
+    replaced the last and the series shrank to one image. Now a different image under a
+    UID already received is kept beside it; a re-send of the same bytes still replaces its
+    own file; recovery indexes each file once."""
+    written = write_ct_series(tmp_path / "src", n=4, rows=16, cols=16)
+    shared_uid = written.sop_instance_uids[0]
+    raws = []
+    for path in written.paths:
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = shared_uid
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        raws.append(buf.getvalue())
+    stored = [spool.store(r, meta_of(r)) for r in raws]
+    key = stored[0].series_key
+    assert len({s.path for s in stored}) == 4 and not any(s.replaced for s in stored)
+    assert spool.get_series(key).instance_count == 4
+    assert sorted(p.read_bytes() for p in spool.instance_paths(key)) == sorted(raws)
+    again = [spool.store(r, meta_of(r)) for r in raws]  # the PACS sends the series again
+    assert [a.path for a in again] == [s.path for s in stored] and all(a.replaced for a in again)
+    assert spool.get_series(key).instance_count == 4
+    # a crash before the index rows: recovery finds each file under its own key
+    with spool._tx():
+        spool._db.execute("DELETE FROM instances WHERE series_key=?", (key,))
+    spool.recover()
+    assert spool.get_series(key).instance_count == 4
+    assert len(set(spool.instance_uids(key))) == 4

@@ -18,6 +18,7 @@ The disk is the truth; the index can always be rebuilt from it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -151,6 +152,19 @@ def instance_file_name(sop_instance_uid: str) -> str:
     return f"x{hashlib.sha1(sop_instance_uid.encode()).hexdigest()}.dcm"
 
 
+def duplicate_key(sop_instance_uid: str, encoded: bytes) -> str:
+    """The index key of an image that shares its SOP Instance UID with another one in the
+    series: the UID plus a digest of its bytes (its file gets a hashed name)."""
+    return f"{sop_instance_uid}#{hashlib.sha256(encoded).hexdigest()[:16]}"
+
+
+def _same_bytes(path: Path, encoded: bytes) -> bool:
+    try:
+        return path.stat().st_size == len(encoded) and path.read_bytes() == encoded
+    except OSError:  # removed meanwhile: nothing to keep apart
+        return True
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -275,6 +289,14 @@ class Spool:
     def _store(self, key: str, encoded: bytes, meta: InstanceMeta) -> StoredInstance:
         folder = self.series_dir(key)
         path = folder / instance_file_name(meta.sop_instance_uid)
+        if path.is_file() and not _same_bytes(path, encoded):
+            # another image under a SOP Instance UID already here (exporters that reuse one UID
+            # for every slice): kept beside it, never over it; the loader tells slices apart by
+            # position. The same bytes again still replace their own file (idempotent re-send).
+            meta = dataclasses.replace(meta, sop_instance_uid=duplicate_key(meta.sop_instance_uid, encoded))
+            path = folder / instance_file_name(meta.sop_instance_uid)
+            log.warning("series %s: a different image with a SOP Instance UID already received; kept as well",
+                        key)
         self._ensure_series_dir(folder, meta)
         try:
             _write_atomic(path, encoded, self.fsync)
@@ -474,7 +496,10 @@ class Spool:
                 report.quarantined.append(self._quarantine(path))
                 log.warning("spool recovery: unreadable file moved to quarantine (%s)", exc)
                 continue
-            meta = InstanceMeta(hdr["SOPInstanceUID"], hdr["SOPClassUID"], hdr["StudyInstanceUID"],
+            uid = hdr["SOPInstanceUID"]
+            if path.name != instance_file_name(uid):  # an image kept beside another of its UID
+                uid = duplicate_key(uid, path.read_bytes())
+            meta = InstanceMeta(uid, hdr["SOPClassUID"], hdr["StudyInstanceUID"],
                                 hdr["SeriesInstanceUID"], hdr["Modality"], sender["calling_ae"],
                                 sender["called_ae"], sender["caller_host"], hdr["TransferSyntaxUID"])
             with self._tx():
