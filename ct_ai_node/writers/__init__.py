@@ -39,7 +39,7 @@ from ct_ai_node.writers.secondary_capture import (
 )
 from ct_ai_node.writers.seg import build_seg
 from ct_ai_node.writers.source_header import SanitisedSource, sanitise_volume
-from ct_ai_node.writers.sr import DISPLAY_SR_SERIES_OFFSET, build_display_sr, build_sr
+from ct_ai_node.writers.sr import build_display_sr, build_sr
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class OutputSet:
 
     def named(self) -> Iterator[tuple[str, Dataset]]:
         """(file name, dataset) pairs: ``seg.dcm``, ``heatmap_0001.dcm``...,
-        ``key_0001.dcm``..., ``sr.dcm``, ``ko.dcm``."""
+        ``key_0001.dcm``..., ``sr.dcm``, ``sr_display.dcm``, ``ko.dcm``."""
         if self.seg is not None:
             yield "seg.dcm", self.seg
         for i, ds in enumerate(self.heatmaps, start=1):
@@ -192,7 +192,7 @@ def _build_outputs(volume, result, series_number_base, institution_name, heatmap
         sr = None
         failures.append("SR not written: it references the SEG, which could not be built")
     display = timed("sr_display", "display SR", build_display_sr, volume, result,
-                    numbers.base + DISPLAY_SR_SERIES_OFFSET, institution_name=institution_name, uids=uids)
+                    numbers.display_sr, institution_name=institution_name, uids=uids)
     ko = (
         timed("ko", "key object selection", build_key_object_selection, keys, numbers.key_object_selection,
               result=result, institution_name=institution_name, uids=uids)

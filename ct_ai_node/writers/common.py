@@ -69,6 +69,20 @@ class SeriesNumbers:
     def key_object_selection(self) -> int:
         return self.base + 5
 
+    @property
+    def notice_sc(self) -> int:
+        """The "AI analysis not performed" Secondary Capture (writers.notice)."""
+        return self.base + 6
+
+    @property
+    def notice_sr(self) -> int:
+        return self.base + 7
+
+    @property
+    def display_sr(self) -> int:
+        """The SR with the drawable finding alone (sr.build_display_sr)."""
+        return self.base + 8
+
 
 @dataclass(frozen=True)
 class ReportRef:

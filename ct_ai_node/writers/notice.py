@@ -45,10 +45,6 @@ BASIC_TEXT_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.11"
 SC_FILE = "notice_sc.dcm"
 SR_FILE = "notice_sr.dcm"
 
-#: (0020,0011) Series Numbers: after the result series (base+1..base+5, common.SeriesNumbers)
-SC_SERIES_OFFSET = 6
-SR_SERIES_OFFSET = 7
-
 #: the notice image: black, text only
 IMAGE_SIZE = 512
 #: characters per burned-in line before wrapping (fits 512 columns at the caption's font size)
@@ -254,7 +250,7 @@ def _description(algorithm: AlgorithmInfo, what: str) -> str:
 
 
 def build_notice_sc(source: Dataset, reason: str, algorithm: AlgorithmInfo, pipeline: str, *,
-                    series_number: int = 900 + SC_SERIES_OFFSET, institution_name: str | None = None,
+                    series_number: int = common.SeriesNumbers().notice_sc, institution_name: str | None = None,
                     when: datetime.datetime | None = None, uids: common.ResultUids | None = None) -> Dataset:
     """An RGB Secondary Capture: black, with ``AI analysis not performed: <reason>``, the
     series concerned, the algorithm and its version (and NOT FOR DIAGNOSTIC USE for an
@@ -323,7 +319,7 @@ def _item(relationship: str, value_type: str, name, value: object) -> Dataset:
 
 
 def build_notice_sr(source: Dataset, reason: str, algorithm: AlgorithmInfo, pipeline: str, *,
-                    series_number: int = 900 + SR_SERIES_OFFSET, institution_name: str | None = None,
+                    series_number: int = common.SeriesNumbers().notice_sr, institution_name: str | None = None,
                     when: datetime.datetime | None = None, uids: common.ResultUids | None = None) -> Dataset:
     """A Basic Text SR: "Diagnostic Imaging Report" with the algorithm as observer device
     and text items for the notice, the reason, the algorithm and its version."""
@@ -384,10 +380,11 @@ def build_notice(source: Dataset, reason: str, algorithm: AlgorithmInfo, pipelin
     damaged. ``algorithm``: what would have analysed it (``algorithm_for_pipeline``)."""
     when = when or common.now()
     uids = notice_uids(source, pipeline, algorithm)
+    numbers = common.SeriesNumbers(series_number_base)
     kwargs = {"institution_name": institution_name, "when": when, "uids": uids}
     return Notice(
         sc=build_notice_sc(source, reason, algorithm, pipeline,
-                           series_number=series_number_base + SC_SERIES_OFFSET, **kwargs),
+                           series_number=numbers.notice_sc, **kwargs),
         sr=build_notice_sr(source, reason, algorithm, pipeline,
-                           series_number=series_number_base + SR_SERIES_OFFSET, **kwargs),
+                           series_number=numbers.notice_sr, **kwargs),
     )

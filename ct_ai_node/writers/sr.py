@@ -78,9 +78,6 @@ PERCENT = codes.UCUM.Percent
 RATIO = codes.UCUM.Ratio
 PROBABILITY_UNIT = CodedConcept("{probability}", "UCUM", "probability")
 
-#: (0020,0011) Series Number of the display SR: base + 8 (base+1..+5 are the result
-#: series of common.SeriesNumbers, +6 and +7 the failure notices of writers.notice)
-DISPLAY_SR_SERIES_OFFSET = 8
 
 
 @dataclass(frozen=True)
@@ -395,7 +392,7 @@ def _report_object(report: hd.sr.MeasurementReport, evidence: list[Dataset], rol
 def build_display_sr(
     volume: Volume,
     result: AnalysisResult,
-    series_number: int = 900 + DISPLAY_SR_SERIES_OFFSET,
+    series_number: int = common.SeriesNumbers().display_sr,
     *,
     institution_name: str | None = None,
     image_library: bool = True,
