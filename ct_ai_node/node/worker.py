@@ -156,17 +156,23 @@ class Worker:
 
     # -- kinds -------------------------------------------------------------------------
 
+    def _enqueue_deliveries(self, job: Job, destinations, files: list[Path], notice: bool = False) -> None:
+        """One ``deliver`` child per destination, keyed ``deliver:`` (results) or ``notice:``
+        (a not-analysed notice) + job + destination, so a second call adds nothing."""
+        extra = {"notice": True} if notice else {}
+        for name in destinations:
+            self.queue.enqueue("deliver", {"destination": name, "files": [str(p) for p in files],
+                                           "series_key": job.payload.get("series_key"), **extra},
+                               key=f"{'notice' if notice else 'deliver'}:{job.id}:{name}", parent_id=job.id,
+                               max_attempts=self.config.retry.max_attempts)
+
     def _start_deliveries(self, job: Job, files: list[Path]) -> None:
         destinations = job.payload.get("destinations") or []
         if not destinations:
             self.queue.complete(job.id, owner=self.owner)
             logger.info("job %d done: no destination configured", job.id)
             return
-        for name in destinations:
-            self.queue.enqueue("deliver", {"destination": name, "files": [str(p) for p in files],
-                                           "series_key": job.payload.get("series_key")},
-                               key=f"deliver:{job.id}:{name}", parent_id=job.id,
-                               max_attempts=self.config.retry.max_attempts)
+        self._enqueue_deliveries(job, destinations, files)
         self.queue.set_state(job.id, JobState.SENDING, owner=self.owner)
         self._waiting_parent = job.id
 
@@ -223,11 +229,7 @@ class Worker:
             files = self._write_notice(job, reason)
             if not files:
                 return
-            for name in destinations:
-                self.queue.enqueue("deliver", {"destination": name, "files": [str(p) for p in files],
-                                               "series_key": job.payload.get("series_key"), "notice": True},
-                                   key=f"notice:{job.id}:{name}", parent_id=job.id,
-                                   max_attempts=self.config.retry.max_attempts)
+            self._enqueue_deliveries(job, destinations, files, notice=True)
             logger.info("job %d: not-analysed notice queued for %s", job.id, ", ".join(destinations))
         except Exception:  # noqa: BLE001 - see above
             logger.exception("job %d: the not-analysed notice could not be queued", job.id)
