@@ -14,6 +14,11 @@ LEFT_LUNG = 2
 LABEL_POSITIVE = "COVID-19-like pneumonia"
 LABEL_NEGATIVE = "No COVID-19-like pneumonia"
 
+#: the case classes, in this order everywhere (result.json, SR)
+CASE_CLASSES = ("covid_like", "other_pneumonia", "no_pneumonia")
+CASE_CLASS_TEXT = {"covid_like": "COVID-19-like pneumonia", "other_pneumonia": "Other pneumonia (not COVID-19-like)",
+                   "no_pneumonia": "No pneumonia"}
+
 
 @dataclass(frozen=True)
 class AlgorithmInfo:
@@ -54,6 +59,14 @@ class AnalysisResult:
     #: z indices the classifier ran on; other lung slices' scores are interpolated
     #: (empty: every slice was scored)
     scored_slices: list[int] = field(default_factory=list)
+    #: one of CASE_CLASSES; None when the pipeline gave no three-class result
+    case_class: str | None = None
+    #: keys CASE_CLASSES, sum 1
+    class_probabilities: dict[str, float] = field(default_factory=dict)
+    #: bool (z, y, x), subset of infection_mask; the rest of infection_mask is ground-glass opacity
+    consolidation_mask: np.ndarray | None = None
+    ggo_volume_ml: float | None = None
+    consolidation_volume_ml: float | None = None
 
     @property
     def is_positive(self) -> bool:
