@@ -82,11 +82,19 @@ def _print_summary(doc, out: Path) -> None:
     con = Console()
     t = Table(title="ct-ai-node result - NOT FOR DIAGNOSTIC USE", caption="model trained on synthetic phantoms only",
               show_header=False)
-    rows = [
-        ("result", f"{doc.label} (p = {doc.probability:.3f}, threshold {doc.threshold})"),
+    rows = [("result", f"{doc.label} (p = {doc.probability:.3f}, threshold {doc.threshold})")]
+    if doc.case_class_text:
+        probs = ", ".join(f"{name} {p:.3f}" for name, p in doc.class_probabilities.items())
+        rows.append(("case class", doc.case_class_text + (f" ({probs})" if probs else "")))
+    rows += [
         ("positive slices", f"{len(doc.positive_slices)} ({doc.positive_slice_ratio:.1%} of lung slices)"),
         ("lung volume", f"{doc.lung_volume_ml:.0f} ml (R {doc.right_lung_volume_ml:.0f}, L {doc.left_lung_volume_ml:.0f})"),
         ("suspected infection", f"{doc.lesion_volume_ml:.1f} ml ({doc.involvement_percent:.1f} % of lung)"),
+    ]
+    if doc.ggo_volume_ml is not None and doc.consolidation_volume_ml is not None:
+        rows.append(("opacities", f"ground-glass {doc.ggo_volume_ml:.1f} ml, "
+                                  f"consolidation {doc.consolidation_volume_ml:.1f} ml"))
+    rows += [
         ("Corona score", f"{doc.corona_score_ml:.1f} cm³"),
         ("pipeline", f"{doc.pipeline}: {doc.algorithm}"),
         ("outputs", f"{len(doc.outputs)} DICOM files in {out}"),
@@ -136,6 +144,12 @@ def train(
     overrides: Optional[List[str]] = typer.Option(None, "--set", help="KEY=VALUE: change one of METHOD's training "
                                                                      "settings (repeatable), e.g. --set width=16 "
                                                                      "--set time_budget_s=300"),
+    backgrounds: Optional[Path] = typer.Option(None, help="real chest CT series (DICOM folders, NIfTI files) under "
+                                                          "this folder become extra cases with synthetic lesions "
+                                                          "inserted, and real negatives"),
+    hold_out: Optional[List[str]] = typer.Option(None, "--hold-out", help="a background (name relative to "
+                                                                          "--backgrounds, or a folder above it) "
+                                                                          "kept out of training (repeatable)"),
 ) -> None:
     """Train a model on synthetic phantoms (seeds never from the held-out test range), or
     on a site's own labelled scans (--data), and write fp16 safetensors + manifest
@@ -159,7 +173,8 @@ def train(
         else:
             report = train_method(method, out, resolve_device(device), cases=cases, val_cases=val_cases,
                                   epochs=epochs, shape=dims, cache_dir=cache_dir, log=err.print, data_dir=data,
-                                  workers=workers, overrides=overrides or ())
+                                  workers=workers, overrides=overrides or (), backgrounds=backgrounds,
+                                  held_out=hold_out or ())
     except InputRejected as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(EXIT_REJECTED)

@@ -43,7 +43,8 @@ def kind_for_index(i: int) -> str:
     return KINDS[i % len(KINDS)]
 
 
-# A training case is a phantom seed (int) or a row of a site's labels.csv (SiteCase).
+# A training case is a phantom seed (int), a row of a site's labels.csv (SiteCase) or a real
+# background with inserted lesions (real_backgrounds.BackgroundCase).
 
 def _is_seed(ref) -> bool:
     return isinstance(ref, (int, np.integer))
@@ -75,6 +76,8 @@ def make_case(ref, shape: tuple[int, int, int] | None, kind: str | None = None):
     a realistic geometry), or the site scan ``ref`` loaded as one (``shape`` unused)."""
     if _is_seed(ref):
         return _phantom(int(ref), None if shape is None else tuple(shape), kind or kind_for_index(int(ref)))
+    if hasattr(ref, "load"):  # a real background with inserted lesions (training.real_backgrounds)
+        return ref.load()
     from ct_ai_node.training.site_data import load_site_case
 
     return load_site_case(ref)
@@ -96,7 +99,8 @@ def _phantom(seed: int, shape: tuple[int, int, int] | None, kind: str):
 def describe_cases(refs) -> str:
     """"1000..1059,1070" for phantom seeds, plus "N site scans" for site cases."""
     seeds = sorted(int(r) for r in refs if _is_seed(r))
-    n_site = sum(1 for r in refs if not _is_seed(r))
+    n_real = sum(1 for r in refs if hasattr(r, "load"))
+    n_site = sum(1 for r in refs if not _is_seed(r) and not hasattr(r, "load"))
     parts, i = [], 0
     while i < len(seeds):
         j = i
@@ -106,6 +110,9 @@ def describe_cases(refs) -> str:
         i = j + 1
     if n_site:
         parts.append(f"{n_site} site scans")
+    if n_real:
+        names = sorted({r.name for r in refs if hasattr(r, "load")})
+        parts.append(f"{n_real} real-background cases ({', '.join(names)})")
     return ",".join(parts)
 
 

@@ -32,10 +32,23 @@ def _with(settings, **changes):
     return dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
 
 
-def fit_cases(cases: int, val_cases: int, data_dir: Path | None = None) -> tuple[list, list]:
+def fit_cases(cases: int, val_cases: int, data_dir: Path | None = None, backgrounds: Path | None = None,
+              held_out: Sequence[str] = (), log=print) -> tuple[list, list]:
     """(training, validation) case references: the first ``cases`` / ``val_cases``
     phantoms of the training / validation seed ranges, or a site's scans (``labels.csv``
-    split column; its "test" rows are never used here)."""
+    split column; its "test" rows are never used here); plus, with ``backgrounds``, real
+    scans with synthetic lesions inserted (:mod:`ct_ai_node.training.real_backgrounds`)
+    from every series under that folder except those ``held_out`` names."""
+    train, val = _fit_cases(cases, val_cases, data_dir)
+    if backgrounds is not None:
+        from ct_ai_node.training.real_backgrounds import background_fit_cases
+
+        bg_train, bg_val = background_fit_cases(Path(backgrounds), tuple(held_out), log=log)
+        train, val = train + bg_train, val + bg_val
+    return train, val
+
+
+def _fit_cases(cases: int, val_cases: int, data_dir: Path | None) -> tuple[list, list]:
     if data_dir is None:
         return fit_phantoms(cases, val_cases)
     from ct_ai_node.errors import InputRejected
@@ -51,12 +64,14 @@ def fit_cases(cases: int, val_cases: int, data_dir: Path | None = None) -> tuple
 
 def train_method(method: str, out_dir: Path, device: torch.device, *, cases: int, val_cases: int,
                  epochs: int | None = None, shape=None, cache_dir: Path | None = None, log=print,
-                 data_dir: Path | None = None, workers: int | None = None, overrides: Sequence[str] = ()) -> dict:
+                 data_dir: Path | None = None, workers: int | None = None, overrides: Sequence[str] = (),
+                 backgrounds: Path | None = None, held_out: Sequence[str] = ()) -> dict:
     """Train METHOD on phantoms (``cases`` / ``val_cases``) or on a site's scans
-    (``data_dir``, see :mod:`ct_ai_node.training.site_data`). ``overrides`` are
+    (``data_dir``, see :mod:`ct_ai_node.training.site_data`), plus real ``backgrounds``
+    with inserted lesions (except ``held_out``). ``overrides`` are
     ``KEY=VALUE`` changes of the method's training settings (``--set``)."""
     out_dir = Path(out_dir)
-    train, val = fit_cases(cases, val_cases, data_dir)
+    train, val = fit_cases(cases, val_cases, data_dir, backgrounds, held_out, log)
 
     def settings_of(defaults, **changes):
         try:

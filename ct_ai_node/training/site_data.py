@@ -134,10 +134,11 @@ def _nifti_zyx(path: str) -> tuple[np.ndarray, tuple[float, float, float]]:
     return np.ascontiguousarray(vol), (float(zooms[2]), float(zooms[1]), float(zooms[0]))
 
 
-def _dicom_zyx(folder: str) -> tuple[np.ndarray, tuple[float, float, float]]:
+def _dicom_zyx(folder: str, policy=None) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """``policy``: the series selection (``SelectionPolicy``; the node's default when None)."""
     from ct_ai_node.volume import load_series_from_folder
 
-    vol, _selection, _report = load_series_from_folder(folder)
+    vol, _selection, _report = load_series_from_folder(folder, policy)
     row, col = np.asarray(vol.orientation[:3]), np.asarray(vol.orientation[3:])
     hu = vol.hu
     # axis-aligned axial scans only; a mirrored row or column direction is flipped back

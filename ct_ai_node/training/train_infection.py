@@ -50,7 +50,15 @@ from ct_ai_node.pipeline.infection import (
     prepare_planes,
 )
 from ct_ai_node.training.augment import blur, random_affine
-from ct_ai_node.training.data import case_id, case_kind, check_fit_cases, make_case, map_cases, site_scan
+from ct_ai_node.training.data import (
+    case_id,
+    case_kind,
+    check_fit_cases,
+    describe_cases,
+    make_case,
+    map_cases,
+    site_scan,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +119,8 @@ def phantom_planes(seed, kind: str, shape, input_settings: InfectionSettings) ->
         "voxel_ml": np.float64(planes.voxel_ml),
         "seed": np.int64(case_id(seed)),
         "kind": np.array(ph.kind),
+        "source": np.array("real background" if hasattr(seed, "load") else "phantom" if isinstance(seed, (int, np.integer))
+                           else "site"),
     }
 
 
@@ -231,7 +241,7 @@ def evaluate_cases(model: torch.nn.Module, cases, device: torch.device,
                         pixel_mm=1.0, step_mm=1.0)
         prob = seg.plane_probabilities(planes)
         truth = case["lesion"]
-        kind = str(case["kind"])
+        kind = str(case["kind"]) if "source" not in case else f"{case['source']}: {case['kind']}"
         ml = float(case["voxel_ml"])
         for t in thresholds:
             pred = (prob >= t) & case["lung"]
@@ -361,8 +371,8 @@ def train_infection_unet(seeds_train: Iterable[int], seeds_val: Iterable[int],
         "val": val_metrics,
         "threshold": float(val_metrics.get("best_threshold", 0.5)),
         "val_dice": val_metrics.get("dice"),
-        "train_seeds": f"{min(seeds_train)}..{max(seeds_train)}" if seeds_train else "",
-        "val_seeds": f"{min(seeds_val)}..{max(seeds_val)}" if seeds_val else "",
+        "train_seeds": describe_cases(seeds_train),
+        "val_seeds": describe_cases(seeds_val),
         "arch_kwargs": arch_kwargs_of(model),
         "settings": json.loads(json.dumps(asdict(s), default=str)),
         "data_seconds": round(t_data, 1),
