@@ -67,6 +67,8 @@ class AnalysisResult:
     consolidation_mask: np.ndarray | None = None
     ggo_volume_ml: float | None = None
     consolidation_volume_ml: float | None = None
+    #: the method's own P(COVID-19-like) when the three-class result replaced it
+    method_probability: float | None = None
 
     @property
     def is_positive(self) -> bool:
