@@ -36,6 +36,12 @@ class ResultDocument(BaseModel):
     probability: float | None = None
     threshold: float | None = None
     label: str | None = None
+    #: the three-class result: one of CASE_CLASSES ("covid_like", "other_pneumonia",
+    #: "no_pneumonia"); None when the pipeline gave none (``label`` alone then)
+    case_class: str | None = None
+    case_class_text: str | None = None
+    #: class -> probability, in CASE_CLASSES order; ``probability`` is its "covid_like"
+    class_probabilities: dict[str, float] = Field(default_factory=dict)
     positive_slice_ratio: float | None = None
     positive_slices: list[int] = Field(default_factory=list, description="instance numbers")
     lung_volume_ml: float | None = None
@@ -44,6 +50,10 @@ class ResultDocument(BaseModel):
     lesion_volume_ml: float | None = None
     involvement_percent: float | None = None
     corona_score_ml: float | None = None
+    #: the suspected infection split into ground-glass opacity and consolidation (they
+    #: add up to lesion_volume_ml); None when the pipeline did not split it
+    ggo_volume_ml: float | None = None
+    consolidation_volume_ml: float | None = None
     key_slices: list[int] = Field(default_factory=list, description="instance numbers, best first")
     outputs: dict[str, str] = Field(default_factory=dict, description="file name -> SOP Class UID")
     timings_s: dict[str, float] = Field(default_factory=dict)
@@ -70,9 +80,15 @@ def result_document(volume: Volume, result: AnalysisResult, outputs: dict[str, s
     """``warnings``: the analysis's (the loader's among them) then ``extra_warnings``
     (the writers' source-header repairs and objects not written)."""
     from ct_ai_node.pipeline.scoring import volume_ml
-    from ct_ai_node.pipeline.types import LEFT_LUNG, RIGHT_LUNG
+    from ct_ai_node.pipeline.types import CASE_CLASS_TEXT, CASE_CLASSES, LEFT_LUNG, RIGHT_LUNG
+    from ct_ai_node.writers.common import opacity_volumes_ml
 
     scored = set(result.scored_slices)
+    # known classes first, in their fixed order; an unexpected key is kept, not dropped
+    order = [*CASE_CLASSES, *sorted(set(result.class_probabilities) - set(CASE_CLASSES))]
+    probabilities = {k: round(float(result.class_probabilities[k]), 4) for k in order
+                     if k in result.class_probabilities}
+    ggo_ml, consolidation_ml = opacity_volumes_ml(result, volume.voxel_volume_ml)
 
     return ResultDocument(
         status="done",
@@ -85,6 +101,9 @@ def result_document(volume: Volume, result: AnalysisResult, outputs: dict[str, s
         probability=round(result.probability, 4),
         threshold=result.threshold,
         label=result.label,
+        case_class=result.case_class,
+        case_class_text=CASE_CLASS_TEXT.get(result.case_class) if result.case_class is not None else None,
+        class_probabilities=probabilities,
         positive_slice_ratio=round(result.positive_slice_ratio, 4),
         positive_slices=sorted(_instance_numbers(volume, result.positive_slices)),
         lung_volume_ml=round(result.lung_volume_ml, 1),
@@ -93,6 +112,8 @@ def result_document(volume: Volume, result: AnalysisResult, outputs: dict[str, s
         lesion_volume_ml=round(result.lesion_volume_ml, 2),
         involvement_percent=round(result.involvement_percent, 2),
         corona_score_ml=round(result.corona_score_ml, 2),
+        ggo_volume_ml=None if ggo_ml is None else round(ggo_ml, 2),
+        consolidation_volume_ml=None if consolidation_ml is None else round(consolidation_ml, 2),
         key_slices=_instance_numbers(volume, result.key_slices),
         outputs=outputs,
         timings_s=timings,

@@ -13,13 +13,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from highdicom.sr import CodedConcept
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from ct_ai_node import __version__
 from ct_ai_node.errors import OutputError
-from ct_ai_node.pipeline.types import AlgorithmInfo, AnalysisResult
+from ct_ai_node.pipeline.types import CASE_CLASS_TEXT, CASE_CLASSES, AlgorithmInfo, AnalysisResult
 from ct_ai_node.volume.types import Volume
 
 #: (0008,0070) Manufacturer of every object the node writes
@@ -254,8 +255,10 @@ def check_result_matches(volume: Volume, result: AnalysisResult) -> None:
         )
     if not volume.datasets:
         raise ValueError("volume.datasets is empty: the writers need the source headers")
-    for name in ("lung_labels", "infection_mask", "heatmap"):
+    for name in ("lung_labels", "infection_mask", "heatmap", "consolidation_mask"):
         arr = getattr(result, name)
+        if arr is None and name == "consolidation_mask":  # optional: no opacity split
+            continue
         if tuple(arr.shape) != shape:
             raise ValueError(f"result.{name} has shape {tuple(arr.shape)}, volume is {shape}")
     if len(result.slice_scores) != shape[0]:
@@ -275,6 +278,58 @@ def building(what: str) -> Iterator[None]:
         raise OutputError(f"{what}: {' '.join(str(exc).split())}") from exc
 
 
+# --- three-class result and opacities -------------------------------------------------
+
+
+def case_class_text(result: AnalysisResult) -> str | None:
+    """The case class in words (``CASE_CLASS_TEXT``); None when the pipeline gave no
+    three-class result."""
+    if result.case_class is None:
+        return None
+    try:
+        return CASE_CLASS_TEXT[result.case_class]
+    except KeyError:
+        raise ValueError(
+            f"result.case_class must be one of {CASE_CLASSES} or None, got {result.case_class!r}"
+        ) from None
+
+
+def class_probabilities(result: AnalysisResult) -> dict[str, float]:
+    """``result.class_probabilities`` in ``CASE_CLASSES`` order; empty when not given.
+    A key outside ``CASE_CLASSES`` is a pipeline error (ValueError): a report must not
+    silently drop a probability."""
+    probs = result.class_probabilities or {}
+    unknown = sorted(set(probs) - set(CASE_CLASSES))
+    if unknown:
+        raise ValueError(f"result.class_probabilities has keys outside {CASE_CLASSES}: {unknown}")
+    return {name: float(probs[name]) for name in CASE_CLASSES if name in probs}
+
+
+def opacity_masks(result: AnalysisResult) -> tuple[np.ndarray, np.ndarray] | None:
+    """(ground-glass opacity, consolidation) bool masks, or None without a consolidation
+    mask. Consolidation is clipped to the infection mask so that the two always split
+    the "Suspected infection" segment exactly (the contract says subset; a stray voxel
+    outside would be an opacity no other output counts)."""
+    if result.consolidation_mask is None:
+        return None
+    infection = np.asarray(result.infection_mask, dtype=bool)
+    consolidation = np.asarray(result.consolidation_mask, dtype=bool) & infection
+    return infection & ~consolidation, consolidation
+
+
+def opacity_volumes_ml(result: AnalysisResult, voxel_ml: float) -> tuple[float | None, float | None]:
+    """(ground-glass opacity, consolidation) volumes in ml: the pipeline's values, else
+    counted from the masks, else None."""
+    ggo, consolidation = result.ggo_volume_ml, result.consolidation_volume_ml
+    masks = opacity_masks(result)
+    if masks is not None:
+        if ggo is None:
+            ggo = float(np.count_nonzero(masks[0]) * voxel_ml)
+        if consolidation is None:
+            consolidation = float(np.count_nonzero(masks[1]) * voxel_ml)
+    return (None if ggo is None else float(ggo), None if consolidation is None else float(consolidation))
+
+
 # --- caption text --------------------------------------------------------------------
 
 
@@ -283,8 +338,24 @@ def _fmt_ml(value: float) -> str:
 
 
 def headline(result: AnalysisResult) -> str:
-    """``AI: COVID-19-like pneumonia  p=0.87``"""
-    return f"AI: {result.label}  p={result.probability:.2f}"
+    """``AI: Other pneumonia (not COVID-19-like)  P(COVID-19-like)=0.12`` with a
+    three-class result, else ``AI: COVID-19-like pneumonia  p=0.87``."""
+    text = case_class_text(result)
+    if text is None:
+        return f"AI: {result.label}  p={result.probability:.2f}"
+    return f"AI: {text}  P(COVID-19-like)={result.probability:.2f}"
+
+
+def opacities_line(result: AnalysisResult, voxel_ml: float | None = None) -> str | None:
+    """``GGO 95 ml  consolidation 12 ml``; None when the analysis did not split the
+    infection (or gave only one of the two and ``voxel_ml`` is unknown)."""
+    if voxel_ml is None:
+        ggo, consolidation = result.ggo_volume_ml, result.consolidation_volume_ml
+    else:
+        ggo, consolidation = opacity_volumes_ml(result, voxel_ml)
+    if ggo is None or consolidation is None:
+        return None
+    return f"GGO {_fmt_ml(ggo)}  consolidation {_fmt_ml(consolidation)}"
 
 
 def numbers_line(result: AnalysisResult) -> str:
@@ -313,10 +384,22 @@ class Caption:
     bottom: tuple[str, ...]
 
 
-def caption_for(result: AnalysisResult, z: int, key: tuple[int, int] | None = None) -> Caption:
-    """The caption of slice ``z``; ``key=(k, n)`` adds the key-image line."""
+def caption_for(result: AnalysisResult, z: int, key: tuple[int, int] | None = None,
+                voxel_ml: float | None = None) -> Caption:
+    """The caption of slice ``z``; ``key=(k, n)`` adds the key-image line.
+
+    With a three-class result the class text makes the headline too long to share a
+    line with the slice score (it would be set in a smaller font on a 512 matrix), so
+    the slice score opens the second line, followed by the opacity volumes."""
     score = float(result.slice_scores[z])
-    top = [f"{headline(result)}  slice score {score:.2f}", numbers_line(result)]
+    if result.case_class is None:
+        top = [f"{headline(result)}  slice score {score:.2f}", numbers_line(result)]
+    else:
+        second = f"slice score {score:.2f}"
+        opacities = opacities_line(result, voxel_ml)
+        if opacities is not None:
+            second += f"  {opacities}"
+        top = [headline(result), second, numbers_line(result)]
     if key is not None:
         top.append(f"Key image {key[0]}/{key[1]}: highest AI slice score")
     bottom = list(provenance_lines(result))

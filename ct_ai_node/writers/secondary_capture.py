@@ -209,7 +209,8 @@ def build_heatmap_series(
     images = []
     with common.building("heat-map SC"):
         for number, z in enumerate(zs, start=1):
-            rgb = render_slice(volume.hu[z], result.heatmap[z], lung[z], common.caption_for(result, z), style)
+            caption = common.caption_for(result, z, voxel_ml=volume.voxel_volume_ml)
+            rgb = render_slice(volume.hu[z], result.heatmap[z], lung[z], caption, style)
             images.append(writer.image(z, rgb, number))
     return images
 
@@ -255,7 +256,7 @@ def build_key_image_series(
     images = []
     with common.building("key-image SC"):
         for k, z in enumerate(keys, start=1):
-            caption = common.caption_for(result, z, key=(k, len(keys)))
+            caption = common.caption_for(result, z, key=(k, len(keys)), voxel_ml=volume.voxel_volume_ml)
             rgb = render_slice(volume.hu[z], result.heatmap[z], lung[z], caption, style)
             images.append(writer.image(z, rgb, k))
     return images

@@ -1,9 +1,15 @@
 """DICOM Segmentation (SEG) of the lungs and the suspected infection.
 
 BINARY segmentation, one segment per non-empty structure (an empty segment hangs
-OHIF's loader), SNOMED CT codes, the algorithm identified in every segment, and frames
-that reference the exact source slice (SOP instance, and frame number for a
+OHIF's loader), SNOMED CT / DICOM codes, the algorithm identified in every segment, and
+frames that reference the exact source slice (SOP instance, and frame number for a
 multi-frame source).
+
+When the analysis splits the infection (``AnalysisResult.consolidation_mask``), two
+more segments follow "Suspected infection": "Ground-glass opacity" and
+"Consolidation", which together cover it exactly. Segments overlap (each infection
+voxel is also a lung voxel): a BINARY SEG stores each segment in its own frames, so
+overlap is allowed; the union segment is kept for viewers and reports that read it.
 """
 
 from __future__ import annotations
@@ -35,6 +41,10 @@ LEFT = codes.SCT.Left  # SCT 7771000
 #: SCT 409774005 "Inflammation" (morphologic abnormality, CID 7159): the closest
 #: SNOMED CT morphology to "suspected infection" (pneumonic opacity) in CID 7151/7159
 INFLAMMATION = codes.cid7159.Inflammation
+#: DCM 112120 "Ground glass opacity" (CID 6102/6104, chest findings)
+GROUND_GLASS_OPACITY = codes.DCM.GroundGlassOpacity
+#: SCT 95436008 "Lung consolidation": no DICOM context group or pydicom code has it
+CONSOLIDATION = hd.sr.CodedConcept("95436008", "SCT", "Lung consolidation")
 
 
 @dataclass(frozen=True)
@@ -54,7 +64,14 @@ LEFT_LUNG_SEGMENT = SegmentSpec("left_lung", "Left lung", ANATOMICAL_STRUCTURE, 
 INFECTION_SEGMENT = SegmentSpec(
     "infection", "Suspected infection", MORPHOLOGICALLY_ABNORMAL, INFLAMMATION, None, (255, 64, 32)
 )
-SEGMENT_SPECS = (RIGHT_LUNG_SEGMENT, LEFT_LUNG_SEGMENT, INFECTION_SEGMENT)
+#: the part of the suspected infection that is not consolidation
+GGO_SEGMENT = SegmentSpec(
+    "ggo", "Ground-glass opacity", MORPHOLOGICALLY_ABNORMAL, GROUND_GLASS_OPACITY, None, (255, 210, 0)
+)
+CONSOLIDATION_SEGMENT = SegmentSpec(
+    "consolidation", "Consolidation", MORPHOLOGICALLY_ABNORMAL, CONSOLIDATION, None, (180, 40, 255)
+)
+SEGMENT_SPECS = (RIGHT_LUNG_SEGMENT, LEFT_LUNG_SEGMENT, INFECTION_SEGMENT, GGO_SEGMENT, CONSOLIDATION_SEGMENT)
 
 
 def segment_masks(result: AnalysisResult) -> list[tuple[SegmentSpec, np.ndarray]]:
@@ -65,6 +82,9 @@ def segment_masks(result: AnalysisResult) -> list[tuple[SegmentSpec, np.ndarray]
         (LEFT_LUNG_SEGMENT, labels == LEFT_LUNG),
         (INFECTION_SEGMENT, np.asarray(result.infection_mask, dtype=bool)),
     ]
+    opacities = common.opacity_masks(result)
+    if opacities is not None:
+        candidates += [(GGO_SEGMENT, opacities[0]), (CONSOLIDATION_SEGMENT, opacities[1])]
     return [(spec, mask) for spec, mask in candidates if mask.any()]
 
 
@@ -99,6 +119,18 @@ def _description(
             hd.sr.CodedConcept.from_code(spec.modifier)
         ]
     return desc
+
+
+def _content_description(specs: list[SegmentSpec]) -> str:
+    """(0070,0081) Content Description (LO, 64 characters): the segments by name. With
+    the opacity segments the full names do not fit: GGO is abbreviated, then the two
+    lungs are named together, then "suspected" is dropped."""
+    names = [{GGO_SEGMENT.key: "GGO"}.get(s.key, s.label.lower()) for s in specs]
+    if names[:2] == ["right lung", "left lung"] and len(", ".join(names)) > 64 - 17:
+        names[:2] = ["lungs"]
+    if len(", ".join(names)) > 64 - 17:
+        names = [n.replace("suspected ", "") for n in names]
+    return common.lo("AI segmentation: " + ", ".join(names))
 
 
 def _source_stack(volume: Volume, masks: list[np.ndarray]):
@@ -155,7 +187,9 @@ def build_seg(
         Sequence and each frame's Derivation Image / Source Image Sequence).
     result
         The analysis; ``lung_labels`` gives segments "Right lung" and "Left lung",
-        ``infection_mask`` gives "Suspected infection". Empty segments are omitted.
+        ``infection_mask`` gives "Suspected infection", and ``consolidation_mask`` (when
+        given) splits it into "Ground-glass opacity" and "Consolidation". Empty
+        segments are omitted.
     series_number
         (0020,0011) Series Number of the new SEG series.
     omit_empty_frames
@@ -202,9 +236,7 @@ def build_seg(
             manufacturer_model_name=common.lo(algo.name),
             software_versions=common.SOFTWARE_VERSION,
             device_serial_number=common.DEVICE_SERIAL_NUMBER,
-            content_description=common.lo(
-                "AI segmentation: " + ", ".join(spec.label.lower() for spec, _ in present)
-            ),
+            content_description=_content_description([spec for spec, _ in present]),
             content_label="AI_LUNG_INFECT",
             omit_empty_frames=omit_empty_frames,
             series_description=common.series_description("AI lung + infection SEG", result, uids.revision),

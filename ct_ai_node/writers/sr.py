@@ -6,13 +6,19 @@ Content, under an observer context that names the algorithm as the device:
   lung's volume;
 - one volumetric ROI group for the suspected infection (SEG segment), with its volume
   and the percentage of lung involved;
+- when the analysis splits the infection, one group each for the ground-glass opacity
+  and the consolidation, with volume and percentage of lung: volumetric ROI groups
+  referencing their SEG segments, or plain measurement groups when the part is empty
+  (0 ml, no segment);
 - one measurement group (TID 1501) with the total lung volume;
 - one measurement group for the classification: probability of COVID-19-like
   pneumonia, the decision threshold, COVID-19 present/absent, the Corona score and the
-  positive slice ratio;
+  positive slice ratio; with a three-class result also the case class (a coded
+  "AI case class" evaluation), Pneumonia present/absent and one probability per class;
 - one planar ROI group (TID 1410) with a closed SCOORD POLYLINE (first point == last) on the source CT: the outline
   of the largest infection region on the top key slice (or of the right lung when there
-  is no infection), with its area.
+  is no infection), with its area; with a three-class result its tracking identifier
+  ends with the case class, which is also a coded evaluation in the group.
 
 OHIF v3 (3.13) cannot open this report: its SR loader expects every measurement group
 to carry geometry and throws on the volumetric and classification groups. So a second,
@@ -20,9 +26,11 @@ to carry geometry and throws on the volumetric and classification groups. So a s
 the same tracking UID: viewers draw it on the CT image, while the full report stays the
 one with the SEG-referencing findings.
 
-Codes come from pydicom's code dictionary; concepts no public terminology has (Corona
-score, positive slice ratio, percentage of lung involved, decision threshold) use the
-local scheme ``99CTAI``.
+Codes come from pydicom's code dictionary or SNOMED CT (Pneumonia, COVID-19, Lung
+consolidation); concepts no public terminology has (Corona score, positive slice ratio,
+percentage of lung involved, decision threshold, the case class and its values -- a
+"COVID-19-like" pattern is not a COVID-19 diagnosis -- and the per-class probabilities)
+use the local scheme ``99CTAI``.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from ct_ai_node.errors import OutputError
-from ct_ai_node.pipeline.types import LEFT_LUNG, RIGHT_LUNG, AnalysisResult
+from ct_ai_node.pipeline.types import CASE_CLASS_TEXT, LEFT_LUNG, RIGHT_LUNG, AnalysisResult
 from ct_ai_node.volume.types import Volume
 from ct_ai_node.writers import common, seg as seg_writer
 from ct_ai_node.writers.contour import largest_component, outline, polygon_area
@@ -64,6 +72,22 @@ CORONA_SCORE = CodedConcept("CORONA-SCORE", common.LOCAL_SCHEME, "Corona score")
 POSITIVE_SLICE_RATIO = CodedConcept("POS-SLICE-RATIO", common.LOCAL_SCHEME, "Positive slice ratio")
 LUNG_INVOLVEMENT = CodedConcept("LUNG-INVOLVED", common.LOCAL_SCHEME, "Percentage of lung volume involved")
 DECISION_THRESHOLD = CodedConcept("DECISION-THRESH", common.LOCAL_SCHEME, "AI decision threshold")
+#: SCT 233604007 "Pneumonia" (disorder): present for both pneumonia classes
+PNEUMONIA = CodedConcept("233604007", "SCT", "Pneumonia")
+#: the three-class result: concept name and one value per class (CASE_CLASSES)
+CASE_CLASS = CodedConcept("CASE-CLASS", common.LOCAL_SCHEME, "AI case class")
+CASE_CLASS_CODES = {
+    "covid_like": CodedConcept("COVID-LIKE-PNEU", common.LOCAL_SCHEME, CASE_CLASS_TEXT["covid_like"]),
+    "other_pneumonia": CodedConcept("OTHER-PNEU", common.LOCAL_SCHEME, CASE_CLASS_TEXT["other_pneumonia"]),
+    "no_pneumonia": CodedConcept("NO-PNEU", common.LOCAL_SCHEME, CASE_CLASS_TEXT["no_pneumonia"]),
+}
+#: the probability of each class (``probability``, DCM 122157, stays P(COVID-19-like))
+CLASS_PROBABILITY_CODES = {
+    "covid_like": CodedConcept("P-COVID-LIKE", common.LOCAL_SCHEME, "Probability of COVID-19-like pneumonia"),
+    "other_pneumonia": CodedConcept("P-OTHER-PNEU", common.LOCAL_SCHEME,
+                                    "Probability of other pneumonia (not COVID-19-like)"),
+    "no_pneumonia": CodedConcept("P-NO-PNEU", common.LOCAL_SCHEME, "Probability of no pneumonia"),
+}
 
 #: (0008,0110) Coding Scheme Identification of the local scheme
 LOCAL_CODING_SCHEME = CodingSchemeIdentificationItem(
@@ -219,6 +243,48 @@ def _segment_groups(
     return groups
 
 
+def _opacity_groups(
+    volume: Volume,
+    result: AnalysisResult,
+    seg: Dataset,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+    uids: common.ResultUids,
+) -> list:
+    """Ground-glass opacity and consolidation, when the analysis split the infection:
+    volumetric ROI groups on their SEG segments, or plain measurement groups (same
+    tracking identifier) for a part without a segment (empty, or no mask given)."""
+    volumes = common.opacity_volumes_ml(result, volume.voxel_volume_ml)
+    groups = []
+    for spec, value in zip((seg_writer.GGO_SEGMENT, seg_writer.CONSOLIDATION_SEGMENT), volumes):
+        if value is None:
+            continue
+        measurements = [_measurement(VOLUME, value, ML)]
+        if result.lung_volume_ml > 0:
+            measurements.append(_measurement(LUNG_INVOLVEMENT, 100.0 * value / result.lung_volume_ml, PERCENT))
+        common_args = dict(
+            tracking_identifier=_tracking(f"{spec.label} (AI segmentation)", uids),
+            finding_type=spec.type,
+            finding_category=spec.category,
+            finding_sites=[hd.sr.FindingSite(seg_writer.LUNG)],
+            algorithm_id=algorithm_id,
+            measurements=measurements,
+        )
+        number = seg_writer.segment_number(seg, spec.key)
+        if number is not None:
+            groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                referenced_segment=_segment_ref(seg, number, volume), **common_args))
+        else:
+            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(**common_args))
+    return groups
+
+
+def _class_evaluations(result: AnalysisResult) -> list[hd.sr.QualitativeEvaluation]:
+    """The coded case class; empty without a three-class result."""
+    if common.case_class_text(result) is None:
+        return []
+    return [hd.sr.QualitativeEvaluation(CASE_CLASS, CASE_CLASS_CODES[result.case_class])]
+
+
 def _summary_groups(result: AnalysisResult, algorithm_id, uids: common.ResultUids) -> list:
     lungs = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking("Both lungs (AI segmentation)", uids),
@@ -228,22 +294,33 @@ def _summary_groups(result: AnalysisResult, algorithm_id, uids: common.ResultUid
         algorithm_id=algorithm_id,
         measurements=[_measurement(VOLUME, result.lung_volume_ml, ML)],
     )
+    class_text = common.case_class_text(result)
+    if class_text is None:
+        title = f"AI classification: {result.label} (p={result.probability:.2f})"
+    else:
+        title = f"AI classification: {class_text} (P(COVID-19-like)={result.probability:.2f})"
+    measurements = [
+        _measurement(PROBABILITY, result.probability, PROBABILITY_UNIT),
+        _measurement(DECISION_THRESHOLD, result.threshold, PROBABILITY_UNIT),
+        _measurement(CORONA_SCORE, result.corona_score_ml, ML),
+        _measurement(POSITIVE_SLICE_RATIO, result.positive_slice_ratio, RATIO),
+    ]
+    measurements += [
+        _measurement(CLASS_PROBABILITY_CODES[name], value, PROBABILITY_UNIT)
+        for name, value in common.class_probabilities(result).items()
+    ]
+    evaluations = [hd.sr.QualitativeEvaluation(COVID_19, PRESENT if result.is_positive else ABSENT)]
+    if class_text is not None:
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(PNEUMONIA, ABSENT if result.case_class == "no_pneumonia" else PRESENT))
+        evaluations += _class_evaluations(result)
     classification = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(
-            f"AI classification: {result.label} (p={result.probability:.2f})"
-        , uids),
+        tracking_identifier=_tracking(title, uids),
         finding_type=COVID_19,
         finding_sites=[hd.sr.FindingSite(seg_writer.LUNG)],
         algorithm_id=algorithm_id,
-        measurements=[
-            _measurement(PROBABILITY, result.probability, PROBABILITY_UNIT),
-            _measurement(DECISION_THRESHOLD, result.threshold, PROBABILITY_UNIT),
-            _measurement(CORONA_SCORE, result.corona_score_ml, ML),
-            _measurement(POSITIVE_SLICE_RATIO, result.positive_slice_ratio, RATIO),
-        ],
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(COVID_19, PRESENT if result.is_positive else ABSENT)
-        ],
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
     )
     return [lungs, classification]
 
@@ -268,6 +345,9 @@ def _planar_group(
         side = "right" if region.laterality == codes.SCT.Right else "left"
         text = f"No infection found: outline of the {side} lung ({where})"
         finding_type, category = seg_writer.LUNG, seg_writer.ANATOMICAL_STRUCTURE
+    class_text = common.case_class_text(result)
+    if class_text is not None:  # the display SR's only text: viewers show the class with the region
+        text += f"; AI case class: {class_text}"
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(text, uids),
         referenced_region=hd.sr.ImageRegion(
@@ -280,6 +360,7 @@ def _planar_group(
         finding_sites=[hd.sr.FindingSite(seg_writer.LUNG, laterality=region.laterality)],
         algorithm_id=algorithm_id,
         measurements=[_measurement(AREA, region.area_mm2, MM2)],
+        qualitative_evaluations=_class_evaluations(result) or None,
     )
 
 
@@ -350,6 +431,7 @@ def build_sr(
         region = choose_region(volume, result)
         groups = [
             *_segment_groups(volume, result, seg_dataset, algorithm_id, uids),
+            *_opacity_groups(volume, result, seg_dataset, algorithm_id, uids),
             *_summary_groups(result, algorithm_id, uids),
             _planar_group(volume, result, region, algorithm_id, uids),
         ]
@@ -403,8 +485,9 @@ def build_display_sr(
     Image viewers that draw SR measurements (OHIF v3) need every measurement group to
     carry geometry on a loaded image; this report is the full report's drawable part:
     the same planar group (same tracking UID, so the same finding), its area, on the
-    source CT image it was drawn on. The full report (:func:`build_sr`) keeps the
-    volumes, the SEG references and the classification.
+    source CT image it was drawn on, and with a three-class result the case class (in
+    its tracking identifier, the text viewers show, and coded). The full report
+    (:func:`build_sr`) keeps the volumes, the SEG references and the classification.
 
     Parameters are those of :func:`build_sr`; series and instance UIDs come from
     ``uids.uid("sr_display", ...)``.
