@@ -42,8 +42,9 @@ class AnalyzeOptions:
     #: which series qualify (ct_ai_node.rules.selection.SelectionPolicy); default when None
     selection: object | None = None
     pipeline_settings: PipelineSettings = field(default_factory=PipelineSettings)
-    #: where the "suspected infection" mask comes from: the method's heat map, or the U-Net
-    infection: str = "heatmap"
+    #: where the "suspected infection" mask comes from: the trained opacity U-Net (and its
+    #: three-class case model), or the method's heat map (the case result is then the method's)
+    infection: str = "unet"
     #: build and write the heat-map series in a forked process beside the other outputs
     parallel_writers: bool = True
     #: which revision of the series' results this is, and the report it replaces

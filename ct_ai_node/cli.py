@@ -33,7 +33,9 @@ def analyze(
     pipeline: str = typer.Option("radlogics", help="pipeline name (see `ct-ai-node pipelines`)"),
     device: str = typer.Option("auto", help="cpu, cuda or auto"),
     lungs: str = typer.Option("unet", help="lung segmentation: unet (default, measured better) or classical"),
-    infection: str = typer.Option("heatmap", help="suspected-infection mask: heatmap (the method's map) or unet"),
+    infection: str = typer.Option("unet", help="suspected-infection mask and case result: unet (the opacity U-Net "
+                                               "and its three-class case model) or heatmap (the method's map and "
+                                               "decision)"),
     weights_dir: Optional[Path] = typer.Option(None, help="folder with a site's own weights + manifest.json"),
     max_thickness_mm: float = typer.Option(5.0, help="thickest slices accepted (mm)"),
     min_slices: int = typer.Option(20, help="fewest slices a series must have"),
@@ -217,7 +219,8 @@ def evaluate(
     cases: int = typer.Option(24, help="held-out phantoms (seeds never used in training)"),
     device: str = typer.Option("auto"),
     lungs: str = typer.Option("unet"),
-    infection: str = typer.Option("heatmap", help="infection mask: heatmap (each method's map) or unet"),
+    infection: str = typer.Option("unet", help="infection mask and case result: unet (opacity U-Net + three-class "
+                                               "case model) or heatmap (each method's map and decision)"),
     pipeline: str = typer.Option("radlogics", help="one pipeline, or several separated by commas: side by side "
                                                    "on the same phantoms ('all': every registered pipeline)"),
     weights_dir: Optional[Path] = typer.Option(None, help="weights folder (default: the bundled weights)"),
@@ -225,12 +228,24 @@ def evaluate(
     workers: Optional[int] = typer.Option(None, help="phantom generator processes"),
     data: Optional[Path] = typer.Option(None, help="a site's labelled scans instead of phantoms (labels.csv as for "
                                                    "train; its 'test' rows, or every row when none is marked)"),
+    real: Optional[Path] = typer.Option(None, help="instead: every real chest CT series under this folder, one row "
+                                                   "each (probability, class, opacity ml)"),
+    hold_out: Optional[List[str]] = typer.Option(None, "--hold-out", help="with --real: series that were held out "
+                                                                          "of training (named in the rows)"),
 ) -> None:
     """Evaluate pipelines on held-out synthetic phantoms (or a site's labelled scans) and print
     the metrics (AUC, sensitivity, specificity, F1, lung and lesion Dice, volume errors,
-    pointing game, seconds per case)."""
+    pointing game, seconds per case); with --real, list every real series' result."""
     from ct_ai_node.analyze import resolve_device
     from ct_ai_node.errors import InputRejected
+
+    if real is not None:
+        from ct_ai_node.training.evaluate_real import evaluate_real
+
+        rows = evaluate_real(real, out, resolve_device(device), pipeline=pipeline, weights_dir=weights_dir,
+                             held_out=tuple(hold_out or ()), log=err.print)
+        typer.echo(json.dumps(rows, indent=2))
+        return
 
     site_cases = None
     if data is not None:
@@ -266,21 +281,39 @@ def evaluate(
 
 @app.command()
 def calibrate(
-    pipeline: str = typer.Argument(..., help="radlogics or ctnet (their case decision), or resnext-lstm "
-                                   "(its infection-mask heat level, on phantoms)"),
+    pipeline: str = typer.Argument(..., help="radlogics or ctnet (their case decision), resnext-lstm "
+                                   "(its infection-mask heat level, on phantoms), or pattern (the three-class "
+                                   "case model of the infection U-Net)"),
     cases: int = typer.Option(60, help="validation phantoms (seeds never used for training or testing)"),
     data: Optional[Path] = typer.Option(None, help="a site's labelled scans instead (labels.csv; its 'val' rows)"),
     weights_dir: Optional[Path] = typer.Option(None, help="weights folder to update (default: the bundled weights)"),
     out: Path = typer.Option(Path("out/calibration"), help="folder for the per-case rows"),
     device: str = typer.Option("auto"),
+    backgrounds: Optional[Path] = typer.Option(None, help="pattern: real chest CT series under this folder add "
+                                                          "cases with inserted lesions and real negatives"),
+    hold_out: Optional[List[str]] = typer.Option(None, "--hold-out", help="pattern: a background kept out "
+                                                                          "(repeatable)"),
+    workers: Optional[int] = typer.Option(None, help="pattern: processes computing the cases"),
 ) -> None:
-    """Fit a slice-ratio pipeline's case decision (ratio threshold, probability slope), or
-    method D's infection-mask heat level, on validation cases and write it into the weight
+    """Fit a slice-ratio pipeline's case decision (ratio threshold, probability slope),
+    method D's infection-mask heat level, or (``pattern``) the three-class case model read
+    from the infection U-Net's opacities, on validation cases and write it into the weight
     file (tensors unchanged, new hash)."""
     from ct_ai_node.analyze import resolve_device
     from ct_ai_node.errors import InputRejected
     from ct_ai_node.training.calibrate import calibrate_pipeline
 
+    if pipeline == "pattern":
+        from ct_ai_node.training.calibrate_pattern import calibrate_pattern
+
+        try:
+            report = calibrate_pattern(cases=cases, backgrounds=backgrounds, held_out=tuple(hold_out or ()),
+                                       weights_dir=weights_dir, out_dir=out, workers=workers, log=err.print)
+        except (InputRejected, ValueError) as exc:
+            typer.echo(" ".join(str(exc).split()), err=True)
+            raise typer.Exit(EXIT_REJECTED)
+        typer.echo(json.dumps(report["report"], indent=2, default=float))
+        return
     site_cases = None
     try:
         if data is not None:

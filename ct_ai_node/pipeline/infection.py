@@ -49,10 +49,13 @@ from ct_ai_node.models import net_infection  # noqa: F401  (registers "infection
 from ct_ai_node.models.net_infection import ARCHITECTURE, CONTEXT_PLANES, SIZE_MULTIPLE
 from ct_ai_node.models.weights import BUNDLED_WEIGHTS, LoadedModel, load_model
 from ct_ai_node.pipeline.geometry import bounding_box, dilate_slices, resize_stack
+from ct_ai_node.pipeline.pattern import PatternModel
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "infection_unet"
+#: weight-file metadata holding the three-class case model (``ct-ai-node calibrate pattern``)
+CASE_MODEL_KEY = "case_model"
 __all__ = [
     "WEIGHTS_NAME", "ARCHITECTURE", "InfectionSettings", "Planes", "InfectionSegmenter", "create_infection_segmenter",
     "prepare_planes", "plane_stack", "plane_positions", "z_resample_weights",
@@ -209,13 +212,16 @@ class InfectionSegmenter:
     name = WEIGHTS_NAME
 
     def __init__(self, model: torch.nn.Module, version: str = "untrained", device: torch.device | str = "cpu",
-                 settings: InfectionSettings | None = None, threshold: float = 0.5, batch_size: int = 16):
+                 settings: InfectionSettings | None = None, threshold: float = 0.5, batch_size: int = 16,
+                 case_model: PatternModel | None = None):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.version = version
         self.settings = settings or InfectionSettings()
         self.threshold = float(threshold)
         self.batch_size = batch_size
+        #: the three-class case model fitted on this network's masks (None: not calibrated)
+        self.case_model = case_model
         self.last_timings_s: dict[str, float] = {}
 
     @classmethod
@@ -223,7 +229,8 @@ class InfectionSegmenter:
         meta = loaded.metadata
         settings = InfectionSettings.from_json(meta["input_settings"]) if "input_settings" in meta else None
         threshold = float(meta.get("threshold", 0.5))
-        return cls(loaded.module, loaded.version, device, settings, threshold)
+        case_model = PatternModel.from_json(meta[CASE_MODEL_KEY]) if CASE_MODEL_KEY in meta else None
+        return cls(loaded.module, loaded.version, device, settings, threshold, case_model=case_model)
 
     @torch.no_grad()
     def plane_probabilities(self, planes: Planes) -> np.ndarray:

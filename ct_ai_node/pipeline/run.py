@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ct_ai_node.errors import InputRejected
-from ct_ai_node.pipeline import scoring
+from ct_ai_node.pipeline import pattern, scoring
 from ct_ai_node.pipeline.lungs import ClassicalLungSegmenter, UNetLungSegmenter
 from ct_ai_node.pipeline.methods import Method
 from ct_ai_node.pipeline.types import LABEL_NEGATIVE, LABEL_POSITIVE, AnalysisResult
@@ -21,6 +21,8 @@ from ct_ai_node.volume.types import Volume
 logger = logging.getLogger(__name__)
 
 LUNG_UNET_WEIGHTS = "lung_unet2d"
+#: P(COVID-19-like) from which the three-class result calls a scan COVID-19-like
+THREE_CLASS_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,11 @@ def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: Pip
     """Lungs -> method -> infection mask -> scores. The infection mask comes from the
     method's heat map (thresholded, smoothed, inside the lungs), or, when an
     ``infection_segmenter`` is given, from that network (the SEG's "suspected
-    infection" segment, lesion volume and involvement then use it)."""
+    infection" segment, lesion volume and involvement then use it; it is split into
+    ground glass and consolidation by HU). When the segmenter carries a case model
+    (``case_model``, :mod:`ct_ai_node.pipeline.pattern`), the case result is its
+    three-class result and ``probability`` its P(COVID-19-like); the method's own
+    probability stays in ``method_probability``, its slice scores and map explain."""
     s = settings or PipelineSettings()
     timings: dict[str, float] = {}
     warnings = list(volume.warnings)
@@ -69,9 +75,17 @@ def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: Pip
     timings.update(out.timings_s)
 
     t = time.perf_counter()
+    consolidation = None
+    class_probabilities: dict[str, float] = {}
     if infection_segmenter is not None:
         infection, _probability = infection_segmenter(volume.hu, volume.spacing, labels)
         infection = np.asarray(infection, bool) & lung
+        consolidation = pattern.consolidation_mask(volume.hu, infection)
+        case_model = getattr(infection_segmenter, "case_model", None)
+        if case_model is not None:
+            feats = pattern.pattern_features(volume.hu, volume.spacing, volume.orientation, labels, infection,
+                                             consolidation)
+            class_probabilities = case_model.probabilities(feats)
     else:
         heat_pos = np.zeros_like(out.heatmap)
         heat_pos[out.positive_slices] = out.heatmap[out.positive_slices]
@@ -82,7 +96,15 @@ def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: Pip
         )
     lesion_ml = scoring.volume_ml(infection, volume.spacing)
     corona = scoring.corona_score_ml(out.heatmap, out.positive_slices, volume.spacing)
-    positive = out.probability >= out.threshold
+    probability, threshold = float(out.probability), float(out.threshold)
+    case_class = None
+    if class_probabilities:
+        # the three-class result decides: COVID-19-like when its probability reaches one
+        # half, otherwise the likelier of the other two classes
+        probability, threshold = class_probabilities["covid_like"], THREE_CLASS_THRESHOLD
+        case_class = "covid_like" if probability >= threshold else max(
+            ("other_pneumonia", "no_pneumonia"), key=lambda c: class_probabilities[c])
+    positive = probability >= threshold
     candidates = out.positive_slices if len(out.positive_slices) else zs
     key = scoring.top_slices(out.slice_scores, candidates, s.key_images)
     timings["infection_and_scores"] = round(time.perf_counter() - t, 3)
@@ -95,8 +117,8 @@ def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: Pip
     return AnalysisResult(
         algorithm=out.algorithm,
         pipeline=pipeline_name or getattr(method, "name", "unknown"),
-        probability=float(out.probability),
-        threshold=float(out.threshold),
+        probability=probability,
+        threshold=threshold,
         label=LABEL_POSITIVE if positive else LABEL_NEGATIVE,
         slice_scores=out.slice_scores,
         positive_slice_ratio=float(out.positive_slice_ratio),
@@ -113,4 +135,10 @@ def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: Pip
         timings_s=timings,
         warnings=warnings,
         scored_slices=[] if out.scored_slices is None else [int(z) for z in out.scored_slices],
+        case_class=case_class,
+        class_probabilities={k: round(float(v), 6) for k, v in class_probabilities.items()},
+        consolidation_mask=consolidation,
+        ggo_volume_ml=None if consolidation is None else scoring.volume_ml(infection & ~consolidation, volume.spacing),
+        consolidation_volume_ml=None if consolidation is None else scoring.volume_ml(consolidation, volume.spacing),
+        method_probability=float(out.probability),
     )

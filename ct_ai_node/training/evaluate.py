@@ -56,6 +56,9 @@ def evaluate_case(ph, method, lungs, other_lungs=None, settings: PipelineSetting
         "lung_ml_true": float(truth_lung.sum()) * vox, "lung_ml_pred": res.lung_volume_ml,
         "lesion_ml_true": lesion_ml, "lesion_ml_pred": res.lesion_volume_ml,
         "lesion_dice": dice(res.infection_mask, ph.lesion_mask) if ph.lesion_mask.any() else None,
+        "lesion_fraction_true": lesion_ml / max(float(truth_lung.sum()) * vox, 1e-6),
+        "case_class": res.case_class, "class_probabilities": res.class_probabilities,
+        "method_probability": res.method_probability,
         "corona_score_ml": res.corona_score_ml, "seconds": seconds, "shape": list(ph.hu.shape),
         "spacing": [round(float(s), 3) for s in ph.spacing],
     }
@@ -104,6 +107,8 @@ def summarise(rows: list[dict]) -> dict:
         "heat_in_lesion_mean": float(np.mean([r["heat_in_lesion"] for r in rows if r["heat_in_lesion"] is not None])) if any(r["heat_in_lesion"] is not None for r in rows) else None,
         "seconds_per_case_mean": float(np.mean([r["seconds"] for r in rows])),
     }
+    out.update(lesion_summary(les, rows))
+    out.update(class_summary(rows))
     labelled = [r for r in rows if "slice_labels" in r]
     if labelled:
         # pooled over every labelled lung slice of every case that has slice labels
@@ -116,10 +121,54 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+#: lesions below this share of the lungs are "small" (the issue's small-lesion figure)
+SMALL_LESION_FRACTION = 0.03
+KIND_CLASS = {"covid": "covid_like", "cap": "other_pneumonia", "normal": "no_pneumonia", "other": "no_pneumonia"}
+
+
+def lesion_summary(les: list[dict], rows: list[dict]) -> dict:
+    """Lesion Dice by kind and for small lesions, volume error in %, false-positive ml."""
+    def mean(vals):
+        vals = [v for v in vals if v is not None]
+        return float(np.mean(vals)) if vals else None
+
+    normal = [r for r in rows if r["lesion_ml_true"] == 0]
+    return {
+        "lesion_dice_mean_cap": mean(r["lesion_dice"] for r in les if r["kind"] == "cap"),
+        "lesion_dice_mean_small": mean(r["lesion_dice"] for r in les if r.get("lesion_fraction_true", 1) < SMALL_LESION_FRACTION),
+        "lesion_cases_small": sum(1 for r in les if r.get("lesion_fraction_true", 1) < SMALL_LESION_FRACTION),
+        "lesion_volume_error_pct_mean": mean(abs(r["lesion_ml_pred"] - r["lesion_ml_true"]) / r["lesion_ml_true"] * 100
+                                             for r in les),
+        "lesion_volume_error_pct_mean_covid": mean(abs(r["lesion_ml_pred"] - r["lesion_ml_true"]) / r["lesion_ml_true"]
+                                                   * 100 for r in les if r["kind"] == "covid"),
+        "lesion_volume_error_pct_mean_cap": mean(abs(r["lesion_ml_pred"] - r["lesion_ml_true"]) / r["lesion_ml_true"]
+                                                 * 100 for r in les if r["kind"] == "cap"),
+        "false_positive_ml_mean_no_lesion": mean(r["lesion_ml_pred"] for r in normal),
+    }
+
+
+def class_summary(rows: list[dict]) -> dict:
+    """Three-class accuracy and confusion (truth -> predicted) when the rows have classes."""
+    with_class = [r for r in rows if r.get("case_class")]
+    if not with_class:
+        return {}
+    conf: dict[str, dict[str, int]] = {}
+    for r in with_class:
+        t = KIND_CLASS.get(r["kind"], "no_pneumonia")
+        conf.setdefault(t, {}).setdefault(r["case_class"], 0)
+        conf[t][r["case_class"]] += 1
+    hits = sum(1 for r in with_class if KIND_CLASS.get(r["kind"]) == r["case_class"])
+    non_covid = [r["probability"] for r in rows if r["kind"] != "covid"]
+    covid = [r["probability"] for r in rows if r["kind"] == "covid"]
+    return {"class_accuracy": hits / len(with_class), "class_confusion": conf,
+            "highest_probability_non_covid": max(non_covid) if non_covid else None,
+            "lowest_probability_covid": min(covid) if covid else None}
+
+
 def evaluate_pipeline(out_dir: Path, n_cases: int, device: torch.device, pipeline: str = "radlogics",
                       lungs: str = "classical", shape=None, log=print, seed0: int = TEST_SEED0,
                       weights_dir: Path | None = None, workers: int | None = None,
-                      infection: str = "heatmap", cases: list | None = None) -> dict:
+                      infection: str = "unet", cases: list | None = None) -> dict:
     """``cases``: site cases (``--data``) instead of the held-out phantoms ``seed0`` ..."""
     from ct_ai_node.analyze import create_infection_source
 
