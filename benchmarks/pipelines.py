@@ -4,8 +4,10 @@ A 300 x 512 x 512 COVID-19-like phantom at 1 mm slices (0.7 mm pixels) is segmen
 by the lung U-Net; then each pipeline's method (classification + localisation, the part
 that differs between pipelines) runs on it. Printed: seconds per pipeline and the ratio to
 the default pipeline (method A) measured in the same run; the lung U-Net's time is shown
-once (every pipeline needs it, the ensemble too). Feeds the "CPU seconds per 300-slice
-scan" column of docs/models.md.
+once (every pipeline needs it, the ensemble too); then the infection stage both ways (the
+default method's heat map thresholded, as before issue 12, and the opacity U-Net with the
+three-class case model, as now) and the default analysis's total with each, as a ratio.
+Feeds the "CPU seconds per 300-slice scan" column of docs/models.md.
 
     python benchmarks/pipelines.py [--slices 300] [--device cpu] [--json OUT]
 """
@@ -38,8 +40,14 @@ def main() -> None:
     ref = secs.get(DEFAULT_PIPELINE)
     print(f"{args.slices} x 512 x 512 phantom, {torch.get_num_threads()} threads on {args.device}")
     for name, s in secs.items():
-        ratio = f"{s / ref:5.2f}x {DEFAULT_PIPELINE}" if ref and name != "lungs (U-Net)" else ""
+        ratio = f"{s / ref:5.2f}x {DEFAULT_PIPELINE}" if ref and name in names else ""
         print(f"  {name:16s} {s:7.1f} s  {ratio}")
+    lungs = secs.get("lungs (U-Net)", 0.0)
+    if ref is not None and "heat-map mask" in secs and "opacity U-Net + case model" in secs:
+        before = lungs + ref + secs["heat-map mask"]
+        now = lungs + ref + secs["opacity U-Net + case model"]
+        print(f"  default analysis, lungs + {DEFAULT_PIPELINE} + infection stage: heat-map mask {before:.1f} s, "
+              f"opacity U-Net + case model {now:.1f} s ({now / before:.2f}x)")
     missing = [n for n in names if n not in secs]
     if missing:
         print(f"  (no weights: {', '.join(missing)})")

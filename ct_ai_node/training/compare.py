@@ -20,7 +20,7 @@ import torch
 from ct_ai_node.errors import ModelError
 from ct_ai_node.pipeline.ensemble import NAME as ENSEMBLE
 from ct_ai_node.pipeline.ensemble import EnsembleMethod
-from ct_ai_node.pipeline.methods import create_method
+from ct_ai_node.pipeline.methods import DEFAULT_PIPELINE, create_method
 from ct_ai_node.pipeline.run import PipelineSettings, create_lung_segmenter
 from ct_ai_node.training.data import TEST_SEED0, describe_cases, phantom_pool
 from ct_ai_node.training.evaluate import _prefetch, evaluate_case, phantom_volume, rows_json, summarise
@@ -184,6 +184,7 @@ def seconds_per_scan(pipelines: list[str], device: torch.device, *, slices: int 
     t = time.perf_counter()
     labels = seg(vol.hu, vol.spacing, vol.orientation)
     out = {"lungs (U-Net)": time.perf_counter() - t}
+    heat_mask_of = None
     for name in pipelines:
         try:
             method = create_method(name, device, weights_dir)
@@ -191,7 +192,41 @@ def seconds_per_scan(pipelines: list[str], device: torch.device, *, slices: int 
             log(f"{name}: skipped ({exc})")
             continue
         t = time.perf_counter()
-        method(vol.hu, vol.spacing, vol.orientation, labels)
+        res = method(vol.hu, vol.spacing, vol.orientation, labels)
         out[name] = time.perf_counter() - t
         log(f"{name}: {out[name]:.1f} s on {slices}x{size}x{size}")
+        if name == DEFAULT_PIPELINE:
+            heat_mask_of = res
+    out.update(infection_stage_seconds(vol, labels, heat_mask_of, device, weights_dir, log))
     return {k: float(np.round(v, 2)) for k, v in out.items()}
+
+
+def infection_stage_seconds(vol, labels, method_output, device, weights_dir, log=print) -> dict[str, float]:
+    """Seconds of the two ways to the suspected-infection mask: thresholding the default
+    method's heat map (the stage before issue 12), and the opacity U-Net with the
+    ground-glass / consolidation split and the three-class case model (now)."""
+    from ct_ai_node.pipeline import pattern, scoring
+    from ct_ai_node.pipeline.infection import create_infection_segmenter
+
+    out: dict[str, float] = {}
+    lung = labels > 0
+    if method_output is not None:
+        t = time.perf_counter()
+        heat = np.zeros_like(method_output.heatmap)
+        heat[method_output.positive_slices] = method_output.heatmap[method_output.positive_slices]
+        scoring.infection_mask_from_heatmap(heat, lung, vol.hu, vol.spacing,
+                                            threshold=method_output.infection_threshold or 0.5, min_hu=-750.0)
+        out["heat-map mask"] = time.perf_counter() - t
+    try:
+        seg = create_infection_segmenter(device, weights_dir)
+    except ModelError as exc:
+        log(f"opacity U-Net: skipped ({exc})")
+        return out
+    t = time.perf_counter()
+    mask, _ = seg(vol.hu, vol.spacing, labels)
+    mask &= lung
+    cons = pattern.consolidation_mask(vol.hu, mask)
+    if seg.case_model is not None:
+        seg.case_model.probabilities(pattern.pattern_features(vol.hu, vol.spacing, vol.orientation, labels, mask, cons))
+    out["opacity U-Net + case model"] = time.perf_counter() - t
+    return out
