@@ -22,6 +22,8 @@ class SliceScore(BaseModel):
     #: True when the classifier did not run on this slice and the score was interpolated
     #: from its neighbours (thin-slice scans), or the slice holds no lung (score 0)
     interpolated: bool = False
+    #: the method's own score of the slice when ``score`` is the opacity's (three-class result)
+    method_score: float | None = None
 
 
 class ResultDocument(BaseModel):
@@ -42,6 +44,8 @@ class ResultDocument(BaseModel):
     case_class_text: str | None = None
     #: class -> probability, in CASE_CLASSES order; ``probability`` is its "covid_like"
     class_probabilities: dict[str, float] = Field(default_factory=dict)
+    #: the method's (pipeline's) own P(COVID-19-like) when the three-class result decided
+    method_probability: float | None = None
     positive_slice_ratio: float | None = None
     positive_slices: list[int] = Field(default_factory=list, description="instance numbers")
     lung_volume_ml: float | None = None
@@ -104,6 +108,8 @@ def result_document(volume: Volume, result: AnalysisResult, outputs: dict[str, s
         case_class=result.case_class,
         case_class_text=CASE_CLASS_TEXT.get(result.case_class) if result.case_class is not None else None,
         class_probabilities=probabilities,
+        method_probability=None if result.case_class is None or result.method_probability is None
+        else round(result.method_probability, 4),
         positive_slice_ratio=round(result.positive_slice_ratio, 4),
         positive_slices=sorted(_instance_numbers(volume, result.positive_slices)),
         lung_volume_ml=round(result.lung_volume_ml, 1),
@@ -122,7 +128,9 @@ def result_document(volume: Volume, result: AnalysisResult, outputs: dict[str, s
         slice_scores=[
             SliceScore(sop_instance_uid=ref.sop_instance_uid, instance_number=ref.instance_number,
                        frame_number=ref.frame_number, score=round(float(result.slice_scores[z]), 4),
-                       interpolated=bool(scored) and z not in scored)
+                       interpolated=bool(scored) and z not in scored,
+                       method_score=None if result.method_slice_scores is None
+                       else round(float(result.method_slice_scores[z]), 4))
             for z, ref in enumerate(volume.slices)
         ],
         version=version,

@@ -112,3 +112,22 @@ def test_fit_separates_classes_and_round_trips():
     flat = fit_pattern_model(X, y, l2=1e6)
     p = flat.probabilities(dict(zip(FEATURES, X.mean(axis=0))))
     assert max(p.values()) - min(p.values()) < 0.2
+
+
+def test_slice_opacity_scores_half_at_the_slice_label_rule():
+    from ct_ai_node.pipeline.pattern import SLICE_HALF_FRACTION, slice_opacity_scores
+
+    lung = np.zeros((4, 100, 100), bool)
+    lung[1:, 10:90, 10:90] = True  # 6400 mm² of lung per slice at 1 mm pixels
+    inf = np.zeros(lung.shape, bool)
+    h = int(SLICE_HALF_FRACTION * 6400)  # 32 px, below 40 mm²: the 40 mm² floor applies
+    inf[2, 20, 20:60] = True  # 40 mm²
+    inf[3, 20:40, 20:60] = True  # 800 mm²
+    s = slice_opacity_scores(inf, lung, (2.5, 1.0, 1.0))
+    assert s[0] == 0.0 and s[1] == 0.0  # no lung / no opacity
+    assert s[2] == pytest.approx(0.5)
+    assert s[3] == pytest.approx(800 / 840)
+    assert h < 40
+    # opacity outside the lungs does not count
+    inf[1, 0:5, 0:5] = True
+    assert slice_opacity_scores(inf, lung, (2.5, 1.0, 1.0))[1] == 0.0

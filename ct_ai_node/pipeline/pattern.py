@@ -42,6 +42,26 @@ FEATURES = (
 )
 
 
+#: a slice's opacity score is one half where the opacity covers this share of the slice's
+#: lung, and at least SLICE_HALF_MM2 (the rule that labels training slices positive)
+SLICE_HALF_FRACTION = 0.005
+SLICE_HALF_MM2 = 40.0
+
+
+def slice_opacity_scores(infection: np.ndarray, lung: np.ndarray, spacing) -> np.ndarray:
+    """Per slice ``a / (a + h)``: ``a`` the opacity's area, ``h`` the larger of
+    :data:`SLICE_HALF_MM2` and :data:`SLICE_HALF_FRACTION` of the slice's lung area; 0 on
+    slices without lung. Monotone in the opacity's area, 0.5 at the slice-label rule."""
+    px = float(spacing[1]) * float(spacing[2])
+    n = infection.shape[0]
+    a = (infection & lung).reshape(n, -1).sum(axis=1) * px
+    lung_a = lung.reshape(n, -1).sum(axis=1) * px
+    h = np.maximum(SLICE_HALF_MM2, SLICE_HALF_FRACTION * lung_a)
+    s = a / (a + h)
+    s[lung_a == 0] = 0.0
+    return s.astype(np.float32)
+
+
 def consolidation_mask(hu: np.ndarray, infection: np.ndarray) -> np.ndarray:
     """The part of ``infection`` at or above :data:`CONSOLIDATION_HU` (HU averaged over
     3x3 pixels so that noise does not speckle the split)."""

@@ -53,8 +53,10 @@ def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: Pip
     infection" segment, lesion volume and involvement then use it; it is split into
     ground glass and consolidation by HU). When the segmenter carries a case model
     (``case_model``, :mod:`ct_ai_node.pipeline.pattern`), the case result is its
-    three-class result and ``probability`` its P(COVID-19-like); the method's own
-    probability stays in ``method_probability``, its slice scores and map explain."""
+    three-class result and ``probability`` its P(COVID-19-like), and the slice scores
+    are the opacity's (:func:`~ct_ai_node.pipeline.pattern.slice_opacity_scores`); the
+    method's own probability and slice scores stay in ``method_probability`` and
+    ``method_slice_scores``, and its heat map explains."""
     s = settings or PipelineSettings()
     timings: dict[str, float] = {}
     warnings = list(volume.warnings)
@@ -95,8 +97,9 @@ def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: Pip
             min_hu=s.infection_min_hu,
         )
     lesion_ml = scoring.volume_ml(infection, volume.spacing)
-    corona = scoring.corona_score_ml(out.heatmap, out.positive_slices, volume.spacing)
     probability, threshold = float(out.probability), float(out.threshold)
+    slice_scores, positive_slices, ratio = out.slice_scores, np.asarray(out.positive_slices, int), out.positive_slice_ratio
+    scored_slices = [] if out.scored_slices is None else [int(z) for z in out.scored_slices]
     case_class = None
     if class_probabilities:
         # the three-class result decides: COVID-19-like when its probability reaches one
@@ -104,9 +107,16 @@ def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: Pip
         probability, threshold = class_probabilities["covid_like"], THREE_CLASS_THRESHOLD
         case_class = "covid_like" if probability >= threshold else max(
             ("other_pneumonia", "no_pneumonia"), key=lambda c: class_probabilities[c])
+        # slices are scored by the opacity the SEG shows (every slice, none interpolated);
+        # the method's own scores stay beside them
+        slice_scores = pattern.slice_opacity_scores(infection, lung, volume.spacing)
+        positive_slices = zs[slice_scores[zs] >= 0.5]
+        ratio = positive_slices.size / max(zs.size, 1)
+        scored_slices = []
     positive = probability >= threshold
-    candidates = out.positive_slices if len(out.positive_slices) else zs
-    key = scoring.top_slices(out.slice_scores, candidates, s.key_images)
+    corona = scoring.corona_score_ml(out.heatmap, positive_slices, volume.spacing)
+    candidates = positive_slices if len(positive_slices) else zs
+    key = scoring.top_slices(slice_scores, candidates, s.key_images)
     timings["infection_and_scores"] = round(time.perf_counter() - t, 3)
 
     model_versions = dict(out.model_versions)
@@ -120,9 +130,9 @@ def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: Pip
         probability=probability,
         threshold=threshold,
         label=LABEL_POSITIVE if positive else LABEL_NEGATIVE,
-        slice_scores=out.slice_scores,
-        positive_slice_ratio=float(out.positive_slice_ratio),
-        positive_slices=[int(z) for z in out.positive_slices],
+        slice_scores=slice_scores,
+        positive_slice_ratio=float(ratio),
+        positive_slices=[int(z) for z in positive_slices],
         lung_labels=labels,
         infection_mask=infection,
         heatmap=out.heatmap,
@@ -134,11 +144,12 @@ def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: Pip
         model_versions=model_versions,
         timings_s=timings,
         warnings=warnings,
-        scored_slices=[] if out.scored_slices is None else [int(z) for z in out.scored_slices],
+        scored_slices=scored_slices,
         case_class=case_class,
         class_probabilities={k: round(float(v), 6) for k, v in class_probabilities.items()},
         consolidation_mask=consolidation,
         ggo_volume_ml=None if consolidation is None else scoring.volume_ml(infection & ~consolidation, volume.spacing),
         consolidation_volume_ml=None if consolidation is None else scoring.volume_ml(consolidation, volume.spacing),
         method_probability=float(out.probability),
+        method_slice_scores=out.slice_scores if case_class is not None else None,
     )

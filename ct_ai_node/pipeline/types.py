@@ -69,6 +69,8 @@ class AnalysisResult:
     consolidation_volume_ml: float | None = None
     #: the method's own P(COVID-19-like) when the three-class result replaced it
     method_probability: float | None = None
+    #: the method's own slice scores when the opacity scores replaced them (float32 (z,))
+    method_slice_scores: np.ndarray | None = None
 
     @property
     def is_positive(self) -> bool:
