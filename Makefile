@@ -13,7 +13,7 @@ PLAYWRIGHT_CORE_VERSION := 1.65.2
 OHIF_DIR := .ohif
 OHIF_STAMP := $(OHIF_DIR)/.installed-$(OHIF_VERSION)-$(PLAYWRIGHT_CORE_VERSION)
 
-.PHONY: install system-deps ohif-viewer demo test train evaluate benchmark clean
+.PHONY: install system-deps ohif-viewer demo test train train-opacity evaluate evaluate-real benchmark clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,8 +64,22 @@ test: install system-deps ohif-viewer
 train: install
 	$(VENV)/bin/ct-ai-node train
 
+# real chest CT (not in this repository) used as backgrounds and negatives; LIDC-IDRI-0001 is held out
+REAL_DATA ?= ../shared/data/real
+HOLD_OUT ?= lidc_idri_0001
+
+# the opacity U-Net on phantoms + real backgrounds, then its three-class case model (docs/models.md)
+train-opacity: install
+	$(VENV)/bin/ct-ai-node train infection --cases 60 --val-cases 12 --epochs 6 --cache-dir out/cache \
+	    --backgrounds $(REAL_DATA) --hold-out $(HOLD_OUT)
+	$(VENV)/bin/ct-ai-node calibrate pattern --cases 45 --backgrounds $(REAL_DATA) --hold-out $(HOLD_OUT) \
+	    --out out/calibration
+
 evaluate: install
 	$(VENV)/bin/ct-ai-node evaluate --out out/evaluation
+
+evaluate-real: install
+	$(VENV)/bin/ct-ai-node evaluate --real $(REAL_DATA) --hold-out $(HOLD_OUT) --out out/evaluation-real
 
 benchmark: install
 	$(PY) benchmarks/analyze.py

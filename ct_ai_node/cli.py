@@ -273,7 +273,7 @@ def evaluate(
     else:
         from ct_ai_node.training.compare import compare_pipelines
 
-        res = compare_pipelines(out, names, cases, resolve_device(device), lungs=lungs, shape=dims,
+        res = compare_pipelines(out, names, cases, resolve_device(device), lungs=lungs, shape=dims, infection=infection,
                                 weights_dir=weights_dir, workers=workers, log=err.print, cases=site_cases)
         summary = {"summaries": res["summaries"], "skipped": res["skipped"]}  # the rows are in --out
     typer.echo(json.dumps(summary, indent=2, default=float))

@@ -222,6 +222,8 @@ class InfectionSegmenter:
         self.batch_size = batch_size
         #: the three-class case model fitted on this network's masks (None: not calibrated)
         self.case_model = case_model
+        #: what the weights learnt from (weight metadata), shown with its results
+        self.trained_on = "synthetic chest-CT phantoms only"
         self.last_timings_s: dict[str, float] = {}
 
     @classmethod
@@ -230,7 +232,9 @@ class InfectionSegmenter:
         settings = InfectionSettings.from_json(meta["input_settings"]) if "input_settings" in meta else None
         threshold = float(meta.get("threshold", 0.5))
         case_model = PatternModel.from_json(meta[CASE_MODEL_KEY]) if CASE_MODEL_KEY in meta else None
-        return cls(loaded.module, loaded.version, device, settings, threshold, case_model=case_model)
+        seg = cls(loaded.module, loaded.version, device, settings, threshold, case_model=case_model)
+        seg.trained_on = meta.get("trained_on", seg.trained_on)
+        return seg
 
     @torch.no_grad()
     def plane_probabilities(self, planes: Planes) -> np.ndarray:

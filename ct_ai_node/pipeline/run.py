@@ -3,6 +3,7 @@ infection mask -> scores. Returns an :class:`AnalysisResult` for the writers."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -124,8 +125,12 @@ def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: Pip
     if infection_segmenter is not None:
         model_versions["infection"] = f"{getattr(infection_segmenter, 'name', 'infection')}/" \
                                       f"{getattr(infection_segmenter, 'version', '1')}"
+    algorithm = out.algorithm
+    if case_class is not None:  # the case result is the opacity model's: say what it learnt from
+        algorithm = dataclasses.replace(algorithm,
+                                        trained_on=getattr(infection_segmenter, "trained_on", algorithm.trained_on))
     return AnalysisResult(
-        algorithm=out.algorithm,
+        algorithm=algorithm,
         pipeline=pipeline_name or getattr(method, "name", "unknown"),
         probability=probability,
         threshold=threshold,

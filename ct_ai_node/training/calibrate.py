@@ -49,7 +49,9 @@ def calibrate_pipeline(pipeline: str, device: torch.device, *, cases: int = 60, 
     if pipeline not in RATIO_PIPELINES:
         raise ValueError(f"{pipeline!r} has nothing to calibrate; one of: {', '.join([*RATIO_PIPELINES, *HEAT_PIPELINES])}")
     folder = Path(weights_dir) if weights_dir else BUNDLED_WEIGHTS
+    # the method's own decision is what is fitted: its own map and ratio, not the opacity model's
     res = compare_pipelines(out_dir, [pipeline], cases, device, seed0=VAL_SEED0, weights_dir=folder, log=log,
+                            infection="heatmap",
                             cases=site_cases, shape=shape)
     if pipeline in res["skipped"]:
         raise ValueError(f"{pipeline}: {res['skipped'][pipeline]}")

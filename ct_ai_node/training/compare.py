@@ -75,11 +75,37 @@ class _CachedLungs:
         return self._labels
 
 
+class _CachedInfection:
+    """The opacity U-Net's mask of the current phantom, computed once for all pipelines
+    (its case model and settings are the segmenter's)."""
+
+    def __init__(self, segmenter):
+        self.segmenter = segmenter
+        self.name, self.version = segmenter.name, segmenter.version
+        self.case_model, self.trained_on = segmenter.case_model, segmenter.trained_on
+        self._key = None
+        self._out = None
+
+    def __call__(self, hu, spacing, lung_labels):
+        key = _fingerprint(hu, spacing)
+        if key != self._key:
+            self._out = self.segmenter(hu, spacing, lung_labels)
+            self._key = key
+        return self._out
+
+
 def compare_pipelines(out_dir: Path, pipelines: list[str], n_cases: int, device: torch.device, *,
                       lungs: str = "unet", shape=None, seed0: int = TEST_SEED0, weights_dir: Path | None = None,
                       settings: dict[str, PipelineSettings] | None = None, workers: int | None = None,
-                      log=print, cases: list | None = None) -> dict:
-    """``cases``: site cases (``--data``) instead of the held-out phantoms ``seed0`` ..."""
+                      log=print, cases: list | None = None, infection: str = "unet") -> dict:
+    """``cases``: site cases (``--data``) instead of the held-out phantoms ``seed0`` ...;
+    ``infection``: "unet" (the opacity U-Net and its case model decide, the same for every
+    pipeline; each method's own probability and slice scores are scored beside) or
+    "heatmap" (each pipeline's own map and decision)."""
+    from ct_ai_node.analyze import create_infection_source
+
+    inf = create_infection_source(infection, device, weights_dir)
+    inf = _CachedInfection(inf) if inf is not None else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     methods, skipped = {}, {}
@@ -110,7 +136,7 @@ def compare_pipelines(out_dir: Path, pipelines: list[str], n_cases: int, device:
             lungs_cached(vol.hu, vol.spacing, vol.orientation)  # once, outside every pipeline's time
             del vol
             for name, method in methods.items():
-                row = evaluate_case(ph, method, lungs_cached, None, (settings or {}).get(name))
+                row = evaluate_case(ph, method, lungs_cached, None, (settings or {}).get(name), infection=inf)
                 if name == ENSEMBLE:
                     row["seconds"] += sum(m.seconds for m in method.members.values())
                 row["pipeline"] = name
@@ -121,7 +147,7 @@ def compare_pipelines(out_dir: Path, pipelines: list[str], n_cases: int, device:
     summaries = {}
     for name, r in rows.items():
         if r:
-            summaries[name] = {**summarise(r), "pipeline": name, "lungs": lungs,
+            summaries[name] = {**summarise(r), "pipeline": name, "lungs": lungs, "infection": infection,
                                "seeds": describe_cases(seeds), "device": str(device)}
     (out_dir / "compare_cases.json").write_text(rows_json(rows))
     (out_dir / "compare_summary.json").write_text(json.dumps({"summaries": summaries, "skipped": skipped},
@@ -133,15 +159,21 @@ def compare_pipelines(out_dir: Path, pipelines: list[str], n_cases: int, device:
 #: (summary key, row label, format) of the side-by-side table
 TABLE_ROWS = (
     ("auc", "AUC (COVID-19-like vs other)", "{:.3f}"),
+    ("class_accuracy", "three-class accuracy (COVID-19-like / other pneumonia / none)", "{:.3f}"),
+    ("method_auc", "AUC of the method's own probability", "{:.3f}"),
     ("sensitivity", "sensitivity at the pipeline's threshold", "{:.3f}"),
     ("specificity", "specificity", "{:.3f}"),
     ("f1", "F1", "{:.3f}"),
     ("accuracy", "accuracy", "{:.3f}"),
     ("slice_auc", "slice-level AUC (slices with lesion in COVID-19-like cases vs all other lung slices)", "{:.3f}"),
+    ("method_slice_auc", "slice-level AUC of the method's own slice scores", "{:.3f}"),
     ("lung_dice_mean", "lung Dice (U-Net, shared by all)", "{:.3f}"),
     ("lung_volume_error_pct_mean", "lung volume error, mean abs (%)", "{:.1f}"),
     ("lesion_dice_mean_covid", "lesion Dice, COVID-19-like (from the pipeline's own map)", "{:.3f}"),
+    ("lesion_dice_mean_cap", "lesion Dice, CAP-like", "{:.3f}"),
+    ("lesion_dice_mean_small", "lesion Dice, lesions under 3 % of the lung", "{:.3f}"),
     ("lesion_volume_abs_error_ml_mean_covid", "lesion volume error, COVID-19-like, mean abs (ml)", "{:.1f}"),
+    ("lesion_volume_error_pct_mean", "lesion volume error, every case with lesion, mean abs (%)", "{:.1f}"),
     ("pointing_game", "pointing game (heat maximum within 5 mm of a lesion)", "{:.3f}"),
     ("heat_in_lesion_mean", "share of the heat on the lesion", "{:.3f}"),
     ("seconds_per_case_mean", "seconds per case (pipeline + mask + scores, lungs excluded)", "{:.1f}"),

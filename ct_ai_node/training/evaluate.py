@@ -70,6 +70,9 @@ def evaluate_case(ph, method, lungs, other_lungs=None, settings: PipelineSetting
         keep = (weights > 0) & truth_lung.any(axis=(1, 2))
         row["slice_labels"] = labels[keep].astype(int).tolist()
         row["slice_scores"] = [round(float(v), 5) for v in np.asarray(res.slice_scores, np.float64)[keep]]
+        if res.method_slice_scores is not None:
+            row["method_slice_scores"] = [round(float(v), 5)
+                                          for v in np.asarray(res.method_slice_scores, np.float64)[keep]]
     if other_lungs is not None:
         t = time.perf_counter()
         other = other_lungs(vol.hu, vol.spacing, vol.orientation)
@@ -116,6 +119,9 @@ def summarise(rows: list[dict]) -> dict:
         ss = np.concatenate([np.asarray(r["slice_scores"], float) for r in labelled])
         out["slice_auc"] = roc_auc(sy, ss) if 0 < sy.sum() < sy.size else None
         out["slices_positive"], out["slices_negative"] = int(sy.sum()), int(sy.size - sy.sum())
+        if all("method_slice_scores" in r for r in labelled):  # the method's own, beside the opacity's
+            ms = np.concatenate([np.asarray(r["method_slice_scores"], float) for r in labelled])
+            out["method_slice_auc"] = roc_auc(sy, ms) if 0 < sy.sum() < sy.size else None
     if "other_lung_dice" in rows[0]:
         out["other_lung_dice_mean"] = float(np.mean([r["other_lung_dice"] for r in rows]))
     return out
@@ -158,9 +164,11 @@ def class_summary(rows: list[dict]) -> dict:
         conf.setdefault(t, {}).setdefault(r["case_class"], 0)
         conf[t][r["case_class"]] += 1
     hits = sum(1 for r in with_class if KIND_CLASS.get(r["kind"]) == r["case_class"])
+    mp = [r.get("method_probability") for r in rows]
+    method_auc = roc_auc([int(r["kind"] == "covid") for r in rows], mp) if None not in mp else None
     non_covid = [r["probability"] for r in rows if r["kind"] != "covid"]
     covid = [r["probability"] for r in rows if r["kind"] == "covid"]
-    return {"class_accuracy": hits / len(with_class), "class_confusion": conf,
+    return {"class_accuracy": hits / len(with_class), "class_confusion": conf, "method_auc": method_auc,
             "highest_probability_non_covid": max(non_covid) if non_covid else None,
             "lowest_probability_covid": min(covid) if covid else None}
 

@@ -383,6 +383,13 @@ def train_infection_unet(seeds_train: Iterable[int], seeds_val: Iterable[int],
     return model, metrics
 
 
+def trained_on_text(train_cases: str) -> str:
+    """What the weights learnt from, as shown to the radiologist (``describe_cases`` text in)."""
+    if "real-background" in train_cases:
+        return "phantoms + real CT with synthetic lesions"  # docs/models.md says which real CT
+    return "synthetic chest-CT phantoms only"
+
+
 def save_infection_unet(model: torch.nn.Module, weights_dir: Path, metrics: dict,
                         input_settings: InfectionSettings | None = None, version: str = MODEL_VERSION) -> str:
     """Write ``weights_dir/infection_unet.safetensors`` (fp16) with the metadata the
@@ -393,7 +400,7 @@ def save_infection_unet(model: torch.nn.Module, weights_dir: Path, metrics: dict
     extra = {
         "threshold": str(float(metrics.get("threshold", 0.5))),
         "input_settings": input_settings.to_json(),
-        "trained_on": "synthetic chest-CT phantoms (ct_ai_node.synthetic)",
+        "trained_on": trained_on_text(str(metrics.get("train_seeds", ""))),
         "val_dice": str(metrics.get("val_dice")),
         "train_seeds": str(metrics.get("train_seeds", "")),
         "val_seeds": str(metrics.get("val_seeds", "")),
