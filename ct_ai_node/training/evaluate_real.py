@@ -77,7 +77,51 @@ def evaluate_real(root: Path, out_dir: Path, device: torch.device, pipeline: str
         rows.append(row)
         log(f"{bg.name}: {res.case_class} p={res.probability:.3f} (method {row['method_probability']}), "
             f"opacity {res.lesion_volume_ml:.1f} ml")
+    slices = single_slice_rows(Path(root), method, lungs, infection, log)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "real_series.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out_dir / "real_single_slices.json").write_text(json.dumps(slices, indent=1) + "\n")
+    return rows
+
+
+#: single axial slices (first folder of the path -> truth): real COVID-19 patients (some
+#: slices show ground glass or consolidation, about half are abdomen), and LIDC slices
+SINGLE_SLICES = {"covid19_ny_sbu_single_slices": "COVID-19 patient", "lungmask_testdata": "no COVID-19 (LIDC)"}
+#: a single slice with less lung than this (cm²) is not scored
+MIN_SLICE_LUNG_CM2 = 20.0
+
+
+def single_slice_rows(root: Path, method, lungs, infection, log=print) -> list[dict]:
+    """Each axial single slice of :data:`SINGLE_SLICES` through the lung U-Net, the opacity
+    U-Net (a one-plane scan) and the method: the slice's opacity score, its opacity and
+    lung area and the method's slice score."""
+    import pydicom
+
+    from ct_ai_node.pipeline.pattern import slice_opacity_scores
+
+    rows = []
+    for folder, truth in SINGLE_SLICES.items():
+        for f in sorted((root / folder).rglob("*.dcm")):
+            if "coronal" in f.parts or "sagittal" in f.parts:
+                continue
+            ds = pydicom.dcmread(f)
+            hu = ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1)) \
+                + float(getattr(ds, "RescaleIntercept", 0))
+            hu = np.maximum(hu, -1024.0)[None]  # padding (-2000, -3024) to air
+            dy, dx = (float(v) for v in getattr(ds, "PixelSpacing", (0.7, 0.7)))
+            spacing = (float(getattr(ds, "SliceThickness", 0) or 2.5), dy, dx)
+            labels = lungs(hu, spacing, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
+            lung = labels > 0
+            lung_cm2 = float(lung.sum()) * dy * dx / 100.0
+            row = {"file": str(f.relative_to(root)), "truth": truth, "lung_cm2": round(lung_cm2, 1)}
+            if lung_cm2 >= MIN_SLICE_LUNG_CM2:
+                mask, _ = infection(hu, spacing, labels)
+                mask = np.asarray(mask, bool) & lung
+                row.update({"opacity_cm2": round(float(mask.sum()) * dy * dx / 100.0, 2),
+                            "opacity_score": round(float(slice_opacity_scores(mask, lung, spacing)[0]), 4),
+                            "method_score": round(float(method(hu, spacing, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+                                                               labels).slice_scores[0]), 4)})
+            rows.append(row)
+            log(f"{row['file']}: {row}")
     return rows

@@ -24,6 +24,7 @@ Seeds: training from ``TRAIN_SEED0``, validation from ``VAL_SEED0``; seeds at or
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -92,23 +93,46 @@ class InfectionTrainSettings:
     channels: tuple[int, ...] = DEFAULT_CHANNELS
     num_res_units: int = 1
     val_thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
+    #: the region the network sees in training: "truth" (the case's lungs) or "predicted"
+    #: (the lung U-Net's lungs on the case joined with the truth; see phantom_planes)
+    lungs: str = "truth"
     input: InfectionSettings = field(default_factory=InfectionSettings)
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def _cache_key(shape, input_settings: InfectionSettings) -> str:
-    text = json.dumps({"format": CACHE_FORMAT, "shape": list(shape) if shape else None,
-                       "input": json.loads(input_settings.to_json())}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+def _cache_key(shape, input_settings: InfectionSettings, lungs: str = "truth") -> str:
+    key = {"format": CACHE_FORMAT, "shape": list(shape) if shape else None,
+           "input": json.loads(input_settings.to_json())}
+    if lungs != "truth":
+        key["lungs"] = lungs
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def phantom_planes(seed, kind: str, shape, input_settings: InfectionSettings) -> dict[str, np.ndarray]:
+@functools.lru_cache(maxsize=1)
+def _lung_unet():
+    from ct_ai_node.pipeline.run import create_lung_segmenter
+
+    return create_lung_segmenter("unet", "cpu")
+
+
+def phantom_planes(seed, kind: str, shape, input_settings: InfectionSettings,
+                   lungs: str = "truth") -> dict[str, np.ndarray]:
     """One phantom (or site case) prepared for the infection U-Net: x uint8 (K, H, W),
-    lesion, inside and lung bool (K, H, W), plus the voxel volume (ml) of the planes."""
+    lesion, inside and lung bool (K, H, W), plus the voxel volume (ml) of the planes.
+    ``lungs`` "predicted": the region the network sees is the lung U-Net's lungs on this
+    very image (what inference has: at times too much, soft tissue at the apex; at times
+    too little, dense consolidation) joined with the true lungs, so that it learns what is
+    not opacity inside a lung mask that is too large and still sees every lesion."""
     ph = make_case(seed, shape, kind)
-    planes = prepare_planes(ph.hu, ph.spacing, ph.lung_labels, input_settings, lesion=ph.lesion_mask)
+    region = ph.lung_labels
+    if lungs == "predicted":
+        pred = _lung_unet()(np.asarray(ph.hu, np.float32), ph.spacing, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
+        region = ((np.asarray(pred) > 0) | (np.asarray(ph.lung_labels) > 0)).astype(np.uint8)
+    elif lungs != "truth":
+        raise ValueError(f"lungs: 'truth' or 'predicted', not {lungs!r}")
+    planes = prepare_planes(ph.hu, ph.spacing, region, input_settings, lesion=ph.lesion_mask)
     if planes is None:  # never for phantoms; keep the loader total anyway
         raise ValueError(f"phantom {seed} has no lung")
     return {
@@ -125,21 +149,21 @@ def phantom_planes(seed, kind: str, shape, input_settings: InfectionSettings) ->
 
 
 def _load_or_make(args) -> dict[str, np.ndarray]:
-    seed, shape, input_json, cache_dir = args
+    seed, shape, input_json, cache_dir, lungs = args
     input_settings = InfectionSettings.from_json(input_json)
     kind = case_kind(seed)
     path = None
     if cache_dir:
         scan = site_scan(seed)
         site = "" if scan is None else "-" + hashlib.sha256(scan.encode()).hexdigest()[:8]
-        path = Path(cache_dir) / f"infection-{_cache_key(shape, input_settings)}-{case_id(seed)}{site}.npz"
+        path = Path(cache_dir) / f"infection-{_cache_key(shape, input_settings, lungs)}-{case_id(seed)}{site}.npz"
         if path.is_file():
             try:
                 with np.load(path) as z:
                     return {k: z[k] for k in z.files}
             except (OSError, ValueError, EOFError):
                 logger.warning("cached %s unreadable; generating again", path.name)
-    sample = phantom_planes(seed, kind, shape, input_settings)
+    sample = phantom_planes(seed, kind, shape, input_settings, lungs)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
@@ -153,7 +177,7 @@ def load_cases(seeds: Iterable[int], settings: InfectionTrainSettings, advance=N
     """Prepared phantoms of ``seeds`` (from the cache, or generated in ``settings.workers``
     processes and cached); ``transform`` is applied to each case as it arrives."""
     transform = transform or (lambda case: case)
-    jobs = [(s, settings.shape, settings.input.to_json(), settings.cache_dir) for s in seeds]
+    jobs = [(s, settings.shape, settings.input.to_json(), settings.cache_dir, settings.lungs) for s in seeds]
     return [transform(case) for case in map_cases(_load_or_make, jobs, settings.workers, advance)]
 
 
