@@ -62,6 +62,7 @@ def evaluate_real(root: Path, out_dir: Path, device: torch.device, pipeline: str
             res = analyse_volume(_volume(bg), method, lungs, None, pipeline, infection)
         except CtAiNodeError as exc:
             row["not_analysed"] = " ".join(str(exc).split())
+            row["role"] = "not used (not analysable)" if row["role"] != "held out" else row["role"]
             rows.append(row)
             log(f"{bg.name}: not analysed ({row['not_analysed']})")
             continue
