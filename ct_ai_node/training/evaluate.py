@@ -122,6 +122,16 @@ def summarise(rows: list[dict]) -> dict:
         if all("method_slice_scores" in r for r in labelled):  # the method's own, beside the opacity's
             ms = np.concatenate([np.asarray(r["method_slice_scores"], float) for r in labelled])
             out["method_slice_auc"] = roc_auc(sy, ms) if 0 < sy.sum() < sy.size else None
+        # infection slices against slices without infection: CAP-like cases (whose slices with
+        # consolidation count as negatives above) left out, and within the COVID-19-like cases
+        for suffix, keep in (("_without_cap", lambda r: r["kind"] != "cap"), ("_within_covid", lambda r: r["kind"] == "covid")):
+            sub = [r for r in labelled if keep(r)]
+            if not sub:
+                continue
+            y = np.concatenate([np.asarray(r["slice_labels"], int) for r in sub])
+            for key, name in (("slice_scores", "slice_auc"), ("method_slice_scores", "method_slice_auc")):
+                if all(key in r for r in sub) and 0 < y.sum() < y.size:
+                    out[name + suffix] = roc_auc(y, np.concatenate([np.asarray(r[key], float) for r in sub]))
     if "other_lung_dice" in rows[0]:
         out["other_lung_dice_mean"] = float(np.mean([r["other_lung_dice"] for r in rows]))
     return out
