@@ -71,7 +71,7 @@ HOLD_OUT ?= lidc_idri_0001
 # the opacity U-Net on phantoms + real backgrounds, then its three-class case model (docs/models.md)
 train-opacity: install
 	$(VENV)/bin/ct-ai-node train infection --cases 60 --val-cases 12 --epochs 6 --cache-dir out/cache \
-	    --backgrounds $(REAL_DATA) --hold-out $(HOLD_OUT)
+	    --backgrounds $(REAL_DATA) --hold-out $(HOLD_OUT) --set lungs=predicted
 	$(VENV)/bin/ct-ai-node calibrate pattern --cases 45 --backgrounds $(REAL_DATA) --hold-out $(HOLD_OUT) \
 	    --out out/calibration
 
