@@ -46,6 +46,35 @@ def create_lung_segmenter(kind: str, device: torch.device | str = "cpu", weights
     raise ValueError(f"unknown lung segmentation {kind!r}; use 'classical' or 'unet'")
 
 
+@dataclass
+class Opacities:
+    """What the opacity stage found: the mask inside the lungs, its consolidation part,
+    and, when the segmenter carries a case model, the pattern features and the three
+    class probabilities (empty otherwise)."""
+
+    mask: np.ndarray  # bool (z, y, x)
+    consolidation: np.ndarray  # bool (z, y, x), subset of mask
+    features: dict[str, float]
+    class_probabilities: dict[str, float]
+
+
+def segment_opacities(segmenter, hu: np.ndarray, spacing, orientation, lung_labels: np.ndarray) -> Opacities:
+    """The opacity U-Net's mask inside the lungs, split at the consolidation level, and the
+    case model's probabilities of its pattern (shared by ``analyse_volume``, calibration and
+    the benchmark, so that all three measure the same stage)."""
+    lung = lung_labels > 0
+    mask, _probability = segmenter(hu, spacing, lung_labels)
+    mask = np.asarray(mask, bool) & lung
+    consolidation = pattern.consolidation_mask(hu, mask)
+    features: dict[str, float] = {}
+    probabilities: dict[str, float] = {}
+    case_model = getattr(segmenter, "case_model", None)
+    if case_model is not None:
+        features = pattern.pattern_features(hu, spacing, orientation, lung_labels, mask, consolidation)
+        probabilities = case_model.probabilities(features)
+    return Opacities(mask, consolidation, features, probabilities)
+
+
 def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: PipelineSettings | None = None,
                    pipeline_name: str | None = None, infection_segmenter=None) -> AnalysisResult:
     """Lungs -> method -> infection mask -> scores. The infection mask comes from the
@@ -81,14 +110,8 @@ def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: Pip
     consolidation = None
     class_probabilities: dict[str, float] = {}
     if infection_segmenter is not None:
-        infection, _probability = infection_segmenter(volume.hu, volume.spacing, labels)
-        infection = np.asarray(infection, bool) & lung
-        consolidation = pattern.consolidation_mask(volume.hu, infection)
-        case_model = getattr(infection_segmenter, "case_model", None)
-        if case_model is not None:
-            feats = pattern.pattern_features(volume.hu, volume.spacing, volume.orientation, labels, infection,
-                                             consolidation)
-            class_probabilities = case_model.probabilities(feats)
+        found = segment_opacities(infection_segmenter, volume.hu, volume.spacing, volume.orientation, labels)
+        infection, consolidation, class_probabilities = found.mask, found.consolidation, found.class_probabilities
     else:
         heat_pos = np.zeros_like(out.heatmap)
         heat_pos[out.positive_slices] = out.heatmap[out.positive_slices]

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ct_ai_node.models.weights import BUNDLED_WEIGHTS, rewrite_metadata
-from ct_ai_node.pipeline.pattern import FEATURES, PatternModel, consolidation_mask, fit_pattern_model, pattern_features
+from ct_ai_node.pipeline.pattern import FEATURES, PatternModel, fit_pattern_model, pattern_features
 from ct_ai_node.pipeline.types import CASE_CLASSES
 from ct_ai_node.training.data import VAL_SEED0, case_kind, describe_cases, make_case, map_cases
 
@@ -55,6 +55,7 @@ def case_row(job) -> dict:
     """Features and mask figures of one case (runs in a worker process)."""
     import torch
 
+    from ct_ai_node.pipeline.run import segment_opacities
     from ct_ai_node.pipeline.scoring import volume_ml
     from ct_ai_node.training.evaluate import phantom_volume
     from ct_ai_node.training.metrics import dice
@@ -67,10 +68,10 @@ def case_row(job) -> dict:
     lungs, seg = _models(weights_dir)
     labels = lungs(vol.hu, vol.spacing, vol.orientation)
     lung = labels > 0
-    inf, _ = seg(vol.hu, vol.spacing, labels)
-    inf = np.asarray(inf, bool) & lung
-    cons = consolidation_mask(vol.hu, inf)
-    feats = pattern_features(vol.hu, vol.spacing, vol.orientation, labels, inf, cons)
+    # the features of the stage as analyse_volume runs it (the case model may be absent here)
+    found = segment_opacities(seg, vol.hu, vol.spacing, vol.orientation, labels)
+    inf = found.mask
+    feats = found.features or pattern_features(vol.hu, vol.spacing, vol.orientation, labels, inf, found.consolidation)
     truth = np.asarray(ph.lesion_mask, bool)
     return {
         "case": ref.name + f" {ref.kind} #{ref.draw}" if hasattr(ref, "load") else int(ref),

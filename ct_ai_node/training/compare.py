@@ -237,8 +237,9 @@ def infection_stage_seconds(vol, labels, method_output, device, weights_dir, log
     """Seconds of the two ways to the suspected-infection mask: thresholding the default
     method's heat map (the stage before issue 12), and the opacity U-Net with the
     ground-glass / consolidation split and the three-class case model (now)."""
-    from ct_ai_node.pipeline import pattern, scoring
+    from ct_ai_node.pipeline import scoring
     from ct_ai_node.pipeline.infection import create_infection_segmenter
+    from ct_ai_node.pipeline.run import segment_opacities
 
     out: dict[str, float] = {}
     lung = labels > 0
@@ -255,10 +256,6 @@ def infection_stage_seconds(vol, labels, method_output, device, weights_dir, log
         log(f"opacity U-Net: skipped ({exc})")
         return out
     t = time.perf_counter()
-    mask, _ = seg(vol.hu, vol.spacing, labels)
-    mask &= lung
-    cons = pattern.consolidation_mask(vol.hu, mask)
-    if seg.case_model is not None:
-        seg.case_model.probabilities(pattern.pattern_features(vol.hu, vol.spacing, vol.orientation, labels, mask, cons))
+    segment_opacities(seg, vol.hu, vol.spacing, vol.orientation, labels)
     out["opacity U-Net + case model"] = time.perf_counter() - t
     return out
