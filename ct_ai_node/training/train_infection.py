@@ -410,7 +410,7 @@ def train_infection_unet(seeds_train: Iterable[int], seeds_val: Iterable[int],
 def trained_on_text(train_cases: str) -> str:
     """What the weights learnt from, as shown to the radiologist (``describe_cases`` text in)."""
     if "real-background" in train_cases:
-        return "phantoms + real CT with synthetic lesions"  # docs/models.md says which real CT
+        return "synthetic phantoms + real CT with synthetic lesions"  # docs/models.md says which real CT
     return "synthetic chest-CT phantoms only"
 
 
