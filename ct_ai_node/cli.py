@@ -82,7 +82,7 @@ def _print_summary(doc, out: Path) -> None:
     from rich.table import Table
 
     con = Console()
-    t = Table(title="ct-ai-node result - NOT FOR DIAGNOSTIC USE", caption="model trained on synthetic phantoms only",
+    t = Table(title="ct-ai-node result - NOT FOR DIAGNOSTIC USE", caption=f"model trained on {doc.trained_on or 'synthetic phantoms only'}",
               show_header=False)
     rows = [("result", f"{doc.label} (p = {doc.probability:.3f}, threshold {doc.threshold})")]
     if doc.case_class_text:
@@ -217,6 +217,8 @@ def prepare(
 def evaluate(
     out: Path = typer.Option(Path("out/evaluation"), help="folder for the per-case table and summary"),
     cases: int = typer.Option(24, help="held-out phantoms (seeds never used in training)"),
+    first_seed: int = typer.Option(90_000, help="first held-out phantom seed (90000 and up; a fresh set for a "
+                                                "figure once an earlier one has guided a change)"),
     device: str = typer.Option("auto"),
     lungs: str = typer.Option("unet"),
     infection: str = typer.Option("unet", help="infection mask and case result: unet (opacity U-Net + three-class "
@@ -267,7 +269,12 @@ def evaluate(
     if len(names) == 1:
         from ct_ai_node.training.evaluate import evaluate_pipeline
 
-        summary = evaluate_pipeline(out, cases, resolve_device(device), pipeline=names[0], lungs=lungs,
+        from ct_ai_node.training.data import TEST_SEED0
+
+        if first_seed < TEST_SEED0:
+            typer.echo(f"--first-seed {first_seed}: held-out seeds start at {TEST_SEED0}", err=True)
+            raise typer.Exit(EXIT_REJECTED)
+        summary = evaluate_pipeline(out, cases, resolve_device(device), pipeline=names[0], lungs=lungs, seed0=first_seed,
                                     log=err.print, weights_dir=weights_dir, shape=dims, workers=workers,
                                     infection=infection, cases=site_cases)
     else:
@@ -294,6 +301,8 @@ def calibrate(
     hold_out: Optional[List[str]] = typer.Option(None, "--hold-out", help="pattern: a background kept out "
                                                                           "(repeatable)"),
     workers: Optional[int] = typer.Option(None, help="pattern: processes computing the cases"),
+    rows: Optional[Path] = typer.Option(None, help="pattern: refit from the cases of an earlier run "
+                                                   "(its pattern_calibration_cases.json, same weights)"),
 ) -> None:
     """Fit a slice-ratio pipeline's case decision (ratio threshold, probability slope),
     method D's infection-mask heat level, or (``pattern``) the three-class case model read
@@ -308,7 +317,8 @@ def calibrate(
 
         try:
             report = calibrate_pattern(cases=cases, backgrounds=backgrounds, held_out=tuple(hold_out or ()),
-                                       weights_dir=weights_dir, out_dir=out, workers=workers, log=err.print)
+                                       weights_dir=weights_dir, out_dir=out, workers=workers, rows_file=rows,
+                                       log=err.print)
         except (InputRejected, ValueError) as exc:
             typer.echo(" ".join(str(exc).split()), err=True)
             raise typer.Exit(EXIT_REJECTED)

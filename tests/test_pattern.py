@@ -131,3 +131,37 @@ def test_slice_opacity_scores_half_at_the_slice_label_rule():
     # opacity outside the lungs does not count
     inf[1, 0:5, 0:5] = True
     assert slice_opacity_scores(inf, lung, (2.5, 1.0, 1.0))[1] == 0.0
+
+
+def test_calibration_refits_from_stored_cases_and_leaves_out_too_little(tmp_path):
+    """``ct-ai-node calibrate pattern --rows``: the shipped calibration cases refit into a
+    copy of the bundled weights; COVID-19-like cases under 1 % involvement are left out
+    of the fit; the segmenter then carries the new case model."""
+    import shutil
+    from pathlib import Path
+
+    from ct_ai_node.models.weights import BUNDLED_WEIGHTS
+    from ct_ai_node.pipeline.infection import create_infection_segmenter
+    from ct_ai_node.training.calibrate_pattern import MIN_COVID_INVOLVEMENT, calibrate_pattern
+
+    rows_file = Path(__file__).resolve().parents[1] / "docs" / "evaluation" / "pattern_calibration_cases.json"
+    weights = tmp_path / "weights"
+    shutil.copytree(BUNDLED_WEIGHTS, weights)
+    out = calibrate_pattern(rows_file=rows_file, weights_dir=weights, out_dir=tmp_path / "out", log=lambda m: None)
+    report = out["report"]
+    import json
+
+    rows = json.loads((tmp_path / "out" / "pattern_calibration_cases.json").read_text())
+    small = [r for r in rows if r["class"] == "covid_like" and r["lesion_ml_true"] < MIN_COVID_INVOLVEMENT * r["lung_ml"]]
+    assert report["left_out"] == len(small) > 0
+    assert all("left_out" in r and "cv_probabilities" not in r for r in small)
+    assert report["n"] == len(rows) - len(small)
+    seg = create_infection_segmenter("cpu", weights)
+    assert seg.case_model is not None and seg.case_model.weights == tuple(tuple(w) for w in report["weights"])
+    # bilateral, lower-zone ground glass reads COVID-19-like; one-sided consolidation other pneumonia
+    typical = {"extent": 1.0, "bilateral": 0.45, "peripheral": 0.6, "lower": 0.8, "posterior": 0.7,
+               "consolidation": 0.05, "foci": 2.5, "largest": 0.4}
+    lobar = {"extent": 1.0, "bilateral": 0.0, "peripheral": 0.3, "lower": 0.6, "posterior": 0.5,
+             "consolidation": 0.8, "foci": 0.7, "largest": 0.95}
+    assert max(seg.case_model.probabilities(typical).items(), key=lambda kv: kv[1])[0] == "covid_like"
+    assert max(seg.case_model.probabilities(lobar).items(), key=lambda kv: kv[1])[0] == "other_pneumonia"

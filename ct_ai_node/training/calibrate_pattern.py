@@ -40,6 +40,11 @@ CALIBRATION_DRAW0 = 2000
 #: background insertions per real scan for the calibration
 CALIBRATION_KINDS = {"covid": 3, "cap": 3, "normal": 1}
 L2_GRID = (0.1, 1.0, 10.0)
+#: COVID-19-like cases whose lesion is under this share of the lungs are left out of the
+#: fit: a few ml of ground glass is too little to call a pattern (a reader would call it
+#: indeterminate), and fitting it as COVID-19-like makes every small dependent density on
+#: a normal scan (atelectasis, the commonest mimic) COVID-19-like too
+MIN_COVID_INVOLVEMENT = 0.01
 
 
 @functools.lru_cache(maxsize=1)
@@ -150,36 +155,51 @@ def calibration_cases(cases: int, backgrounds: Path | None, held_out: tuple[str,
 
 def calibrate_pattern(*, cases: int = 45, backgrounds: Path | None = None, held_out: tuple[str, ...] = (),
                       weights_dir: Path | None = None, out_dir: Path, workers: int | None = None,
-                      write: bool = True, log=print) -> dict:
-    """Compute the features of the calibration cases, choose the penalty by
-    cross-validation, fit on all, and write the model into the segmenter's weight file."""
+                      write: bool = True, rows_file: Path | None = None, log=print) -> dict:
+    """Compute the features of the calibration cases (or read them from ``rows_file``, a
+    ``pattern_calibration_cases.json`` of an earlier run with the same weights), choose
+    the penalty by cross-validation, fit, and write the model into the segmenter's weight
+    file."""
     from ct_ai_node.pipeline.infection import CASE_MODEL_KEY, WEIGHTS_NAME
 
     folder = Path(weights_dir) if weights_dir else BUNDLED_WEIGHTS
-    refs = calibration_cases(cases, backgrounds, held_out, log)
-    t0 = time.time()
-    jobs = [(r, str(folder)) for r in refs]
-    rows = list(map_cases(case_row, jobs, workers))
-    log(f"features of {len(rows)} cases in {time.time() - t0:.0f} s")
-    cv = [cross_validate(rows, l2) for l2 in L2_GRID]
+    if rows_file is not None:
+        rows = [{k: v for k, v in r.items() if k != "cv_probabilities"} for r in json.loads(Path(rows_file).read_text())]
+        earlier = Path(rows_file).with_name("pattern_calibration.json")  # the earlier run's report
+        described = json.loads(earlier.read_text()).get("cases") if earlier.is_file() else None
+        described = described or f"the {len(rows)} cases of {Path(rows_file).name}"
+    else:
+        refs = calibration_cases(cases, backgrounds, held_out, log)
+        t0 = time.time()
+        rows = list(map_cases(case_row, [(r, str(folder)) for r in refs], workers))
+        log(f"features of {len(rows)} cases in {time.time() - t0:.0f} s")
+        described = describe_cases(refs)
+    # too little opacity to characterise is not fitted as COVID-19-like (see MIN_COVID_INVOLVEMENT)
+    fit_rows = [r for r in rows if not _too_little(r)]
+    cv = [cross_validate(fit_rows, l2) for l2 in L2_GRID]
     best = min(cv, key=lambda r: r["log_loss"])
-    X, y = _xy(rows)
-    model = fit_pattern_model(X, y, _weights(rows), l2=best["l2"])
-    P = best.pop("predictions")
-    for r, p in zip(rows, P):
-        r["cv_probabilities"] = {c: round(float(v), 4) for c, v in zip(CASE_CLASSES, p)}
+    X, y = _xy(fit_rows)
+    model = fit_pattern_model(X, y, _weights(fit_rows), l2=best["l2"])
+    P = iter(best.pop("predictions"))
+    for r in rows:
+        if _too_little(r):
+            r["left_out"] = f"COVID-19-like with {100 * r['lesion_ml_true'] / r['lung_ml']:.2f} % of the lung"
+            continue
+        r["cv_probabilities"] = {c: round(float(v), 4) for c, v in zip(CASE_CLASSES, next(P))}
     for r in cv:
         r.pop("predictions", None)
     report = {
-        "cases": describe_cases(refs), "held_out_backgrounds": list(held_out), "n": len(rows),
+        "cases": described, "held_out_backgrounds": list(held_out), "n": len(fit_rows),
+        "left_out": sum(1 for r in rows if _too_little(r)), "min_covid_involvement": MIN_COVID_INVOLVEMENT,
         "by_class": {c: int((y == i).sum()) for i, c in enumerate(CASE_CLASSES)},
         "cross_validation": cv, "chosen_l2": best["l2"], "features": list(FEATURES),
         "weights": [list(w) for w in model.weights], "bias": list(model.bias),
     }
     model = PatternModel(model.features, model.mean, model.scale, model.weights, model.bias,
-                         provenance=f"fitted by ct-ai-node calibrate pattern on {report['cases']}; "
-                                    f"5-fold CV log loss {best['log_loss']}, accuracy {best['accuracy']}, "
-                                    f"AUC COVID-19-like {best['auc_covid_like']}")
+                         provenance=f"fitted by ct-ai-node calibrate pattern on {described}"
+                                    f" ({report['left_out']} COVID-19-like under {100 * MIN_COVID_INVOLVEMENT:g} % "
+                                    f"involvement left out); 5-fold CV log loss {best['log_loss']}, "
+                                    f"accuracy {best['accuracy']}, AUC COVID-19-like {best['auc_covid_like']}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "pattern_calibration_cases.json").write_text(json.dumps(rows, indent=1))
@@ -190,3 +210,7 @@ def calibrate_pattern(*, cases: int = 45, backgrounds: Path | None = None, held_
         log(f"case model written into {WEIGHTS_NAME}.safetensors (sha256 {sha[:12]}); CV: "
             + ", ".join(f"l2 {r['l2']}: log loss {r['log_loss']}, accuracy {r['accuracy']}" for r in cv))
     return {"report": report, "sha256": sha}
+
+
+def _too_little(row: dict) -> bool:
+    return row["class"] == "covid_like" and row["lesion_ml_true"] < MIN_COVID_INVOLVEMENT * row["lung_ml"]
