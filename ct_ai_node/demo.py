@@ -145,7 +145,7 @@ def summary_lines(r: DemoReport) -> list[str]:
     lines = [f"job: {r.job_state}" + (f" ({r.job_error})" if r.job_error else "")]
     if res.get("status") == "done":
         lines += [
-            f"result: {res.get('label')}, probability {res.get('probability'):.3f}, "
+            f"result: {res.get('case_class_text') or res.get('label')}, P(COVID-19-like) {res.get('probability'):.3f}, "
             f"{len(res.get('positive_slices') or [])} positive slices",
             f"lungs {res.get('lung_volume_ml', 0):.0f} ml, infection {res.get('lesion_volume_ml', 0):.1f} ml "
             f"({res.get('involvement_percent', 0):.1f} %), Corona score {res.get('corona_score_ml', 0):.1f}",
@@ -157,5 +157,5 @@ def summary_lines(r: DemoReport) -> list[str]:
     ]
     if res.get("path"):
         lines.append(f"result.json: {res['path']}")
-    lines.append("models trained on synthetic phantoms only: NOT FOR DIAGNOSTIC USE")
+    lines.append(f"models trained on {res.get('trained_on') or 'synthetic phantoms only'}: NOT FOR DIAGNOSTIC USE")
     return lines
