@@ -266,14 +266,14 @@ def evaluate(
         from ct_ai_node.pipeline.methods import available_pipelines
 
         names = [spec.name for spec in available_pipelines()]
+    from ct_ai_node.training.data import TEST_SEED0
+
+    if first_seed < TEST_SEED0:
+        typer.echo(f"--first-seed {first_seed}: held-out seeds start at {TEST_SEED0}", err=True)
+        raise typer.Exit(EXIT_REJECTED)
     if len(names) == 1:
         from ct_ai_node.training.evaluate import evaluate_pipeline
 
-        from ct_ai_node.training.data import TEST_SEED0
-
-        if first_seed < TEST_SEED0:
-            typer.echo(f"--first-seed {first_seed}: held-out seeds start at {TEST_SEED0}", err=True)
-            raise typer.Exit(EXIT_REJECTED)
         summary = evaluate_pipeline(out, cases, resolve_device(device), pipeline=names[0], lungs=lungs, seed0=first_seed,
                                     log=err.print, weights_dir=weights_dir, shape=dims, workers=workers,
                                     infection=infection, cases=site_cases)
@@ -281,6 +281,7 @@ def evaluate(
         from ct_ai_node.training.compare import compare_pipelines
 
         res = compare_pipelines(out, names, cases, resolve_device(device), lungs=lungs, shape=dims, infection=infection,
+                                seed0=first_seed,
                                 weights_dir=weights_dir, workers=workers, log=err.print, cases=site_cases)
         summary = {"summaries": res["summaries"], "skipped": res["skipped"]}  # the rows are in --out
     typer.echo(json.dumps(summary, indent=2, default=float))
