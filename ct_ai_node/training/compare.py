@@ -169,7 +169,8 @@ TABLE_ROWS = (
     ("method_slice_auc", "slice-level AUC of the method's own slice scores", "{:.3f}"),
     ("lung_dice_mean", "lung Dice (U-Net, shared by all)", "{:.3f}"),
     ("lung_volume_error_pct_mean", "lung volume error, mean abs (%)", "{:.1f}"),
-    ("lesion_dice_mean_covid", "lesion Dice, COVID-19-like (from the pipeline's own map)", "{:.3f}"),
+    ("lesion_dice_mean_covid", "lesion Dice, COVID-19-like (the suspected-infection mask: the opacity U-Net's, or with "
+     "--infection heatmap the pipeline's own map)", "{:.3f}"),
     ("lesion_dice_mean_cap", "lesion Dice, CAP-like", "{:.3f}"),
     ("lesion_dice_mean_small", "lesion Dice, lesions under 3 % of the lung", "{:.3f}"),
     ("lesion_volume_abs_error_ml_mean_covid", "lesion volume error, COVID-19-like, mean abs (ml)", "{:.1f}"),
