@@ -30,12 +30,10 @@ import numpy as np
 from ct_ai_node.models.weights import BUNDLED_WEIGHTS, rewrite_metadata
 from ct_ai_node.pipeline.pattern import FEATURES, PatternModel, fit_pattern_model, pattern_features
 from ct_ai_node.pipeline.types import CASE_CLASSES
-from ct_ai_node.training.data import VAL_SEED0, case_kind, describe_cases, make_case, map_cases
+from ct_ai_node.training.data import KIND_CLASS, VAL_SEED0, case_kind, describe_cases, make_case, map_cases
 
 logger = logging.getLogger(__name__)
 
-#: phantom / site kind -> case class
-KIND_CLASS = {"covid": "covid_like", "cap": "other_pneumonia", "normal": "no_pneumonia", "other": "no_pneumonia"}
 CALIBRATION_DRAW0 = 2000
 #: background insertions per real scan for the calibration
 CALIBRATION_KINDS = {"covid": 3, "cap": 3, "normal": 1}

@@ -27,6 +27,8 @@ VAL_SEED0 = 50_000
 TEST_SEED0 = 90_000
 
 KINDS = ("covid", "cap", "normal")
+#: phantom / site kind -> the case class it is (pipeline.types.CASE_CLASSES)
+KIND_CLASS = {"covid": "covid_like", "cap": "other_pneumonia", "normal": "no_pneumonia", "other": "no_pneumonia"}
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import torch
 from ct_ai_node.pipeline.methods import create_method
 from ct_ai_node.pipeline.run import PipelineSettings, analyse_volume, create_lung_segmenter
 from ct_ai_node.training.data import (
+    KIND_CLASS,
     TEST_SEED0,
     SliceLabelRule,
     case_kind,
@@ -139,7 +140,6 @@ def summarise(rows: list[dict]) -> dict:
 
 #: lesions below this share of the lungs are "small" (the issue's small-lesion figure)
 SMALL_LESION_FRACTION = 0.03
-KIND_CLASS = {"covid": "covid_like", "cap": "other_pneumonia", "normal": "no_pneumonia", "other": "no_pneumonia"}
 
 
 def lesion_summary(les: list[dict], rows: list[dict]) -> dict:
