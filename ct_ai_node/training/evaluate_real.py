@@ -22,7 +22,7 @@ import torch
 from ct_ai_node.errors import CtAiNodeError
 from ct_ai_node.pipeline.methods import create_method
 from ct_ai_node.pipeline.run import analyse_volume, create_lung_segmenter
-from ct_ai_node.training.real_backgrounds import Background, discover_backgrounds, is_held_out
+from ct_ai_node.training.real_backgrounds import Background, discover_backgrounds, is_held_out, thick_series_policy
 
 #: what the shared data's READMEs say about each collection (first folder of the name)
 TRUTH = {
@@ -32,13 +32,12 @@ TRUTH = {
 
 
 def _volume(bg: Background):
-    from ct_ai_node.rules.selection import SelectionPolicy
     from ct_ai_node.training.evaluate import phantom_volume
     from ct_ai_node.training.site_data import SiteScan, _nifti_zyx
     from ct_ai_node.volume import load_series_from_folder
 
     if Path(bg.path).is_dir():
-        vol, _sel, _rep = load_series_from_folder(bg.path, SelectionPolicy(max_thickness_mm=10.0, max_spacing_mm=10.0))
+        vol, _sel, _rep = load_series_from_folder(bg.path, thick_series_policy())
         return vol
     hu, spacing = _nifti_zyx(bg.path)
     scan = SiteScan(hu=hu.astype(np.float32), lung_labels=np.zeros(hu.shape, np.uint8),
@@ -97,31 +96,26 @@ def single_slice_rows(root: Path, method, lungs, infection, log=print) -> list[d
     """Each axial single slice of :data:`SINGLE_SLICES` through the lung U-Net, the opacity
     U-Net (a one-plane scan) and the method: the slice's opacity score, its opacity and
     lung area and the method's slice score."""
-    import pydicom
-
     from ct_ai_node.pipeline.pattern import slice_opacity_scores
+    from ct_ai_node.pipeline.run import segment_opacities
+    from ct_ai_node.volume import load_volume
 
     rows = []
     for folder, truth in SINGLE_SLICES.items():
         for f in sorted((root / folder).rglob("*.dcm")):
             if "coronal" in f.parts or "sagittal" in f.parts:
                 continue
-            ds = pydicom.dcmread(f)
-            hu = ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1)) \
-                + float(getattr(ds, "RescaleIntercept", 0))
-            hu = np.maximum(hu, -1024.0)[None]  # padding (-2000, -3024) to air
-            dy, dx = (float(v) for v in getattr(ds, "PixelSpacing", (0.7, 0.7)))
-            spacing = (float(getattr(ds, "SliceThickness", 0) or 2.5), dy, dx)
-            labels = lungs(hu, spacing, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
+            vol = load_volume([f])  # as the node reads it: HU, padding to air, geometry
+            _dz, dy, dx = vol.spacing
+            labels = lungs(vol.hu, vol.spacing, vol.orientation)
             lung = labels > 0
             lung_cm2 = float(lung.sum()) * dy * dx / 100.0
             row = {"file": str(f.relative_to(root)), "truth": truth, "lung_cm2": round(lung_cm2, 1)}
             if lung_cm2 >= MIN_SLICE_LUNG_CM2:
-                mask, _ = infection(hu, spacing, labels)
-                mask = np.asarray(mask, bool) & lung
+                mask = segment_opacities(infection, vol.hu, vol.spacing, vol.orientation, labels).mask
                 row.update({"opacity_cm2": round(float(mask.sum()) * dy * dx / 100.0, 2),
-                            "opacity_score": round(float(slice_opacity_scores(mask, lung, spacing)[0]), 4),
-                            "method_score": round(float(method(hu, spacing, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+                            "opacity_score": round(float(slice_opacity_scores(mask, lung, vol.spacing)[0]), 4),
+                            "method_score": round(float(method(vol.hu, vol.spacing, vol.orientation,
                                                                labels).slice_scores[0]), 4)})
             rows.append(row)
             log(f"{row['file']}: {row}")

@@ -136,16 +136,21 @@ class LoadedBackground:
         return float((self.lung_labels > 0).sum()) * float(np.prod(self.spacing)) / 1000.0
 
 
+def thick_series_policy():
+    """The node's series selection, with routine chest series of up to 10 mm accepted
+    (real scans to learn from and to evaluate on, not what the node analyses by default)."""
+    from ct_ai_node.rules.selection import SelectionPolicy
+
+    return SelectionPolicy(max_thickness_mm=10.0, max_spacing_mm=10.0)
+
+
 @functools.lru_cache(maxsize=2)
 def load_background(path: str) -> LoadedBackground:
     """The scan in the phantoms' layout with the lung U-Net's lungs (cached per process)."""
     from ct_ai_node.pipeline.run import create_lung_segmenter
     from ct_ai_node.training.site_data import AXIAL, _dicom_zyx, _nifti_zyx
 
-    from ct_ai_node.rules.selection import SelectionPolicy
-
-    # thick (up to 10 mm) routine chest series are backgrounds too
-    hu, spacing = _dicom_zyx(path, SelectionPolicy(max_thickness_mm=10.0, max_spacing_mm=10.0)) if Path(path).is_dir() else _nifti_zyx(path)
+    hu, spacing = _dicom_zyx(path, thick_series_policy()) if Path(path).is_dir() else _nifti_zyx(path)
     hu = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
     try:
         lungs = create_lung_segmenter("unet")
