@@ -13,7 +13,7 @@ PLAYWRIGHT_CORE_VERSION := 1.65.2
 OHIF_DIR := .ohif
 OHIF_STAMP := $(OHIF_DIR)/.installed-$(OHIF_VERSION)-$(PLAYWRIGHT_CORE_VERSION)
 
-.PHONY: install system-deps ohif-viewer demo test train train-opacity evaluate evaluate-real benchmark clean
+.PHONY: install system-deps ohif-viewer demo test train train-lungs train-opacity evaluate evaluate-real benchmark clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,12 @@ train: install
 # real chest CT (not in this repository) used as backgrounds and negatives; LIDC-IDRI-0001 is held out
 REAL_DATA ?= ../shared/data/real
 HOLD_OUT ?= lidc_idri_0001
+
+# the lung U-Net fine-tuned on phantoms + real backgrounds with inserted lesions (docs/models.md);
+# run before train-opacity, which sees this lung U-Net's lungs
+train-lungs: install
+	$(VENV)/bin/ct-ai-node train lungs --cases 60 --val-cases 12 --epochs 3 \
+	    --backgrounds $(REAL_DATA) --hold-out $(HOLD_OUT)
 
 # the opacity U-Net on phantoms + real backgrounds, then its three-class case model (docs/models.md)
 train-opacity: install

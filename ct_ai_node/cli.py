@@ -137,7 +137,7 @@ def train(
     lung_epochs: int = typer.Option(4, help="lung U-Net epochs (METHOD default)"),
     shape: str = typer.Option("full", help="phantom shape z,y,x; 'full': drawn realistic geometries; "
                                                  "0,256,256: the same geometries on a 256 matrix (cheaper)"),
-    cache_dir: Optional[Path] = typer.Option(None, help="cache of prepared phantoms (methods C, D, infection)"),
+    cache_dir: Optional[Path] = typer.Option(None, help="cache of prepared phantoms (methods C, D, infection, lungs)"),
     device: str = typer.Option("auto"),
     workers: Optional[int] = typer.Option(None, help="phantom generator processes (METHOD default)"),
     data: Optional[Path] = typer.Option(None, help="a site's labelled scans instead of phantoms: a folder with "

@@ -165,3 +165,21 @@ def test_calibration_refits_from_stored_cases_and_leaves_out_too_little(tmp_path
              "consolidation": 0.8, "foci": 0.7, "largest": 0.95}
     assert max(seg.case_model.probabilities(typical).items(), key=lambda kv: kv[1])[0] == "covid_like"
     assert max(seg.case_model.probabilities(lobar).items(), key=lambda kv: kv[1])[0] == "other_pneumonia"
+
+
+def test_segmentation_summary_per_source_and_kind():
+    from ct_ai_node.training.calibrate_pattern import segmentation_summary
+
+    rows = [
+        {"source": "phantom", "kind": "covid", "lesion_dice": 0.8, "lesion_ml_true": 10.0, "lesion_ml_pred": 12.0},
+        {"source": "phantom", "kind": "covid", "lesion_dice": 0.6, "lesion_ml_true": 20.0, "lesion_ml_pred": 10.0},
+        {"source": "phantom", "kind": "normal", "lesion_dice": None, "lesion_ml_true": 0.0, "lesion_ml_pred": 3.5},
+        {"source": "real background", "kind": "cap", "lesion_dice": 0.5, "lesion_ml_true": 100.0,
+         "lesion_ml_pred": 50.0},
+    ]
+    s = segmentation_summary(rows)
+    assert s["phantom covid lesion dice mean"] == pytest.approx(0.7)
+    assert s["phantom covid volume error pct mean abs"] == pytest.approx(35.0)  # (20 % + 50 %) / 2
+    assert s["phantom normal opacity ml"] == [3.5]
+    assert s["real background cap lesion dice mean"] == pytest.approx(0.5)
+    assert "phantom cap lesion dice mean" not in s

@@ -81,7 +81,7 @@ def test_phantom_noise_recovered():
     out = R.noise_measures(ph.hu, ph.spacing, zs)
     assert out["sd_global_hu"] == pytest.approx(ph.params["noise_sd"], rel=0.1)
     assert out["sd_roi_hu"] == pytest.approx(ph.params["noise_sd"], rel=0.1)
-    nominal = R._nominal_peak_lpcm(ph.params["kernel"], ph.spacing[2])
+    nominal = R._nominal_peak_lpcm(ph.params, ph.spacing[2])
     assert out["nps"]["peak_lpcm"] == pytest.approx(nominal, abs=1.01 * 10.0 / out["roi_mm"])
 
 
@@ -201,7 +201,7 @@ def test_phantom_plan_covers_geometries_and_kernel_families():
     seeds = [p["seed"] for p in plan]
     assert len(set(seeds)) == 5 and min(seeds) >= 1000
     for p in plan:  # the family the plan names is the one the generator draws
-        assert R._probe(p["seed"], p["spacing"][0], p["spacing"][2])[0] == p["family"]
+        assert R._probe(p["seed"], p["spacing"][0], p["spacing"][2])["kernel_family"] == p["family"]
     r = R.generator_noise_sd((8.0, 0.65, 0.65), 512, "sharp", range(1000, 1060))
     s = R.generator_noise_sd((8.0, 0.65, 0.65), 512, "soft", range(1000, 1060))
     assert r["n"] + s["n"] < 60 and r["mean"] > 1.8 * s["mean"]  # sharp kernels are noisier

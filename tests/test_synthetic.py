@@ -242,3 +242,38 @@ def test_sample_series_are_loadable_and_match_their_truth():
         assert float(ds.SliceThickness) <= 5.0 and ds.Manufacturer == "ct-ai-node synthetic phantom"
     total = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
     assert total <= 30 * 1024 * 1024
+
+
+def test_mass_distractor_is_lobulated_solid_and_never_lesion():
+    from ct_ai_node.synthetic.lesions import mass_slice
+
+    mass = dict(z=0.0, y=0.0, x=0.0, r=10.0, hu=40.0, lobulation=0.2, phases=[0.0, 0.0, 0.0],
+                spicules=[[0.0, 0.0, 1.0]], spicule_mm=[12.0], reach=25.0)
+    X, Y = np.meshgrid(np.arange(-30, 30.5, 0.5), np.arange(-30, 30.5, 0.5))
+    m = mass_slice(mass, X, Y, 0.0)
+    radius = np.hypot(X, Y)
+    assert m[radius < 7].all()  # the core is solid
+    assert not m[(radius > 13) & (np.abs(Y) > 2)].any()  # nothing far out but the spicule
+    assert m[(np.abs(Y) < 0.3) & (X > 14) & (X < 20)].all()  # the spicule along +x
+    lobes = [m[(radius > 10.5) & (radius < 11.5) & (np.abs(np.arctan2(Y, X) - a) < 0.2)].mean()
+             for a in np.linspace(-3, 3, 13)]
+    assert max(lobes) - min(lobes) > 0.5  # lobulated, not a sphere
+    # in a whole phantom (the same seed with and without it; nothing else changes): the mass
+    # adds dense voxels inside the lungs' outline and takes voxels out of the lesion mask,
+    # never into it
+    import ct_ai_node.synthetic.phantom as P
+
+    real = P.plan_mass
+    made = {}
+    try:
+        for prob in (0.0, 1.0):
+            P.plan_mass = lambda rng, c, prob=prob: real(rng, c, probability=prob)
+            made[prob] = P.generate_phantom(3, kind="cap", shape=(40, 128, 128))
+    finally:
+        P.plan_mass = real
+    without, with_mass = made[0.0], made[1.0]
+    assert "mass" in with_mass.params["distractors"] and "mass" not in without.params["distractors"]
+    assert np.array_equal(with_mass.lung_labels, without.lung_labels)
+    dense = lambda q: int(((q.hu > -150) & (q.lung_labels > 0)).sum())  # noqa: E731
+    assert dense(with_mass) > dense(without)
+    assert not (with_mass.lesion_mask & ~without.lesion_mask).any()

@@ -4,9 +4,9 @@ with ground-truth lung and lesion masks, and a DICOM series writer.
     from ct_ai_node.synthetic import generate_phantom, write_dicom_series, write_case
 """
 
-from .phantom import KINDS, Phantom, generate_phantom
+from .phantom import GENERATOR_VERSION, KINDS, Phantom, generate_phantom
 
-__all__ = ["KINDS", "Phantom", "generate_phantom", "write_dicom_series", "write_case"]
+__all__ = ["GENERATOR_VERSION", "KINDS", "Phantom", "generate_phantom", "write_dicom_series", "write_case"]
 
 
 def __getattr__(name):  # the DICOM writer imports pydicom lazily

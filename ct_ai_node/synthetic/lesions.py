@@ -12,7 +12,7 @@ them into HU changes:
 - cap: lobar or segmental consolidation (-50..+50 HU) bounded by the fissure
   planes of its lobe, air bronchograms (airway lumens stay air), a thin GGO rim;
 - distractors (not in the mask): dependent atelectasis, a small solid nodule,
-  centrilobular emphysema.
+  centrilobular emphysema, a lobulated, spiculated solid mass (a lung cancer).
 """
 
 from __future__ import annotations
@@ -280,3 +280,43 @@ def plan_distractors(kind: str, rng: np.random.Generator, c: CoarseLungs, H: flo
         d["emphysema"] = dict(zmin=float(H * rng.uniform(0.45, 0.7)), density=float(rng.uniform(0.03, 0.15)),
                               hu=float(rng.uniform(-990, -955)))
     return d
+
+
+def plan_mass(rng: np.random.Generator, c: CoarseLungs, probability: float = 0.2) -> dict | None:
+    """A solid lung mass (not pneumonia, not in the lesion mask) with probability
+    ``probability``: lobulated (three angular harmonics), 10-40 mm across, soft-tissue
+    density, with 0-8 spicules reaching 4-15 mm into the lung. Real non-COVID scans hold
+    tumours like this; without them in training the opacity model took one for
+    consolidation (issue 12: 8.8 ml of a Lung-PET-CT-Dx adenocarcinoma)."""
+    if rng.random() >= probability:
+        return None
+    lung_idx = np.argwhere(c.label > 0)
+    if not len(lung_idx):
+        return None
+    j = lung_idx[int(rng.integers(len(lung_idx)))]
+    r = float(rng.uniform(5.0, 20.0))
+    n_sp = int(rng.integers(0, 9))
+    dirs = rng.normal(size=(n_sp, 3))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True) + 1e-9
+    lengths = rng.uniform(4.0, 15.0, n_sp)
+    return dict(z=float(c.z[j[0]]), y=float(c.y[j[1]]), x=float(c.x[j[2]]), r=r,
+                hu=float(rng.uniform(0.0, 60.0)), lobulation=float(rng.uniform(0.08, 0.25)),
+                phases=[float(v) for v in rng.uniform(0, 2 * np.pi, 3)],
+                spicules=[[float(v) for v in d] for d in dirs], spicule_mm=[float(v) for v in lengths],
+                reach=float(r * 1.3 + (lengths.max() if n_sp else 0.0)))
+
+
+def mass_slice(mass: dict, X: np.ndarray, Y: np.ndarray, z: float) -> np.ndarray:
+    """Where the mass of :func:`plan_mass` is on the plane ``z`` (mm grids ``X``, ``Y``)."""
+    dx, dy, dz = X - mass["x"], Y - mass["y"], z - mass["z"]
+    d = np.sqrt(dx * dx + dy * dy + dz * dz)
+    theta = np.arctan2(dy, dx)
+    elev = np.arctan2(dz, np.hypot(dx, dy) + 1e-6)
+    a, (p1, p2, p3) = mass["lobulation"], mass["phases"]
+    r_eff = mass["r"] * (1.0 + a * (np.cos(3 * theta + p1) * np.cos(2 * elev + p2) + 0.5 * np.cos(5 * theta + p3)))
+    inside = d < r_eff
+    for u, length in zip(mass["spicules"], mass["spicule_mm"]):
+        t = np.clip(dx * u[2] + dy * u[1] + dz * u[0], 0.0, mass["r"] + length)
+        perp2 = (dx - t * u[2]) ** 2 + (dy - t * u[1]) ** 2 + (dz - t * u[0]) ** 2
+        inside |= perp2 < (0.9 * (1.0 - t / (mass["r"] + length)) + 0.35) ** 2
+    return inside

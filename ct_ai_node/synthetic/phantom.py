@@ -17,12 +17,17 @@ from scipy import ndimage as ndi
 
 from .anatomy import Anatomy, Grid2D, Patient, draw_patient
 from .fields import NoiseBank, SmoothField, TextureBank
-from .lesions import CoarseLungs, plan_distractors, plan_lesions
+from .lesions import CoarseLungs, mass_slice, plan_distractors, plan_lesions, plan_mass
 from ._blas import single_threaded_blas
 from .vessels import SplatVolume, grow_tree
 
 KINDS = ("covid", "cap", "normal")
 MURRAY = 2.7  # vessel radius ~ territory^(1/MURRAY)
+
+#: bumped whenever a seed's phantom changes, so that caches of prepared phantoms made by an
+#: earlier generator are not reused (2: issue 12 realism: gravity gradient, lung density,
+#: noise texture, lung masses)
+GENERATOR_VERSION = 2
 
 #: stage timings (s) of the last ``generate_phantom`` call in this process
 LAST_TIMINGS: dict[str, float] = {}
@@ -30,7 +35,8 @@ LAST_TIMINGS: dict[str, float] = {}
 # (name, blur sigma in px at 0.7 mm, noise peak frequency (cycles/px), noise factor)
 KERNELS = {
     "soft": [("B30f", 0.95, 0.16, 0.8), ("STANDARD", 0.9, 0.17, 0.85), ("FC17", 0.9, 0.17, 0.85), ("B", 0.85, 0.18, 0.9)],
-    "medium": [("B40f", 0.75, 0.22, 1.0), ("FC51", 0.7, 0.23, 1.05), ("YB", 0.75, 0.22, 1.0)],
+    # medium peaks lowered from 0.22-0.23 (issue 12: real B40f noise is coarser, docs/evaluation/realism.md)
+    "medium": [("B40f", 0.75, 0.16, 1.0), ("FC51", 0.7, 0.17, 1.05), ("YB", 0.75, 0.16, 1.0)],
     "sharp": [("B70f", 0.45, 0.33, 2.6), ("LUNG", 0.5, 0.3, 2.2), ("FC86", 0.45, 0.34, 2.5), ("BONE", 0.45, 0.35, 2.8)],
 }
 
@@ -222,6 +228,10 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
         kind = str(rng.choice(KINDS))
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    # draws added in issue 12 (realism) come from their own stream, so that every earlier
+    # draw of a seed (patient, geometry, lesions) stays what it was
+    rng_real = np.random.default_rng([seed, 12])
+    peak_f, sharp_f, coarse_u = (float(v) for v in rng_real.uniform([0.75, 1.0, 0.0], [1.25, 1.45, 1.0]))
     p = draw_patient(rng)
     an = Anatomy(p)
     geo = _draw_geometry(rng, p, an, shape, spacing)
@@ -233,17 +243,30 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
     family = str(rng.choice(["soft", "medium", "sharp"], p=[0.45, 0.3, 0.25]))
     kname, blur0, fpk, nfac = KERNELS[family][int(rng.integers(len(KERNELS[family])))]
     blur_px = float(np.clip(blur0 * 0.7 / dx * rng.uniform(0.85, 1.15), 0.35, 1.3))
+    # realism (issue 12): noise peak random +-25 % per scan; sharp kernels up to 3.8x as
+    # noisy as medium ones (real B70f / B40f of one acquisition: 3.6x)
+    fpk *= peak_f
+    if family == "sharp":
+        nfac *= sharp_f
     size_factor = (p.body_half_width / 160.0) ** 1.5
     # measured on real scans: soft-tissue noise ~15 HU at 5 mm, ~20 at 2.5 mm, ~40 at 1.25 mm
     # (standard kernels); sharp kernels 2-3x; air outside the body about 0.4x
     noise_sd = float(np.clip(21.0 * (2.5 / geo.thickness) ** 0.6 * rng.uniform(0.7, 1.3) * nfac * size_factor, 7, 90))
     if shape is not None and shape[0] == 0:
         # the same scan on coarser pixels: each averages more of the 512-matrix noise
-        noise_sd *= max(geo.shape[1:]) / 512
+        # (a half on a 256 matrix); real resampled volumes keep more and whiter noise, so
+        # randomise between that and the full-resolution level
+        noise_sd *= (max(geo.shape[1:]) / 512) ** coarse_u
     # lung density: non-dependent level, supine gravity gradient (measured on real
     # scans: about -930 anteriorly to -720 in the dependent lung), slight apex-base gradient
-    lung_hu0 = float(rng.uniform(-945, -875))
-    grav = float(rng.uniform(80, 190))
+    # (issue 12: -945..-875 left the phantoms' median lung 15-70 HU below real scans once
+    # the gravity gradient was halved; shifted and widened, per patient)
+    lung_hu0 = float(rng.uniform(-935, -835))
+    # measured on real scans (docs/evaluation/realism.md): posterior minus anterior third
+    # +23 to +42 HU, about half of this parameter; was 80-190 (twice the real gradient)
+    # drawn so that most scans sit in the real range and a tail reaches the old, stronger
+    # gradients (shallow inspiration, dependent haze): 40-190 HU, median about 80
+    grav = 40.0 + 150.0 * float(rng.uniform(0.0, 1.0)) ** 2
     grav_exp = float(rng.uniform(1.3, 2.2))
     cc_grad = float(rng.uniform(0, 35))
     sharpen = float(rng.uniform(0.25, 0.6)) if family == "sharp" else 0.0
@@ -256,6 +279,9 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
     tm["coarse"] = time.perf_counter() - t0
     plan = plan_lesions(kind, rng, c, p.H)
     distract = plan_distractors(kind, rng, c, p.H)
+    mass = plan_mass(rng_real, c)
+    if mass is not None:
+        distract["mass"] = mass
     tm["plan"] = time.perf_counter() - t0 - tm["coarse"]
     vessels, walls, lumen, tree_info, trees = _build_trees(rng, an, geo, c)
     for sv in (vessels, walls, lumen):
@@ -367,6 +393,11 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
             if nod is not None and abs(zc - nod["z"]) < nod["r"] + dz_model:
                 dd = (g.X[win] - nod["x"]) ** 2 + (g.Y[win] - nod["y"]) ** 2 + (zc - nod["z"]) ** 2
                 h[(dd < nod["r"] ** 2) & lb] = nod["hu"]
+            if mass is not None and abs(zc - mass["z"]) < mass["reach"]:
+                m = mass_slice(mass, g.X[win], g.Y[win], zc) & lb
+                h[m] = mass["hu"] + 12.0 * micro.slice(iz, win)[m]
+                if les is not None:
+                    les &= ~m  # a tumour is not an opacity of pneumonia
             # vessels and airways (partial volume occupancy); vessels look fuller in inflamed lung
             v = vessels.slice(iz)
             if v is not None:
@@ -413,7 +444,8 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
     params = dict(
         kind=kind, seed=int(seed), shape=list(geo.shape), spacing=[float(v) for v in geo.spacing],
         slice_thickness=float(geo.thickness), scale_inplane=float(geo.s_xy), scale_z=float(geo.s_z),
-        kernel=kname, kernel_family=family, blur_px=blur_px, noise_sd=noise_sd,
+        kernel=kname, kernel_family=family, blur_px=blur_px, noise_sd=noise_sd, noise_peak_cycles_px=fpk,
+        coarse_noise_exponent=coarse_u,
         lung_hu=lung_hu0, gravity_gradient_hu=grav, gravity_exponent=grav_exp, contrast_hu=float(p.contrast),
         patient=dict(lung_height_mm=p.H, cavity_half_width_mm=p.ac, fat_mm=p.fat, female=p.female,
                      body_width_mm=2 * p.body_half_width),

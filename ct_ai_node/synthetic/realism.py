@@ -448,7 +448,7 @@ def phantom_plan(real: list[dict], n: int, seed0: int = TRAIN_SEEDS.start) -> li
         dz, px = order[i % len(order)]
         fam = FAMILIES[(i // len(order)) % len(FAMILIES)]
         seed = seed0
-        while seed in used or _probe(seed, dz, px)[0] != fam:
+        while seed in used or _probe(seed, dz, px)["kernel_family"] != fam:
             seed += 1
         used.add(seed)
         m = geos.get((dz, px), 512)
@@ -457,12 +457,11 @@ def phantom_plan(real: list[dict], n: int, seed0: int = TRAIN_SEEDS.start) -> li
 
 
 @functools.lru_cache(maxsize=4096)
-def _probe(seed: int, dz: float, px: float) -> tuple[str, float]:
-    """Kernel family and noise SD the generator draws for ``seed`` on this geometry."""
+def _probe(seed: int, dz: float, px: float) -> dict:
+    """The generator's parameters for ``seed`` on this geometry (kernel, noise)."""
     from .phantom import generate_phantom
 
-    pr = generate_phantom(seed, "normal", (2, 16, 16), (dz, px, px)).params
-    return pr["kernel_family"], float(pr["noise_sd"])
+    return generate_phantom(seed, "normal", (2, 16, 16), (dz, px, px)).params
 
 
 def generator_noise_sd(spacing, matrix: int, family: str | None, seeds) -> dict:
@@ -470,12 +469,12 @@ def generator_noise_sd(spacing, matrix: int, family: str | None, seeds) -> dict:
     a few %) for phantoms of this geometry and kernel family over ``seeds``: the range a
     real scan's noise should fall in. Tiny probes suffice: the draw does not depend on the
     matrix, except that the coarse mode (a 512 field of view on fewer pixels) scales it
-    by matrix / 512 (phantom.py)."""
+    by (matrix / 512) ** coarse_noise_exponent, drawn per scan (phantom.py)."""
     v = []
     for seed in seeds:
-        fam, sd = _probe(int(seed), float(spacing[0]), float(spacing[2]))
-        if family is None or fam == family:
-            v.append(sd * min(1.0, matrix / 512))
+        pr = _probe(int(seed), float(spacing[0]), float(spacing[2]))
+        if family is None or pr["kernel_family"] == family:
+            v.append(float(pr["noise_sd"]) * min(1.0, matrix / 512) ** pr["coarse_noise_exponent"])
     v = np.asarray(v)
     if v.size == 0:
         return {"n": 0}
@@ -492,7 +491,7 @@ def measure_phantoms(plan: list[dict], n_slices: int) -> list[dict]:
         ph = generate_phantom(p["seed"], "normal", p["shape"], p["spacing"])
         labels = _lung_labels(ph.hu, ph.spacing)
         pr = ph.params
-        fpk = _nominal_peak_lpcm(pr["kernel"], ph.spacing[2])
+        fpk = _nominal_peak_lpcm(pr, ph.spacing[2])
         out.append({"source": "phantom", "name": f"phantom {ph.seed} {pr['kernel']} {ph.spacing[0]:g}mm",
                     "seed": ph.seed, "kernel": pr["kernel"], "kernel_family": pr["kernel_family"],
                     "spacing_mm": [round(v, 4) for v in ph.spacing], "shape": list(ph.hu.shape),
@@ -509,11 +508,14 @@ def measure_phantoms(plan: list[dict], n_slices: int) -> list[dict]:
     return out
 
 
-def _nominal_peak_lpcm(kernel: str, px: float) -> float:
-    """The generator's noise peak (see phantom.py: f_peak per kernel, scaled with pixels)."""
-    from .phantom import KERNELS
+def _nominal_peak_lpcm(params: dict, px: float) -> float:
+    """The generator's noise peak of a phantom (phantom.py: its ``noise_peak_cycles_px``,
+    scaled with pixels; phantoms made before it was recorded: the kernel's table value)."""
+    fpk = params.get("noise_peak_cycles_px")
+    if fpk is None:
+        from .phantom import KERNELS
 
-    fpk = next(k[2] for fam in KERNELS.values() for k in fam if k[0] == kernel)
+        fpk = next(k[2] for fam in KERNELS.values() for k in fam if k[0] == params["kernel"])
     return fpk * (0.7 / max(px, 0.3)) ** 0.3 / px * 10.0
 
 

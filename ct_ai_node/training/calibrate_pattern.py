@@ -192,6 +192,7 @@ def calibrate_pattern(*, cases: int = 45, backgrounds: Path | None = None, held_
         "by_class": {c: int((y == i).sum()) for i, c in enumerate(CASE_CLASSES)},
         "cross_validation": cv, "chosen_l2": best["l2"], "features": list(FEATURES),
         "weights": [list(w) for w in model.weights], "bias": list(model.bias),
+        "segmentation": segmentation_summary(rows),
     }
     model = PatternModel(model.features, model.mean, model.scale, model.weights, model.bias,
                          provenance=f"fitted by ct-ai-node calibrate pattern on {described}"
@@ -208,6 +209,28 @@ def calibrate_pattern(*, cases: int = 45, backgrounds: Path | None = None, held_
         log(f"case model written into {WEIGHTS_NAME}.safetensors (sha256 {sha[:12]}); CV: "
             + ", ".join(f"l2 {r['l2']}: log loss {r['log_loss']}, accuracy {r['accuracy']}" for r in cv))
     return {"report": report, "sha256": sha}
+
+
+def segmentation_summary(rows: list[dict]) -> dict[str, float | list[float]]:
+    """What the opacity stage did on these validation cases (inference path), per source and
+    kind: mean lesion Dice and mean absolute volume error (%) where there is a lesion, the
+    opacity ml found where there is none."""
+    out: dict[str, float | list[float]] = {}
+    for source in sorted({r["source"] for r in rows}):
+        for kind in ("covid", "cap", "normal"):
+            sel = [r for r in rows if r["source"] == source and r["kind"] == kind]
+            if not sel:
+                continue
+            if kind == "normal":
+                out[f"{source} normal opacity ml"] = [r["lesion_ml_pred"] for r in sel]
+                continue
+            dice = [r["lesion_dice"] for r in sel if r["lesion_dice"] is not None]
+            err = [abs(r["lesion_ml_pred"] - r["lesion_ml_true"]) / r["lesion_ml_true"] * 100
+                   for r in sel if r["lesion_ml_true"] > 0]
+            out[f"{source} {kind} lesion dice mean"] = round(float(np.mean(dice)), 3) if dice else float("nan")
+            out[f"{source} {kind} volume error pct mean abs"] = round(float(np.mean(err)), 1) if err else float("nan")
+            out[f"{source} {kind} cases"] = len(sel)
+    return out
 
 
 def _too_little(row: dict) -> bool:

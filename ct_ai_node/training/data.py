@@ -62,6 +62,27 @@ def case_kind(ref) -> str:
     return kind_for_index(ref) if _is_seed(ref) else ref.kind
 
 
+def case_source_version(ref) -> str:
+    """What a prepared case depends on besides its id, for cache keys: the phantom
+    generator's version; for a real background with inserted lesions also the lung U-Net
+    that planned them (its SHA-256); "" for a site's scan."""
+    from ct_ai_node.synthetic.phantom import GENERATOR_VERSION
+
+    if _is_seed(ref):
+        return f"generator {GENERATOR_VERSION}"
+    if hasattr(ref, "load"):
+        return f"generator {GENERATOR_VERSION} lungs {bundled_lung_unet_hash()}"
+    return ""
+
+
+def bundled_lung_unet_hash() -> str:
+    """The first 12 hex digits of the shipped lung U-Net's SHA-256 ("" when absent)."""
+    from ct_ai_node.models.weights import BUNDLED_WEIGHTS, read_manifest
+    from ct_ai_node.pipeline.run import LUNG_UNET_WEIGHTS
+
+    return read_manifest(BUNDLED_WEIGHTS).get(f"{LUNG_UNET_WEIGHTS}.safetensors", "")[:12]
+
+
 def case_id(ref) -> int:
     """An int naming the case in arrays and cache files: the seed, or the site case's
     (negative) row id."""
@@ -171,25 +192,45 @@ def phantom_samples(seed, kind: str, shape: tuple[int, int, int] | None,
         labels[:], weights[:] = 1.0, 1.0  # a volume label only: weak slice labels
     crops_lesion = ph.lesion_mask[zs][:, box.y0 : box.y1, box.x0 : box.x1].astype(np.float32)
     lesion_224 = resize_slices(torch.from_numpy(crops_lesion)[:, None], (settings.size, settings.size))[:, 0] >= 0.5
-    # lung U-Net: slices with and without lung, input window [-1000, 0]
-    zl = _evenly(np.arange(hu.shape[0]), max_slices)
-    t = torch.from_numpy(np.clip((hu[zl] + 1000.0) / 1000.0, 0, 1))[:, None]
-    lung_x = resize_slices(t, (lung_size, lung_size))[:, 0]
-    lung_y = resize_slices(torch.from_numpy(lung[zl].astype(np.float32))[:, None], (lung_size, lung_size))[:, 0] >= 0.5
+    lung_part = lung_unet_samples(hu, lung, ph.lesion_mask, lung_size, max_slices)
+    del lung_part["lung_lesion"]
     return {
         "x": (x[:, 0].numpy() * 255).round().astype(np.uint8),
         "y": labels[zs],
         "w": weights[zs],
         "lesion": lesion_224.numpy(),
         "case": np.full(zs.size, case_id(seed), np.int64),
-        "lung_x": (lung_x.numpy() * 255).round().astype(np.uint8),
-        "lung_y": lung_y.numpy(),
+        **lung_part,
     }
+
+
+def lung_unet_samples(hu: np.ndarray, lung: np.ndarray, lesion: np.ndarray, size: int = 256,
+                      max_slices: int = 48) -> dict[str, np.ndarray]:
+    """Lung U-Net inputs of one scan: at most ``max_slices`` evenly spaced slices, with and
+    without lung, HU window [-1000, 0] as uint8 at ``size``², the lung mask (which holds
+    the lesions: consolidation is lung) and the lesion mask at that size."""
+    zl = _evenly(np.arange(hu.shape[0]), max_slices)
+    t = torch.from_numpy(np.clip((np.asarray(hu[zl], np.float32) + 1000.0) / 1000.0, 0, 1))[:, None]
+    lung_x = resize_slices(t, (size, size))[:, 0]
+
+    def mask(m):
+        return resize_slices(torch.from_numpy(m[zl].astype(np.float32))[:, None], (size, size))[:, 0].numpy() >= 0.5
+
+    return {"lung_x": (lung_x.numpy() * 255).round().astype(np.uint8), "lung_y": mask(lung),
+            "lung_lesion": mask(lesion)}
 
 
 def _job(args):
     seed, kind, shape = args
     return phantom_samples(seed, kind, shape)
+
+
+def _lung_job(args):
+    ref, kind, shape = args
+    ph = make_case(ref, shape, kind)
+    out = lung_unet_samples(ph.hu, ph.lung_labels > 0, ph.lesion_mask)
+    out["case"] = np.full(len(out["lung_x"]), case_id(ref), np.int64)
+    return out
 
 
 def phantom_pool(workers: int) -> ProcessPoolExecutor:
@@ -223,8 +264,9 @@ def map_cases(fn, jobs: list, workers: int | None, progress=None):
 
 
 def build_slice_dataset(seeds: Iterable[int], shape: tuple[int, int, int] | None, workers: int | None = None,
-                        progress=None) -> dict[str, np.ndarray]:
-    """Generate phantoms in parallel processes and concatenate their samples."""
+                        progress=None, lungs_only: bool = False) -> dict[str, np.ndarray]:
+    """Generate phantoms (or load cases) in parallel processes and concatenate their
+    samples; ``lungs_only``: the lung U-Net's samples alone (:func:`lung_unet_samples`)."""
     jobs = [(s, case_kind(s), shape) for s in seeds]
-    parts = list(map_cases(_job, jobs, workers, progress))
+    parts = list(map_cases(_lung_job if lungs_only else _job, jobs, workers, progress))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

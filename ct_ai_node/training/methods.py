@@ -24,6 +24,7 @@ TRAINABLE = {
     "dual-sampling": "method C uniform + size-balanced 3D networks",
     "resnext-lstm": "method D ResNeXt + CBAM + BiLSTM",
     "infection": "2.5D infection U-Net",
+    "lungs": "lung U-Net alone (fine-tunes the shipped one; with --backgrounds on real scans too)",
 }
 
 
@@ -110,4 +111,11 @@ def train_method(method: str, out_dir: Path, device: torch.device, *, cases: int
                                cache_dir=None if cache_dir is None else str(cache_dir), workers=workers)
         model, metrics = train_infection_unet(train, val, settings, device)
         return {"sha256": save_infection_unet(model, out_dir, metrics, settings.input), "metrics": metrics}
+    if method == "lungs":
+        from ct_ai_node.training.train_lungs import LungTrainSettings, save_lung_unet, train_lung_model
+
+        settings = settings_of(LungTrainSettings(), epochs=epochs, shape=shape, workers=workers,
+                               cache_dir=None if cache_dir is None else str(cache_dir))
+        model, metrics = train_lung_model(train, val, settings, device, log=log)
+        return {"sha256": save_lung_unet(model, out_dir, metrics, train), "metrics": metrics}
     raise ValueError(f"unknown METHOD {method!r}; one of: {', '.join(TRAINABLE)}")

@@ -111,10 +111,15 @@ def train_slice_classifier(data: dict, settings: TrainSettings, device: torch.de
     return model.eval()
 
 
-def train_lung_unet(data: dict, settings: TrainSettings, device: torch.device, log=print) -> torch.nn.Module:
+def train_lung_unet(data: dict, settings: TrainSettings, device: torch.device, log=print,
+                    model: torch.nn.Module | None = None, noise_inside_lungs: bool = True) -> torch.nn.Module:
+    """Train ``model`` (default: a new lung U-Net) on ``data``'s lung slices.
+    ``noise_inside_lungs``: the methods.md recipe's extra Gaussian noise inside the true
+    lungs only; False adds it to the whole slice (see train_lungs: noise only inside the
+    label is a cue to the label, and a fine-tuned network learned to follow it)."""
     torch.manual_seed(settings.seed + 1)
     rng = np.random.default_rng(settings.seed + 1)
-    model = build("lung_unet2d").to(device)
+    model = (model if model is not None else build("lung_unet2d")).to(device)
     x_all, y_all = data["lung_x"], data["lung_y"]
     steps = settings.lung_epochs * (len(x_all) // settings.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
@@ -132,7 +137,8 @@ def train_lung_unet(data: dict, settings: TrainSettings, device: torch.device, l
                 yb = torch.from_numpy(y_all[idx]).to(device).float()[:, None]
                 # Gaussian noise inside the lung (methods.md, lung U-Net) keeps infected lungs inside the mask
                 xb = scanner_variation(xb)
-                xb = torch.where(yb > 0, (xb + 0.1 * torch.randn_like(xb) * 0.8).clamp(0, 1), xb)
+                noisy = (xb + 0.1 * torch.randn_like(xb) * 0.8).clamp(0, 1)
+                xb = torch.where(yb > 0, noisy, xb) if noise_inside_lungs else noisy
                 xb, yb = random_affine(xb, yb, flip=False)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     out = model(xb).float()

@@ -57,6 +57,7 @@ from ct_ai_node.pipeline.method_c import (
 )
 from ct_ai_node.training.budget import out_of_time
 from ct_ai_node.training.data import (
+    case_source_version,
     case_id,
     case_kind,
     check_fit_cases,
@@ -120,7 +121,7 @@ class TrainCSettings:
 # ---------------------------------------------------------------- data
 
 def _cache_key(seed, kind: str, shape, inp: CInputSettings) -> str:
-    parts = [CACHE_VERSION, list(shape) if shape else None, inp.to_json()]
+    parts = [CACHE_VERSION, list(shape) if shape else None, inp.to_json(), case_source_version(seed)]
     if site_scan(seed) is not None:
         parts.append(site_scan(seed))
     tag = json.dumps(parts)

@@ -69,6 +69,7 @@ from ct_ai_node.pipeline.slice_input import SliceInputSettings
 from ct_ai_node.training.augment import blur, random_affine
 from ct_ai_node.training.budget import out_of_time
 from ct_ai_node.training.data import (
+    case_source_version,
     SliceLabelRule,
     case_id,
     case_kind,
@@ -136,7 +137,7 @@ def _input_settings(settings: TrainDSettings) -> SliceInputSettings:
 
 def _cache_path(seed, kind: str, settings: TrainDSettings) -> Path:
     parts = {"fmt": _CACHE_FORMAT, "shape": settings.shape, "input": asdict(_input_settings(settings)),
-             "rule": asdict(SliceLabelRule())}
+             "rule": asdict(SliceLabelRule()), "source": case_source_version(seed)}
     if site_scan(seed) is not None:
         parts["site"] = site_scan(seed)
     tag = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]

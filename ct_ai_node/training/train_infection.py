@@ -52,6 +52,8 @@ from ct_ai_node.pipeline.infection import (
 )
 from ct_ai_node.training.augment import blur, random_affine
 from ct_ai_node.training.data import (
+    bundled_lung_unet_hash,
+    case_source_version,
     case_id,
     case_kind,
     check_fit_cases,
@@ -102,11 +104,11 @@ class InfectionTrainSettings:
 # ----------------------------------------------------------------------------- data
 
 
-def _cache_key(shape, input_settings: InfectionSettings, lungs: str = "truth") -> str:
+def _cache_key(seed, shape, input_settings: InfectionSettings, lungs: str = "truth") -> str:
     key = {"format": CACHE_FORMAT, "shape": list(shape) if shape else None,
-           "input": json.loads(input_settings.to_json())}
-    if lungs != "truth":
-        key["lungs"] = lungs
+           "input": json.loads(input_settings.to_json()), "source": case_source_version(seed)}
+    if lungs != "truth":  # the lung U-Net's lungs: its weights shape the prepared case
+        key["lungs"] = f"{lungs} {bundled_lung_unet_hash()}"
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -156,7 +158,7 @@ def _load_or_make(args) -> dict[str, np.ndarray]:
     if cache_dir:
         scan = site_scan(seed)
         site = "" if scan is None else "-" + hashlib.sha256(scan.encode()).hexdigest()[:8]
-        path = Path(cache_dir) / f"infection-{_cache_key(shape, input_settings, lungs)}-{case_id(seed)}{site}.npz"
+        path = Path(cache_dir) / f"infection-{_cache_key(seed, shape, input_settings, lungs)}-{case_id(seed)}{site}.npz"
         if path.is_file():
             try:
                 with np.load(path) as z:
