@@ -192,8 +192,7 @@ def phantom_samples(seed, kind: str, shape: tuple[int, int, int] | None,
         labels[:], weights[:] = 1.0, 1.0  # a volume label only: weak slice labels
     crops_lesion = ph.lesion_mask[zs][:, box.y0 : box.y1, box.x0 : box.x1].astype(np.float32)
     lesion_224 = resize_slices(torch.from_numpy(crops_lesion)[:, None], (settings.size, settings.size))[:, 0] >= 0.5
-    lung_part = lung_unet_samples(hu, lung, ph.lesion_mask, lung_size, max_slices)
-    del lung_part["lung_lesion"]
+    lung_part = lung_unet_samples(hu, lung, None, lung_size, max_slices)
     return {
         "x": (x[:, 0].numpy() * 255).round().astype(np.uint8),
         "y": labels[zs],
@@ -204,11 +203,12 @@ def phantom_samples(seed, kind: str, shape: tuple[int, int, int] | None,
     }
 
 
-def lung_unet_samples(hu: np.ndarray, lung: np.ndarray, lesion: np.ndarray, size: int = 256,
+def lung_unet_samples(hu: np.ndarray, lung: np.ndarray, lesion: np.ndarray | None, size: int = 256,
                       max_slices: int = 48) -> dict[str, np.ndarray]:
     """Lung U-Net inputs of one scan: at most ``max_slices`` evenly spaced slices, with and
     without lung, HU window [-1000, 0] as uint8 at ``size``², the lung mask (which holds
-    the lesions: consolidation is lung) and the lesion mask at that size."""
+    the lesions: consolidation is lung) and, when ``lesion`` is given, the lesion mask at
+    that size (``lung_lesion``)."""
     zl = _evenly(np.arange(hu.shape[0]), max_slices)
     t = torch.from_numpy(np.clip((np.asarray(hu[zl], np.float32) + 1000.0) / 1000.0, 0, 1))[:, None]
     lung_x = resize_slices(t, (size, size))[:, 0]
@@ -216,8 +216,10 @@ def lung_unet_samples(hu: np.ndarray, lung: np.ndarray, lesion: np.ndarray, size
     def mask(m):
         return resize_slices(torch.from_numpy(m[zl].astype(np.float32))[:, None], (size, size))[:, 0].numpy() >= 0.5
 
-    return {"lung_x": (lung_x.numpy() * 255).round().astype(np.uint8), "lung_y": mask(lung),
-            "lung_lesion": mask(lesion)}
+    out = {"lung_x": (lung_x.numpy() * 255).round().astype(np.uint8), "lung_y": mask(lung)}
+    if lesion is not None:
+        out["lung_lesion"] = mask(lesion)
+    return out
 
 
 def _job(args):

@@ -128,7 +128,6 @@ def train_lung_model(train_refs: list, val_refs: list, settings: LungTrainSettin
     t_data = time.time() - t0
     log(f"data: {len(train['lung_x'])} training, {len(val['lung_x'])} validation slices in {t_data:.0f} s")
 
-    model = None
     before = {}
     if settings.init == "bundled":
         model = load_model(LUNG_UNET_WEIGHTS, device=device).module.float().to(device)
