@@ -87,11 +87,30 @@ def _posterior_down(orientation) -> bool:
     return float(orientation[4]) >= 0.0
 
 
+def _lung_box(lung: np.ndarray, fy: int, fx: int) -> tuple[slice, slice, slice] | None:
+    """The lungs' slices and their in-plane box widened by one coarse pixel (so that
+    lung never touches the box's edge where it did not touch the volume's), its start on
+    the coarse grid's phase (multiples of ``fy``, ``fx``): features computed inside it
+    equal those of the whole volume. None without lung."""
+    zs = np.flatnonzero(lung.any(axis=(1, 2)))
+    if zs.size == 0:
+        return None
+    ys = np.flatnonzero(lung[zs[0] : zs[-1] + 1].any(axis=(0, 2)))
+    xs = np.flatnonzero(lung[zs[0] : zs[-1] + 1].any(axis=(0, 1)))
+    y0, x0 = max(0, (ys[0] - fy) // fy * fy), max(0, (xs[0] - fx) // fx * fx)
+    return (slice(zs[0], zs[-1] + 1), slice(y0, ys[-1] + 1 + fy), slice(x0, xs[-1] + 1 + fx))
+
+
 def pattern_features(hu: np.ndarray, spacing, orientation, lung_labels: np.ndarray, infection: np.ndarray,
                      consolidation: np.ndarray | None = None) -> dict[str, float]:
     """The :data:`FEATURES` of one scan (all 0 but ``extent`` when there is no opacity)."""
     dz, dy, dx = (float(v) for v in spacing)
     lung = lung_labels > 0
+    fy, fx = max(1, int(round(FEATURE_PIXEL_MM / dy))), max(1, int(round(FEATURE_PIXEL_MM / dx)))
+    box = _lung_box(lung, fy, fx)
+    if box is not None:  # the same features on the lungs' box: a fraction of the voxels
+        lung, lung_labels, infection, hu = lung[box], lung_labels[box], infection[box], hu[box]
+        consolidation = None if consolidation is None else consolidation[box]
     vox = dz * dy * dx / 1000.0
     lung_ml = float(lung.sum()) * vox
     inf = infection & lung
@@ -120,7 +139,6 @@ def pattern_features(hu: np.ndarray, spacing, orientation, lung_labels: np.ndarr
     f["posterior"] = float(per_y[post_half].sum() / n_inf)
 
     # peripheral share and foci on a coarse grid (3 mm pixels; slices as they are)
-    fy, fx = max(1, int(round(FEATURE_PIXEL_MM / dy))), max(1, int(round(FEATURE_PIXEL_MM / dx)))
     lung_c = lung[:, ::fy, ::fx]
     inf_c = inf[:, ::fy, ::fx]
     if not inf_c.any():  # opacity thinner than the coarse grid: take the full grid
