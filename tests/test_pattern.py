@@ -183,3 +183,18 @@ def test_segmentation_summary_per_source_and_kind():
     assert s["phantom normal opacity ml"] == [3.5]
     assert s["real background cap lesion dice mean"] == pytest.approx(0.5)
     assert "phantom cap lesion dice mean" not in s
+
+
+def test_lung_box_holds_every_lung_voxel_with_a_margin_on_the_coarse_phase():
+    from ct_ai_node.pipeline.pattern import _lung_box
+
+    lung = np.zeros((12, 60, 70), bool)
+    lung[3:9, 17:40, 23:51] = True
+    box = _lung_box(lung, 3, 4)
+    assert lung[box].sum() == lung.sum()
+    zs, ys, xs = box
+    assert (zs.start, zs.stop) == (3, 9)
+    assert ys.start % 3 == 0 and xs.start % 4 == 0  # the coarse grid samples the same pixels
+    assert not lung[box][:, 0].any() and not lung[box][:, -1].any()  # lung never touches the box's edge
+    assert not lung[box][:, :, 0].any() and not lung[box][:, :, -1].any()
+    assert _lung_box(np.zeros((2, 5, 5), bool), 1, 1) is None
