@@ -30,7 +30,7 @@ import numpy as np
 from ct_ai_node.models.weights import BUNDLED_WEIGHTS, rewrite_metadata
 from ct_ai_node.pipeline.pattern import FEATURES, PatternModel, fit_pattern_model, pattern_features
 from ct_ai_node.pipeline.types import CASE_CLASSES
-from ct_ai_node.training.data import KIND_CLASS, VAL_SEED0, case_kind, describe_cases, make_case, map_cases
+from ct_ai_node.training.data import KIND_CLASS, VAL_SEED0, case_kind, case_source, describe_cases, make_case, map_cases
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def case_row(job) -> dict:
     truth = np.asarray(ph.lesion_mask, bool)
     return {
         "case": ref.name + f" {ref.kind} #{ref.draw}" if hasattr(ref, "load") else int(ref),
-        "source": "real background" if hasattr(ref, "load") else "phantom",
+        "source": case_source(ref),
         "kind": case_kind(ref),
         "class": KIND_CLASS[case_kind(ref)],
         "features": {k: round(float(v), 5) for k, v in feats.items()},

@@ -62,6 +62,14 @@ def case_kind(ref) -> str:
     return kind_for_index(ref) if _is_seed(ref) else ref.kind
 
 
+def case_source(ref) -> str:
+    """"phantom", "real background" (a real scan with inserted lesions) or "site" (a site's
+    labelled scan): how reports group cases."""
+    if _is_seed(ref):
+        return "phantom"
+    return "real background" if hasattr(ref, "load") else "site"
+
+
 def case_source_version(ref) -> str:
     """What a prepared case depends on besides its id, for cache keys: the phantom
     generator's version; for a real background with inserted lesions also the lung U-Net

@@ -117,5 +117,5 @@ def train_method(method: str, out_dir: Path, device: torch.device, *, cases: int
         settings = settings_of(LungTrainSettings(), epochs=epochs, shape=shape, workers=workers,
                                cache_dir=None if cache_dir is None else str(cache_dir))
         model, metrics = train_lung_model(train, val, settings, device, log=log)
-        return {"sha256": save_lung_unet(model, out_dir, metrics, train), "metrics": metrics}
+        return {"sha256": save_lung_unet(model, out_dir, metrics), "metrics": metrics}
     raise ValueError(f"unknown METHOD {method!r}; one of: {', '.join(TRAINABLE)}")

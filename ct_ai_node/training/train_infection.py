@@ -53,6 +53,7 @@ from ct_ai_node.pipeline.infection import (
 from ct_ai_node.training.augment import blur, random_affine
 from ct_ai_node.training.data import (
     bundled_lung_unet_hash,
+    case_source,
     case_source_version,
     case_id,
     case_kind,
@@ -145,8 +146,7 @@ def phantom_planes(seed, kind: str, shape, input_settings: InfectionSettings,
         "voxel_ml": np.float64(planes.voxel_ml),
         "seed": np.int64(case_id(seed)),
         "kind": np.array(ph.kind),
-        "source": np.array("real background" if hasattr(seed, "load") else "phantom" if isinstance(seed, (int, np.integer))
-                           else "site"),
+        "source": np.array(case_source(seed)),
     }
 
 

@@ -31,11 +31,13 @@ from ct_ai_node.training.data import (
     build_slice_dataset,
     case_id,
     case_kind,
+    case_source,
     case_source_version,
     check_fit_cases,
     describe_cases,
 )
 from ct_ai_node.training.train import MODEL_VERSION, TrainSettings, _progress, train_lung_unet
+from ct_ai_node.training.train_infection import trained_on_text
 
 
 @dataclass
@@ -60,10 +62,6 @@ class LungTrainSettings:
             raise ValueError(f"init: {self.init!r}; use 'bundled' or 'scratch'")
 
 
-def _is_real(ref) -> bool:
-    return hasattr(ref, "load")
-
-
 @torch.no_grad()
 def predict_lungs(model: torch.nn.Module, x_uint8: np.ndarray, device: torch.device, batch: int = 32) -> np.ndarray:
     model.eval()
@@ -77,15 +75,13 @@ def predict_lungs(model: torch.nn.Module, x_uint8: np.ndarray, device: torch.dev
 def lung_metrics(pred: np.ndarray, data: dict[str, np.ndarray], refs) -> dict[str, float]:
     """Lung Dice and lesion-inside-lungs share, pooled over the slices of each group
     (source: phantom / real background; kind: covid / cap / normal)."""
-    ids = {case_id(r): (("real background" if _is_real(r) else "phantom"), case_kind(r)) for r in refs}
+    ids = {case_id(r): (case_source(r), case_kind(r)) for r in refs}
     source = np.array([ids[int(c)][0] for c in data["case"]])
     kind = np.array([ids[int(c)][1] for c in data["case"]])
     truth, les = data["lung_y"], data["lung_lesion"]
     out: dict[str, float] = {}
-    for src in ("phantom", "real background"):
+    for src in dict.fromkeys(source):  # each source present, in order of appearance
         sel = source == src
-        if not sel.any():
-            continue
         p, t = pred[sel], truth[sel]
         out[f"{src} lung dice"] = float(2 * (p & t).sum() / max(p.sum() + t.sum(), 1))
         for k in ("covid", "cap"):
@@ -151,18 +147,12 @@ def train_lung_model(train_refs: list, val_refs: list, settings: LungTrainSettin
     return model, metrics
 
 
-def trained_on_text(refs) -> str:
-    real = any(_is_real(r) for r in refs)
-    return ("synthetic chest-CT phantoms + real CT with synthetic lesions" if real
-            else "synthetic chest-CT phantoms (ct_ai_node.synthetic)")
-
-
-def save_lung_unet(model: torch.nn.Module, out_dir: Path, metrics: dict, train_refs) -> str:
+def save_lung_unet(model: torch.nn.Module, out_dir: Path, metrics: dict) -> str:
     out_dir = Path(out_dir)
     after = metrics["after"]
     digest = save_model(model.cpu(), out_dir / f"{LUNG_UNET_WEIGHTS}.safetensors", architecture="lung_unet2d",
                         arch_kwargs={}, version=MODEL_VERSION,
-                        extra={"trained_on": trained_on_text(train_refs),
+                        extra={"trained_on": trained_on_text(metrics["train_cases"]),
                                "val_dice_2d": f"{after.get('phantom lung dice', float('nan')):.4f}",
                                "train_seeds": metrics["train_cases"], "val_seeds": metrics["val_cases"],
                                "settings": json.dumps(metrics["settings"])})
