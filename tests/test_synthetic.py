@@ -277,3 +277,46 @@ def test_mass_distractor_is_lobulated_solid_and_never_lesion():
     dense = lambda q: int(((q.hu > -150) & (q.lung_labels > 0)).sum())  # noqa: E731
     assert dense(with_mass) > dense(without)
     assert not (with_mass.lesion_mask & ~without.lesion_mask).any()
+
+
+def test_masses_reach_seventy_mm_and_two_in_five_lie_beside_the_hilum():
+    from ct_ai_node.synthetic.lesions import CoarseLungs, plan_mass
+
+    z, y, x = np.arange(0, 200, 5.0), np.arange(-80, 80, 5.0), np.arange(-150, 150, 5.0)
+    label = np.zeros((z.size, y.size, x.size), np.uint8)
+    label[:, :, np.abs(x) > 20] = 1  # two slabs of lung either side of a mediastinum
+    c = CoarseLungs(z=z, y=y, x=x, label=label, lobe=label.copy(), step=5.0)
+    masses = [plan_mass(np.random.default_rng(s), c, probability=1.0) for s in range(400)]
+    r = np.array([m["r"] for m in masses])
+    assert r.min() >= 5.0 and r.max() <= 35.0 and (r > 25).mean() > 0.1
+    medial = np.mean([abs(m["x"]) <= 60 for m in masses])  # the medial third of |x| in 20..150
+    assert 0.45 < medial < 0.75  # 0.4 placed there plus the share of uniform draws that land there
+
+
+def test_stomach_food_is_mottled_soft_tissue_with_gas_bubbles_outside_the_lungs():
+    import ct_ai_node.synthetic.phantom as P
+    from ct_ai_node.synthetic.anatomy import draw_patient
+
+    drawn = [P.draw_stomach_food(np.random.default_rng([s, 13]), draw_patient(np.random.default_rng(s))) is not None
+             for s in range(40)]
+    assert 12 < sum(drawn) < 36  # drawn for about three patients in five
+    # the same seed with and without food: only the abdomen changes, the lungs and lesions not
+    real = P.draw_stomach_food
+    made = {}
+    try:
+        for prob in (0.0, 1.0):
+            P.draw_stomach_food = lambda rng, p, prob=prob: real(rng, p, probability=prob)
+            made[prob] = P.generate_phantom(6, kind="cap", shape=(48, 160, 160))  # 6: no gas cap
+    finally:
+        P.draw_stomach_food = real
+    without, food = made[0.0], made[1.0]
+    assert food.params["patient"]["stomach_food_bubbles"] >= 15
+    assert without.params["patient"]["stomach_food_bubbles"] == 0
+    assert np.array_equal(food.lung_labels, without.lung_labels)
+    assert np.array_equal(food.lesion_mask, without.lesion_mask)
+    changed = np.abs(food.hu.astype(int) - without.hu) > 30
+    lung = food.lung_labels > 0
+    assert changed.sum() > 200 and (changed & lung).sum() < 0.02 * changed.sum()
+    # gas bubbles in soft tissue: new dark voxels with dense voxels next to them
+    new_gas = changed & (food.hu < -500) & (without.hu > -200)
+    assert new_gas.sum() > 20

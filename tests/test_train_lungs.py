@@ -44,3 +44,44 @@ def test_cli_train_lungs_fine_tunes_and_writes_loadable_weights(tmp_path):
     assert loaded.metadata["trained_on"].startswith("synthetic chest-CT phantoms")
     assert report["train_cases"] == "1000..1001"
     assert len(list((tmp_path / "cache").glob("lungs-*.npz"))) == 1  # the prepared slices, for the next run
+
+
+def test_masked_dice_ce_is_monai_dice_ce_where_known_and_ignores_the_rest():
+    import torch
+    from monai.losses import DiceCELoss
+
+    from ct_ai_node.training.train import masked_dice_ce
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 1, 12, 12, generator=g)
+    target = (torch.rand(3, 1, 12, 12, generator=g) > 0.5).float()
+    ones = torch.ones_like(target)
+    assert masked_dice_ce(logits, target, ones).item() == pytest.approx(DiceCELoss(sigmoid=True)(logits, target).item(),
+                                                                        rel=1e-5)
+    known = ones.clone()
+    known[:, :, :4] = 0
+    flipped = target.clone()
+    flipped[:, :, :4] = 1 - flipped[:, :, :4]  # a different target where it is not known
+    assert masked_dice_ce(logits, flipped, known).item() == pytest.approx(masked_dice_ce(logits, target, known).item())
+    assert masked_dice_ce(logits, flipped, ones).item() != pytest.approx(masked_dice_ce(logits, target, ones).item())
+
+
+def test_a_real_backgrounds_dense_lung_target_is_not_trusted_unless_it_is_an_inserted_lesion():
+    from ct_ai_node.training.data import uncertain_lung_target
+
+    hu = np.full((1, 4, 4), -850.0)
+    hu[0, 0] = 20.0  # dense: stomach, dome, tumour or vessel taken in by an earlier lung U-Net
+    lung = np.ones((1, 4, 4), bool)
+    lesion = np.zeros((1, 4, 4), bool)
+    lesion[0, 0, :2] = True  # inserted consolidation: lung by construction
+    ign = uncertain_lung_target(hu, lung, lesion)
+    assert ign[0, 0, 2:].all() and not ign[0, 0, :2].any() and not ign[0, 1:].any()
+
+
+def test_lung_metrics_leave_out_what_is_not_known():
+    data = {"case": np.array([50001]), "lung_y": np.ones((1, 4, 4), bool), "lung_lesion": np.zeros((1, 4, 4), bool),
+            "lung_ignore": np.zeros((1, 4, 4), bool)}
+    data["lung_ignore"][0, 0] = True
+    pred = np.ones((1, 4, 4), bool)
+    pred[0, 0] = False  # wrong only where the target is not known
+    assert lung_metrics(pred, data, [50001])["phantom lung dice"] == pytest.approx(1.0)

@@ -69,6 +69,8 @@ class Patient:
     fissure_tilt: tuple = (0.0, 0.0)
     stomach_gas: float = 0.0
     bowel_gas: list = field(default_factory=list)
+    #: food in the stomach (mottled soft tissue with gas bubbles), else None (draw_stomach_food)
+    stomach_food: dict | None = None
 
     @property
     def body_half_width(self) -> float:
@@ -156,6 +158,26 @@ def draw_patient(rng: np.random.Generator) -> Patient:
         p.bowel_gas.append((float(rng.uniform(-0.2, 0.8) * ac), float(rng.uniform(-0.7, 0.3) * bca),
                             float(rng.uniform(-60, dome_l * 0.3)), float(rng.uniform(6, 22))))
     return p
+
+
+def draw_stomach_food(rng: np.random.Generator, p: Patient, probability: float = 0.6) -> dict | None:
+    """Food in the stomach with ``probability``: a mottled soft-tissue matrix (-40..60 HU)
+    filling the stomach from a random level back, holding 15-90 gas bubbles of 1.5-7 mm
+    radius (model mm, in the stomach ellipsoid of ``Anatomy._abdomen``)."""
+    if rng.random() >= probability:
+        return None
+    cx, cy, cz = 0.42 * p.ac, -0.28 * p.bca, p.dome_l - 40.0
+    ax, ay, az = 0.3 * p.ac * 0.85, 0.42 * p.bca * 0.85, 60.0 * 0.85
+    n = int(rng.integers(15, 91))
+    u = rng.normal(size=(n, 3))
+    u *= (rng.uniform(0, 1, n) ** (1 / 3) / np.linalg.norm(u, axis=1))[:, None]
+    # bubbles crowd the upper (cranial) stomach, which lies under the dome
+    u[:, 2] = np.abs(u[:, 2]) * (1.0 if rng.random() < 0.7 else np.sign(rng.normal()))
+    r = rng.uniform(1.5, 7.0, n)
+    bubbles = [(float(cx + a * ax), float(cy + b * ay), float(cz + c * az), float(rr)) for (a, b, c), rr in zip(u, r)]
+    return dict(hu=float(rng.uniform(-40, 60)), var=float(rng.uniform(10, 60)),
+                wl=[float(v) for v in rng.uniform(3, 9, 2)], ph=[float(v) for v in rng.uniform(0, 2 * np.pi, 2)],
+                y_top=float(cy - ay * rng.uniform(0.2, 1.0)), bubbles=bubbles)
 
 
 def _mediastinal_tubes(p: Patient, rng) -> list[Tube]:
@@ -534,6 +556,8 @@ class Anatomy:
             hu[st] = h["soft"] + 10
             inner = st & (qst < 0.8)
             hu[inner] = 22.0
+            if p.stomach_food is not None:
+                self._food(z, X, Y, inner, hu)
             if p.stomach_gas > 0:
                 y_lvl = -0.7 * p.bca + p.stomach_gas * 0.5 * p.bca
                 hu[inner & (Y < y_lvl)] = -1000.0
@@ -547,6 +571,23 @@ class Anatomy:
             qk = ((X - sx * 0.42 * p.ac) / 26) ** 2 + ((Y - 0.55 * p.bcp) / 32) ** 2 + ((z + 85) / 55) ** 2
             hu[abd & (qk < 1)] = 32.0
         hu_full[w] = hu
+
+    def _food(self, z, X, Y, inner, hu):
+        """Stomach contents: soft tissue of uneven density with gas bubbles. Under the left
+        dome of a thick-slice scan this looks like consolidation with air bronchograms; a
+        lung or opacity model that never saw it took it for lung (issue 12, Lung-PET-CT-Dx)."""
+        f = self.p.stomach_food
+        m = inner & (Y > f["y_top"])
+        if not m.any():
+            return
+        Xm, Ym = X[m], Y[m]
+        v = f["hu"] + f["var"] * np.cos(Xm / f["wl"][0] + f["ph"][0]) * np.cos(Ym / f["wl"][1] + f["ph"][1] + z / 23.0)
+        for bx, by, bz, br in f["bubbles"]:
+            dz2 = (z - bz) ** 2
+            if dz2 >= br * br:
+                continue
+            v[(Xm - bx) ** 2 + (Ym - by) ** 2 < br * br - dz2] = -1000.0
+        hu[m] = v
 
     def _bones(self, z, g: Grid2D, r_cav, r_body, hu):
         p = self.p

@@ -282,19 +282,28 @@ def plan_distractors(kind: str, rng: np.random.Generator, c: CoarseLungs, H: flo
     return d
 
 
-def plan_mass(rng: np.random.Generator, c: CoarseLungs, probability: float = 0.2) -> dict | None:
+def plan_mass(rng: np.random.Generator, c: CoarseLungs, probability: float = 0.3) -> dict | None:
     """A solid lung mass (not pneumonia, not in the lesion mask) with probability
-    ``probability``: lobulated (three angular harmonics), 10-40 mm across, soft-tissue
-    density, with 0-8 spicules reaching 4-15 mm into the lung. Real non-COVID scans hold
-    tumours like this; without them in training the opacity model took one for
-    consolidation (issue 12: 8.8 ml of a Lung-PET-CT-Dx adenocarcinoma)."""
+    ``probability``: lobulated (three angular harmonics), 10-70 mm across, soft-tissue
+    density, with 0-8 spicules reaching 4-15 mm into the lung; two in five lie against the
+    hilum, where lung cancers often grow. Real non-COVID scans hold tumours like this;
+    without them in training the opacity model took one for consolidation (issue 12: a
+    Lung-PET-CT-Dx adenocarcinoma, 5-7 cm beside the right hilum)."""
     if rng.random() >= probability:
         return None
     lung_idx = np.argwhere(c.label > 0)
     if not len(lung_idx):
         return None
+    if rng.random() < 0.4:
+        # perihilar: the medial third of the lungs, between a quarter and three quarters up
+        ax = np.abs(c.x[lung_idx[:, 2]])
+        zq = c.z[lung_idx[:, 0]]
+        z0, z1 = np.quantile(zq, [0.25, 0.75])
+        near = (ax <= np.quantile(ax, 0.3)) & (zq >= z0) & (zq <= z1)
+        if near.any():
+            lung_idx = lung_idx[near]
     j = lung_idx[int(rng.integers(len(lung_idx)))]
-    r = float(rng.uniform(5.0, 20.0))
+    r = float(5.0 + 30.0 * rng.uniform(0.0, 1.0) ** 1.5)
     n_sp = int(rng.integers(0, 9))
     dirs = rng.normal(size=(n_sp, 3))
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True) + 1e-9

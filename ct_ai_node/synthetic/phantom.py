@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from .anatomy import Anatomy, Grid2D, Patient, draw_patient
+from .anatomy import Anatomy, Grid2D, Patient, draw_patient, draw_stomach_food
 from .fields import NoiseBank, SmoothField, TextureBank
 from .lesions import CoarseLungs, mass_slice, plan_distractors, plan_lesions, plan_mass
 from ._blas import single_threaded_blas
@@ -26,8 +26,8 @@ MURRAY = 2.7  # vessel radius ~ territory^(1/MURRAY)
 
 #: bumped whenever a seed's phantom changes, so that caches of prepared phantoms made by an
 #: earlier generator are not reused (2: issue 12 realism: gravity gradient, lung density,
-#: noise texture, lung masses)
-GENERATOR_VERSION = 2
+#: noise texture, lung masses; 3: food in the stomach, larger and perihilar masses)
+GENERATOR_VERSION = 3
 
 #: stage timings (s) of the last ``generate_phantom`` call in this process
 LAST_TIMINGS: dict[str, float] = {}
@@ -233,6 +233,8 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
     rng_real = np.random.default_rng([seed, 12])
     peak_f, sharp_f, coarse_u = (float(v) for v in rng_real.uniform([0.75, 1.0, 0.0], [1.25, 1.45, 1.0]))
     p = draw_patient(rng)
+    # generator 3 draws (issue 12: what real thick-slice negatives were mistaken for)
+    p.stomach_food = draw_stomach_food(np.random.default_rng([seed, 13]), p)
     an = Anatomy(p)
     geo = _draw_geometry(rng, p, an, shape, spacing)
     nz, ny, nx = geo.shape
@@ -448,7 +450,8 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
         coarse_noise_exponent=coarse_u,
         lung_hu=lung_hu0, gravity_gradient_hu=grav, gravity_exponent=grav_exp, contrast_hu=float(p.contrast),
         patient=dict(lung_height_mm=p.H, cavity_half_width_mm=p.ac, fat_mm=p.fat, female=p.female,
-                     body_width_mm=2 * p.body_half_width),
+                     body_width_mm=2 * p.body_half_width,
+                     stomach_food_bubbles=0 if p.stomach_food is None else len(p.stomach_food["bubbles"])),
         lesion=plan.params, distractors=sorted(distract), lesion_lung_ratio=ratio,
         lung_volume_ml=float((lab_out > 0).sum() * dz * dy * dx / 1000.0),
         lesion_volume_ml=float(les_out.sum() * dz * dy * dx / 1000.0),

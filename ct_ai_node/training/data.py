@@ -212,11 +212,12 @@ def phantom_samples(seed, kind: str, shape: tuple[int, int, int] | None,
 
 
 def lung_unet_samples(hu: np.ndarray, lung: np.ndarray, lesion: np.ndarray | None, size: int = 256,
-                      max_slices: int = 48) -> dict[str, np.ndarray]:
+                      max_slices: int = 48, ignore: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Lung U-Net inputs of one scan: at most ``max_slices`` evenly spaced slices, with and
     without lung, HU window [-1000, 0] as uint8 at ``size``², the lung mask (which holds
     the lesions: consolidation is lung) and, when ``lesion`` is given, the lesion mask at
-    that size (``lung_lesion``)."""
+    that size (``lung_lesion``); when ``ignore`` is given, where the lung mask is not
+    known (``lung_ignore``: no loss there, see :func:`uncertain_lung_target`)."""
     zl = _evenly(np.arange(hu.shape[0]), max_slices)
     t = torch.from_numpy(np.clip((np.asarray(hu[zl], np.float32) + 1000.0) / 1000.0, 0, 1))[:, None]
     lung_x = resize_slices(t, (size, size))[:, 0]
@@ -227,7 +228,22 @@ def lung_unet_samples(hu: np.ndarray, lung: np.ndarray, lesion: np.ndarray | Non
     out = {"lung_x": (lung_x.numpy() * 255).round().astype(np.uint8), "lung_y": mask(lung)}
     if lesion is not None:
         out["lung_lesion"] = mask(lesion)
+    if ignore is not None:
+        out["lung_ignore"] = mask(ignore)
     return out
+
+
+#: a lung target's soft-tissue density from which its label is not trusted (HU)
+UNCERTAIN_TARGET_HU = -400.0
+
+
+def uncertain_lung_target(hu: np.ndarray, lung: np.ndarray, lesion: np.ndarray) -> np.ndarray:
+    """Where a real background's lung target is not known: its lungs come from an earlier
+    lung U-Net, which is right about aerated lung but not about dense tissue it took in
+    (stomach contents and the diaphragm's partial volume under the domes of thick slices,
+    tumours, hila; issue 12). Dense voxels of the target that are not an inserted lesion
+    (those are lung by construction) are left to the phantoms, whose lungs are exact."""
+    return lung & ~lesion & (np.asarray(hu) > UNCERTAIN_TARGET_HU)
 
 
 def _job(args):
@@ -238,7 +254,11 @@ def _job(args):
 def _lung_job(args):
     ref, kind, shape = args
     ph = make_case(ref, shape, kind)
-    out = lung_unet_samples(ph.hu, ph.lung_labels > 0, ph.lesion_mask)
+    lung = ph.lung_labels > 0
+    ignore = None if case_source(ref) == "phantom" else uncertain_lung_target(ph.hu, lung, ph.lesion_mask)
+    out = lung_unet_samples(ph.hu, lung, ph.lesion_mask, ignore=ignore)
+    if ignore is None:
+        out["lung_ignore"] = np.zeros_like(out["lung_y"])
     out["case"] = np.full(len(out["lung_x"]), case_id(ref), np.int64)
     return out
 

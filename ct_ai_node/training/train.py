@@ -111,6 +111,19 @@ def train_slice_classifier(data: dict, settings: TrainSettings, device: torch.de
     return model.eval()
 
 
+def masked_dice_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                   smooth: float = 1e-5) -> torch.Tensor:
+    """Dice + binary cross-entropy counted only where ``weight`` is 1 (a target that is
+    not known is left out, not called background); per sample and channel, like MONAI's
+    ``DiceCELoss(sigmoid=True)``, to which it is equal when ``weight`` is all ones."""
+    ce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).sum() / weight.sum().clamp(min=1)
+    p = torch.sigmoid(logits) * weight
+    t = target * weight
+    dims = tuple(range(2, logits.ndim))
+    dice = 1.0 - (2.0 * (p * t).sum(dims) + smooth) / (p.sum(dims) + t.sum(dims) + smooth)
+    return dice.mean() + ce
+
+
 def train_lung_unet(data: dict, settings: TrainSettings, device: torch.device, log=print,
                     model: torch.nn.Module | None = None, noise_inside_lungs: bool = True) -> torch.nn.Module:
     """Train ``model`` (default: a new lung U-Net) on ``data``'s lung slices.
@@ -121,6 +134,7 @@ def train_lung_unet(data: dict, settings: TrainSettings, device: torch.device, l
     rng = np.random.default_rng(settings.seed + 1)
     model = (model if model is not None else build("lung_unet2d")).to(device)
     x_all, y_all = data["lung_x"], data["lung_y"]
+    ignore_all = data.get("lung_ignore")
     steps = settings.lung_epochs * (len(x_all) // settings.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=max(steps, 1), pct_start=0.15)
@@ -139,10 +153,14 @@ def train_lung_unet(data: dict, settings: TrainSettings, device: torch.device, l
                 xb = scanner_variation(xb)
                 noisy = (xb + 0.1 * torch.randn_like(xb) * 0.8).clamp(0, 1)
                 xb = torch.where(yb > 0, noisy, xb) if noise_inside_lungs else noisy
-                xb, yb = random_affine(xb, yb, flip=False)
+                if ignore_all is None:
+                    xb, yb = random_affine(xb, yb, flip=False)
+                else:
+                    known = 1.0 - torch.from_numpy(ignore_all[idx]).to(device).float()[:, None]
+                    xb, yb, known = random_affine(xb, yb, known, flip=False)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     out = model(xb).float()
-                loss = loss_fn(out, yb)
+                loss = loss_fn(out, yb) if ignore_all is None else masked_dice_ce(out, yb, known)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -73,16 +73,18 @@ def predict_lungs(model: torch.nn.Module, x_uint8: np.ndarray, device: torch.dev
 
 
 def lung_metrics(pred: np.ndarray, data: dict[str, np.ndarray], refs) -> dict[str, float]:
-    """Lung Dice and lesion-inside-lungs share, pooled over the slices of each group
-    (source: phantom / real background; kind: covid / cap / normal)."""
+    """Lung Dice (where the target is known: ``lung_ignore``) and lesion-inside-lungs
+    share, pooled over the slices of each group (source: phantom / real background; kind:
+    covid / cap / normal)."""
     ids = {case_id(r): (case_source(r), case_kind(r)) for r in refs}
     source = np.array([ids[int(c)][0] for c in data["case"]])
     kind = np.array([ids[int(c)][1] for c in data["case"]])
     truth, les = data["lung_y"], data["lung_lesion"]
+    known = ~data["lung_ignore"] if "lung_ignore" in data else np.ones_like(truth)
     out: dict[str, float] = {}
     for src in dict.fromkeys(source):  # each source present, in order of appearance
         sel = source == src
-        p, t = pred[sel], truth[sel]
+        p, t = pred[sel] & known[sel], truth[sel] & known[sel]
         out[f"{src} lung dice"] = float(2 * (p & t).sum() / max(p.sum() + t.sum(), 1))
         for k in ("covid", "cap"):
             s2 = sel & (kind == k)
@@ -97,7 +99,7 @@ def _datasets(train_refs: list, val_refs: list, settings: LungTrainSettings) -> 
     when an earlier run with the same cases, generator and lung U-Net left them there."""
     path = None
     if settings.cache_dir:
-        key = json.dumps([describe_cases(train_refs), describe_cases(val_refs), settings.shape,
+        key = json.dumps([describe_cases(train_refs), describe_cases(val_refs), settings.shape, "ignore",
                           sorted({case_source_version(r) for r in list(train_refs) + list(val_refs)})])
         path = Path(settings.cache_dir) / f"lungs-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
         if path.is_file():
