@@ -255,10 +255,9 @@ def _lung_job(args):
     ref, kind, shape = args
     ph = make_case(ref, shape, kind)
     lung = ph.lung_labels > 0
-    ignore = None if case_source(ref) == "phantom" else uncertain_lung_target(ph.hu, lung, ph.lesion_mask)
+    # a phantom's lungs are exact; a real background's come from an earlier lung U-Net
+    ignore = np.zeros_like(lung) if case_source(ref) == "phantom" else uncertain_lung_target(ph.hu, lung, ph.lesion_mask)
     out = lung_unet_samples(ph.hu, lung, ph.lesion_mask, ignore=ignore)
-    if ignore is None:
-        out["lung_ignore"] = np.zeros_like(out["lung_y"])
     out["case"] = np.full(len(out["lung_x"]), case_id(ref), np.int64)
     return out
 
