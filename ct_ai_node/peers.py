@@ -46,8 +46,27 @@ def nodelay_env() -> dict[str, str]:
     return env
 
 
+def dcmtk_tool(name: str) -> str | None:
+    """The DCMTK program ``name`` on PATH, or None. pynetdicom installs Python apps under
+    the same names (``storescp``, ``storescu``, ``echoscu``...) into the virtual
+    environment's ``bin``, which comes first on PATH once it is activated; those are
+    scripts, DCMTK's are executables, so scripts are passed over."""
+    for folder in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = shutil.which(name, path=folder or ".")
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as fh:
+                if fh.read(2) == b"#!":
+                    continue
+        except OSError:
+            continue
+        return path
+    return None
+
+
 def tool_available(name: str) -> bool:
-    return shutil.which(name) is not None
+    return dcmtk_tool(name) is not None
 
 
 class _Peer:
@@ -83,7 +102,7 @@ class StoreSCP(_Peer):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         # -uf: files named by SOP class + instance UID; +B: write straight to disk (faster)
-        cmd = ["storescp", "--aetitle", self.ae_title, "-uf", "+B", "--output-directory", str(self.folder),
+        cmd = [dcmtk_tool("storescp") or "storescp", "--aetitle", self.ae_title, "-uf", "+B", "--output-directory", str(self.folder),
                str(self.port)]
         self.proc = subprocess.Popen(cmd, env=nodelay_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_for_port(self.port, proc=self.proc)

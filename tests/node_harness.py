@@ -13,14 +13,16 @@ from pathlib import Path
 import yaml
 
 from ct_ai_node.jobqueue import FINAL_STATES, SqliteJobQueue
-from ct_ai_node.peers import nodelay_env, wait_for_port
+from ct_ai_node.peers import dcmtk_tool, nodelay_env, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_COVID = REPO / "sample_series" / "covid_like"
 
 
 def dcmtk(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), env=nodelay_env(), capture_output=True, text=True, timeout=timeout)
+    """Run DCMTK's ``args[0]`` (not pynetdicom's app of the same name, see ``dcmtk_tool``)."""
+    cmd = [dcmtk_tool(args[0]) or args[0], *args[1:]]
+    return subprocess.run(cmd, env=nodelay_env(), capture_output=True, text=True, timeout=timeout)
 
 
 class NodeProcess:

@@ -4,6 +4,7 @@ a reply that never comes)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -343,3 +344,19 @@ def test_destination_from_config():
         destination_from_config(SimpleNamespace(name="x", kind="ftp"))
     with pytest.raises(ValueError, match="missing field 'host'"):
         destination_from_config(SimpleNamespace(name="x", kind="dicom", port=1, ae_title="A"))
+
+
+def test_dcmtk_tool_passes_over_pynetdicoms_apps_of_the_same_name(tmp_path, monkeypatch):
+    # pynetdicom installs Python scripts named storescp, storescu... into the virtual
+    # environment's bin, first on PATH once it is activated; the peers need DCMTK's
+    venv_bin, system_bin = tmp_path / "venv" / "bin", tmp_path / "usr" / "bin"
+    for folder, head in ((venv_bin, b"#!/usr/bin/python\nimport sys\n"), (system_bin, b"\x7fELF\x02\x01\x01")):
+        folder.mkdir(parents=True)
+        tool = folder / "storescp"
+        tool.write_bytes(head)
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{venv_bin}{os.pathsep}{system_bin}")
+    assert peers.dcmtk_tool("storescp") == str(system_bin / "storescp")
+    assert peers.tool_available("storescp")
+    monkeypatch.setenv("PATH", str(venv_bin))
+    assert peers.dcmtk_tool("storescp") is None and not peers.tool_available("storescp")

@@ -216,3 +216,64 @@ def test_train_one_epoch_on_tiny_phantoms(tmp_path, monkeypatch):
     seg = create_infection_segmenter("cpu", tmp_path / "w")
     assert seg.threshold == metrics["threshold"] and seg.settings == settings.input
     assert sum(p.numel() for p in seg.model.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_hard_negatives_are_wide_dense_lung_tissue_away_from_lesions():
+    from ct_ai_node.training.train_infection import hard_negative_pixels
+
+    window = (-1000.0, 200.0)
+    hu = np.full((1, 64, 64), -850.0)
+    lung = np.zeros((1, 64, 64), bool)
+    lung[0, 8:56, 8:56] = True
+    hu[0, 20:30, 20:30] = 30.0  # a mass, 15 mm across at 1.5 mm pixels
+    hu[0, 40:56, 45] = 40.0  # a vessel one pixel wide
+    hu[0, 40:48, 20:28] = -550.0  # ground glass: the lesion
+    lesion = np.zeros_like(lung)
+    lesion[0, 40:48, 20:28] = True
+    hu[~lung] = 50.0  # chest wall outside the lungs
+    x = np.round((np.clip(hu, *window) - window[0]) / (window[1] - window[0]) * 255).astype(np.uint8)
+    hard = hard_negative_pixels(x, lung, lesion, window, pixel_mm=1.5)
+    assert hard[0, 25, 25] and hard[0, 21, 21]  # the mass
+    assert not hard[0, 48:56, 45].any()  # a thin vessel is not "dense" over 7.5 mm
+    assert not hard[0, 8:10, 8:56].any()  # the chest wall next to the lungs' edge does not count
+    assert not (hard & lesion).any() and not hard[0, 38:50, 18:30].any()  # lesions and their rim stay out
+    assert not (hard & ~lung).any()
+    # the same in float input on [0, 1]
+    assert np.array_equal(hard_negative_pixels(x / 255.0, lung, lesion, window, pixel_mm=1.5), hard)
+
+
+def test_hard_negative_crops_are_centred_on_dense_tissue():
+    from ct_ai_node.training.train_infection import _batch, _compact
+
+    x = np.zeros((3, 128, 128), np.uint8)
+    x[1, 100:104, 100:104] = 255  # the only dense tissue, marked as a hard negative
+    lesion = np.zeros((3, 128, 128), bool)
+    hard = x > 0
+    case = _compact({"x": x, "lesion": lesion, "inside": np.ones_like(lesion), "kind": np.array("normal"),
+                     "seed": np.int64(1)}, hard)
+    table = np.array([[0, 1]] * 16)
+    rng = np.random.default_rng(0)
+
+    def share_with_the_hard_pixels(slots) -> float:
+        xb, yb, mb = _batch([case], table, np.arange(16), 32, rng, slots)
+        assert not yb.any()  # a hard negative is not lesion
+        assert set(mb.unique().tolist()) == {1.0}  # the "inside" flag only
+        return (xb[:, 1] > 0.99).flatten(1).any(1).float().mean().item()
+
+    assert share_with_the_hard_pixels(np.ones(16, bool)) == 1.0
+    assert share_with_the_hard_pixels(np.zeros(16, bool)) < 0.5  # random crops of a 128 px plane
+
+
+def test_crop_centres_drawn_by_focus_find_small_foci_as_often_as_large_ones():
+    from ct_ai_node.training.train_infection import _pick_focus_pixel
+
+    region = np.zeros((64, 64), bool)
+    region[5:45, 5:45] = True  # a large focus: 1600 pixels
+    region[55:57, 55:57] = True  # a small one: 4 pixels
+    rng = np.random.default_rng(0)
+
+    def small_share(by_focus: bool) -> float:
+        return float(np.mean([_pick_focus_pixel(region, rng, by_focus)[0] >= 55 for _ in range(400)]))
+
+    assert 0.4 < small_share(True) < 0.6
+    assert small_share(False) < 0.05

@@ -22,13 +22,13 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from ct_ai_node.ingress import AllowedCaller, ScpSettings, StorageSCP, TlsSettings
 from ct_ai_node.ingress.scp import _Whitelist
-from ct_ai_node.peers import free_port, nodelay_env, wait_for_port
+from ct_ai_node.peers import dcmtk_tool, free_port, nodelay_env, wait_for_port
 from ct_ai_node.spool import Spool, series_key
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_series" / "normal"
 
-pytestmark = pytest.mark.skipif(shutil.which("storescu") is None or shutil.which("echoscu") is None,
+pytestmark = pytest.mark.skipif(dcmtk_tool("storescu") is None or dcmtk_tool("echoscu") is None,
                                 reason="DCMTK (storescu, echoscu) not installed: run `make test`")
 
 
@@ -61,7 +61,7 @@ def node(tmp_path):
 
 
 def storescu(port: int, paths, aet: str = "PACS", *extra: str) -> subprocess.CompletedProcess:
-    cmd = ["storescu", "-v", "-aet", aet, "-aec", "CTAI", *extra, "127.0.0.1", str(port), *map(str, paths)]
+    cmd = [dcmtk_tool("storescu") or "storescu", "-v", "-aet", aet, "-aec", "CTAI", *extra, "127.0.0.1", str(port), *map(str, paths)]
     return subprocess.run(cmd, env=nodelay_env(), capture_output=True, text=True, timeout=60)
 
 
@@ -88,7 +88,7 @@ def wait_until(cond, timeout_s: float = 5.0) -> bool:
 
 
 def test_echoscu(node):
-    res = subprocess.run(["echoscu", "-aet", "PACS", "-aec", "CTAI", "127.0.0.1", str(node.scp.port)],
+    res = subprocess.run([dcmtk_tool("echoscu") or "echoscu", "-aet", "PACS", "-aec", "CTAI", "127.0.0.1", str(node.scp.port)],
                          env=nodelay_env(), capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr
 
@@ -238,7 +238,7 @@ def test_idle_connects_do_not_starve_real_callers(node):
     try:
         time.sleep(0.2)
         t = time.monotonic()
-        res = subprocess.run(["echoscu", "-aet", "PACS", "-aec", "CTAI", "127.0.0.1", str(node.scp.port)],
+        res = subprocess.run([dcmtk_tool("echoscu") or "echoscu", "-aet", "PACS", "-aec", "CTAI", "127.0.0.1", str(node.scp.port)],
                              env=nodelay_env(), capture_output=True, text=True, timeout=30)
         assert res.returncode == 0, res.stdout + res.stderr
         assert time.monotonic() - t < 3

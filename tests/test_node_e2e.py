@@ -16,14 +16,14 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from ct_ai_node.jobqueue import JobState
-from ct_ai_node.peers import Orthanc, StoreSCP, free_port
+from ct_ai_node.peers import dcmtk_tool, Orthanc, StoreSCP, free_port
 from ct_ai_node.spool import Spool
 from helpers_dicom import write_ct_series
 from node_harness import CHEST_RULE, SAMPLE_COVID, NodeProcess, dcmtk, node_config
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (shutil.which("storescu") and (shutil.which("Orthanc") or Path("/usr/sbin/Orthanc").exists())),
+    pytest.mark.skipif(not (dcmtk_tool("storescu") and (shutil.which("Orthanc") or Path("/usr/sbin/Orthanc").exists())),
                        reason="DCMTK or Orthanc not installed (make test installs them)"),
 ]
 

@@ -8,7 +8,6 @@ process, the Storage SCP on loopback with pynetdicom and DCMTK storescu, and, at
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -28,7 +27,7 @@ from ct_ai_node.ingress import ScpSettings, StorageSCP
 from ct_ai_node.jobqueue import JobState, SqliteJobQueue
 from ct_ai_node.node.dispatcher import Dispatcher, RouteFailed, implausible_size, route_series
 from ct_ai_node.node.status import _page, snapshot
-from ct_ai_node.peers import StoreSCP, free_port
+from ct_ai_node.peers import dcmtk_tool, StoreSCP, free_port
 from ct_ai_node.spool import InstanceMeta, Spool
 from ct_ai_node.spool.dicomfile import read_header
 from ct_ai_node.spool.store import instance_file_name
@@ -37,7 +36,7 @@ from node_harness import CHEST_RULE, SAMPLE_COVID, NodeProcess, dcmtk, node_conf
 LONG_UID = "1.2.826.0.1.3680043.8.498." + "1234567890" * 4 + "1234"  # 70 characters
 assert len(LONG_UID) == 70
 
-needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None or shutil.which("storescp") is None,
+needs_dcmtk = pytest.mark.skipif(dcmtk_tool("storescu") is None or dcmtk_tool("storescp") is None,
                                  reason="DCMTK not installed (make test installs it)")
 
 
@@ -357,7 +356,7 @@ def test_70_character_uid_gets_a_status_from_pynetdicom_and_dcmtk(scp, tmp_path)
     assert instance_file_name(LONG_UID) in stored
     assert str(pydicom.dcmread(stored[instance_file_name(LONG_UID)]).SOPInstanceUID) == LONG_UID
 
-    if shutil.which("storescu"):
+    if dcmtk_tool("storescu"):
         # DCMTK cuts the request's UID to 64 characters; the data set keeps all 70
         other = _with_sop_uid(written.paths[0], tmp_path / "dcmtk" / "c.dcm", LONG_UID[:-1] + "7")
         sent = dcmtk("storescu", "-v", "-aet", "PACS", "-aec", "CTAI", "127.0.0.1", str(scp.port), str(other),

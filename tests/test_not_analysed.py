@@ -24,7 +24,7 @@ from pydicom.uid import generate_uid
 from ct_ai_node.config import NodeConfig
 from ct_ai_node.jobqueue import FINAL_STATES, JobState, SqliteJobQueue
 from ct_ai_node.node.dispatcher import _job_payload
-from ct_ai_node.peers import Orthanc, StoreSCP, free_port
+from ct_ai_node.peers import dcmtk_tool, Orthanc, StoreSCP, free_port
 from ct_ai_node.rules.routing import SeriesFacts, describe_action, route
 from ct_ai_node.spool import InstanceMeta, Spool
 from ct_ai_node.writers.common import lo
@@ -249,7 +249,7 @@ def _orthanc_study(orthanc: Orthanc, study_uid: str) -> list[pydicom.Dataset]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (shutil.which("storescu") and (shutil.which("Orthanc") or Path("/usr/sbin/Orthanc").exists())),
+@pytest.mark.skipif(not (dcmtk_tool("storescu") and (shutil.which("Orthanc") or Path("/usr/sbin/Orthanc").exists())),
                     reason="DCMTK or Orthanc not installed (make test installs them)")
 def test_node_sends_not_analysed_notice_to_orthanc_unless_switched_off(tmp_path):
     """Two 5-slice CT series, each matched by an analyse rule without an instance-count

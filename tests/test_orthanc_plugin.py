@@ -3,7 +3,6 @@ series to the node; the node's results come back into the same study in Orthanc.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pydicom
 import pytest
 
 from ct_ai_node.jobqueue import JobState
-from ct_ai_node.peers import Orthanc, free_port
+from ct_ai_node.peers import dcmtk_tool, Orthanc, free_port
 from node_harness import CHEST_RULE, REPO, SAMPLE_COVID, NodeProcess, dcmtk, node_config
 
 PLUGIN = REPO / "orthanc" / "ctai_autoroute.py"
@@ -20,7 +19,7 @@ PLUGIN = REPO / "orthanc" / "ctai_autoroute.py"
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not Path("/usr/share/orthanc/plugins/libOrthancPython.so").exists()
-                       or not shutil.which("storescu"),
+                       or not dcmtk_tool("storescu"),
                        reason="orthanc-python or DCMTK not installed (make test installs them)"),
 ]
 

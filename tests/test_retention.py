@@ -5,7 +5,6 @@ receiving 10 studies into a small spool quota while an undelivered study stays."
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pynetdicom.sop_class import CTImageStorage
 from ct_ai_node.config import ConfigError, RetentionSection, parse_config
 from ct_ai_node.jobqueue import Job, JobState, SqliteJobQueue
 from ct_ai_node.node.retention import Retention, plan_retention
+from ct_ai_node.peers import dcmtk_tool
 from ct_ai_node.spool import InstanceMeta, SeriesRecord, Spool, read_header
 from ct_ai_node.spool import store as store_module
 
@@ -338,7 +338,7 @@ def test_scp_makes_room_before_answering_a700(site):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("storescp") is None, reason="DCMTK storescp not installed: run `make test`")
+@pytest.mark.skipif(dcmtk_tool("storescp") is None, reason="DCMTK storescp not installed: run `make test`")
 def test_node_receives_ten_studies_into_a_small_spool_and_keeps_undelivered_work(tmp_path):
     """10 studies in a row over C-STORE into a spool quota that holds about 4: each is analysed
     and delivered, none is refused (the oldest delivered series make room), and an earlier

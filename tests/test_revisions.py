@@ -17,7 +17,7 @@ from ct_ai_node.node.revisions import (
     instance_fingerprint,
     plan_revision,
 )
-from ct_ai_node.peers import Orthanc, free_port
+from ct_ai_node.peers import dcmtk_tool, Orthanc, free_port
 from ct_ai_node.writers import build_outputs
 from ct_ai_node.writers.common import ReportRef, ResultUids
 from helpers_writers import dciodvfy_errors, make_ct_series, make_result, make_volume
@@ -101,7 +101,7 @@ def _send(port: int, files: list[Path]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (shutil.which("storescu") and (shutil.which("Orthanc") or Path("/usr/sbin/Orthanc").exists())),
+@pytest.mark.skipif(not (dcmtk_tool("storescu") and (shutil.which("Orthanc") or Path("/usr/sbin/Orthanc").exists())),
                     reason="DCMTK or Orthanc not installed (make test installs them)")
 def test_resent_series_gives_one_result_set_and_late_instances_a_second_revision(tmp_path):
     files = sorted(SAMPLE_COVID.glob("*.dcm"))

@@ -6,10 +6,14 @@ the dilated lungs) together with its lesion mask, and cached (``settings.cache_d
 one compressed ``.npz`` per seed, keyed by the preparation settings and the phantom shape.
 
 Training samples are planes with their two neighbours as channels, randomly cropped
-(``crop`` px; crops of planes with lesion are centred near a lesion pixel) and augmented
+(``crop`` px; crops of planes with lesion are centred near a pixel of one of its foci, the
+focus drawn first, ``centre_by_focus``) and augmented
 (affine, scanner variation). Half of each batch (``lesion_plane_fraction``) comes from
-planes with lesion; the others from all planes, normal phantoms included, so the network
-learns what is not infection (vessels, nodules, atelectasis, emphysema). Loss: soft Dice
+planes with lesion; a quarter (``hard_negative_fraction``) is centred on dense tissue inside
+the lungs that is not lesion (:func:`hard_negative_pixels`: masses, atelectasis, dependent
+density, the stomach or diaphragm where the lung mask reaches too far), which random crops
+rarely hit; the rest from all planes, normal phantoms included, so the network learns what
+is not infection (vessels, nodules, atelectasis, emphysema). Loss: soft Dice
 (over the batch) + BCE. Validation: lesion Dice on whole validation phantoms at the
 network's resolution, for several thresholds; the best one is stored with the weights.
 
@@ -85,6 +89,15 @@ class InfectionTrainSettings:
     weight_decay: float = 1e-4
     #: share of every batch drawn from planes that contain lesion
     lesion_plane_fraction: float = 0.5
+    #: share of every batch centred on dense tissue in the lungs that is not lesion
+    #: (:func:`hard_negative_pixels`); 0 samples those planes only by chance
+    hard_negative_fraction: float = 0.25
+    #: what counts as dense: mean HU over ``hard_negative_mm`` square at least this
+    hard_negative_hu: float = -450.0
+    hard_negative_mm: float = 7.5
+    #: centre a crop on a focus drawn uniformly among the plane's lesion foci (small foci
+    #: as often as large ones), not on a pixel drawn uniformly
+    centre_by_focus: bool = True
     dice_weight: float = 1.0
     bce_weight: float = 1.0
     augment: bool = True
@@ -195,14 +208,75 @@ def _crop_origin(size: int, crop: int, centre: int | None, rng: np.random.Genera
     return int(np.clip(centre - crop // 2 + jitter, 0, size - crop))
 
 
-def _compact(case: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A training case in two bytes per pixel: x and flags (bit 0 lesion, bit 1 inside)."""
+def hard_negative_pixels(x: np.ndarray, lung: np.ndarray, lesion: np.ndarray, window_hu: tuple[float, float],
+                         pixel_mm: float, min_hu: float = -450.0, size_mm: float = 7.5) -> np.ndarray:
+    """Pixels (K, H, W) of prepared planes where the lungs hold dense tissue that is not
+    lesion: the mean HU over a ``size_mm`` square is at least ``min_hu`` (wider than most
+    vessels, so masses, atelectasis, dependent density and whatever soft tissue the lung
+    mask took in), at least two pixels away from any lesion. ``x`` is the network input
+    in [0, 1] or uint8 (0-255) on ``window_hu``."""
+    from scipy import ndimage
+
+    lo, hi = window_hu
+    scale = 255.0 if x.dtype == np.uint8 else 1.0
+    level = (min_hu - lo) / (hi - lo) * scale
+    size = max(int(round(size_mm / pixel_mm)), 1)
+    # the mean over the lung pixels of the square only: at the lungs' edge the chest wall
+    # and mediastinum would otherwise make every border pixel "dense"
+    w = lung.astype(np.float32)
+    total = ndimage.uniform_filter(x.astype(np.float32) * w, size=(1, size, size), mode="constant")
+    share = ndimage.uniform_filter(w, size=(1, size, size), mode="constant")
+    dense = (total >= level * np.maximum(share, 1e-6)) & (share >= 0.5)
+    near_lesion = ndimage.binary_dilation(lesion, structure=np.ones((1, 5, 5), bool)) if lesion.any() else lesion
+    return dense & lung & ~near_lesion
+
+
+def _compact(case: dict[str, np.ndarray], hard: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """A training case in two bytes per pixel: x and flags (bit 0 lesion, bit 1 inside,
+    bit 2 hard negative)."""
     flags = case["lesion"].astype(np.uint8) | (case["inside"].astype(np.uint8) << 1)
+    if hard is not None:
+        flags |= hard.astype(np.uint8) << 2
     return {"x": case["x"], "flags": flags, "kind": case["kind"], "seed": case["seed"]}
 
 
-def _batch(cases, table: np.ndarray, rows: np.ndarray, crop: int, rng: np.random.Generator):
-    """(x (n, 3, crop, crop) float in [0, 1], lesion (n, 1, ...), inside (n, 1, ...))."""
+def _compact_with_hard_negatives(settings: "InfectionTrainSettings"):
+    """The ``load_cases`` transform of training cases: :func:`_compact` with the hard
+    negatives of ``settings`` flagged (none when ``hard_negative_fraction`` is 0)."""
+
+    def transform(case: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        hard = None
+        if settings.hard_negative_fraction > 0:
+            # planes have pixel_mm pixels unless the lungs' box is wider than max_size of
+            # them (rare; the square is then a little wider in mm)
+            hard = hard_negative_pixels(case["x"], case["lung"], case["lesion"], settings.input.hu_window,
+                                        settings.input.pixel_mm, settings.hard_negative_hu, settings.hard_negative_mm)
+        return _compact(case, hard)
+
+    return transform
+
+
+def _pick_focus_pixel(region: np.ndarray, rng: np.random.Generator, by_focus: bool) -> tuple[int, int]:
+    """A pixel of ``region`` (2D bool): of a focus (connected part) drawn uniformly when
+    ``by_focus``, so that a small focus beside a large one is the centre as often;
+    otherwise uniformly over all pixels."""
+    if by_focus:
+        from scipy import ndimage
+
+        labels, n = ndimage.label(region)
+        if n > 1:
+            region = labels == int(rng.integers(1, n + 1))
+    ys, xs = np.nonzero(region)
+    i = int(rng.integers(ys.size))
+    return int(ys[i]), int(xs[i])
+
+
+def _batch(cases, table: np.ndarray, rows: np.ndarray, crop: int, rng: np.random.Generator,
+           hard: np.ndarray | None = None, by_focus: bool = False):
+    """(x (n, 3, crop, crop) float in [0, 1], lesion (n, 1, ...), inside (n, 1, ...)).
+    Crops of a plane with lesion are centred near a lesion pixel, those where ``hard`` is
+    true near a hard-negative pixel (flag bit 2), the others anywhere; ``by_focus``: the
+    centre's focus is drawn first (:func:`_pick_focus_pixel`)."""
     n = len(rows)
     x = np.zeros((n, 3, crop, crop), np.float32)
     y = np.zeros((n, 1, crop, crop), np.float32)
@@ -213,16 +287,15 @@ def _batch(cases, table: np.ndarray, rows: np.ndarray, crop: int, rng: np.random
         _, H, W = case["x"].shape
         cy = cx = None
         les = (case["flags"][k] & 1).astype(bool)
-        if les.any():
-            ys, xs = np.nonzero(les)
-            i = int(rng.integers(ys.size))
-            cy, cx = int(ys[i]), int(xs[i])
+        centre_on = (case["flags"][k] & 4).astype(bool) if hard is not None and hard[j] else les
+        if centre_on.any():
+            cy, cx = _pick_focus_pixel(centre_on, rng, by_focus)
         y0, x0 = _crop_origin(H, crop, cy, rng), _crop_origin(W, crop, cx, rng)
         h, w = min(crop, H), min(crop, W)
         stack = plane_stack(case["x"], np.array([k])).numpy()[0]
         x[j, :, :h, :w] = stack[:, y0 : y0 + h, x0 : x0 + w] / 255.0
         y[j, 0, :h, :w] = les[y0 : y0 + h, x0 : x0 + w]
-        m[j, 0, :h, :w] = case["flags"][k, y0 : y0 + h, x0 : x0 + w] >> 1
+        m[j, 0, :h, :w] = (case["flags"][k, y0 : y0 + h, x0 : x0 + w] >> 1) & 1
     return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m)
 
 
@@ -337,7 +410,7 @@ def train_infection_unet(seeds_train: Iterable[int], seeds_val: Iterable[int],
     t0 = time.time()
     prog, adv = _progress(progress, len(seeds_train) + len(seeds_val), "prepare infection phantoms")
     with prog:
-        train = load_cases(seeds_train, s, adv, transform=_compact)
+        train = load_cases(seeds_train, s, adv, transform=_compact_with_hard_negatives(s))
         val = load_cases(seeds_val, s, adv)
     t_data = time.time() - t0
 
@@ -345,8 +418,12 @@ def train_infection_unet(seeds_train: Iterable[int], seeds_val: Iterable[int],
     table = np.array([(c, k) for c, case in enumerate(train) for k in range(case["x"].shape[0])], dtype=np.int64)
     has_lesion = np.array([bool((train[c]["flags"][k] & 1).any()) for c, k in table])
     lesion_rows = np.flatnonzero(has_lesion)
+    hard_rows = np.flatnonzero([bool((train[c]["flags"][k] & 4).any()) for c, k in table])
     steps_per_epoch = s.steps_per_epoch or max(1, len(table) // s.batch_size)
     n_les = int(round(s.batch_size * s.lesion_plane_fraction)) if lesion_rows.size else 0
+    n_hard = min(int(round(s.batch_size * s.hard_negative_fraction)), s.batch_size - n_les) if hard_rows.size else 0
+    hard_slots = np.zeros(s.batch_size, bool)
+    hard_slots[n_les:n_les + n_hard] = True
 
     torch.manual_seed(s.seed)
     rng = np.random.default_rng(s.seed)
@@ -368,7 +445,10 @@ def train_infection_unet(seeds_train: Iterable[int], seeds_val: Iterable[int],
                 rows = rng.integers(0, len(table), s.batch_size)
                 if n_les:
                     rows[:n_les] = rng.choice(lesion_rows, n_les)
-                xb, yb, mb = (t.to(device, non_blocking=True) for t in _batch(train, table, rows, s.crop, rng))
+                if n_hard:
+                    rows[n_les:n_les + n_hard] = rng.choice(hard_rows, n_hard)
+                xb, yb, mb = (t.to(device, non_blocking=True)
+                              for t in _batch(train, table, rows, s.crop, rng, hard_slots, s.centre_by_focus))
                 if s.augment:
                     xb = scanner_variation_3ch(xb, mb, window)
                     xb, yb = random_affine(xb, yb)
@@ -392,6 +472,7 @@ def train_infection_unet(seeds_train: Iterable[int], seeds_val: Iterable[int],
         "val_cases": len(val),
         "train_planes": int(len(table)),
         "train_planes_with_lesion": int(lesion_rows.size),
+        "train_planes_with_hard_negatives": int(hard_rows.size),
         "steps": int(total),
         "loss_by_epoch": [round(v, 5) for v in losses],
         "val": val_metrics,
