@@ -29,5 +29,10 @@ class ModelError(CtAiNodeError):
     """Model weights are missing, corrupt or do not fit the network."""
 
 
+class WeightsMissing(ModelError):
+    """A weights file is absent (a pipeline without weights), as opposed to present and
+    refused (wrong hash, unreadable, another network), which must never pass silently."""
+
+
 class OutputError(CtAiNodeError):
     """A result object (SEG, SC, SR) could not be built."""

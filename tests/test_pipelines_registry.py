@@ -93,6 +93,28 @@ def test_cached_lungs_segment_each_phantom_once():
     assert len(calls) == 2
 
 
+def test_ensemble_leaves_out_a_member_without_weights_but_refuses_a_damaged_one(tmp_path):
+    """A pipeline whose weights are absent is not a member; one whose weight file fails its
+    SHA-256 check stops the ensemble with the file's name, never passes silently."""
+    import shutil
+
+    from ct_ai_node.models.weights import BUNDLED_WEIGHTS
+    from ct_ai_node.pipeline.methods import create_method
+
+    folder = tmp_path / "weights"
+    shutil.copytree(BUNDLED_WEIGHTS, folder)
+    (folder / "method_b_attention.safetensors").unlink()
+    members = create_method("ensemble", "cpu", folder).members
+    assert "ctnet" not in members and {"radlogics", "resnext-lstm"} <= set(members)
+
+    damaged = folder / "method_d_resnext_lstm.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="method_d_resnext_lstm.safetensors: SHA-256"):
+        create_method("ensemble", "cpu", folder)
+
+
 def test_compared_ensemble_reuses_its_members_outputs():
     """In a side-by-side evaluation each member runs once per phantom: its own row and
     the ensemble get the same kept output."""

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ct_ai_node.errors import ModelError
+from ct_ai_node.errors import ModelError, WeightsMissing
 from ct_ai_node.models.networks import build
 
 logger = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def load_model(name: str, folder: Path | None = None, device: torch.device | str
     folder = Path(folder) if folder else BUNDLED_WEIGHTS
     path = folder / f"{name}.safetensors"
     if not path.is_file():
-        raise ModelError(f"weights {path.name} not found in {folder}; run `ct-ai-node train` or bring weights")
+        raise WeightsMissing(f"weights {path.name} not found in {folder}; run `ct-ai-node train` or bring weights")
     expected = read_manifest(folder).get(path.name)
     if expected is None:
         raise ModelError(f"{path.name} is not listed in {folder / MANIFEST}")

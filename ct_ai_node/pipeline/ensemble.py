@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ct_ai_node import __version__
-from ct_ai_node.errors import ModelError
+from ct_ai_node.errors import ModelError, WeightsMissing
 from ct_ai_node.pipeline.methods import PIPELINES, MethodOutput, create_method, register_pipeline
 from ct_ai_node.pipeline.slice_input import lung_slice_indices
 from ct_ai_node.pipeline.types import AlgorithmInfo
@@ -74,8 +74,8 @@ def ensemble_members(device: torch.device, weights_dir: Path | None) -> dict[str
             continue
         try:
             members[name] = create_method(name, device, weights_dir)
-        except ModelError:
-            continue  # weights not present: not a member
+        except WeightsMissing:
+            continue  # no weights: not a member. Weights present but refused (hash, damage) raise
     return members
 
 

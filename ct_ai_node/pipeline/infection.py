@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ct_ai_node.errors import ModelError
+from ct_ai_node.errors import ModelError, WeightsMissing
 from ct_ai_node.models import net_infection  # noqa: F401  (registers "infection_unet")
 from ct_ai_node.models.net_infection import ARCHITECTURE, CONTEXT_PLANES, SIZE_MULTIPLE
 from ct_ai_node.models.weights import BUNDLED_WEIGHTS, LoadedModel, load_model
@@ -301,7 +301,7 @@ def create_infection_segmenter(device: torch.device | str = "cpu",
     weights when None), hash-checked. Raises :class:`ModelError` when they are missing."""
     folder = Path(weights_dir) if weights_dir else BUNDLED_WEIGHTS
     if not (folder / f"{WEIGHTS_NAME}.safetensors").is_file():
-        raise ModelError(f"infection U-Net weights {WEIGHTS_NAME}.safetensors not found in {folder}; train them with "
+        raise WeightsMissing(f"infection U-Net weights {WEIGHTS_NAME}.safetensors not found in {folder}; train them with "
                          "ct_ai_node.training.train_infection.train_infection_unet")
     loaded = load_model(WEIGHTS_NAME, folder, device)
     if loaded.metadata.get("architecture") != ARCHITECTURE:

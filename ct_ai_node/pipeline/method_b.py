@@ -44,7 +44,7 @@ from monai.visualize import GradCAM, GradCAMpp, OcclusionSensitivity
 from torch import nn
 
 from ct_ai_node import __version__
-from ct_ai_node.errors import ModelError
+from ct_ai_node.errors import ModelError, WeightsMissing
 from ct_ai_node.models import net_b  # noqa: F401  (registers "residual_attention_2d" for load_model)
 from ct_ai_node.models.net_b import ARCHITECTURE, CAM_LAYER
 from ct_ai_node.models.weights import BUNDLED_WEIGHTS, LoadedModel, load_model
@@ -292,7 +292,7 @@ def load_method_b(device: torch.device | str = "cpu", weights_dir: Path | None =
     device = torch.device(device)
     folder = Path(weights_dir) if weights_dir else BUNDLED_WEIGHTS
     if not (folder / f"{WEIGHTS_NAME}.safetensors").is_file():
-        raise ModelError(f"method B weights {WEIGHTS_NAME}.safetensors not found in {folder}; train them with "
+        raise WeightsMissing(f"method B weights {WEIGHTS_NAME}.safetensors not found in {folder}; train them with "
                          "ct_ai_node.training.train_b.train_method_b or bring weights")
     loaded = load_model(WEIGHTS_NAME, folder, device)
     arch = loaded.metadata.get("architecture")

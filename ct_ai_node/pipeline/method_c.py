@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 
 from ct_ai_node import __version__
-from ct_ai_node.errors import InputRejected, ModelError
+from ct_ai_node.errors import InputRejected, ModelError, WeightsMissing
 from ct_ai_node.models import net_c  # importing it registers the architecture for load_model
 from ct_ai_node.models.weights import BUNDLED_WEIGHTS, LoadedModel, load_model
 from ct_ai_node.pipeline.geometry import bounding_box, dilate_slices, resize_stack
@@ -312,7 +312,7 @@ def load_method_c(device: torch.device | str = "cpu", weights_dir: Path | None =
     folder = Path(weights_dir) if weights_dir else BUNDLED_WEIGHTS
     missing = [n for n in (WEIGHTS_NAME_US, WEIGHTS_NAME_SS) if not (folder / f"{n}.safetensors").is_file()]
     if missing:
-        raise ModelError(f"method C weights {', '.join(m + '.safetensors' for m in missing)} not found in {folder}; "
+        raise WeightsMissing(f"method C weights {', '.join(m + '.safetensors' for m in missing)} not found in {folder}; "
                          "train them (ct_ai_node.training.train_c) or bring weights")
     us = load_model(WEIGHTS_NAME_US, weights_dir, device)
     ss = load_model(WEIGHTS_NAME_SS, weights_dir, device)
