@@ -27,6 +27,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     StrictBool,
     ValidationError,
     field_validator,
@@ -284,8 +285,9 @@ class RetentionSection(_Model):
 
 class _Credentials(_Model):
     username: Optional[str] = None
-    #: kept out of repr so that a logged config does not show it
-    password: Optional[str] = Field(None, repr=False)
+    #: a secret: never in repr, logs or JSON dumps ("**********"); the egress unwraps it.
+    #: Child processes get the config pickled (a pipe), not dumped, so they keep it.
+    password: Optional[SecretStr] = Field(None, repr=False)
 
     @model_validator(mode="after")
     def _both_or_neither(self) -> "_Credentials":

@@ -323,6 +323,34 @@ def test_password_not_in_repr():
     assert cfg.destinations[0].url == "https://h/dw"  # trailing slash dropped: paths are appended
 
 
+def _password_seen_by_a_spawned_child(cfg, out) -> None:
+    from ct_ai_node.egress.factory import destination_from_config
+
+    out.put(destination_from_config(cfg.destinations[0]).auth)
+
+
+def test_destination_password_is_a_secret_that_workers_still_receive():
+    import multiprocessing
+
+    from ct_ai_node.egress.factory import destination_from_config
+
+    cfg = parse_config({"destinations": [{"name": "web", "kind": "stow", "url": "https://h/dw",
+                                          "username": "u", "password": "s3cret"}]})
+    # never in a JSON dump, str or repr (the node logs and hands configs around)
+    assert "s3cret" not in cfg.model_dump_json() and "s3cret" not in str(cfg) and "s3cret" not in repr(cfg)
+    assert destination_from_config(cfg.destinations[0]).auth == ("u", "s3cret")
+    # the node starts its workers and router with "spawn" and the config pickled: the
+    # secret arrives (a JSON hand-off would have given them "**********")
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    child = ctx.Process(target=_password_seen_by_a_spawned_child, args=(cfg, out))
+    child.start()
+    try:
+        assert out.get(timeout=60) == ("u", "s3cret")
+    finally:
+        child.join(timeout=30)
+
+
 def test_config_is_immutable():
     cfg = default_config()
     with pytest.raises(Exception):

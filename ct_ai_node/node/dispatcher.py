@@ -171,12 +171,11 @@ def _limit_memory(extra_mb: int) -> None:
         pass  # not Linux: the time bound still holds
 
 
-def _router_main(conn, config_json: str, router: Router, memory_mb: int, log_level: int) -> None:
+def _router_main(conn, config: NodeConfig, router: Router, memory_mb: int, log_level: int) -> None:
     from ct_ai_node.node.worker import _die_with_parent
 
     _die_with_parent()
     configure_logging(log_level, "%(asctime)s router %(levelname)s %(name)s: %(message)s")
-    config = NodeConfig.model_validate_json(config_json)
     _limit_memory(memory_mb)
     conn.send(("ready", None))
     while True:
@@ -212,7 +211,8 @@ class RouterProcess:
 
     def __init__(self, config: NodeConfig, router: Router = route_series, *, memory_mb: int = ROUTER_MEMORY_MB,
                  log_level: int = logging.WARNING):
-        self._config_json = config.model_dump_json()
+        # handed to the child pickled (through a pipe), not as JSON: a JSON dump masks secrets
+        self._config = config
         self._router = router
         self._memory_mb = memory_mb
         self._log_level = log_level
@@ -225,7 +225,7 @@ class RouterProcess:
     def _start(self):
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(target=_router_main, name="ctai-router", daemon=True,
-                                 args=(child, self._config_json, self._router, self._memory_mb, self._log_level))
+                                 args=(child, self._config, self._router, self._memory_mb, self._log_level))
         proc.start()
         child.close()
         with self._lock:

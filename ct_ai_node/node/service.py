@@ -105,7 +105,7 @@ class Node:
         # and stop() ends it
         owner = f"{self.config.node.ae_title}-w{index}"
         proc = self._ctx.Process(target=worker_process_main, name=owner,
-                                 args=(self.config.model_dump_json(), owner, self.log_level))
+                                 args=(self.config, owner, self.log_level))
         proc.start()
         return proc
 

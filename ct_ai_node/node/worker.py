@@ -334,17 +334,15 @@ def _report_in(out: Path):
     return ReportRef.of(pydicom.dcmread(path, stop_before_pixels=True))
 
 
-def worker_process_main(config_json: str, owner: str, log_level: int = logging.INFO) -> None:
-    """Entry point of a worker process (spawned by the node)."""
+def worker_process_main(config: NodeConfig, owner: str, log_level: int = logging.INFO) -> None:
+    """Entry point of a worker process (spawned by the node; ``config`` arrives pickled,
+    secrets included, which a JSON dump would mask)."""
     import signal
-
-    from ct_ai_node.config import NodeConfig
 
     _die_with_parent()
     configure_logging(log_level, f"%(asctime)s {owner} %(levelname)s %(name)s: %(message)s")
     # SIGTERM stops the loop; SIGINT is ignored (the node stops its workers itself)
     stop = StopSignals((signal.SIGTERM,), ignored=(signal.SIGINT,)).install()
-    config = NodeConfig.model_validate_json(config_json)
     _preload()
     worker = Worker(config, owner)
     worker.exit_on_overrun = True
