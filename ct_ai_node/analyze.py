@@ -119,14 +119,17 @@ def analyze_folder(input_dir: Path, out_dir: Path, options: AnalyzeOptions | Non
             written = write_outputs(volume, result, out_dir, series_number_base=opts.series_number_base,
                                     parallel=opts.parallel_writers, uids=uids)
     except InputRejected as exc:
-        logger.info("analysis rejected: %s", exc.reason)
+        # reasons name series by number and description (free text): result.json has them
+        logger.info("analysis rejected (reason in result.json)")
+        logger.debug("analysis rejected: %s", exc.reason)
         doc = ResultDocument(status="rejected", reason=exc.reason, pipeline=opts.pipeline, version=__version__,
                              timings_s=timings)
         write_result(doc, out_dir)
         return doc
     except CtAiNodeError as exc:
         reason = " ".join(str(exc).split())
-        logger.error("analysis failed: %s", reason)
+        logger.error("analysis failed: %s (reason in result.json)", type(exc).__name__)
+        logger.debug("analysis failed: %s", reason)
         doc = ResultDocument(status="failed", reason=reason, pipeline=opts.pipeline, version=__version__,
                              timings_s=timings)
         write_result(doc, out_dir)

@@ -8,6 +8,7 @@ process, the Storage SCP on loopback with pynetdicom and DCMTK storescu, and, at
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import textwrap
@@ -168,7 +169,7 @@ def test_a_series_whose_routing_never_ends_fails_and_the_others_are_routed(parts
         dispatcher.close()
 
 
-def test_raising_implausible_and_unreadable_series_fail_with_a_reason(parts, tmp_path):
+def test_raising_implausible_and_unreadable_series_fail_with_a_reason(parts, tmp_path, caplog):
     config, spool, queue = parts
     keys = {}
     boom = write_ct_series(tmp_path / "boom", n=1, rows=16, cols=16, description="BOOM")
@@ -184,9 +185,15 @@ def test_raising_implausible_and_unreadable_series_fail_with_a_reason(parts, tmp
 
     dispatcher = Dispatcher(config, spool, queue, clock=_later, router=raise_on_boom_series)
     try:
-        report = dispatcher.tick()
+        with caplog.at_level(logging.INFO, logger="ct_ai_node"):
+            report = dispatcher.tick()
     finally:
         dispatcher.close()
+    # logs above DEBUG name series by a hash, and leave reasons (free text) on the series
+    uid_tails = [spool.get_series(k).series_instance_uid[-12:] for k in keys.values()]
+    assert caplog.records and all(r.levelno >= logging.INFO for r in caplog.records)
+    for text in ("BOOM", "EAT", "Test^Patient", *uid_tails):
+        assert text not in caplog.text, text
     assert report.routed == [keys["good"]]
     assert sorted(report.failed) == sorted(k for name, k in keys.items() if name != "good")
     reasons = {name: spool.get_series(key).reason for name, key in keys.items()}

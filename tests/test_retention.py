@@ -18,6 +18,7 @@ from pynetdicom.sop_class import CTImageStorage
 
 from ct_ai_node.config import ConfigError, RetentionSection, parse_config
 from ct_ai_node.jobqueue import Job, JobState, SqliteJobQueue
+from ct_ai_node.logs import series_ref
 from ct_ai_node.node.retention import Retention, plan_retention
 from ct_ai_node.peers import dcmtk_tool
 from ct_ai_node.spool import InstanceMeta, SeriesRecord, Spool, read_header
@@ -230,7 +231,8 @@ def test_run_once_removes_delivered_and_keeps_undelivered(site, caplog):
         assert len(list(site.spool.series_dir(key).glob("*.dcm"))) == 3
         assert (site.outbox / f"job-{job_id}" / "seg.dcm").is_file()
     info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and r.name.endswith("retention")]
-    assert f"series {delivered} removed (delivered; 3 files, " in info[0]
+    assert f"series {series_ref(delivered)} removed (delivered; 3 files, " in info[0]
+    assert delivered not in " ".join(info)  # the key holds the tail of the Series Instance UID
     assert all("Test^Patient" not in m and "TEST123456" not in m for m in caplog.messages)
 
     site.now += 2 * DAY  # past max_age_days: the dead work goes (a warning), the sending one never

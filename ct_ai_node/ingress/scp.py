@@ -447,7 +447,9 @@ class StorageSCP:
         try:
             stored = self.spool.store(encoded, meta)
         except Exception as exc:  # noqa: BLE001 - never answer success for an instance not on disk
-            log.error("C-STORE from %s failed (0xA700): %s: %s", calling_ae, type(exc).__name__, exc)
+            # the message can name the spool path (which holds a UID tail): DEBUG only
+            log.error("C-STORE from %s failed (0xA700): %s", calling_ae, type(exc).__name__)
+            log.debug("C-STORE from %s failed: %s", calling_ae, exc)
             return OUT_OF_RESOURCES
         with self._lock:
             state.series.add(stored.series_key)

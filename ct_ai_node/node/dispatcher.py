@@ -35,7 +35,7 @@ import pydicom
 
 from ct_ai_node.config import NodeConfig
 from ct_ai_node.jobqueue import JobState
-from ct_ai_node.logs import configure_logging
+from ct_ai_node.logs import configure_logging, series_ref
 from ct_ai_node.rules.completeness import check_ready
 from ct_ai_node.rules.routing import RoutedAction, RoutingDecision, describe_action, facts_from_datasets, route
 from ct_ai_node.spool import SeriesRecord, Spool
@@ -326,8 +326,10 @@ class Dispatcher:
                     self._route_series(rec, report)
                 except DispatcherStopped:
                     break
-                except Exception:  # the queue or the database: try again next tick
-                    logger.exception("routing series %s failed; trying again on the next tick", rec.key)
+                except Exception as exc:  # the queue or the database: try again next tick
+                    logger.error("routing series %s failed (%s); trying again on the next tick", series_ref(rec.key),
+                                 type(exc).__name__)
+                    logger.debug("series %s: routing failed", rec.key, exc_info=True)
         return report
 
     def close(self) -> None:
@@ -352,14 +354,16 @@ class Dispatcher:
             reason = " ".join(str(exc).split())[:300] or "routing failed"
             self._set_state(rec, "failed", reason)
             report.failed.append(rec.key)
-            logger.warning("series %s (%d instances from %s) failed after %.1f s: %s", rec.key, rec.instance_count,
-                           rec.calling_ae, time.monotonic() - started, reason)
+            # the reason may quote header values (a series description): kept on the series, DEBUG here
+            logger.warning("series %s (%d instances from %s) failed after %.1f s (reason on the series)",
+                           series_ref(rec.key), rec.instance_count, rec.calling_ae, time.monotonic() - started)
+            logger.debug("series %s failed: %s", rec.key, reason)
             return
         generation = f"{rec.instance_count}@{rec.last_received_at:.3f}"
         for line in decision.explanation:
             logger.debug("series %s: %s", rec.key, line)
         for action in decision.actions:
-            logger.info("series %s (%d instances from %s) complete, %s: %s", rec.key, rec.instance_count,
+            logger.info("series %s (%d instances from %s) complete, %s: %s", series_ref(rec.key), rec.instance_count,
                         rec.calling_ae, check.reason, describe_action(action))
             if action.action == "discard":
                 continue
@@ -382,7 +386,8 @@ class Dispatcher:
         # so it would not count as new: a new generation is routed once the series is quiet again
         if now is not None and (now.instance_count, now.last_received_at) != (rec.instance_count,
                                                                                rec.last_received_at):
-            logger.info("series %s: instances arrived while it was routed; it will be routed again", rec.key)
+            logger.info("series %s: instances arrived while it was routed; it will be routed again",
+                        series_ref(rec.key))
             self.spool.set_series_state(rec.key, "receiving")
 
     def close_parents(self) -> list[int]:

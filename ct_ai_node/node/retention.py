@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from ct_ai_node.config import RetentionSection
 from ct_ai_node.jobqueue import FINAL_STATES, Job, JobState
+from ct_ai_node.logs import series_ref
 from ct_ai_node.spool import SeriesRecord
 
 logger = logging.getLogger(__name__)
@@ -245,14 +246,16 @@ class Retention:
                     continue
             except OSError as exc:
                 report.skipped.append(removal.key)
-                logger.warning("retention: series %s could not be removed: %s", removal.key, exc)
+                logger.warning("retention: series %s could not be removed (%s)", series_ref(removal.key),
+                               type(exc).__name__)
+                logger.debug("retention: series %s could not be removed: %s", removal.key, exc)
                 continue
             report.removed.append(removal.key)
             report.spool_bytes += removal.bytes
             report.outbox_bytes += outbox
             level = logging.WARNING if removal.reason == "expired" else logging.INFO
             logger.log(level, "series %s removed (%s; %d files, %.1f MB; outbox of job(s) %s, %.1f MB)",
-                       removal.key, "undelivered past max_age_days" if removal.reason == "expired"
+                       series_ref(removal.key), "undelivered past max_age_days" if removal.reason == "expired"
                        else removal.reason + ("" if removal.due else ", early to make room"),
                        removal.files, removal.bytes / 2**20, ",".join(map(str, removal.job_ids)) or "-",
                        outbox / 2**20)

@@ -27,7 +27,7 @@ from typing import Callable
 
 from ct_ai_node.config import NodeConfig
 from ct_ai_node.jobqueue import Job, JobState, LeaseLost
-from ct_ai_node.logs import configure_logging
+from ct_ai_node.logs import configure_logging, series_ref
 from ct_ai_node.node.revisions import RevisionLog, instance_fingerprint
 from ct_ai_node.stop_signals import StopSignals
 
@@ -113,7 +113,9 @@ class Worker:
         except LeaseLost as exc:
             logger.warning("job %d: %s", job.id, exc)
         except Exception as exc:  # noqa: BLE001 - any failure becomes a retry, never a dead worker
-            logger.exception("job %d failed", job.id)
+            # the message may quote header values: on the job (its page), DEBUG here
+            logger.error("job %d failed: %s (message on the job)", job.id, type(exc).__name__)
+            logger.debug("job %d failed", job.id, exc_info=True)
             self._fail(job, f"{type(exc).__name__}: {exc}", retryable=True)
         return job
 
@@ -152,7 +154,8 @@ class Worker:
         try:
             self.queue.fail(job.id, reason, retryable=retryable, owner=self.owner)
         except LeaseLost:
-            logger.warning("job %d: lease lost before recording: %s", job.id, reason)
+            logger.warning("job %d: lease lost before recording its failure", job.id)
+            logger.debug("job %d: unrecorded failure: %s", job.id, reason)
 
     # -- kinds -------------------------------------------------------------------------
 
@@ -206,7 +209,8 @@ class Worker:
             # the notice's deliveries (children) go on after the job is final
             self._not_analysed(job, doc.reason or "refused by the analysis")
             self.queue.mark_failed(job.id, f"not analysed: {doc.reason}")
-            logger.info("job %d: series %s not analysed: %s", job.id, key, doc.reason)
+            logger.info("job %d: series %s not analysed (reason on the job)", job.id, series_ref(key))
+            logger.debug("job %d: series %s not analysed: %s", job.id, key, doc.reason)
             return
         if doc.status != "done":
             self._fail(job, f"analysis failed: {doc.reason}", retryable=True)

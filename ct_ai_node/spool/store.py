@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from ct_ai_node.logs import series_ref
+
 from .dicomfile import BadInstance, read_header
 
 log = logging.getLogger(__name__)
@@ -296,7 +298,7 @@ class Spool:
             meta = dataclasses.replace(meta, sop_instance_uid=duplicate_key(meta.sop_instance_uid, encoded))
             path = folder / instance_file_name(meta.sop_instance_uid)
             log.warning("series %s: a different image with a SOP Instance UID already received; kept as well",
-                        key)
+                        series_ref(key))
         self._ensure_series_dir(folder, meta)
         try:
             _write_atomic(path, encoded, self.fsync)

@@ -101,17 +101,16 @@ def load_series_from_folder(
     summaries = scan.summaries()
     report = scan.report(summaries)
     selection = select_series(summaries, policy)
+    # reasons and labels carry the series description (free text): DEBUG only
+    if selection.skipped:
+        logger.info("%d other series skipped", len(selection.skipped))
     for _key, reason in selection.skipped:
-        logger.info("series skipped: %s", reason)
+        logger.debug("series skipped: %s", reason)
     if selection.chosen is None:
         raise InputRejected((selection.reason or "no suitable series") + _damage_note(scan))
     chosen = selection.chosen
-    logger.info(
-        "series chosen: %s, %d slices, %s mm",
-        chosen.label,
-        chosen.n_frames,
-        chosen.effective_thickness_mm,
-    )
+    logger.info("series chosen: %d slices, %s mm", chosen.n_frames, chosen.effective_thickness_mm)
+    logger.debug("series chosen: %s", chosen.label)
     try:
         volume = load_volume(scan.paths(chosen.key), limits=policy.stack_limits())
     except InputRejected as exc:
