@@ -9,7 +9,9 @@ the node's own lines.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -32,11 +34,7 @@ def series_ref(key: str) -> str:
     """How a series is named in logs above DEBUG: the calling AE title and the hash part of
     its spool key (``series_key``), without the tail of its Series Instance UID, which is
     an identifier. Anything that is not a spool key is hashed whole."""
-    import hashlib
-    import re
-
     found = re.fullmatch(r"(.*)-[0-9.x]+-([0-9a-f]{16})", key)
     if found:
         return f"{found.group(1)}-{found.group(2)[:10]}"
     return "s-" + hashlib.sha1(key.encode()).hexdigest()[:10]
-

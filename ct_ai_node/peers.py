@@ -102,8 +102,8 @@ class StoreSCP(_Peer):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         # -uf: files named by SOP class + instance UID; +B: write straight to disk (faster)
-        cmd = [dcmtk_tool("storescp") or "storescp", "--aetitle", self.ae_title, "-uf", "+B", "--output-directory", str(self.folder),
-               str(self.port)]
+        cmd = [dcmtk_tool("storescp") or "storescp", "--aetitle", self.ae_title, "-uf", "+B",
+               "--output-directory", str(self.folder), str(self.port)]
         self.proc = subprocess.Popen(cmd, env=nodelay_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_for_port(self.port, proc=self.proc)
         return self
