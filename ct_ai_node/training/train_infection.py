@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
+from scipy import ndimage
 
 from ct_ai_node.models.net_infection import ARCHITECTURE, DEFAULT_CHANNELS, SIZE_MULTIPLE, arch_kwargs_of
 from ct_ai_node.models.networks import build
@@ -215,8 +216,6 @@ def hard_negative_pixels(x: np.ndarray, lung: np.ndarray, lesion: np.ndarray, wi
     vessels, so masses, atelectasis, dependent density and whatever soft tissue the lung
     mask took in), at least two pixels away from any lesion. ``x`` is the network input
     in [0, 1] or uint8 (0-255) on ``window_hu``."""
-    from scipy import ndimage
-
     lo, hi = window_hu
     scale = 255.0 if x.dtype == np.uint8 else 1.0
     level = (min_hu - lo) / (hi - lo) * scale
@@ -261,8 +260,6 @@ def _pick_focus_pixel(region: np.ndarray, rng: np.random.Generator, by_focus: bo
     ``by_focus``, so that a small focus beside a large one is the centre as often;
     otherwise uniformly over all pixels."""
     if by_focus:
-        from scipy import ndimage
-
         labels, n = ndimage.label(region)
         if n > 1:
             region = labels == int(rng.integers(1, n + 1))
