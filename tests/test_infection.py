@@ -277,3 +277,27 @@ def test_crop_centres_drawn_by_focus_find_small_foci_as_often_as_large_ones():
 
     assert 0.4 < small_share(True) < 0.6
     assert small_share(False) < 0.05
+
+
+def test_case_balanced_lesion_planes_reach_minimal_disease():
+    from ct_ai_node.training.train_infection import draw_lesion_rows, lesion_rows_per_case
+
+    # case 0: extensive disease (lesion on 100 planes), case 1: minimal (2 of 100), case 2: none
+    table = np.array([(c, k) for c in range(3) for k in range(100)], dtype=np.int64)
+    has_lesion = np.zeros(len(table), bool)
+    has_lesion[:100] = True
+    has_lesion[150:152] = True
+    by_case = lesion_rows_per_case(table, has_lesion)
+    assert [sorted(table[r, 0].tolist()) == [c] * len(r) for c, r in zip((0, 1), by_case)] == [True, True]
+    assert [len(r) for r in by_case] == [100, 2]
+    lesion_rows = np.flatnonzero(has_lesion)
+    rng = np.random.default_rng(0)
+
+    def minimal_share(case_balanced: float) -> float:
+        rows = np.concatenate([draw_lesion_rows(lesion_rows, by_case, 16, case_balanced, rng) for _ in range(100)])
+        assert has_lesion[rows].all()
+        return float(np.mean(table[rows, 0] == 1))
+
+    assert 0.4 < minimal_share(1.0) < 0.6  # each case half the time
+    assert minimal_share(0.0) < 0.05  # by plane: 2 in 102
+    assert 0.2 < minimal_share(0.5) < 0.33

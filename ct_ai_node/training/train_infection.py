@@ -90,6 +90,12 @@ class InfectionTrainSettings:
     weight_decay: float = 1e-4
     #: share of every batch drawn from planes that contain lesion
     lesion_plane_fraction: float = 0.5
+    #: share of those lesion planes drawn case by case (a case with lesion uniformly, then
+    #: one of its lesion planes), the rest uniformly over all lesion planes. Drawn by plane
+    #: alone, a scan with minimal disease (a few planes) is seen a hundred times less often
+    #: than one with extensive disease (every plane); but 0.5 lowered every validation
+    #: figure and tripled the false opacity on normal cases (docs/models.md, fifth pass), so 0
+    lesion_case_balanced_fraction: float = 0.0
     #: share of every batch centred on dense tissue in the lungs that is not lesion
     #: (:func:`hard_negative_pixels`); 0 samples those planes only by chance
     hard_negative_fraction: float = 0.25
@@ -268,6 +274,27 @@ def _pick_focus_pixel(region: np.ndarray, rng: np.random.Generator, by_focus: bo
     return int(ys[i]), int(xs[i])
 
 
+def lesion_rows_per_case(table: np.ndarray, has_lesion: np.ndarray) -> list[np.ndarray]:
+    """The rows of ``table`` (case, plane) with lesion, grouped by case (cases without
+    lesion left out)."""
+    rows = np.flatnonzero(has_lesion)
+    cases = table[rows, 0]
+    return [rows[cases == c] for c in np.unique(cases)]
+
+
+def draw_lesion_rows(lesion_rows: np.ndarray, by_case: list[np.ndarray], n: int, case_balanced: float,
+                     rng: np.random.Generator) -> np.ndarray:
+    """``n`` lesion rows: the first ``round(n * case_balanced)`` case by case (a case
+    uniformly among ``by_case``, then one of its rows), the others uniformly over
+    ``lesion_rows``."""
+    n_case = int(round(n * case_balanced)) if by_case else 0
+    out = np.empty(n, dtype=np.int64)
+    for j, c in enumerate(rng.integers(0, len(by_case), n_case) if n_case else ()):
+        out[j] = rng.choice(by_case[c])
+    out[n_case:] = rng.choice(lesion_rows, n - n_case)
+    return out
+
+
 def _batch(cases, table: np.ndarray, rows: np.ndarray, crop: int, rng: np.random.Generator,
            hard: np.ndarray | None = None, by_focus: bool = False):
     """(x (n, 3, crop, crop) float in [0, 1], lesion (n, 1, ...), inside (n, 1, ...)).
@@ -415,6 +442,7 @@ def train_infection_unet(seeds_train: Iterable[int], seeds_val: Iterable[int],
     table = np.array([(c, k) for c, case in enumerate(train) for k in range(case["x"].shape[0])], dtype=np.int64)
     has_lesion = np.array([bool((train[c]["flags"][k] & 1).any()) for c, k in table])
     lesion_rows = np.flatnonzero(has_lesion)
+    lesion_rows_by_case = lesion_rows_per_case(table, has_lesion)
     hard_rows = np.flatnonzero([bool((train[c]["flags"][k] & 4).any()) for c, k in table])
     steps_per_epoch = s.steps_per_epoch or max(1, len(table) // s.batch_size)
     n_les = int(round(s.batch_size * s.lesion_plane_fraction)) if lesion_rows.size else 0
@@ -441,7 +469,8 @@ def train_infection_unet(seeds_train: Iterable[int], seeds_val: Iterable[int],
             for _ in range(steps_per_epoch):
                 rows = rng.integers(0, len(table), s.batch_size)
                 if n_les:
-                    rows[:n_les] = rng.choice(lesion_rows, n_les)
+                    rows[:n_les] = draw_lesion_rows(lesion_rows, lesion_rows_by_case, n_les,
+                                                    s.lesion_case_balanced_fraction, rng)
                 if n_hard:
                     rows[n_les:n_les + n_hard] = rng.choice(hard_rows, n_hard)
                 xb, yb, mb = (t.to(device, non_blocking=True)
@@ -469,6 +498,7 @@ def train_infection_unet(seeds_train: Iterable[int], seeds_val: Iterable[int],
         "val_cases": len(val),
         "train_planes": int(len(table)),
         "train_planes_with_lesion": int(lesion_rows.size),
+        "train_cases_with_lesion": len(lesion_rows_by_case),
         "train_planes_with_hard_negatives": int(hard_rows.size),
         "steps": int(total),
         "loss_by_epoch": [round(v, 5) for v in losses],
