@@ -454,27 +454,43 @@ def jobs_requeue(
 ) -> None:
     """Run a failed or dead job again (attempts start from zero); a running node picks it up."""
     from ct_ai_node.jobqueue import JobNotFound, JobStateError
+    from ct_ai_node.node.job_actions import requeue
 
     queue = _queue_of(config_file)
     try:
-        job = queue.get(job_id)
-        if job is None:
-            raise JobNotFound(f"no job {job_id}")
-        results = [c for c in queue.children(job_id) if not c.payload.get("notice")]
-        if job.kind in ("analyse", "forward") and results:
-            # its result deliveries hold the work left: re-run the ones that did not finish
-            # (a job with only "not analysed" notices was never analysed: it runs again whole)
-            redo = [c for c in results if str(c.state) in ("dead", "failed")]
-            for child in redo:
-                queue.requeue(child.id)
-            queue.set_state(job_id, "sending")
-            typer.echo(f"job {job_id}: {len(redo)} delivery job(s) queued again")
-            return
-        queue.requeue(job_id)
+        typer.echo(requeue(queue, job_id))
     except (JobNotFound, JobStateError) as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(EXIT_REJECTED)
-    typer.echo(f"job {job_id} queued again")
+
+
+web_app = typer.Typer(no_args_is_help=True, help="Users and API tokens of the web app (docs/node.md, \"Web app\").")
+app.add_typer(web_app, name="web")
+
+
+@web_app.command("hash-password")
+def web_hash_password(
+    password: str = typer.Option(..., prompt=True, hide_input=True, confirmation_prompt=True,
+                                 help="asked for when not given (better: it stays out of the shell history)"),
+) -> None:
+    """Print an argon2 hash for ``web.users[].password_hash`` (the password itself is never stored)."""
+    from ct_ai_node.web.auth import hash_password
+
+    try:
+        typer.echo(hash_password(password))
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(EXIT_REJECTED)
+
+
+@web_app.command("new-token")
+def web_new_token() -> None:
+    """Make an API token: the token for the script, its hash for ``web.api_tokens[].token_hash``."""
+    from ct_ai_node.web.auth import new_token
+
+    token, digest = new_token()
+    typer.echo(f"token (give it to the script; shown once): {token}")
+    typer.echo(f"token_hash (for the configuration):        {digest}")
 
 
 rules_app = typer.Typer(no_args_is_help=True, help="Try the routing rules of a node configuration.")

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import (
     AfterValidator,
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -568,11 +569,82 @@ class RoutingSection(_Model):
 
 # -- the whole file -------------------------------------------------------------
 
-class StatusSection(_Model):
-    """The read-only status page and Prometheus metrics (``/``, ``/status``, ``/metrics``)."""
+ROLES = ("admin", "viewer")
+
+
+def _check_secret_hash(value: SecretStr) -> SecretStr:
+    text = value.get_secret_value()
+    if not re.fullmatch(r"\$argon2id?\$[^\s]+|sha256:[0-9a-f]{64}", text):
+        raise ValueError("not a hash made by `ct-ai-node web hash-password` (argon2) or "
+                         "`ct-ai-node web new-token` (sha256:...); never the password or token itself")
+    return value
+
+
+SecretHash = Annotated[SecretStr, AfterValidator(_check_secret_hash)]
+
+
+class WebUser(_Model):
+    """Someone who may log in to the web app: ``admin`` changes things, ``viewer`` looks."""
+
+    name: Name
+    role: Literal["admin", "viewer"] = "viewer"
+    #: argon2 hash (``ct-ai-node web hash-password``); never the password itself
+    password_hash: SecretHash = Field(repr=False)
+
+
+class ApiToken(_Model):
+    """A bearer token for scripts (``Authorization: Bearer <token>``), with a role."""
+
+    name: Name
+    role: Literal["admin", "viewer"] = "viewer"
+    #: ``sha256:<hex>`` of the token (``ct-ai-node web new-token`` prints both)
+    token_hash: SecretHash = Field(repr=False)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class WebSection(_Model):
+    """The administrator's web app and its JSON API (``/``, ``/api``), ``/metrics``,
+    ``/healthz``. Without users it is open to anyone who can reach it, so it must then be
+    bound to a loopback address (this machine only) and says so on every page."""
 
     host: Host = "127.0.0.1"
     port: Port = 8080
+    users: list[WebUser] = []
+    api_tokens: list[ApiToken] = []
+    #: signs the session cookies; null: a random key kept in the storage root (web.key)
+    session_secret: Optional[SecretStr] = Field(None, repr=False, min_length=16)
+    #: log-in sessions end after this long without a request
+    session_max_age_h: float = Field(12.0, gt=0, le=24 * 30)
+
+    @property
+    def open(self) -> bool:
+        """No users and no tokens: everyone who can reach it is an administrator."""
+        return not self.users and not self.api_tokens
+
+    @model_validator(mode="after")
+    def _open_only_on_loopback(self) -> "WebSection":
+        errors: list[tuple[tuple[str | int, ...], str]] = []
+        if self.open and not _is_loopback(self.host):
+            errors.append((("users",), f"needed when host is {self.host!r}: without users the web app is open to "
+                                       "anyone who reaches it, so it only binds to 127.0.0.1 (or ::1)"))
+        for field_name, entries in (("users", self.users), ("api_tokens", self.api_tokens)):
+            seen: dict[str, int] = {}
+            for i, entry in enumerate(entries):
+                if entry.name in seen:
+                    errors.append(((field_name, i, "name"),
+                                   f"{entry.name!r} is already the name of {field_name}.{seen[entry.name]}"))
+                seen.setdefault(entry.name, i)
+        if errors:
+            _raise_at("WebSection", errors)
+        return self
 
 
 class NodeConfig(_Model):
@@ -590,8 +662,8 @@ class NodeConfig(_Model):
     destinations: list[Destination] = []
     routing: RoutingSection = RoutingSection()
     rules: list[Rule] = []
-    #: null = no status page
-    status: Optional[StatusSection] = None
+    #: null = no web app; ``status:`` (the read-only page before the web app) is read as ``web:``
+    web: Optional[WebSection] = Field(None, validation_alias=AliasChoices("web", "status"))
 
     @model_validator(mode="after")
     def _cross_references(self) -> "NodeConfig":

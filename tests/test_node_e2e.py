@@ -62,7 +62,7 @@ def test_storescu_to_node_results_reach_orthanc_and_storescp(tmp_path):
                  "destinations": ["archive"]},
             ],
             allowed_callers=[{"ae_title": "STORESCU", "host": "127.0.0.1"}],
-            status={"host": "127.0.0.1", "port": (status_port := free_port())},
+            web={"host": "127.0.0.1", "port": (status_port := free_port())},
         )
         with NodeProcess(tmp_path / "node", config) as node:
             assert dcmtk("echoscu", "-aet", "STORESCU", "-aec", "CTAI", "127.0.0.1", str(port)).returncode == 0
@@ -99,7 +99,12 @@ def test_storescu_to_node_results_reach_orthanc_and_storescp(tmp_path):
             metrics = httpx.get(f"http://127.0.0.1:{status_port}/metrics", timeout=10).text
             assert 'ctai_jobs{kind="analyse",state="done"} 1.0' in metrics
             page = httpx.get(f"http://127.0.0.1:{status_port}/", timeout=10).text
-            assert "Recent jobs" in page and "chest-ct" in page
+            assert "Studies" in page and "chest-ct" in page and "No users are configured" in page
+            assert httpx.get(f"http://127.0.0.1:{status_port}/healthz", timeout=10).json()["status"] == "ok"
+            job_page = httpx.get(f"http://127.0.0.1:{status_port}/jobs/{analysed[0].id}", timeout=10).text
+            assert f"/jobs/{analysed[0].id}/preview/0.png" in job_page and "archive" in job_page
+            png = httpx.get(f"http://127.0.0.1:{status_port}/jobs/{analysed[0].id}/preview/0.png", timeout=10)
+            assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
 
         study = _study_uid(SAMPLE_COVID)
         modalities = _orthanc_series_modalities(orthanc, study)

@@ -26,8 +26,9 @@ from pydicom.uid import generate_uid
 from ct_ai_node.config import NodeConfig
 from ct_ai_node.ingress import ScpSettings, StorageSCP
 from ct_ai_node.jobqueue import JobState, SqliteJobQueue
+from ct_ai_node.logs import series_ref
+from ct_ai_node.web.views import dashboard
 from ct_ai_node.node.dispatcher import Dispatcher, RouteFailed, implausible_size, route_series
-from ct_ai_node.node.status import _page, snapshot
 from ct_ai_node.peers import dcmtk_tool, StoreSCP, free_port
 from ct_ai_node.spool import InstanceMeta, Spool
 from ct_ai_node.spool.dicomfile import read_header
@@ -205,13 +206,11 @@ def test_raising_implausible_and_unreadable_series_fail_with_a_reason(parts, tmp
     assert "readable DICOM header" in reasons["unreadable"]
     assert all("\n" not in r for r in reasons.values() if r)
 
-    # the administrator sees them: status JSON and page
-    data = snapshot(queue, spool)
+    # the administrator sees them on the web app's dashboard (by hashed reference) with the reason
+    data = dashboard(config, queue, spool, lambda: {})
     assert data["series_by_state"] == {"failed": 5, "routed": 1}
     assert {s["series"]: s["reason"] for s in data["failed_series"]} == {
-        k: reasons[n] for n, k in keys.items() if n != "good"}
-    page = _page(data)
-    assert "Series that could not be routed" in page and "2147483648 frame(s)" in page
+        series_ref(k): reasons[n] for n, k in keys.items() if n != "good"}
 
 
 def test_an_instance_that_arrives_while_its_series_is_routed_is_not_lost(parts, tmp_path):
@@ -417,7 +416,7 @@ def test_bad_series_fail_fast_others_are_delivered_and_sigterm_ends_the_node(tmp
                    {"name": "mr", "when": [{"tag": "Modality", "equals": "MR"}], "action": "forward",
                     "destinations": ["pacs"]}],
             completeness={"quiet_time_s": 1, "check_interval_s": 0.5, "route_timeout_s": 5},
-            status={"host": "127.0.0.1", "port": (status_port := free_port())},
+            web={"host": "127.0.0.1", "port": (status_port := free_port())},
         )
         node = NodeProcess(tmp_path / "node", config).start()
         try:

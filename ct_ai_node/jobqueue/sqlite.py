@@ -280,6 +280,18 @@ class SqliteJobQueue:
                        (now, now, job_id))
         log.info("job %d requeued", job_id)
 
+    def cancel(self, job_id: int, reason: str) -> None:
+        """Admin cancel of a job that waits (``queued``): it ends ``dead`` with ``reason``.
+        A job a worker holds cannot be taken from it (JobStateError); a final one stays."""
+        reason = _one_line(reason)
+        with self._tx() as db:
+            job = self._load(db, job_id)
+            if job.state is not JobState.QUEUED:
+                raise JobStateError(f"job {job_id} is {job.state}; only a queued job can be cancelled")
+            db.execute("UPDATE jobs SET state = 'dead', last_error = ?, updated_at = ? WHERE id = ?",
+                       (reason, self.clock(), job_id))
+        log.info("job %d cancelled", job_id)
+
     # -- reads ------------------------------------------------------------------------
 
     def _select(self, where: str, args: tuple, order: str, limit: int | None = None) -> list[Job]:

@@ -59,7 +59,7 @@ class Node:
         self.n_workers = config.workers.count if workers is None else workers
         self.log_level = log_level
         self.scp = None
-        self.status = None
+        self.web = None
         self._scheduler = None
         self._workers: list[multiprocessing.Process] = []
         self._ctx = multiprocessing.get_context("spawn")  # no fork of a process with SCP threads
@@ -91,12 +91,30 @@ class Node:
         self._scheduler.start()
         self._supervisor = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
         self._supervisor.start()
-        if self.config.status is not None:
-            from ct_ai_node.node.status import StatusServer
+        if self.config.web is not None:
+            from ct_ai_node.web.server import WebServer
 
-            self.status = StatusServer(self.queue, self.spool, self.config.status.host, self.config.status.port).start()
-            logger.info("status page on http://%s:%d/", self.config.status.host, self.status.port)
+            self.web = WebServer(self.config, self.services).start()
+            web = self.config.web
+            logger.info("web app on http://%s:%d/%s", web.host, self.web.port,
+                        " (no users configured: open to this machine only)" if web.open else "")
         return self
+
+    def services(self) -> dict[str, dict]:
+        """What runs, for the web app's dashboard and /healthz: name -> {up, detail}."""
+        n = self.config.node
+        alive = sum(p.is_alive() for p in self._workers)
+        scheduler = self._scheduler is not None and self._scheduler.running and not self._stopping.is_set()
+        ret = self.config.retention
+        return {
+            "DICOM listener": {"up": self.scp is not None and not self._stopping.is_set(),
+                               "detail": f"{n.ae_title} on port {self.port}{' (TLS)' if self.config.tls else ''}"},
+            "workers": {"up": alive == self.n_workers, "detail": f"{alive} of {self.n_workers} running, "
+                                                                 f"device {self.config.workers.device}"},
+            "dispatcher": {"up": scheduler, "detail": f"checks every {self.config.completeness.check_interval_s:g} s"},
+            "retention": {"up": scheduler or not ret.enabled,
+                          "detail": f"every {ret.interval_s:g} s" if ret.enabled else "off"},
+        }
 
     def _spawn_worker(self, index: int) -> multiprocessing.Process:
         from ct_ai_node.node.worker import worker_process_main
@@ -135,8 +153,8 @@ class Node:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stopping.set()
-        if self.status is not None:
-            self.status.stop()
+        if self.web is not None:
+            self.web.stop()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
         self.dispatcher.close()  # a tick waiting on a slow series returns now

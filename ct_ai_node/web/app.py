@@ -1,0 +1,315 @@
+"""The web app: pages for people, a JSON API for scripts (and the pages' buttons).
+
+``/``                       dashboard (services, disk, retention, queue, destinations, studies)
+``/jobs/{id}``              a job: result, heat-map previews, deliveries, audit trail, actions
+``/audit``                  the audit log
+``/login``, ``/logout``     sessions (signed cookie) for ``web.users``
+``/api/...``                the same as JSON (OpenAPI at ``/docs``); ``POST /api/jobs/{id}/{action}``
+                            with action rerun, resend, requeue or cancel; ``POST /api/jobs/requeue-dead``
+``/status``                 the dashboard's data as JSON (the old status page's address)
+``/metrics``, ``/healthz``  Prometheus text; 200 when every service is up, else 503
+
+Who may do what: viewers look, admins act. Browsers prove a state-changing request with
+the session's CSRF token (form field ``csrf`` or header ``X-CSRF-Token``) or by sending
+JSON (which a foreign page cannot do without a CORS pre-flight, which is never granted);
+scripts send ``Authorization: Bearer <token>``. Without users the app is bound to loopback,
+every caller is the administrator ``local``, and requests must name a loopback host (no
+DNS rebinding).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import secrets
+import threading
+from pathlib import Path
+from typing import Callable
+from urllib.parse import quote
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from prometheus_client import CollectorRegistry, generate_latest
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+from ct_ai_node.config import NodeConfig
+from ct_ai_node.jobqueue import JobNotFound, JobQueue, JobStateError
+from ct_ai_node.node import job_actions
+from ct_ai_node.node.audit import AuditLog
+from ct_ai_node.node.status import MetricsCollector
+from ct_ai_node.web import views
+from ct_ai_node.web.auth import OPEN_PRINCIPAL, Principal, check_bearer, check_password, csrf_matches, session_user
+
+logger = logging.getLogger(__name__)
+
+TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+class Unauthenticated(Exception):
+    pass
+
+
+def create_app(config: NodeConfig, queue: JobQueue, spool, audit: AuditLog, services: Callable[[], dict],
+               secret: str) -> FastAPI:
+    """The app over the node's queue, spool and audit log; ``services()`` says what runs
+    (name -> {"up": bool, "detail": str}); ``secret`` signs the session cookies."""
+    web = config.web
+    assert web is not None, "create_app needs config.web"
+    lock = threading.Lock()  # one SQLite connection per object: one request at a time
+    registry = CollectorRegistry()
+    registry.register(MetricsCollector(queue, spool))
+    app = FastAPI(title="ct-ai-node", summary="The administrator's API of a ct-ai-node",
+                  openapi_url="/api/openapi.json", docs_url="/docs", redoc_url=None)
+    app.add_middleware(SessionMiddleware, secret_key=secret, session_cookie="ctai_session",
+                       max_age=int(web.session_max_age_h * 3600), same_site="lax", https_only=False)
+    if web.open:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_NAMES)
+
+    # -- who is asking ------------------------------------------------------------------
+
+    def principal_of(request: Request) -> Principal | None:
+        auth = request.headers.get("authorization")
+        if auth:
+            found = check_bearer(web, auth)
+            if found is None:
+                raise HTTPException(401, "unknown API token", headers={"WWW-Authenticate": "Bearer"})
+            return found
+        if web.open:
+            return OPEN_PRINCIPAL
+        return session_user(web, request.session.get("user"))
+
+    def csrf_of(request: Request) -> str:
+        token = request.session.get("csrf")
+        if not token:
+            token = request.session["csrf"] = secrets.token_urlsafe(24)
+        return token
+
+    def viewer(request: Request) -> Principal:
+        who = principal_of(request)
+        if who is None:
+            raise Unauthenticated()
+        return who
+
+    async def checked_change(request: Request, need_admin: bool = True) -> tuple[Principal, dict]:
+        """Who is behind a state-changing request, and its form fields: CSRF checked for
+        browsers; an admin unless ``need_admin`` is false."""
+        who = viewer(request)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        form = dict(await request.form()) if ctype in _FORM_TYPES else {}
+        if who.via != "token" and ctype != "application/json":
+            supplied = form.get("csrf") or request.headers.get("x-csrf-token")
+            if not csrf_matches(request.session.get("csrf"), supplied):
+                raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
+        if need_admin and not who.is_admin:
+            raise HTTPException(403, f"{who.name} is a viewer; only an admin may change things")
+        return who, form
+
+    @app.exception_handler(Unauthenticated)
+    async def _login_first(request: Request, exc: Unauthenticated):
+        if request.url.path.startswith("/api/") or request.url.path == "/status":
+            return JSONResponse({"detail": "log in or send an API token"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
+
+    def render(request: Request, template: str, who: Principal | None, **context) -> HTMLResponse:
+        flash = request.session.pop("flash", None)
+        return TEMPLATES.TemplateResponse(request, template, {
+            "principal": who, "csrf": csrf_of(request), "open_mode": web.open, "web_host": web.host,
+            "ae_title": config.node.ae_title, "flash": flash[1] if flash else None,
+            "flash_kind": flash[0] if flash else "", **context})
+
+    # -- pages --------------------------------------------------------------------------
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def dashboard_page(request: Request, state: str | None = None, kind: str | None = None):
+        who = viewer(request)
+        with lock:
+            data = views.dashboard(config, queue, spool, services, state=_state(state), kind=_kind(kind))
+        return render(request, "dashboard.html", who, d=data)
+
+    @app.get("/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
+    def job_html(request: Request, job_id: int):
+        who = viewer(request)
+        with lock:
+            page = views.job_page(config, queue, audit, job_id)
+        if page is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return render(request, "job.html", who, p=page)
+
+    @app.get("/jobs/{job_id}/preview/{index}.png", include_in_schema=False)
+    def preview_png(request: Request, job_id: int, index: int):
+        viewer(request)
+        files = views.previews(config.storage.outbox_dir, job_id)
+        if not 0 <= index < len(files):
+            raise HTTPException(404, f"job {job_id} has no heat-map image {index}")
+        return Response(_png_of(files[index]), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/audit", response_class=HTMLResponse, include_in_schema=False)
+    def audit_page(request: Request):
+        who = viewer(request)
+        return render(request, "audit.html", who, entries=[e.as_dict() for e in audit.entries(limit=500)])
+
+    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
+    def login_page(request: Request, next: str = "/"):
+        if web.open:
+            return RedirectResponse("/", status_code=303)
+        return render(request, "login.html", None, next=_local_path(next))
+
+    @app.post("/login", include_in_schema=False)
+    async def login(request: Request):
+        form = dict(await request.form())
+        if not csrf_matches(request.session.get("csrf"), form.get("csrf")):
+            raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
+        who = check_password(web, str(form.get("name", "")), str(form.get("password", "")))
+        if who is None:
+            audit.record(str(form.get("name", ""))[:64] or "?", "login", "refused", "wrong user name or password")
+            request.session["flash"] = ("error", "Wrong user name or password.")
+            return RedirectResponse(f"/login?next={quote(_local_path(form.get('next')))}", status_code=303)
+        request.session.clear()  # a new session (and CSRF token) on every log-in
+        request.session["user"] = who.name
+        audit.record(who.name, "login", "ok", f"role {who.role}")
+        return RedirectResponse(_local_path(form.get("next")), status_code=303)
+
+    @app.post("/logout", include_in_schema=False)
+    async def logout(request: Request):
+        who, _ = await checked_change(request, need_admin=False)
+        request.session.clear()
+        audit.record(who.name, "logout", "ok", "")
+        return RedirectResponse("/login", status_code=303)
+
+    # -- JSON API -----------------------------------------------------------------------
+
+    @app.get("/api/status", tags=["status"])
+    def api_status(request: Request, state: str | None = None, kind: str | None = None, limit: int = 50):
+        """The dashboard's data: services, disk, retention, queue, destinations, jobs."""
+        viewer(request)
+        with lock:
+            return views.dashboard(config, queue, spool, services, state=_state(state), kind=_kind(kind),
+                                   limit=max(1, min(limit, 1000)))
+
+    app.add_api_route("/status", api_status, methods=["GET"], include_in_schema=False)
+
+    @app.get("/api/jobs/{job_id}", tags=["jobs"])
+    def api_job(request: Request, job_id: int):
+        """One job with its result summary, deliveries and audit trail."""
+        viewer(request)
+        with lock:
+            page = views.job_page(config, queue, audit, job_id)
+        if page is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return page
+
+    @app.get("/api/audit", tags=["audit"])
+    def api_audit(request: Request, job_id: int | None = None, limit: int = 100):
+        """The audit log, newest first."""
+        viewer(request)
+        return [e.as_dict() for e in audit.entries(job_id=job_id, limit=max(1, min(limit, 5000)))]
+
+    @app.post("/api/jobs/requeue-dead", tags=["jobs"])
+    async def api_requeue_dead(request: Request):
+        """Requeue every dead job (admin)."""
+        who, form = await checked_change(request)
+        with lock:
+            lines = job_actions.requeue_dead(queue)
+        detail = f"{len(lines)} dead job(s) queued again"
+        audit.record(who.name, "requeue-dead", "ok", detail)
+        return _answer(request, form, {"ok": True, "message": detail, "jobs": lines}, "/")
+
+    @app.post("/api/jobs/{job_id}/{action}", tags=["jobs"])
+    async def api_job_action(request: Request, job_id: int, action: str):
+        """``rerun`` (analyse the series again as a new job), ``resend`` (send the results
+        again), ``requeue`` (a failed or dead job), ``cancel`` (a queued job); admin."""
+        who, form = await checked_change(request)
+        if action not in job_actions.ACTIONS:
+            raise HTTPException(404, f"unknown action {action!r}: one of {', '.join(job_actions.ACTIONS)}")
+        new_id = None
+        try:
+            with lock:
+                if action == "rerun":
+                    new_id = job_actions.rerun(queue, spool, job_id, who.name)
+                    message = f"job {job_id}: re-run as job {new_id}"
+                elif action == "resend":
+                    message = job_actions.resend(queue, job_id)
+                elif action == "requeue":
+                    message = job_actions.requeue(queue, job_id)
+                else:
+                    message = job_actions.cancel(queue, job_id, who.name)
+        except JobNotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+        except JobStateError as exc:
+            audit.record(who.name, action, "refused", str(exc), job_id)
+            if form:
+                request.session["flash"] = ("error", str(exc))
+                return RedirectResponse(f"/jobs/{job_id}", status_code=303)
+            raise HTTPException(409, str(exc)) from None
+        audit.record(who.name, action, "ok", message, job_id)
+        if new_id is not None:
+            audit.record(who.name, "created", "ok", f"re-run of job {job_id}", new_id)
+        return _answer(request, form, {"ok": True, "message": message, "job_id": new_id or job_id},
+                       f"/jobs/{new_id or job_id}")
+
+    # -- for machines -------------------------------------------------------------------
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics():
+        with lock:
+            return PlainTextResponse(generate_latest(registry), media_type="text/plain; version=0.0.4")
+
+    @app.get("/healthz", tags=["status"])
+    def healthz():
+        """200 when every service of the node runs, 503 otherwise (no authentication, no data)."""
+        state = services()
+        down = sorted(name for name, s in state.items() if not s.get("up"))
+        return JSONResponse({"status": "degraded" if down else "ok", "down": down}, status_code=503 if down else 200)
+
+    return app
+
+
+def _answer(request: Request, form: dict, body: dict, redirect_to: str):
+    """JSON for scripts; a redirect with a flash message for the pages' forms."""
+    if form:
+        request.session["flash"] = ("ok", body["message"])
+        return RedirectResponse(redirect_to, status_code=303)
+    return body
+
+
+def _state(value: str | None) -> str | None:
+    from ct_ai_node.jobqueue import JobState
+
+    if not value:
+        return None
+    if value not in {s.value for s in JobState}:
+        raise HTTPException(422, f"state: {value!r} is not one of {', '.join(s.value for s in JobState)}")
+    return value
+
+
+def _kind(value: str | None) -> str | None:
+    if not value:
+        return None
+    if value not in ("analyse", "forward", "deliver"):
+        raise HTTPException(422, f"kind: {value!r} is not one of analyse, forward, deliver")
+    return value
+
+
+def _local_path(value) -> str:
+    """Only a path on this app after log-in (no open redirect to another site)."""
+    text = str(value or "/")
+    return text if text.startswith("/") and not text.startswith("//") and "\\" not in text else "/"
+
+
+def _png_of(path: Path) -> bytes:
+    import pydicom
+    from PIL import Image
+
+    ds = pydicom.dcmread(path)
+    pixels = ds.pixel_array
+    if getattr(ds, "NumberOfFrames", 1) and int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+        pixels = pixels[0]
+    image = Image.fromarray(pixels, mode="RGB" if pixels.ndim == 3 else None)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,55 @@
+"""The web app served by uvicorn on a thread of the node's process."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from typing import Callable
+
+from ct_ai_node.config import NodeConfig
+
+logger = logging.getLogger(__name__)
+
+
+class WebServer:
+    """Binds ``config.web.host:port`` at construction (a port in use is an error now, not a
+    log line later), serves on ``start()``, stops within seconds on ``stop()``."""
+
+    def __init__(self, config: NodeConfig, services: Callable[[], dict]):
+        import uvicorn
+
+        from ct_ai_node.jobqueue import SqliteJobQueue
+        from ct_ai_node.node.audit import AuditLog
+        from ct_ai_node.spool import Spool
+        from ct_ai_node.web.app import create_app
+        from ct_ai_node.web.auth import session_secret
+
+        web, st = config.web, config.storage
+        # the app's own connections: requests never wait on the dispatcher's or the SCP's
+        self.queue = SqliteJobQueue(st.db_path, backoff_initial_s=config.retry.backoff_initial_s,
+                                    backoff_max_s=config.retry.backoff_max_s)
+        self.spool = Spool(st.spool_dir, st.db_path, fsync=st.fsync)
+        self.audit = AuditLog(st.db_path)
+        app = create_app(config, self.queue, self.spool, self.audit, services, session_secret(web, st.root))
+        family = socket.AF_INET6 if ":" in web.host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((web.host, web.port))
+        self.port = self._sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                                    timeout_graceful_shutdown=3))
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
+                                        name="web", daemon=True)
+
+    def start(self) -> "WebServer":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self.server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        self._sock.close()
+        for part in (self.queue, self.spool, self.audit):
+            part.close()

@@ -1,0 +1,164 @@
+"""What the web app's pages and JSON API show, as plain data (dicts of str/int/float).
+
+Reads the queue, the spool and the jobs' ``result.json`` files; never patient names or IDs:
+series are named by their hashed reference (``series_ref``), jobs by rule, pipeline and
+destination, results by class, probability and volumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from ct_ai_node.config import NodeConfig
+from ct_ai_node.jobqueue import FINAL_STATES, Job, JobQueue
+from ct_ai_node.logs import series_ref
+from ct_ai_node.node.audit import AuditLog
+from ct_ai_node.node.job_actions import PARENT_KINDS
+
+#: SOP classes whose images make the job page's preview (heat-map secondary captures)
+SC_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.4"})
+RESULT_KEYS = ("status", "reason", "pipeline", "case_class", "case_class_text", "probability", "label",
+               "method_probability", "lesion_volume_ml", "ggo_volume_ml", "consolidation_volume_ml",
+               "involvement_percent", "lung_volume_ml", "key_slices", "revision", "trained_on", "warnings")
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
+
+
+def read_result(outbox: Path, job_id: int) -> dict | None:
+    """The job's ``result.json`` (None when there is none; ``{"unreadable": ...}`` when damaged)."""
+    path = Path(outbox) / f"job-{job_id}" / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return {"unreadable": f"result.json cannot be read ({type(exc).__name__})"}
+    out = {k: doc.get(k) for k in RESULT_KEYS if doc.get(k) not in (None, [], {})}
+    timings = doc.get("timings_s") or {}
+    if "total" in timings:
+        out["seconds"] = timings["total"]
+    out["outputs"] = len(doc.get("outputs") or {})
+    return out
+
+
+def result_line(result: dict | None) -> str:
+    """One line for the dashboard: "COVID-19-like pneumonia, P 0.93, 212 ml" or the reason."""
+    if not result:
+        return ""
+    if "unreadable" in result:
+        return result["unreadable"]
+    if result.get("status") != "done":
+        return f"{result.get('status', '?')}: {result.get('reason') or ''}".strip()
+    parts = [result.get("case_class_text") or result.get("label") or "done"]
+    if result.get("probability") is not None:
+        parts.append(f"P {result['probability']:.2f}")
+    if result.get("lesion_volume_ml") is not None:
+        parts.append(f"{result['lesion_volume_ml']:.0f} ml")
+    return ", ".join(parts)
+
+
+def job_row(job: Job, outbox: Path | None = None) -> dict:
+    p = job.payload
+    row = {"id": job.id, "kind": job.kind, "state": str(job.state), "attempts": job.attempts,
+           "max_attempts": job.max_attempts, "parent": job.parent_id, "rule": p.get("rule") or "",
+           "pipeline": p.get("pipeline") or "", "destination": p.get("destination") or "",
+           "destinations": list(p.get("destinations") or []), "notice": bool(p.get("notice")),
+           "series": series_ref(p["series_key"]) if p.get("series_key") else "",
+           "rerun_of": p.get("rerun_of"), "requested_by": p.get("requested_by") or "",
+           "created": _when(job.created_at), "updated": _when(job.updated_at),
+           "seconds": round(job.updated_at - job.created_at, 1) if job.state in FINAL_STATES else None,
+           "error": job.last_error or ""}
+    if outbox is not None and job.kind == "analyse":
+        row["result"] = read_result(outbox, job.id)
+        row["result_line"] = result_line(row["result"])
+    return row
+
+
+def _destination_target(dest) -> str:
+    if dest.kind == "dicom":
+        return f"{dest.ae_title}@{dest.host}:{dest.port}"
+    return dest.url
+
+
+def destinations_health(config: NodeConfig, queue: JobQueue, recent: int = 500) -> list[dict]:
+    """Each destination with its latest delivery (state, when, error) and counts of the
+    recent ones by state: a destination whose latest delivery is dead needs a look."""
+    deliveries = queue.list(kind="deliver", limit=recent)
+    out = []
+    for dest in config.destinations:
+        mine = [j for j in deliveries if j.payload.get("destination") == dest.name]
+        counts: dict[str, int] = {}
+        for j in mine:
+            counts[str(j.state)] = counts.get(str(j.state), 0) + 1
+        latest = mine[0] if mine else None
+        health = "unused" if latest is None else {"done": "ok", "dead": "failing"}.get(str(latest.state), "busy")
+        if latest is not None and latest.state.value == "queued" and latest.attempts:
+            health = "retrying"
+        out.append({"name": dest.name, "kind": dest.kind, "target": _destination_target(dest), "health": health,
+                    "latest_state": str(latest.state) if latest else "", "latest_at": _when(latest.updated_at) if latest else "",
+                    "latest_error": (latest.last_error or "") if latest else "", "recent": counts})
+    return out
+
+
+def dashboard(config: NodeConfig, queue: JobQueue, spool, services: Callable[[], dict], *,
+              state: str | None = None, kind: str | None = None, limit: int = 50) -> dict:
+    """Everything the dashboard shows. ``state`` / ``kind`` filter the job list."""
+    series = spool.series()
+    by_state: dict[str, int] = {}
+    for rec in series:
+        by_state[rec.state] = by_state.get(rec.state, 0) + 1
+    kinds = [kind] if kind else list(PARENT_KINDS)
+    jobs: list[Job] = []
+    for k in kinds:
+        jobs.extend(queue.list(state=state, kind=k, limit=limit))
+    jobs.sort(key=lambda j: j.id, reverse=True)
+    failed = sorted((r for r in series if r.state == "failed"), key=lambda r: r.updated_at, reverse=True)
+    st, ret = config.storage, config.retention
+    return {
+        "services": services(),
+        "storage": {"free_mb": round(spool.free_mb()), "min_free_mb": st.min_free_mb,
+                    "spool_used_mb": round(spool.used_bytes() / 2**20, 1), "max_spool_mb": st.max_spool_mb},
+        "retention": {"enabled": ret.enabled, "delivered_grace_h": ret.delivered_grace_h,
+                      "max_age_days": ret.max_age_days},
+        "jobs_by_state": queue.counts(),
+        "series_by_state": by_state,
+        "destinations": destinations_health(config, queue),
+        "rules": [{"name": r.name, "action": r.action, "pipeline": getattr(r, "pipeline", None) or "",
+                   "destinations": list(r.destinations)} for r in config.rules],
+        "jobs": [job_row(j, st.outbox_dir) for j in jobs[:limit]],
+        "failed_series": [{"series": series_ref(r.key), "instances": r.instance_count, "caller": r.calling_ae,
+                           "updated": _when(r.updated_at), "reason": r.reason or ""} for r in failed[:limit]],
+        "filters": {"state": state or "", "kind": kind or ""},
+    }
+
+
+def previews(outbox: Path, job_id: int) -> list[Path]:
+    """The job's heat-map secondary captures (by the SOP classes result.json lists), in name order."""
+    folder = Path(outbox) / f"job-{job_id}"
+    try:
+        outputs = json.loads((folder / "result.json").read_text()).get("outputs") or {}
+    except (OSError, ValueError):
+        return []
+    return [folder / name for name, sop in sorted(outputs.items())
+            if sop in SC_SOP_CLASSES and (folder / name).is_file()]
+
+
+def job_page(config: NodeConfig, queue: JobQueue, audit: AuditLog, job_id: int) -> dict | None:
+    job = queue.get(job_id)
+    if job is None:
+        return None
+    outbox = config.storage.outbox_dir
+    row = job_row(job, outbox)
+    children = [job_row(c) for c in queue.children(job_id)]
+    reruns = []
+    if job.kind in PARENT_KINDS and job.payload.get("series_key"):
+        reruns = [j.id for j in queue.for_series([job.payload["series_key"]], kinds=(job.kind,))
+                  if j.payload.get("rerun_of") == job_id]
+    return {"job": row, "deliveries": children, "reruns": reruns,
+            "previews": len(previews(outbox, job_id)) if job.kind == "analyse" else 0,
+            "audit": [e.as_dict() for e in audit.entries(job_id=job_id, limit=50)]}

@@ -1,0 +1,293 @@
+"""The administrator's web app over real HTTP on loopback (uvicorn on a free port, httpx):
+open mode on loopback, users and API tokens with roles, CSRF, job actions with their
+audit trail, heat-map previews, /metrics, /healthz."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from helpers_dicom import write_ct_series
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from ct_ai_node.config import ConfigError, NodeConfig, load_config
+from ct_ai_node.jobqueue import JobState, JobStateError, SqliteJobQueue
+from ct_ai_node.node import job_actions
+from ct_ai_node.peers import free_port
+from ct_ai_node.spool import Spool
+from ct_ai_node.web.auth import hash_password, new_token
+from ct_ai_node.web.server import WebServer
+from test_node_robustness import store_file
+
+SC_UID = "1.2.840.10008.5.1.4.1.1.7"
+ADMIN_PW, VIEWER_PW = "admin-secret-1", "viewer-secret-1"
+
+
+def _services() -> dict:
+    return {"DICOM listener": {"up": True, "detail": "CTAI on port 11112"}, "workers": {"up": True, "detail": "1 of 1"}}
+
+
+def _config(tmp_path: Path, **web) -> NodeConfig:
+    return NodeConfig.model_validate({
+        "storage": {"root": str(tmp_path / "var"), "min_free_mb": 10, "fsync": False},
+        "destinations": [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": 4242, "ae_title": "PACS"}],
+        "rules": [{"name": "chest-ct", "when": [{"tag": "Modality", "equals": "CT"}], "action": "analyse",
+                   "destinations": ["pacs"]}],
+        "web": {"host": "127.0.0.1", "port": free_port(), **web},
+    })
+
+
+def _write_sc(path: Path) -> None:
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = SC_UID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PlanarConfiguration = 8, 8, 3, 0
+    ds.PhotometricInterpretation, ds.BitsAllocated, ds.BitsStored, ds.HighBit = "RGB", 8, 8, 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.full((8, 8, 3), 200, np.uint8).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.fixture
+def node(tmp_path):
+    """A node's database with one analysed series (job done, delivery done, an SC preview and
+    result.json in its outbox) and one queued analysis."""
+
+    def make(**web):
+        config = _config(tmp_path, **web)
+        st = config.storage
+        spool = Spool(st.spool_dir, st.db_path, fsync=False)
+        queue = SqliteJobQueue(st.db_path)
+        key = None
+        for path in write_ct_series(tmp_path / "ct", n=2, rows=16, cols=16).paths:
+            key = store_file(spool, path)
+        payload = {"series_key": key, "rule": "chest-ct", "pipeline": "radlogics", "destinations": ["pacs"]}
+        done = queue.enqueue("analyse", payload, key="a1")
+        out = st.outbox_dir / f"job-{done}"
+        out.mkdir(parents=True)
+        _write_sc(out / "sc-1.dcm")
+        (out / "result.json").write_text(json.dumps({
+            "status": "done", "pipeline": "radlogics", "case_class": "covid_like",
+            "case_class_text": "COVID-19-like pneumonia", "probability": 0.93, "lesion_volume_ml": 212.4,
+            "outputs": {"sc-1.dcm": SC_UID}, "timings_s": {"total": 12.5}}))
+        child = queue.enqueue("deliver", {"destination": "pacs", "files": [str(out / "sc-1.dcm")], "series_key": key},
+                              key="d1", parent_id=done)
+        for job_id in (done, child):
+            queue.claim(["analyse", "deliver"], "w", 60)
+            queue.complete(job_id)
+        waiting = queue.enqueue("analyse", payload, key="a2")
+        server = WebServer(config, _services).start()
+        parts.extend([server, spool, queue])
+        return config, server, queue, spool, {"done": done, "child": child, "waiting": waiting, "key": key}
+
+    parts: list = []
+    yield make
+    for part in parts:
+        (part.stop if isinstance(part, WebServer) else part.close)()
+
+
+def _csrf(client: httpx.Client, path: str = "/") -> str:
+    page = client.get(path)
+    assert page.status_code == 200, page.text[:300]
+    return re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+
+
+def test_open_mode_on_loopback_dashboard_actions_and_audit(node):
+    config, server, queue, spool, ids = node()
+    base = f"http://127.0.0.1:{server.port}"
+    with httpx.Client(base_url=base, timeout=10) as client:
+        page = client.get("/")
+        assert page.status_code == 200
+        assert "No users are configured" in page.text and "127.0.0.1" in page.text
+        assert "COVID-19-like pneumonia, P 0.93, 212 ml" in page.text and "chest-ct" in page.text
+        assert "pacs" in page.text and "ok" in page.text  # the destination's latest delivery
+        assert client.get("/healthz").json() == {"status": "ok", "down": []}
+        status = client.get("/status").json()
+        assert status["jobs_by_state"]["done"] == 2 and status["jobs_by_state"]["queued"] == 1
+        assert 'ctai_jobs{kind="analyse",state="done"} 1.0' in client.get("/metrics").text
+        # a page under another host name (DNS rebinding onto loopback) is refused
+        assert client.get("/", headers={"Host": "attacker.example"}).status_code == 400
+
+        # the job page: result, preview, deliveries
+        job = client.get(f"/jobs/{ids['done']}")
+        assert "COVID-19-like pneumonia" in job.text and f"/jobs/{ids['done']}/preview/0.png" in job.text
+        png = client.get(f"/jobs/{ids['done']}/preview/0.png")
+        assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+        assert client.get(f"/jobs/{ids['done']}/preview/5.png").status_code == 404
+
+        # a form post without the CSRF token (what a foreign page can send) does nothing
+        forged = client.post(f"/api/jobs/{ids['waiting']}/cancel", data={"action": "cancel"})
+        assert forged.status_code == 403 and "CSRF" in forged.text
+        assert queue.get(ids["waiting"]).state is JobState.QUEUED
+        # the page's own form: cancelled, back to the job page with a message
+        token = _csrf(client, f"/jobs/{ids['waiting']}")
+        done = client.post(f"/api/jobs/{ids['waiting']}/cancel", data={"csrf": token})
+        assert done.status_code == 303 and done.headers["location"] == f"/jobs/{ids['waiting']}"
+        assert queue.get(ids["waiting"]).state is JobState.DEAD
+        assert queue.get(ids["waiting"]).last_error == "cancelled by local"
+        assert "cancelled" in client.get(f"/jobs/{ids['waiting']}").text
+
+        # JSON (as scripts on this machine send it): re-run the finished analysis
+        rerun = client.post(f"/api/jobs/{ids['done']}/rerun", json={})
+        assert rerun.status_code == 200, rerun.text
+        new_id = rerun.json()["job_id"]
+        new = queue.get(new_id)
+        assert new.kind == "analyse" and new.state is JobState.QUEUED
+        assert new.payload["rerun_of"] == ids["done"] and new.payload["destinations"] == ["pacs"]
+        # a second click while the re-run waits is refused, with the reason
+        again = client.post(f"/api/jobs/{ids['done']}/rerun", json={})
+        assert again.status_code == 409 and f"job {new_id}" in again.json()["detail"]
+        # re-send: the delivery goes out again, the parent waits for it
+        resent = client.post(f"/api/jobs/{ids['done']}/resend", json={})
+        assert resent.status_code == 200, resent.text
+        assert queue.get(ids["child"]).state is JobState.QUEUED
+        assert queue.get(ids["done"]).state is JobState.SENDING
+        assert client.post(f"/api/jobs/{ids['done']}/explode", json={}).status_code == 404
+
+        audit = client.get("/api/audit").json()
+        assert [(e["user"], e["action"], e["outcome"]) for e in audit][:5] == [
+            ("local", "resend", "ok"), ("local", "rerun", "refused"), ("local", "created", "ok"),
+            ("local", "rerun", "ok"), ("local", "cancel", "ok")]
+        assert "Audit log" in client.get("/audit").text
+
+
+def test_users_roles_tokens_and_csrf(node):
+    viewer_token, viewer_hash = new_token()
+    admin_token, admin_hash = new_token()
+    config, server, queue, spool, ids = node(
+        users=[{"name": "alice", "role": "admin", "password_hash": hash_password(ADMIN_PW)},
+               {"name": "victor", "role": "viewer", "password_hash": hash_password(VIEWER_PW)}],
+        api_tokens=[{"name": "monitoring", "role": "viewer", "token_hash": viewer_hash},
+                    {"name": "scripts", "role": "admin", "token_hash": admin_hash}])
+    base = f"http://127.0.0.1:{server.port}"
+    with httpx.Client(base_url=base, timeout=10) as anonymous:
+        first = anonymous.get("/jobs/1")
+        assert first.status_code == 303 and first.headers["location"] == "/login?next=/jobs/1"
+        assert anonymous.get("/api/status").status_code == 401
+        assert anonymous.get("/status").status_code == 401
+        assert anonymous.get("/healthz").status_code == 200  # for load balancers: no data in it
+        assert anonymous.get("/api/status", headers={"Authorization": "Bearer ctai_wrong"}).status_code == 401
+        assert anonymous.post(f"/api/jobs/{ids['waiting']}/cancel", json={}).status_code == 401
+
+    # tokens: a viewer reads, an admin acts (no CSRF for bearer tokens)
+    with httpx.Client(base_url=base, timeout=10, headers={"Authorization": f"Bearer {viewer_token}"}) as monitor:
+        assert monitor.get("/api/status").json()["jobs_by_state"]["queued"] == 1
+        refused = monitor.post(f"/api/jobs/{ids['waiting']}/cancel", json={})
+        assert refused.status_code == 403 and "viewer" in refused.json()["detail"]
+    with httpx.Client(base_url=base, timeout=10, headers={"Authorization": f"Bearer {admin_token}"}) as script:
+        assert script.post(f"/api/jobs/{ids['waiting']}/cancel").status_code == 200
+        assert queue.get(ids["waiting"]).last_error == "cancelled by scripts"
+
+    with httpx.Client(base_url=base, timeout=10) as browser:
+        login = browser.get("/login")
+        assert "No users are configured" not in login.text
+        token = re.search(r'name="csrf" value="([^"]+)"', login.text).group(1)
+        wrong = browser.post("/login", data={"csrf": token, "name": "alice", "password": "nope", "next": "/"})
+        assert wrong.status_code == 303 and "Wrong user name or password" in browser.get("/login").text
+        token = _csrf(browser, "/login")
+        assert browser.post("/login", data={"csrf": "forged", "name": "victor", "password": VIEWER_PW}).status_code == 403
+        ok = browser.post("/login", data={"csrf": token, "name": "victor", "password": VIEWER_PW, "next": "/jobs/1"})
+        assert ok.status_code == 303 and ok.headers["location"] == "/jobs/1"
+        page = browser.get("/jobs/1")
+        assert "victor (viewer)" in page.text and "Re-run" not in page.text  # no buttons for viewers
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+        refused = browser.post(f"/api/jobs/{ids['done']}/rerun", data={"csrf": token})
+        assert refused.status_code == 403 and "viewer" in refused.text
+        assert browser.post("/logout", data={"csrf": token}).status_code == 303
+        assert browser.get("/").status_code == 303  # logged out
+
+        token = _csrf(browser, "/login")
+        # an open redirect after log-in is not followed off the site
+        ok = browser.post("/login", data={"csrf": token, "name": "alice", "password": ADMIN_PW,
+                                          "next": "//attacker.example/"})
+        assert ok.headers["location"] == "/"
+        page = browser.get(f"/jobs/{ids['done']}")
+        assert "alice (admin)" in page.text and "Re-run" in page.text
+        for secret in (ADMIN_PW, "argon2", "sha256:"):
+            assert secret not in page.text and secret not in browser.get("/api/status").text
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+        assert browser.post(f"/api/jobs/{ids['done']}/rerun", data={"csrf": token}).status_code == 303
+        assert browser.post(f"/api/jobs/{ids['done']}/rerun", json={}).status_code == 409  # JSON: no CSRF needed
+
+    entries = [(e.user, e.action, e.outcome) for e in server.audit.entries()]
+    assert ("alice", "login", "refused") in entries and ("victor", "rerun", "refused") not in entries
+    assert ("alice", "rerun", "ok") in entries and ("scripts", "cancel", "ok") in entries
+    assert ("victor", "login", "ok") in entries and ("victor", "logout", "ok") in entries
+
+
+def test_actions_refuse_with_reasons(node):
+    config, server, queue, spool, ids = node()
+    with pytest.raises(JobStateError, match="queued"):
+        job_actions.rerun(queue, spool, ids["waiting"], "x")
+    with pytest.raises(JobStateError, match="only a queued job"):
+        queue.cancel(ids["done"], "x")
+    with pytest.raises(JobStateError, match="only a failed or dead job"):
+        job_actions.requeue(queue, ids["done"])
+    with pytest.raises(JobStateError, match="deliver job"):
+        job_actions.resend(queue, ids["child"])
+    claimed = queue.claim(["analyse"], "w", 60)
+    assert claimed.id == ids["waiting"]
+    with pytest.raises(JobStateError, match="by a worker"):
+        job_actions.cancel(queue, ids["waiting"], "x")
+    queue.fail(ids["waiting"], "boom", retryable=False, owner="w")
+    assert job_actions.requeue_dead(queue) == [f"job {ids['waiting']} queued again"]
+    # retention removed the results and the images: re-send and re-run say so
+    for f in (config.storage.outbox_dir / f"job-{ids['done']}").glob("*.dcm"):
+        f.unlink()
+    with pytest.raises(JobStateError, match="result files were removed"):
+        job_actions.resend(queue, ids["done"])
+    assert spool.remove_series(ids["key"])
+    with pytest.raises(JobStateError, match="no longer in the spool"):
+        job_actions.rerun(queue, spool, ids["done"], "x")
+
+
+def test_web_config_is_checked(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config_text(tmp_path, "web: {host: 0.0.0.0, port: 8080}\n")
+    assert any(p.startswith("web.users: needed when host is '0.0.0.0'") for p in err.value.problems)
+    with pytest.raises(ConfigError) as err:
+        load_config_text(tmp_path, "web:\n  host: 0.0.0.0\n  users: [{name: a, role: admin, password_hash: hunter22}]\n")
+    assert any("web.users.0.password_hash: " in p and "never the password" in p for p in err.value.problems)
+    assert "hunter22" not in str(err.value)
+    # the old read-only page's section is read as the web app's
+    config = load_config_text(tmp_path, "status: {host: 127.0.0.1, port: 8099}\n")
+    assert config.web.port == 8099 and config.web.open
+    user = {"name": "a", "role": "admin", "password_hash": hash_password("long enough")}
+    config = NodeConfig.model_validate({"web": {"host": "0.0.0.0", "users": [user]}})
+    assert "argon2" not in repr(config) and "argon2" not in config.model_dump_json()
+
+
+def load_config_text(tmp_path: Path, text: str) -> NodeConfig:
+    path = tmp_path / "node.yaml"
+    path.write_text(text)
+    return load_config(path)
+
+
+def test_cli_makes_password_hashes_and_tokens_the_app_accepts():
+    from typer.testing import CliRunner
+
+    from ct_ai_node.cli import app
+    from ct_ai_node.config import WebSection
+    from ct_ai_node.web.auth import check_bearer, check_password
+
+    runner = CliRunner()
+    hashed = runner.invoke(app, ["web", "hash-password", "--password", "a long password"])
+    assert hashed.exit_code == 0, hashed.output
+    made = runner.invoke(app, ["web", "new-token"])
+    token = re.search(r"(ctai_\S+)", made.output).group(1)
+    digest = re.search(r"(sha256:[0-9a-f]{64})", made.output).group(1)
+    web = WebSection(users=[{"name": "bob", "role": "admin", "password_hash": hashed.output.strip()}],
+                     api_tokens=[{"name": "cron", "token_hash": digest}])
+    assert check_password(web, "bob", "a long password").role == "admin"
+    assert check_password(web, "bob", "a long passwor") is None and check_password(web, "eve", "x") is None
+    assert check_bearer(web, f"Bearer {token}").name == "cron"
+    assert check_bearer(web, "Bearer ctai_other") is None
+    assert runner.invoke(app, ["web", "hash-password", "--password", "short"]).exit_code != 0
