@@ -375,7 +375,7 @@ def serve(
     configure_logging(level)
     err.print(f"ct-ai-node {__version__}: {config.summary()}; storage {config.storage.root}")
     try:
-        Node(config, log_level=level).serve_forever()
+        Node(config, log_level=level, config_path=config_file, config_base=Path.cwd()).serve_forever()
     except OSError as exc:  # e.g. the port is taken
         typer.echo(f"cannot start the node: {exc}", err=True)
         raise typer.Exit(EXIT_FAILED)

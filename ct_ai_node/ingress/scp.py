@@ -32,7 +32,7 @@ import socket
 import socketserver
 import ssl
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -275,6 +275,14 @@ class StorageSCP:
         self._idle = threading.Condition(self._lock)
         self._stopping = False
         self._whitelist = _Whitelist(settings.allowed_callers)
+
+    def set_allowed_callers(self, callers: list[AllowedCaller]) -> None:
+        """Who may associate from now on (associations already open go on)."""
+        whitelist = _Whitelist(callers)
+        with self._lock:
+            self.settings = replace(self.settings, allowed_callers=list(callers))
+            self._whitelist = whitelist
+        log.info("storage SCP %s: %d allowed caller rule(s)", self.settings.ae_title, len(callers))
 
     # ---- lifecycle -----------------------------------------------------------------------
 

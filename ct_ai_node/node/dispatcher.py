@@ -313,9 +313,25 @@ class Dispatcher:
         self.queue = queue
         self.clock = clock
         self.router = RouterProcess(config, router, log_level=log_level)
+        self._router_fn, self._log_level = router, log_level
+        self._pending: NodeConfig | None = None
         self._stopped = False
 
+    def reconfigure(self, config: NodeConfig) -> None:
+        """Route with ``config`` from the next tick on (the tick in progress finishes with
+        the rules it started with; the routing process is restarted with the new ones)."""
+        self._pending = config
+
+    def _take_pending(self) -> None:
+        config, self._pending = self._pending, None
+        if config is not None:
+            self.config = config
+            old, self.router = self.router, RouterProcess(config, self._router_fn, log_level=self._log_level)
+            old.close()
+            logger.info("routing with the new configuration (%d rule(s))", len(config.rules))
+
     def tick(self) -> TickReport:
+        self._take_pending()
         report = TickReport()
         report.closed = self.close_parents()
         for rec in self.spool.series():

@@ -41,13 +41,19 @@ def scp_settings(config: NodeConfig):
 
 
 class Node:
-    def __init__(self, config: NodeConfig, *, workers: int | None = None, log_level: int = logging.INFO):
+    def __init__(self, config: NodeConfig, *, workers: int | None = None, log_level: int = logging.INFO,
+                 config_path: Path | None = None, config_base: Path | None = None):
+        """``config_path``: the file ``config`` was loaded from (resolved against
+        ``config_base``, default the current folder); the web app edits it. None: the
+        configuration cannot be edited while the node runs."""
         from ct_ai_node.jobqueue import SqliteJobQueue
         from ct_ai_node.node.dispatcher import Dispatcher
         from ct_ai_node.node.retention import Retention
         from ct_ai_node.spool import Spool
 
         self.config = config
+        self.config_path = Path(config_path) if config_path is not None else None
+        self.config_base = Path(config_base) if config_base is not None else Path.cwd()
         st = config.storage
         for folder in (st.spool_dir, st.outbox_dir):
             Path(folder).mkdir(parents=True, exist_ok=True)
@@ -62,6 +68,7 @@ class Node:
         self.web = None
         self._scheduler = None
         self._workers: list[multiprocessing.Process] = []
+        self._updates: dict[int, object] = {}  # worker index -> its queue of edited configurations
         self._ctx = multiprocessing.get_context("spawn")  # no fork of a process with SCP threads
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
@@ -94,7 +101,11 @@ class Node:
         if self.config.web is not None:
             from ct_ai_node.web.server import WebServer
 
-            self.web = WebServer(self.config, self.services).start()
+            from ct_ai_node.node.config_store import ConfigStore
+
+            store = (ConfigStore(self.config_path, self.config_base, self.config, self.reconfigure)
+                     if self.config_path is not None else None)
+            self.web = WebServer(self.config, self.services, lambda: self.config, store).start()
             web = self.config.web
             logger.info("web app on http://%s:%d/%s", web.host, self.web.port,
                         " (no users configured: open to this machine only)" if web.open else "")
@@ -122,10 +133,30 @@ class Node:
         # not daemonic: a worker forks its heat-map writer; it dies with the node (PDEATHSIG)
         # and stop() ends it
         owner = f"{self.config.node.ae_title}-w{index}"
+        updates = self._ctx.Queue()
         proc = self._ctx.Process(target=worker_process_main, name=owner,
-                                 args=(self.config, owner, self.log_level))
+                                 args=(self.config, owner, self.log_level, updates))
         proc.start()
+        self._updates[index] = updates
         return proc
+
+    def reconfigure(self, config: NodeConfig) -> None:
+        """Apply an edited configuration without a restart: rules and routing from the
+        dispatcher's next tick, allowed callers for the next association, destinations for
+        each worker's next job. Sections that need a restart must be unchanged
+        (``config_edit.restart_needed``)."""
+        from ct_ai_node.config_edit import restart_needed
+
+        changed = restart_needed(self.config, config)
+        if changed:
+            raise ValueError(f"{', '.join(changed)}: changing these needs a restart of the node")
+        self.config = config
+        self.dispatcher.reconfigure(config)
+        if self.scp is not None:
+            self.scp.set_allowed_callers(scp_settings(config).allowed_callers)
+        for updates in self._updates.values():
+            updates.put(config)
+        logger.info("configuration applied: %s", config.summary())
 
     def _supervise(self) -> None:
         # a worker that died (killed by the OOM killer, a crash in native code) is replaced;

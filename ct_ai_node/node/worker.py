@@ -119,16 +119,34 @@ class Worker:
             self._fail(job, f"{type(exc).__name__}: {exc}", retryable=True)
         return job
 
-    def run_forever(self, stop: threading.Event | StopSignals | None = None, idle_s: float = 0.5) -> None:
-        """Take jobs until ``stop`` is set (an Event, or the process's StopSignals)."""
+    def run_forever(self, stop: threading.Event | StopSignals | None = None, idle_s: float = 0.5,
+                    updates=None) -> None:
+        """Take jobs until ``stop`` is set (an Event, or the process's StopSignals). Between
+        jobs, the newest configuration on ``updates`` (a queue the node puts edited
+        configurations on) replaces this worker's (destinations, rules)."""
         stop = stop or threading.Event()
         parent = os.getppid()
         while not stop.is_set():
             if os.getppid() != parent:  # the node died: do not go on alone
                 logger.warning("node process gone; worker %s stops", self.owner)
                 return
+            if updates is not None:
+                self._take_update(updates)
             if self.run_once() is None:
                 stop.wait(idle_s)
+
+    def _take_update(self, updates) -> None:
+        import queue as queue_module
+
+        config = None
+        try:
+            while True:
+                config = updates.get_nowait()
+        except queue_module.Empty:
+            pass
+        if config is not None:
+            self.config = config
+            logger.info("worker %s: new configuration (%d destination(s))", self.owner, len(config.destinations))
 
     def _overrun(self, job: Job) -> None:
         """The job ran past ``workers.job_timeout_s``: fail it for good (with its notice), then,
@@ -338,9 +356,9 @@ def _report_in(out: Path):
     return ReportRef.of(pydicom.dcmread(path, stop_before_pixels=True))
 
 
-def worker_process_main(config: NodeConfig, owner: str, log_level: int = logging.INFO) -> None:
+def worker_process_main(config: NodeConfig, owner: str, log_level: int = logging.INFO, updates=None) -> None:
     """Entry point of a worker process (spawned by the node; ``config`` arrives pickled,
-    secrets included, which a JSON dump would mask)."""
+    secrets included, which a JSON dump would mask; so do edited ones on ``updates``)."""
     import signal
 
     _die_with_parent()
@@ -350,7 +368,7 @@ def worker_process_main(config: NodeConfig, owner: str, log_level: int = logging
     _preload()
     worker = Worker(config, owner)
     worker.exit_on_overrun = True
-    worker.run_forever(stop)
+    worker.run_forever(stop, updates=updates)
 
 
 def _preload() -> None:

@@ -34,11 +34,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from ct_ai_node.config import NodeConfig
+from ct_ai_node.config import ConfigError, NodeConfig
 from ct_ai_node.jobqueue import JobNotFound, JobQueue, JobStateError
 from ct_ai_node.node import job_actions
 from ct_ai_node.node.audit import AuditLog
+from ct_ai_node.node.config_store import ConfigStore
 from ct_ai_node.node.status import MetricsCollector
+from ct_ai_node.config_edit import EDITABLE_SECTIONS
 from ct_ai_node.web import views
 from ct_ai_node.web.auth import OPEN_PRINCIPAL, Principal, check_bearer, check_password, csrf_matches, session_user
 
@@ -53,11 +55,13 @@ class Unauthenticated(Exception):
     pass
 
 
-def create_app(config: NodeConfig, queue: JobQueue, spool, audit: AuditLog, services: Callable[[], dict],
-               secret: str) -> FastAPI:
-    """The app over the node's queue, spool and audit log; ``services()`` says what runs
-    (name -> {"up": bool, "detail": str}); ``secret`` signs the session cookies."""
-    web = config.web
+def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, audit: AuditLog,
+               services: Callable[[], dict], secret: str, store: ConfigStore | None = None) -> FastAPI:
+    """The app over the node's queue, spool and audit log. ``config_source()`` is the
+    configuration in force (it changes when edited); ``services()`` says what runs (name ->
+    {"up": bool, "detail": str}); ``secret`` signs the session cookies; ``store`` edits the
+    configuration file (None: the node runs without one, the configuration is read-only)."""
+    web = config_source().web
     assert web is not None, "create_app needs config.web"
     lock = threading.Lock()  # one SQLite connection per object: one request at a time
     registry = CollectorRegistry()
@@ -119,7 +123,7 @@ def create_app(config: NodeConfig, queue: JobQueue, spool, audit: AuditLog, serv
         flash = request.session.pop("flash", None)
         return TEMPLATES.TemplateResponse(request, template, {
             "principal": who, "csrf": csrf_of(request), "open_mode": web.open, "web_host": web.host,
-            "ae_title": config.node.ae_title, "flash": flash[1] if flash else None,
+            "ae_title": config_source().node.ae_title, "flash": flash[1] if flash else None,
             "flash_kind": flash[0] if flash else "", **context})
 
     # -- pages --------------------------------------------------------------------------
@@ -128,14 +132,14 @@ def create_app(config: NodeConfig, queue: JobQueue, spool, audit: AuditLog, serv
     def dashboard_page(request: Request, state: str | None = None, kind: str | None = None):
         who = viewer(request)
         with lock:
-            data = views.dashboard(config, queue, spool, services, state=_state(state), kind=_kind(kind))
+            data = views.dashboard(config_source(), queue, spool, services, state=_state(state), kind=_kind(kind))
         return render(request, "dashboard.html", who, d=data)
 
     @app.get("/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
     def job_html(request: Request, job_id: int):
         who = viewer(request)
         with lock:
-            page = views.job_page(config, queue, audit, job_id)
+            page = views.job_page(config_source(), queue, audit, job_id)
         if page is None:
             raise HTTPException(404, f"no job {job_id}")
         return render(request, "job.html", who, p=page)
@@ -143,7 +147,7 @@ def create_app(config: NodeConfig, queue: JobQueue, spool, audit: AuditLog, serv
     @app.get("/jobs/{job_id}/preview/{index}.png", include_in_schema=False)
     def preview_png(request: Request, job_id: int, index: int):
         viewer(request)
-        files = views.previews(config.storage.outbox_dir, job_id)
+        files = views.previews(config_source().storage.outbox_dir, job_id)
         if not 0 <= index < len(files):
             raise HTTPException(404, f"job {job_id} has no heat-map image {index}")
         return Response(_png_of(files[index]), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
@@ -188,7 +192,7 @@ def create_app(config: NodeConfig, queue: JobQueue, spool, audit: AuditLog, serv
         """The dashboard's data: services, disk, retention, queue, destinations, jobs."""
         viewer(request)
         with lock:
-            return views.dashboard(config, queue, spool, services, state=_state(state), kind=_kind(kind),
+            return views.dashboard(config_source(), queue, spool, services, state=_state(state), kind=_kind(kind),
                                    limit=max(1, min(limit, 1000)))
 
     app.add_api_route("/status", api_status, methods=["GET"], include_in_schema=False)
@@ -198,7 +202,7 @@ def create_app(config: NodeConfig, queue: JobQueue, spool, audit: AuditLog, serv
         """One job with its result summary, deliveries and audit trail."""
         viewer(request)
         with lock:
-            page = views.job_page(config, queue, audit, job_id)
+            page = views.job_page(config_source(), queue, audit, job_id)
         if page is None:
             raise HTTPException(404, f"no job {job_id}")
         return page
@@ -251,6 +255,116 @@ def create_app(config: NodeConfig, queue: JobQueue, spool, audit: AuditLog, serv
             audit.record(who.name, "created", "ok", f"re-run of job {job_id}", new_id)
         return _answer(request, form, {"ok": True, "message": message, "job_id": new_id or job_id},
                        f"/jobs/{new_id or job_id}")
+
+    # -- configuration ------------------------------------------------------------------
+
+    def config_texts(overrides: dict[str, str] | None = None) -> dict[str, str]:
+        if store is None:
+            return {}
+        texts = {section: store.section_text(section) for section in EDITABLE_SECTIONS}
+        texts.update(overrides or {})
+        return texts
+
+    def config_page_response(request: Request, who: Principal, *, texts=None, problems=None, section=None,
+                             tested=None, status_code: int = 200):
+        with lock:
+            series = views.recent_series(spool)
+        response = render(request, "config.html", who, store=store, texts=config_texts(texts), problems=problems or [],
+                          problem_section=section, tested=tested, series=series,
+                          destinations=views.destinations_health(config_source(), queue), node=config_source().node)
+        response.status_code = status_code
+        return response
+
+    @app.get("/config", response_class=HTMLResponse, include_in_schema=False)
+    def config_page(request: Request):
+        return config_page_response(request, viewer(request))
+
+    @app.get("/api/config/{section}", tags=["configuration"])
+    def api_config_section(request: Request, section: str):
+        """One editable section as YAML text (passwords masked)."""
+        viewer(request)
+        if store is None:
+            raise HTTPException(409, "the node runs without a configuration file: nothing to edit")
+        try:
+            return {"section": section, "text": store.section_text(section)}
+        except ConfigError as exc:
+            raise HTTPException(404, "; ".join(exc.problems)) from None
+
+    @app.post("/api/config/{section}", tags=["configuration"])
+    async def api_config_save(request: Request, section: str):
+        """Validate an edited section (``text``: YAML) with check-config's messages; with
+        ``save`` true (the default) write it to the file and apply it without a restart."""
+        who, form = await checked_change(request)
+        body = form or (await request.json() if _is_json(request) else {})
+        text, save = str(body.get("text", "")), str(body.get("save", "true")).lower() not in ("false", "0", "")
+        if form:
+            save = form.get("do") != "check"
+        if store is None:
+            raise HTTPException(409, "the node runs without a configuration file: nothing to edit")
+        try:
+            if save:
+                _, summary = store.save(section, text)
+            else:
+                store.check(section, text)
+                summary = f"{section}: valid (not saved)"
+        except ConfigError as exc:
+            if save:
+                audit.record(who.name, "config", "refused", f"{section}: {len(exc.problems)} problem(s)")
+            if form:
+                return config_page_response(request, who, texts={section: text}, problems=exc.problems,
+                                            section=section, status_code=422)
+            return JSONResponse({"ok": False, "problems": exc.problems}, status_code=422)
+        except ValueError as exc:  # the node refused to apply it
+            audit.record(who.name, "config", "refused", str(exc))
+            raise HTTPException(409, str(exc)) from None
+        if save:
+            audit.record(who.name, "config", "ok", summary)
+        return _answer(request, form, {"ok": True, "message": summary}, "/config")
+
+    @app.post("/api/destinations/{name}/test", tags=["configuration"])
+    async def api_destination_test(request: Request, name: str):
+        """C-ECHO (dicom) or an HTTP request (stow, orthanc) to a configured destination."""
+        from starlette.concurrency import run_in_threadpool
+
+        from ct_ai_node.egress.probe import probe_destination
+
+        who, form = await checked_change(request)
+        config = config_source()
+        try:
+            config.destination(name)
+        except KeyError:
+            raise HTTPException(404, f"no destination {name!r}") from None
+        result = await run_in_threadpool(probe_destination, config, name)
+        audit.record(who.name, "test-destination", "ok" if result.ok else "failed", f"{name}: {result.message}")
+        body = {"ok": result.ok, "message": result.message}
+        if form:
+            request.session["flash"] = ("ok" if result.ok else "error", f"{name}: {result.message}")
+            return RedirectResponse("/config", status_code=303)
+        return body
+
+    @app.post("/api/rules/test", tags=["configuration"])
+    async def api_rules_test(request: Request):
+        """Route a received series (``series``: its reference) or an uploaded DICOM file
+        (``file``) with the rules given (``rules``, ``routing``: YAML; default: those in
+        force) and say why. Nothing is saved or sent."""
+        from starlette.concurrency import run_in_threadpool
+
+        who, form = await checked_change(request, need_admin=False)
+        body = form or (await request.json() if _is_json(request) else {})
+        try:
+            config = _candidate(config_source(), store, body)
+            decision, what = await run_in_threadpool(_route_for_test, config, spool, lock, body)
+        except ConfigError as exc:
+            if form:
+                return config_page_response(request, who, texts=_typed_rules(body),
+                                            problems=exc.problems, section="rules", status_code=422)
+            return JSONResponse({"ok": False, "problems": exc.problems}, status_code=422)
+        lines = views.decision_lines(decision)
+        tested = {"what": what, "lines": lines}
+        if form:
+            return config_page_response(request, who, texts=_typed_rules(body), tested=tested)
+        return {"ok": True, "series": what, "actions": [views.action_line(a) for a in decision.actions],
+                "explanation": decision.explanation}
 
     # -- for machines -------------------------------------------------------------------
 
@@ -313,3 +427,67 @@ def _png_of(path: Path) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _typed_rules(body: dict) -> dict[str, str]:
+    """The rules text the tester was given (shown again in the editor)."""
+    text = str(body.get("rules") or body.get("text") or "")
+    return {"rules": text} if text.strip() else {}
+
+
+def _is_json(request: Request) -> bool:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
+
+
+def _candidate(config: NodeConfig, store: ConfigStore | None, body: dict) -> NodeConfig:
+    """The configuration in force, or with the rules / routing of the tester's form (the
+    editor's text, saved or not) in place of the file's, validated with check-config's messages."""
+    from ct_ai_node.config_edit import parse_section, validate
+
+    texts = {"rules": str(body.get("rules") or body.get("text") or ""), "routing": str(body.get("routing") or "")}
+    texts = {k: v for k, v in texts.items() if v.strip()}
+    if not texts:
+        return config
+    if store is None:
+        raise ConfigError(["rules: the node runs without a configuration file; the rules in force are tested"])
+    data = store.file_data()
+    for section, text in texts.items():
+        data[section] = parse_section(text, section)
+    return validate(data, store.base)
+
+
+def _route_for_test(config: NodeConfig, spool, lock: threading.Lock, body: dict):
+    """(decision, what was routed) for the rule tester."""
+    import tempfile
+
+    import pydicom
+
+    from ct_ai_node.logs import series_ref
+    from ct_ai_node.node.dispatcher import route_series
+    from ct_ai_node.rules.routing import facts_from_datasets, route
+
+    upload = body.get("file")
+    if upload is not None and getattr(upload, "filename", ""):
+        data = upload.file.read()
+        with tempfile.NamedTemporaryFile(suffix=".dcm") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            try:
+                ds = pydicom.dcmread(tmp.name, stop_before_pixels=True, force=True)
+                ds.SOPClassUID  # noqa: B018 - a file without it is not a DICOM instance
+            except Exception as exc:  # noqa: BLE001 - any unreadable upload
+                raise ConfigError([f"file: not a readable DICOM file ({type(exc).__name__})"]) from None
+        calling = str(body.get("calling_ae") or "")
+        facts = facts_from_datasets([ds], calling_ae=calling, called_ae=config.node.ae_title)
+        return route(config.rules, config.routing, facts), f"uploaded file ({len(data)} bytes), caller {calling or '-'}"
+    wanted = str(body.get("series") or "")
+    with lock:
+        found = [r for r in spool.series() if series_ref(r.key) == wanted]
+        paths = spool.instance_paths(found[0].key) if found else []
+    if not found or not paths:
+        raise ConfigError([f"series: {wanted or '(none chosen)'} is not in the spool (choose a received series "
+                           "or upload a file)"])
+    try:
+        return route_series(config, found[0], paths), f"series {wanted} ({len(paths)} instances)"
+    except Exception as exc:  # noqa: BLE001 - RouteFailed and damaged headers alike
+        raise ConfigError([f"series: {wanted} cannot be routed ({exc})"]) from None

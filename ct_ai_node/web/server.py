@@ -14,9 +14,12 @@ logger = logging.getLogger(__name__)
 
 class WebServer:
     """Binds ``config.web.host:port`` at construction (a port in use is an error now, not a
-    log line later), serves on ``start()``, stops within seconds on ``stop()``."""
+    log line later), serves on ``start()``, stops within seconds on ``stop()``.
+    ``config_source``: the configuration in force (default: ``config``, fixed); ``store``:
+    a :class:`~ct_ai_node.node.config_store.ConfigStore` to edit it (None: read-only)."""
 
-    def __init__(self, config: NodeConfig, services: Callable[[], dict]):
+    def __init__(self, config: NodeConfig, services: Callable[[], dict],
+                 config_source: Callable[[], NodeConfig] | None = None, store=None):
         import uvicorn
 
         from ct_ai_node.jobqueue import SqliteJobQueue
@@ -31,7 +34,8 @@ class WebServer:
                                     backoff_max_s=config.retry.backoff_max_s)
         self.spool = Spool(st.spool_dir, st.db_path, fsync=st.fsync)
         self.audit = AuditLog(st.db_path)
-        app = create_app(config, self.queue, self.spool, self.audit, services, session_secret(web, st.root))
+        app = create_app(config_source or (lambda: config), self.queue, self.spool, self.audit, services,
+                         session_secret(web, st.root), store)
         family = socket.AF_INET6 if ":" in web.host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

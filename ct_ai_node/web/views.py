@@ -162,3 +162,21 @@ def job_page(config: NodeConfig, queue: JobQueue, audit: AuditLog, job_id: int) 
     return {"job": row, "deliveries": children, "reruns": reruns,
             "previews": len(previews(outbox, job_id)) if job.kind == "analyse" else 0,
             "audit": [e.as_dict() for e in audit.entries(job_id=job_id, limit=50)]}
+
+
+def recent_series(spool, limit: int = 50) -> list[dict]:
+    """Received series for the rule tester's choice: reference, modality, caller, count, state."""
+    records = sorted(spool.series(), key=lambda r: r.last_received_at, reverse=True)[:limit]
+    return [{"ref": series_ref(r.key), "modality": r.modality, "caller": r.calling_ae, "instances": r.instance_count,
+             "state": r.state, "received": _when(r.last_received_at)} for r in records]
+
+
+def action_line(action) -> str:
+    from ct_ai_node.rules.routing import describe_action
+
+    return f"{action.rule}: {describe_action(action)}"
+
+
+def decision_lines(decision) -> list[str]:
+    """The rule tester's answer: what would happen, then why (check-config's wording)."""
+    return [f"=> {action_line(a)}" for a in decision.actions] + list(decision.explanation)
