@@ -569,7 +569,7 @@ class RoutingSection(_Model):
 
 # -- the whole file -------------------------------------------------------------
 
-ROLES = ("admin", "viewer")
+ROLES = ("admin", "viewer", "sender")
 
 
 def _check_secret_hash(value: SecretStr) -> SecretStr:
@@ -584,19 +584,21 @@ SecretHash = Annotated[SecretStr, AfterValidator(_check_secret_hash)]
 
 
 class WebUser(_Model):
-    """Someone who may log in to the web app: ``admin`` changes things, ``viewer`` looks."""
+    """Someone who may log in to the web app: ``admin`` changes things, ``viewer`` looks,
+    ``sender`` only sends images (STOW-RS, with HTTP Basic authentication)."""
 
     name: Name
-    role: Literal["admin", "viewer"] = "viewer"
+    role: Literal["admin", "viewer", "sender"] = "viewer"
     #: argon2 hash (``ct-ai-node web hash-password``); never the password itself
     password_hash: SecretHash = Field(repr=False)
 
 
 class ApiToken(_Model):
-    """A bearer token for scripts (``Authorization: Bearer <token>``), with a role."""
+    """A bearer token for scripts (``Authorization: Bearer <token>``), with a role
+    (``sender``: a PACS or modality that sends images by STOW-RS, nothing else)."""
 
     name: Name
-    role: Literal["admin", "viewer"] = "viewer"
+    role: Literal["admin", "viewer", "sender"] = "viewer"
     #: ``sha256:<hex>`` of the token (``ct-ai-node web new-token`` prints both)
     token_hash: SecretHash = Field(repr=False)
 
@@ -623,6 +625,8 @@ class WebSection(_Model):
     session_secret: Optional[SecretStr] = Field(None, repr=False, min_length=16)
     #: log-in sessions end after this long without a request
     session_max_age_h: float = Field(12.0, gt=0, le=24 * 30)
+    #: the largest STOW-RS request accepted (HTTP 413 above)
+    stow_max_mb: float = Field(4096.0, gt=0, le=65536)
 
     @property
     def open(self) -> bool:

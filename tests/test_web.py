@@ -291,3 +291,76 @@ def test_cli_makes_password_hashes_and_tokens_the_app_accepts():
     assert check_bearer(web, f"Bearer {token}").name == "cron"
     assert check_bearer(web, "Bearer ctai_other") is None
     assert runner.invoke(app, ["web", "hash-password", "--password", "short"]).exit_code != 0
+
+
+# -- STOW-RS ingress ---------------------------------------------------------------------------
+
+def _stow(client: httpx.Client, files: list[bytes], **headers) -> httpx.Response:
+    from ct_ai_node.egress.stow import multipart_related
+
+    body, ctype = multipart_related(files)
+    return client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype, **headers})
+
+
+def test_stow_rs_ingress_stores_answers_and_refuses(node, tmp_path):
+    sender_token, sender_hash = new_token()
+    viewer_token, viewer_hash = new_token()
+    config, server, queue, spool, ids = node(
+        api_tokens=[{"name": "modality", "role": "sender", "token_hash": sender_hash},
+                    {"name": "monitor", "role": "viewer", "token_hash": viewer_hash}],
+        users=[{"name": "pacs", "role": "sender", "password_hash": hash_password(ADMIN_PW)}])
+    series = write_ct_series(tmp_path / "stow", n=3, rows=16, cols=16, description="stow")
+    files = [p.read_bytes() for p in series.paths]
+    uids = sorted(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in series.paths)
+    before = {r.key for r in spool.series()}
+    with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=30) as client:
+        assert _stow(client, files).status_code == 401  # no credentials
+        assert _stow(client, files, Authorization=f"Bearer {viewer_token}").status_code == 403
+        bad_pw = httpx.BasicAuth("pacs", "wrong").auth_flow(httpx.Request("GET", "http://x")).__next__()
+        assert _stow(client, files, Authorization=bad_pw.headers["Authorization"]).status_code == 401
+        # a sender may not read the pages or the API
+        assert client.get("/api/status", headers={"Authorization": f"Bearer {sender_token}"}).status_code == 403
+
+        ok = _stow(client, files, Authorization=f"Bearer {sender_token}")
+        assert ok.status_code == 200, ok.text
+        assert ok.headers["content-type"].startswith("application/dicom+json")
+        stored = sorted(i["00081155"]["Value"][0] for i in ok.json()["00081199"]["Value"])
+        assert stored == uids
+        new = [r for r in spool.series() if r.key not in before]
+        assert [(r.instance_count, r.calling_ae, r.called_ae) for r in new] == [(3, "MODALITY", "CTAI")]
+        assert new[0].released_at is not None  # complete without waiting for the quiet time alone
+        for path in spool.instance_paths(new[0].key):
+            assert pydicom.dcmread(path).file_meta.SourceApplicationEntityTitle == "MODALITY"
+
+        # Basic authentication of a sender user; one damaged part of two: 202 with the reason
+        basic = httpx.BasicAuth("pacs", ADMIN_PW).auth_flow(httpx.Request("GET", "http://x")).__next__()
+        mixed = _stow(client, [files[0], b"\0" * 300], Authorization=basic.headers["Authorization"])
+        assert mixed.status_code == 202, mixed.text
+        assert mixed.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+        assert len(mixed.json()["00081199"]["Value"]) == 1
+        # nothing usable: 409; not multipart: 415
+        assert _stow(client, [b"junk"], Authorization=f"Bearer {sender_token}").status_code == 409
+        wrong = client.post("/dicomweb/studies", content=files[0], headers={
+            "Content-Type": "application/dicom", "Authorization": f"Bearer {sender_token}"})
+        assert wrong.status_code == 415 and "multipart/related" in wrong.json()["detail"]
+    # the user "pacs" is another caller: its instance lands in a series of its own (as by C-STORE)
+    assert sorted((r.calling_ae, r.instance_count) for r in spool.series() if r.key not in before) == [
+        ("MODALITY", 3), ("PACS", 1)]
+
+
+def test_stow_rs_below_min_free_answers_507_and_stores_nothing(tmp_path):
+    import shutil
+
+    free_mb = shutil.disk_usage(tmp_path).free / 2**20
+    config = _config(tmp_path)
+    config = config.model_copy(update={"storage": config.storage.model_copy(update={"min_free_mb": free_mb + 10_000})})
+    server = WebServer(config, _services).start()
+    try:
+        files = [p.read_bytes() for p in write_ct_series(tmp_path / "s", n=2, rows=16, cols=16).paths]
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=30) as client:
+            full = _stow(client, files)  # open mode on loopback: the caller is DICOMWEB
+        assert full.status_code == 507 and "nothing was stored" in full.json()["detail"]
+        assert full.headers["retry-after"] == "300"
+        assert server.spool.series() == [] and not list((tmp_path / "var" / "spool").rglob("*.dcm"))
+    finally:
+        server.stop()

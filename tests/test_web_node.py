@@ -88,3 +88,32 @@ def test_configure_a_destination_and_a_rule_then_it_acts_without_restart(tmp_pat
             assert ("config", "ok", "rules: added mr-archive") in audit
             assert ("config", "ok", "destinations: added archive, nobody") in audit
             assert any(a == "test-destination" and o == "failed" for a, o, _ in audit)
+
+
+def test_a_study_posted_by_stow_rs_is_analysed_and_its_results_reach_orthanc(tmp_path):
+    from ct_ai_node.egress.stow import multipart_related
+    from ct_ai_node.jobqueue import JobState
+    from ct_ai_node.peers import Orthanc
+    from node_harness import CHEST_RULE, SAMPLE_COVID
+    from test_node_e2e import RESULT_MODALITIES, _orthanc_series_modalities, _study_uid
+
+    with Orthanc(tmp_path / "orthanc").start() as orthanc:
+        port, web_port = free_port(), free_port()
+        config = node_config(
+            port, destinations=[{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": orthanc.dicom_port,
+                                 "ae_title": orthanc.ae_title}],
+            rules=[{**CHEST_RULE, "destinations": ["pacs"]}], web={"host": "127.0.0.1", "port": web_port})
+        with NodeProcess(tmp_path / "node", config) as node:
+            wait_for_port(web_port, 60, node.proc)
+            body, ctype = multipart_related([p.read_bytes() for p in sorted(SAMPLE_COVID.glob("*.dcm"))])
+            answer = httpx.post(f"http://127.0.0.1:{web_port}/dicomweb/studies", content=body,
+                                headers={"Content-Type": ctype}, timeout=60)
+            assert answer.status_code == 200, answer.text
+            assert len(answer.json()["00081199"]["Value"]) == 56
+            analysed = node.wait_jobs("analyse", 1)
+            assert [j.state for j in analysed] == [JobState.DONE], node.log()[-3000:]
+            assert len(node.wait_jobs("deliver", 1)) == 1
+            metrics = httpx.get(f"http://127.0.0.1:{web_port}/metrics", timeout=10).text
+            assert 'ctai_jobs{kind="analyse",state="done"} 1.0' in metrics
+        modalities = _orthanc_series_modalities(orthanc, _study_uid(SAMPLE_COVID))
+        assert RESULT_MODALITIES <= set(modalities), modalities

@@ -470,14 +470,7 @@ class StorageSCP:
         return SUCCESS
 
     def _shortfall(self, incoming: int) -> int:
-        """Bytes missing to store ``incoming`` more: below ``min_free_mb`` of free disk, or over the
-        spool quota; 0 when it fits. Cheap (one statvfs, one counter): runs for every C-STORE."""
-        s = self.settings
-        incoming += PART10_OVERHEAD
-        short = s.min_free_mb * 2**20 - (self.spool.free_mb() * 2**20 - incoming)
-        if s.max_spool_mb is not None:
-            short = max(short, self.spool.used_bytes() + incoming - s.max_spool_mb * 2**20)
-        return max(0, int(math.ceil(short)))
+        return shortfall(self.spool, self.settings.min_free_mb, self.settings.max_spool_mb, incoming)
 
     def _association_ended(self, assoc) -> None:
         with self._lock:
@@ -502,6 +495,17 @@ class StorageSCP:
                 self.on_released(calling_ae, host, keys)
             except Exception:  # noqa: BLE001
                 log.exception("on_released hook failed")
+
+
+def shortfall(spool: Spool, min_free_mb: float, max_spool_mb: float | None, incoming: int, instances: int = 1) -> int:
+    """Bytes missing to store ``incoming`` more bytes (``instances`` files): below
+    ``min_free_mb`` of free disk, or over the spool quota; 0 when it fits. Cheap (one
+    statvfs, one counter): runs for every C-STORE and every STOW-RS request."""
+    incoming += PART10_OVERHEAD * instances
+    short = min_free_mb * 2**20 - (spool.free_mb() * 2**20 - incoming)
+    if max_spool_mb is not None:
+        short = max(short, spool.used_bytes() + incoming - max_spool_mb * 2**20)
+    return max(0, int(math.ceil(short)))
 
 
 def assoc_called_ae(assoc) -> str:

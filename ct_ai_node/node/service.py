@@ -105,7 +105,8 @@ class Node:
 
             store = (ConfigStore(self.config_path, self.config_base, self.config, self.reconfigure)
                      if self.config_path is not None else None)
-            self.web = WebServer(self.config, self.services, lambda: self.config, store).start()
+            self.web = WebServer(self.config, self.services, lambda: self.config, store,
+                                 self.retention.make_room).start()
             web = self.config.web
             logger.info("web app on http://%s:%d/%s", web.host, self.web.port,
                         " (no users configured: open to this machine only)" if web.open else "")

@@ -1,6 +1,6 @@
 """Durable spool of received instances with an SQLite index (see ``store.py``)."""
 
-from .dicomfile import BadInstance, dataset_header, part10, read_header
+from .dicomfile import BadInstance, dataset_header, part10, read_header, split_part10
 from .store import (
     STATES,
     InstanceMeta,
@@ -13,4 +13,4 @@ from .store import (
 )
 
 __all__ = ["STATES", "BadInstance", "InstanceMeta", "RecoveryReport", "SeriesRecord", "Spool", "StoredInstance",
-           "dataset_header", "instance_file_name", "part10", "read_header", "series_key"]
+           "dataset_header", "instance_file_name", "part10", "read_header", "series_key", "split_part10"]

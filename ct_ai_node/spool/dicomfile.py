@@ -173,3 +173,40 @@ def dataset_header(dataset: bytes, transfer_syntax: str) -> dict[str, str]:
 def read_header(source: bytes | Path) -> dict[str, str]:
     """HEADER_KEYWORDS + TransferSyntaxUID of a Part-10 file (bytes or path), via pydicom."""
     return _checked(_pydicom_header(source))
+
+
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+
+
+def split_part10(data: bytes) -> tuple[dict[str, str], bytes]:
+    """A Part-10 file's meta elements (TransferSyntaxUID, MediaStorageSOPClassUID,
+    MediaStorageSOPInstanceUID, as text) and its data set's bytes after the meta group.
+    The meta group is walked element by element (explicit VR little endian, as PS3.10
+    requires), not trusted by its group length. Raises BadInstance for anything else."""
+    if len(data) < 132 or data[128:132] != b"DICM":
+        raise BadInstance("not a DICOM Part-10 file (no DICM prefix)")
+    names = {0x0002: "MediaStorageSOPClassUID", 0x0003: "MediaStorageSOPInstanceUID", 0x0010: "TransferSyntaxUID"}
+    meta: dict[str, str] = {}
+    off = 132
+    try:
+        while off + 8 <= len(data):
+            group, element = struct.unpack_from("<HH", data, off)
+            if group != 0x0002:
+                break
+            vr = bytes(data[off + 4:off + 6])
+            if vr in _LONG_VRS:
+                (length,) = struct.unpack_from("<I", data, off + 8)
+                start = off + 12
+            else:
+                (length,) = struct.unpack_from("<H", data, off + 6)
+                start = off + 8
+            if length == 0xFFFFFFFF or start + length > len(data):
+                raise BadInstance("damaged file meta information")
+            if element in names:
+                meta[names[element]] = bytes(data[start:start + length]).rstrip(b"\x00 ").decode("ascii", "replace")
+            off = start + length
+    except struct.error as exc:
+        raise BadInstance(f"damaged file meta information ({exc})") from exc
+    if not meta.get("TransferSyntaxUID"):
+        raise BadInstance("file meta information without TransferSyntaxUID")
+    return meta, bytes(data[off:])

@@ -6,6 +6,7 @@
 ``/login``, ``/logout``     sessions (signed cookie) for ``web.users``
 ``/api/...``                the same as JSON (OpenAPI at ``/docs``); ``POST /api/jobs/{id}/{action}``
                             with action rerun, resend, requeue or cancel; ``POST /api/jobs/requeue-dead``
+``/dicomweb/studies``       STOW-RS ingress (token, a user's password, or open on loopback)
 ``/status``                 the dashboard's data as JSON (the old status page's address)
 ``/metrics``, ``/healthz``  Prometheus text; 200 when every service is up, else 503
 
@@ -42,7 +43,15 @@ from ct_ai_node.node.config_store import ConfigStore
 from ct_ai_node.node.status import MetricsCollector
 from ct_ai_node.config_edit import EDITABLE_SECTIONS
 from ct_ai_node.web import views
-from ct_ai_node.web.auth import OPEN_PRINCIPAL, Principal, check_bearer, check_password, csrf_matches, session_user
+from ct_ai_node.web.auth import (
+    OPEN_PRINCIPAL,
+    Principal,
+    check_basic,
+    check_bearer,
+    check_password,
+    csrf_matches,
+    session_user,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +65,13 @@ class Unauthenticated(Exception):
 
 
 def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, audit: AuditLog,
-               services: Callable[[], dict], secret: str, store: ConfigStore | None = None) -> FastAPI:
+               services: Callable[[], dict], secret: str, store: ConfigStore | None = None,
+               make_room: Callable | None = None) -> FastAPI:
     """The app over the node's queue, spool and audit log. ``config_source()`` is the
     configuration in force (it changes when edited); ``services()`` says what runs (name ->
     {"up": bool, "detail": str}); ``secret`` signs the session cookies; ``store`` edits the
-    configuration file (None: the node runs without one, the configuration is read-only)."""
+    configuration file (None: the node runs without one, the configuration is read-only);
+    ``make_room`` frees delivered data before a STOW-RS request is refused for space."""
     web = config_source().web
     assert web is not None, "create_app needs config.web"
     lock = threading.Lock()  # one SQLite connection per object: one request at a time
@@ -96,6 +107,8 @@ def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, 
         who = principal_of(request)
         if who is None:
             raise Unauthenticated()
+        if who.role == "sender":
+            raise HTTPException(403, f"{who.name} may only send images (STOW-RS)")
         return who
 
     async def checked_change(request: Request, need_admin: bool = True) -> tuple[Principal, dict]:
@@ -365,6 +378,50 @@ def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, 
             return config_page_response(request, who, texts=_typed_rules(body), tested=tested)
         return {"ok": True, "series": what, "actions": [views.action_line(a) for a in decision.actions],
                 "explanation": decision.explanation}
+
+    # -- DICOMweb ingress ---------------------------------------------------------------
+
+    @app.post("/dicomweb/studies", tags=["dicomweb"])
+    @app.post("/dicomweb/studies/{study}", tags=["dicomweb"])
+    async def stow_rs(request: Request, study: str | None = None):
+        """STOW-RS: store instances (``multipart/related; type="application/dicom"``) into
+        the spool, as a C-STORE would; answered in DICOM JSON once they are on disk."""
+        from starlette.concurrency import run_in_threadpool
+
+        from ct_ai_node.ingress.stow import StowRequestError, parse_multipart_related, store_parts
+
+        auth = request.headers.get("authorization") or ""
+        who = check_basic(web, auth) if auth.lower().startswith("basic ") else principal_of(request)
+        if who is None:
+            return JSONResponse({"detail": "send a token (Bearer) or a user's password (Basic)"}, status_code=401,
+                                headers={"WWW-Authenticate": 'Basic realm="ct-ai-node", Bearer'})
+        if who.role not in ("admin", "sender"):
+            raise HTTPException(403, f"{who.name} is a viewer; sending images needs the sender or admin role")
+        config = config_source()
+        calling_ae = "DICOMWEB" if who.via == "open" else who.name.upper()[:16]
+        host = request.client.host if request.client else ""
+        if not config.caller_allowed(calling_ae, host):
+            raise HTTPException(403, f"{calling_ae} from {host} is not among the allowed callers")
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > web.stow_max_mb * 2**20:
+            raise HTTPException(413, f"request of {declared / 2**20:.0f} MB; the node accepts at most "
+                                     f"{web.stow_max_mb:.0f} MB per request (send the study in parts)")
+        body = await request.body()
+        try:
+            parts = parse_multipart_related(request.headers.get("content-type", ""), body)
+        except StowRequestError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+        storage = config.storage
+        outcome = await run_in_threadpool(store_parts, parts, spool, calling_ae=calling_ae,
+                                          called_ae=config.node.ae_title, host=host, min_free_mb=storage.min_free_mb,
+                                          max_spool_mb=storage.max_spool_mb, make_room=make_room)
+        if outcome.status == 507:
+            headers = {"Retry-After": "300"}
+            if not outcome.stored and not outcome.failed:
+                return JSONResponse({"detail": outcome.message}, status_code=507, headers=headers)
+            return JSONResponse(outcome.dicom_json(), status_code=507, media_type="application/dicom+json",
+                                headers=headers)
+        return JSONResponse(outcome.dicom_json(), status_code=outcome.status, media_type="application/dicom+json")
 
     # -- for machines -------------------------------------------------------------------
 

@@ -79,6 +79,21 @@ def check_bearer(web: WebSection, authorization: str | None) -> Principal | None
     return None
 
 
+def check_basic(web: WebSection, authorization: str | None) -> Principal | None:
+    """The user of an ``Authorization: Basic`` header when the password is theirs (for
+    STOW-RS senders that cannot do sessions); None otherwise."""
+    import base64
+    import binascii
+
+    if not authorization or not authorization.lower().startswith("basic "):
+        return None
+    try:
+        name, _, password = base64.b64decode(authorization[6:].strip()).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return check_password(web, name, password)
+
+
 def session_user(web: WebSection, name: str | None) -> Principal | None:
     """The logged-in user named in a session, while they are still configured (a user
     removed from the configuration loses their sessions with it)."""

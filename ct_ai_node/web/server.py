@@ -19,7 +19,7 @@ class WebServer:
     a :class:`~ct_ai_node.node.config_store.ConfigStore` to edit it (None: read-only)."""
 
     def __init__(self, config: NodeConfig, services: Callable[[], dict],
-                 config_source: Callable[[], NodeConfig] | None = None, store=None):
+                 config_source: Callable[[], NodeConfig] | None = None, store=None, make_room=None):
         import uvicorn
 
         from ct_ai_node.jobqueue import SqliteJobQueue
@@ -35,7 +35,7 @@ class WebServer:
         self.spool = Spool(st.spool_dir, st.db_path, fsync=st.fsync)
         self.audit = AuditLog(st.db_path)
         app = create_app(config_source or (lambda: config), self.queue, self.spool, self.audit, services,
-                         session_secret(web, st.root), store)
+                         session_secret(web, st.root), store, make_room)
         family = socket.AF_INET6 if ":" in web.host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
