@@ -335,6 +335,64 @@ Destination = Annotated[
 ]
 
 
+# -- notifications --------------------------------------------------------------
+
+#: what a notification can be about (a job's outcome; see node/notifier.py)
+NOTIFY_EVENTS = ("delivered", "not_analysed", "failed", "dead")
+
+
+class SmtpServer(_Credentials):
+    """The mail server notifications are sent through."""
+
+    host: Host
+    port: Port = 25
+    #: STARTTLS after connecting (port 587); ``ssl``: TLS from the start (port 465)
+    starttls: StrictBool = False
+    ssl: StrictBool = False
+
+
+def _check_address(value: str) -> str:
+    text = value.strip()
+    if not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+", text):
+        raise ValueError(f"{value!r} is not an e-mail address")
+    return text
+
+
+Email = Annotated[str, AfterValidator(_check_address)]
+
+
+class Notification(_Model):
+    """A message (webhook JSON POST or e-mail) when a job ends in one of ``events``."""
+
+    name: Name
+    kind: Literal["webhook", "email"]
+    events: list[Literal["delivered", "not_analysed", "failed", "dead"]] = list(NOTIFY_EVENTS)
+    #: only jobs of these rules; empty: every rule
+    rules: list[Name] = []
+    #: the message text; placeholders in braces (docs/node.md); patient data only if named
+    template: Optional[str] = Field(None, max_length=4000)
+    url: Optional[Url] = None  # webhook
+    smtp: Optional[SmtpServer] = None  # email
+    sender: Optional[Email] = None  # email: From
+    to: list[Email] = []  # email: To
+    subject: str = Field("ct-ai-node {node}: {event_text} (job {job_id})", max_length=300)
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "Notification":
+        errors: list[tuple[tuple[str | int, ...], str]] = []
+        if self.kind == "webhook" and self.url is None:
+            errors.append((("url",), "a webhook needs the URL to POST to"))
+        if self.kind == "email":
+            for name, value in (("smtp", self.smtp), ("sender", self.sender)):
+                if value is None:
+                    errors.append(((name,), "an e-mail notification needs it"))
+            if not self.to:
+                errors.append((("to",), "an e-mail notification needs at least one address"))
+        if errors:
+            _raise_at("Notification", errors)
+        return self
+
+
 # -- rules ----------------------------------------------------------------------
 
 def _scalar(value: Any) -> Any:
@@ -666,6 +724,7 @@ class NodeConfig(_Model):
     destinations: list[Destination] = []
     routing: RoutingSection = RoutingSection()
     rules: list[Rule] = []
+    notifications: list[Notification] = []
     #: null = no web app; ``status:`` (the read-only page before the web app) is read as ``web:``
     web: Optional[WebSection] = Field(None, validation_alias=AliasChoices("web", "status"))
 
@@ -683,6 +742,16 @@ class NodeConfig(_Model):
             if rule.name in names:
                 errors.append((("rules", i, "name"), f"{rule.name!r} is already the name of rules.{names[rule.name]}"))
             names.setdefault(rule.name, i)
+        seen: dict[str, int] = {}
+        for i, note in enumerate(self.notifications):
+            if note.name in seen:
+                errors.append((("notifications", i, "name"),
+                               f"{note.name!r} is already the name of notifications.{seen[note.name]}"))
+            seen.setdefault(note.name, i)
+            for j, rule in enumerate(note.rules):
+                if rule not in names:
+                    errors.append((("notifications", i, "rules", j),
+                                   f"unknown rule {rule!r} (rules: {', '.join(names) or 'none defined'})"))
         listed = ", ".join(known) if known else "none defined"
         targets: list[tuple[tuple[str | int, ...], ActionSpec]] = [
             (("rules", i), rule) for i, rule in enumerate(self.rules)
@@ -700,6 +769,13 @@ class NodeConfig(_Model):
         for dest in self.destinations:
             if dest.name == name:
                 return dest
+        raise KeyError(name)
+
+    def notification(self, name: str) -> Notification:
+        """The notification called ``name`` (KeyError when there is none)."""
+        for note in self.notifications:
+            if note.name == name:
+                return note
         raise KeyError(name)
 
     def caller_allowed(self, ae_title: str, host: str | None = None) -> bool:

@@ -17,11 +17,11 @@ import yaml
 from ct_ai_node.config import ConfigError, NodeConfig, _UniqueKeyLoader, _yaml_problem, parse_config
 
 #: the sections the web app edits; every one of them is applied without a restart
-EDITABLE_SECTIONS = ("allowed_callers", "destinations", "rules", "routing")
+EDITABLE_SECTIONS = ("allowed_callers", "destinations", "rules", "routing", "notifications")
 #: sections whose change needs the node restarted (sockets, processes, files)
 RESTART_SECTIONS = ("node", "tls", "storage", "workers", "web", "completeness", "retry", "retention")
 MASK = "**********"
-_EMPTY = {"allowed_callers": [], "destinations": [], "rules": [], "routing": {}}
+_EMPTY = {"allowed_callers": [], "destinations": [], "rules": [], "routing": {}, "notifications": []}
 
 
 def check_section_name(section: str) -> None:
@@ -57,21 +57,34 @@ def parse_section(text: str, section: str) -> Any:
     return copy.deepcopy(_EMPTY[section]) if value is None else value
 
 
-def _unmask(new: Any, old: Any) -> Any:
-    """``new`` destinations with each ``MASK`` password replaced by the password of the
-    destination of the same name in ``old``; a mask with no such password is an error."""
+def _unmask(new: Any, old: Any, section: str) -> Any:
+    """``new`` entries with each ``MASK`` password (also one level down: a notification's
+    ``smtp``) replaced by the password of the entry of the same name in ``old``; a mask
+    with no saved password is an error."""
     if not isinstance(new, list):
         return new
     before = {d.get("name"): d for d in old or [] if isinstance(d, dict)}
     out, problems = [], []
-    for i, dest in enumerate(new):
-        if isinstance(dest, dict) and dest.get("password") == MASK:
-            known = before.get(dest.get("name"), {}).get("password")
-            if known is None:
-                problems.append(f"destinations.{i}.password: type the password (no saved one for "
-                                f"{dest.get('name')!r})")
-            dest = {**dest, "password": known}
-        out.append(dest)
+    for i, entry in enumerate(new):
+        if isinstance(entry, dict):
+            saved = before.get(entry.get("name"), {})
+            entry = dict(entry)
+            for path in (("password",), ("smtp", "password")):
+                holder, saved_holder = entry, saved
+                for key in path[:-1]:
+                    holder = holder.get(key) if isinstance(holder, dict) else None
+                    saved_holder = saved_holder.get(key) if isinstance(saved_holder, dict) else None
+                if not isinstance(holder, dict) or holder.get(path[-1]) != MASK:
+                    continue
+                known = saved_holder.get(path[-1]) if isinstance(saved_holder, dict) else None
+                if known is None:
+                    problems.append(f"{section}.{i}.{'.'.join(path)}: type the password (no saved one for "
+                                    f"{entry.get('name')!r})")
+                if len(path) == 1:
+                    entry["password"] = known
+                else:
+                    entry[path[0]] = {**holder, path[-1]: known}
+        out.append(entry)
     if problems:
         raise ConfigError(problems)
     return out
@@ -81,8 +94,8 @@ def with_section(file_data: dict, section: str, value: Any) -> dict:
     """The configuration file's data with ``section`` replaced by ``value`` (masked
     passwords restored)."""
     check_section_name(section)
-    if section == "destinations":
-        value = _unmask(value, file_data.get("destinations"))
+    if section in ("destinations", "notifications"):
+        value = _unmask(value, file_data.get(section), section)
     data = dict(file_data)
     data[section] = value
     return data
@@ -105,7 +118,7 @@ def _names(items: Any) -> dict[str, Any]:
 def describe_change(section: str, old: Any, new: Any) -> str:
     """One line for the audit log: what was added, changed and removed (by name where the
     entries have names), never a password."""
-    if section in ("destinations", "rules"):
+    if section in ("destinations", "rules", "notifications"):
         a, b = _names(old), _names(new)
         parts = [f"added {', '.join(sorted(set(b) - set(a)))}" if set(b) - set(a) else "",
                  f"removed {', '.join(sorted(set(a) - set(b)))}" if set(a) - set(b) else "",

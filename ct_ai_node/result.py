@@ -5,7 +5,9 @@ result and the written outputs."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -135,3 +137,44 @@ def result_document(volume: Volume, result: AnalysisResult, outputs: dict[str, s
         ],
         version=version,
     )
+
+
+# -- a finished job's result.json, summarised (web app, notifications) ---------------------
+
+#: the fields of result.json a summary keeps (no UIDs, no patient data)
+SUMMARY_KEYS = ("status", "reason", "pipeline", "case_class", "case_class_text", "probability", "label",
+                "method_probability", "lesion_volume_ml", "ggo_volume_ml", "consolidation_volume_ml",
+                "involvement_percent", "lung_volume_ml", "key_slices", "revision", "trained_on", "warnings")
+
+
+def read_result(outbox: Path, job_id: int) -> dict | None:
+    """The job's ``result.json`` (None when there is none; ``{"unreadable": ...}`` when damaged)."""
+    path = Path(outbox) / f"job-{job_id}" / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return {"unreadable": f"result.json cannot be read ({type(exc).__name__})"}
+    out = {k: doc.get(k) for k in SUMMARY_KEYS if doc.get(k) not in (None, [], {})}
+    timings = doc.get("timings_s") or {}
+    if "total" in timings:
+        out["seconds"] = timings["total"]
+    out["outputs"] = len(doc.get("outputs") or {})
+    return out
+
+
+def result_line(result: dict | None) -> str:
+    """One line for the dashboard: "COVID-19-like pneumonia, P 0.93, 212 ml" or the reason."""
+    if not result:
+        return ""
+    if "unreadable" in result:
+        return result["unreadable"]
+    if result.get("status") != "done":
+        return f"{result.get('status', '?')}: {result.get('reason') or ''}".strip()
+    parts = [result.get("case_class_text") or result.get("label") or "done"]
+    if result.get("probability") is not None:
+        parts.append(f"P {result['probability']:.2f}")
+    if result.get("lesion_volume_ml") is not None:
+        parts.append(f"{result['lesion_volume_ml']:.0f} ml")
+    return ", ".join(parts)

@@ -334,6 +334,14 @@ class SqliteJobQueue:
                             " IN (SELECT value FROM json_each(?))",
                             (*kinds, json.dumps(sorted(set(series_keys)))), "id")
 
+    def changed_since(self, since: float, kinds: Iterable[str], limit: int = 1000) -> list[Job]:
+        """Jobs of ``kinds`` last changed after ``since``, oldest change first."""
+        kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+        if not kinds:
+            return []
+        marks = ",".join("?" * len(kinds))
+        return self._select(f"WHERE kind IN ({marks}) AND updated_at > ?", (*kinds, since), "updated_at, id", limit)
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._connect().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()

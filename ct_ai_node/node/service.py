@@ -66,6 +66,7 @@ class Node:
         self.log_level = log_level
         self.scp = None
         self.web = None
+        self.notifier = None
         self._scheduler = None
         self._workers: list[multiprocessing.Process] = []
         self._updates: dict[int, object] = {}  # worker index -> its queue of edited configurations
@@ -92,6 +93,11 @@ class Node:
         self._scheduler = BackgroundScheduler(daemon=True)
         self._scheduler.add_job(self._tick, "interval", seconds=self.config.completeness.check_interval_s,
                                 max_instances=1, coalesce=True, id="dispatch")
+        from ct_ai_node.node.notifier import Notifier
+
+        self.notifier = Notifier(lambda: self.config, self.queue, self.spool, self.config.storage.db_path)
+        self._scheduler.add_job(self._notify, "interval", seconds=self.config.completeness.check_interval_s,
+                                max_instances=1, coalesce=True, id="notify")
         if self.config.retention.enabled:
             self._scheduler.add_job(self._retain, "interval", seconds=self.config.retention.interval_s,
                                     max_instances=1, coalesce=True, id="retention")
@@ -173,6 +179,14 @@ class Node:
             self.dispatcher.tick()
         except Exception:  # the timer must keep running
             logger.exception("dispatcher tick failed")
+
+    def _notify(self) -> None:
+        web = self.config.web
+        base_url = f"http://{web.host}:{self.web.port if self.web else web.port}" if web is not None else None
+        try:
+            self.notifier.tick(base_url)
+        except Exception:  # the timer must keep running
+            logger.exception("notification pass failed")
 
     def _retain(self) -> None:
         try:

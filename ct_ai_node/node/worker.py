@@ -9,6 +9,8 @@ Job kinds (payloads are written by the dispatcher):
 ``forward``  one ``deliver`` child per destination with the spool files themselves.
 ``deliver``  send the listed files to one destination; a failure is retried with backoff
              by the queue and ends in ``dead`` with its reason after ``max_attempts``.
+``notify``   send one notification (webhook or e-mail) made by ``node/notifier.py``; retried
+             like a delivery.
 
 A worker holds a lease on its job and renews it from a thread while the job runs, so a
 long analysis is not taken over, while a crashed worker's job is picked up again.
@@ -33,7 +35,7 @@ from ct_ai_node.stop_signals import StopSignals
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("analyse", "forward", "deliver")
+KINDS = ("analyse", "forward", "deliver", "notify")
 #: a parent in ``sending`` is closed by the dispatcher, not by a worker: it keeps a long
 #: lease so that no worker claims it while its deliveries are retried
 PARENT_LEASE_S = 365 * 24 * 3600.0
@@ -326,6 +328,19 @@ class Worker:
             return
         self.queue.complete(job.id, owner=self.owner)
         logger.info("job %d: %d object(s) delivered to %s in %.2f s", job.id, report.total, name, report.seconds)
+
+    def _notify(self, job: Job) -> None:
+        from ct_ai_node.node.notifier import send
+
+        name = job.payload["notification"]
+        try:
+            note = self.config.notification(name)
+        except KeyError:  # removed from the configuration since: nothing to send it with
+            self._fail(job, f"notification {name!r} is no longer configured", retryable=False)
+            return
+        outcome = send(note, job.payload["subject"], job.payload["text"], job.payload.get("fields", {}))
+        self.queue.complete(job.id, owner=self.owner)
+        logger.info("job %d: notification %s (%s) sent: %s", job.id, name, job.payload.get("event"), outcome)
 
 
 def _clear_outbox(out: Path) -> None:

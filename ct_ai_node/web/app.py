@@ -284,7 +284,11 @@ def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, 
             series = views.recent_series(spool)
         response = render(request, "config.html", who, store=store, texts=config_texts(texts), problems=problems or [],
                           problem_section=section, tested=tested, series=series,
-                          destinations=views.destinations_health(config_source(), queue), node=config_source().node)
+                          destinations=views.destinations_health(config_source(), queue), node=config_source().node,
+                          notifications=[{"name": n.name, "kind": n.kind, "events": ", ".join(n.events),
+                                          "rules": ", ".join(n.rules) or "every rule",
+                                          "target": n.url if n.kind == "webhook" else ", ".join(n.to)}
+                                         for n in config_source().notifications])
         response.status_code = status_code
         return response
 
@@ -354,6 +358,26 @@ def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, 
             request.session["flash"] = ("ok" if result.ok else "error", f"{name}: {result.message}")
             return RedirectResponse("/config", status_code=303)
         return body
+
+    @app.post("/api/notifications/{name}/test", tags=["configuration"])
+    async def api_notification_test(request: Request, name: str):
+        """Send a sample message (no patient data) through a configured notification."""
+        from starlette.concurrency import run_in_threadpool
+
+        from ct_ai_node.node.notifier import send_test_message
+
+        who, form = await checked_change(request)
+        config = config_source()
+        try:
+            config.notification(name)
+        except KeyError:
+            raise HTTPException(404, f"no notification {name!r}") from None
+        ok, message = await run_in_threadpool(send_test_message, config, name, str(request.base_url).rstrip("/"))
+        audit.record(who.name, "test-notification", "ok" if ok else "failed", f"{name}: {message}")
+        if form:
+            request.session["flash"] = ("ok" if ok else "error", f"{name}: {message}")
+            return RedirectResponse("/config", status_code=303)
+        return {"ok": ok, "message": message}
 
     @app.post("/api/rules/test", tags=["configuration"])
     async def api_rules_test(request: Request):
@@ -461,8 +485,8 @@ def _state(value: str | None) -> str | None:
 def _kind(value: str | None) -> str | None:
     if not value:
         return None
-    if value not in ("analyse", "forward", "deliver"):
-        raise HTTPException(422, f"kind: {value!r} is not one of analyse, forward, deliver")
+    if value not in ("analyse", "forward", "deliver", "notify"):
+        raise HTTPException(422, f"kind: {value!r} is not one of analyse, forward, deliver, notify")
     return value
 
 

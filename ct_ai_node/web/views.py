@@ -17,49 +17,13 @@ from ct_ai_node.jobqueue import FINAL_STATES, Job, JobQueue
 from ct_ai_node.logs import series_ref
 from ct_ai_node.node.audit import AuditLog
 from ct_ai_node.node.job_actions import PARENT_KINDS
+from ct_ai_node.result import read_result, result_line
 
 #: SOP classes whose images make the job page's preview (heat-map secondary captures)
 SC_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.4"})
-RESULT_KEYS = ("status", "reason", "pipeline", "case_class", "case_class_text", "probability", "label",
-               "method_probability", "lesion_volume_ml", "ggo_volume_ml", "consolidation_volume_ml",
-               "involvement_percent", "lung_volume_ml", "key_slices", "revision", "trained_on", "warnings")
-
 
 def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
-
-
-def read_result(outbox: Path, job_id: int) -> dict | None:
-    """The job's ``result.json`` (None when there is none; ``{"unreadable": ...}`` when damaged)."""
-    path = Path(outbox) / f"job-{job_id}" / "result.json"
-    if not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        return {"unreadable": f"result.json cannot be read ({type(exc).__name__})"}
-    out = {k: doc.get(k) for k in RESULT_KEYS if doc.get(k) not in (None, [], {})}
-    timings = doc.get("timings_s") or {}
-    if "total" in timings:
-        out["seconds"] = timings["total"]
-    out["outputs"] = len(doc.get("outputs") or {})
-    return out
-
-
-def result_line(result: dict | None) -> str:
-    """One line for the dashboard: "COVID-19-like pneumonia, P 0.93, 212 ml" or the reason."""
-    if not result:
-        return ""
-    if "unreadable" in result:
-        return result["unreadable"]
-    if result.get("status") != "done":
-        return f"{result.get('status', '?')}: {result.get('reason') or ''}".strip()
-    parts = [result.get("case_class_text") or result.get("label") or "done"]
-    if result.get("probability") is not None:
-        parts.append(f"P {result['probability']:.2f}")
-    if result.get("lesion_volume_ml") is not None:
-        parts.append(f"{result['lesion_volume_ml']:.0f} ml")
-    return ", ".join(parts)
 
 
 def job_row(job: Job, outbox: Path | None = None) -> dict:
