@@ -298,6 +298,32 @@ class _Credentials(_Model):
         return self
 
 
+class DestinationTls(_Model):
+    """DICOM TLS to a destination: the CA that signed its certificate (null: the system's
+    CAs), and the node's own certificate and key when the peer asks for one (most DICOM
+    TLS peers do)."""
+
+    ca: Optional[Path] = None
+    cert: Optional[Path] = None
+    key: Optional[Path] = None
+    #: the peer's certificate must name the host it is reached at (as in ``host``)
+    check_hostname: StrictBool = True
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> "DestinationTls":
+        if (self.cert is None) != (self.key is None):
+            missing = "key" if self.key is None else "cert"
+            _raise_at("DestinationTls", [((missing,), "cert and key go together")])
+        return self
+
+    def resolved(self, base: Path) -> "DestinationTls":
+        return self.model_copy(update={k: _resolve(v, base) for k in ("ca", "cert", "key")
+                                       if (v := getattr(self, k)) is not None})
+
+    def files(self) -> list[tuple[str, Path]]:
+        return [(k, v) for k in ("ca", "cert", "key") if (v := getattr(self, k)) is not None]
+
+
 class DicomDestination(_Model):
     """A DICOM peer reached by C-STORE (a PACS, Orthanc's DICOM port)."""
 
@@ -308,6 +334,8 @@ class DicomDestination(_Model):
     ae_title: AETitle
     #: the AE title the node calls with; None = the node's own AE title
     calling_ae_title: Optional[AETitle] = None
+    #: null: plain DICOM
+    tls: Optional[DestinationTls] = None
 
     def calling_ae(self, node_ae_title: str) -> str:
         return self.calling_ae_title or node_ae_title
@@ -788,6 +816,9 @@ class NodeConfig(_Model):
         update: dict[str, Any] = {"storage": self.storage.resolved(base)}
         if self.tls is not None:
             update["tls"] = self.tls.resolved(base)
+        if any(getattr(d, "tls", None) is not None for d in self.destinations):
+            update["destinations"] = [d.model_copy(update={"tls": d.tls.resolved(base)})
+                                      if getattr(d, "tls", None) is not None else d for d in self.destinations]
         return self.model_copy(update=update)
 
     def summary(self) -> str:
@@ -891,9 +922,15 @@ def load_config(path: str | Path, base: Path | None = None, check_files: bool = 
     except yaml.YAMLError as exc:
         raise ConfigError([_yaml_problem(exc)], source) from None
     config = parse_config(data, source).resolved(base)
-    if check_files and config.tls is not None:
-        missing = [f"tls.{name}: file {p} not found" for name in ("cert", "key", "ca")
-                   if (p := getattr(config.tls, name)) is not None and not p.is_file()]
+    if check_files:
+        missing = []
+        if config.tls is not None:
+            missing += [f"tls.{name}: file {p} not found" for name in ("cert", "key", "ca")
+                        if (p := getattr(config.tls, name)) is not None and not p.is_file()]
+        for i, dest in enumerate(config.destinations):
+            if getattr(dest, "tls", None) is not None:
+                missing += [f"destinations.{i}.tls.{name}: file {p} not found" for name, p in dest.tls.files()
+                            if not p.is_file()]
         if missing:
             raise ConfigError(missing, source)
     return config

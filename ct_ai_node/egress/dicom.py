@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,9 +109,56 @@ class _ReplyLost(Exception):
     """The association died or the reply never came: safe to send the instance again."""
 
 
+def client_tls(ca: Path | None = None, cert: Path | None = None, key: Path | None = None,
+               check_hostname: bool = True) -> ssl.SSLContext:
+    """The TLS context the node calls a destination with: TLS 1.2 or later, the peer's
+    certificate verified against ``ca`` (None: the system's CAs), the node's own certificate
+    when given."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = check_hostname
+    if cert is not None:
+        ctx.load_cert_chain(str(cert), str(key) if key else None)
+    return ctx
+
+
+def tls_problem(host: str, port: int, ctx: ssl.SSLContext, timeout_s: float = 10.0) -> str | None:
+    """Why a TLS handshake with ``host:port`` fails, in plain words (None when it works, or
+    when nothing answers at all: that is said elsewhere)."""
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout_s)
+    except OSError:
+        return None
+    try:
+        raw.settimeout(timeout_s)
+        with ctx.wrap_socket(raw, server_hostname=host) as tls:
+            # TLS 1.3: a peer that refuses our certificate says so just after the handshake;
+            # a peer that accepted it waits for our first PDU
+            tls.settimeout(0.5)
+            try:
+                tls.recv(1)
+            except (socket.timeout, TimeoutError):
+                pass
+        return None
+    except ssl.SSLCertVerificationError as exc:
+        return f"certificate problem with {host}:{port}: {exc.verify_message} (check tls.ca, and tls.check_hostname)"
+    except ssl.SSLError as exc:
+        reason = exc.reason or str(exc)
+        if any(w in reason.lower() for w in ("certificate", "unknown_ca", "unknown ca", "bad cert")):
+            return (f"{host}:{port} refused the TLS handshake ({reason}): it wants a client certificate it "
+                    "trusts (tls.cert, tls.key)")
+        return f"TLS handshake with {host}:{port} failed ({reason}); is it a TLS port?"
+    except OSError as exc:
+        return f"TLS handshake with {host}:{port} failed ({type(exc).__name__}); is it a TLS port?"
+    finally:
+        raw.close()
+
+
 class DicomDestination:
     def __init__(self, name: str, host: str, port: int, ae_title: str, calling_ae_title: str = "CTAI",
-                 timeout_s: float = 30, max_pdu: int = 0, resume_attempts: int = 1):
+                 timeout_s: float = 30, max_pdu: int = 0, resume_attempts: int = 1,
+                 tls: ssl.SSLContext | None = None):
+        self.tls = tls
         self.name = name
         self.host = host
         self.port = int(port)
@@ -130,11 +178,17 @@ class DicomDestination:
         ae = AE(ae_title=self.calling_ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
         ae.connection_timeout = self.timeout_s
+        tls_args = (self.tls, self.host) if self.tls is not None else None
         assoc = ae.associate(self.host, self.port, contexts, ae_title=self.ae_title,
-                             max_pdu=self.max_pdu, evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay)])
+                             max_pdu=self.max_pdu, evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay)],
+                             tls_args=tls_args)
         if assoc.is_established:
             return assoc
         where = f"{self.ae_title}@{self.host}:{self.port}"
+        if self.tls is not None and not assoc.is_rejected:
+            problem = tls_problem(self.host, self.port, self.tls, self.timeout_s)
+            if problem is not None:  # a certificate problem does not go away by retrying
+                raise self._error(problem, retryable=False)
         rsp = assoc.acceptor.primitive
         if assoc.is_rejected and rsp is not None:
             config_error = rsp.result == 0x01 and rsp.result_source == 0x01 \

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ct_ai_node.egress.base import Destination
-from ct_ai_node.egress.dicom import DicomDestination
+from ct_ai_node.egress.dicom import DicomDestination, client_tls
 from ct_ai_node.egress.orthanc import OrthancDestination
 from ct_ai_node.egress.stow import StowDestination
 
@@ -42,6 +42,10 @@ def destination_from_config(cfg: Any) -> Destination:
         max_pdu = _field(cfg, "max_pdu", None)
         if max_pdu is not None:
             extra["max_pdu"] = int(max_pdu)
+        tls = _field(cfg, "tls", None)
+        if tls is not None:
+            extra["tls"] = client_tls(_field(tls, "ca", None), _field(tls, "cert", None), _field(tls, "key", None),
+                                      bool(_field(tls, "check_hostname", True)))
         return DicomDestination(name, str(_field(cfg, "host")), int(_field(cfg, "port")),
                                 str(_field(cfg, "ae_title")), **extra)
     if kind in ("stow", "orthanc"):

@@ -32,13 +32,25 @@ def probe_destination(config: NodeConfig, name: str, timeout_s: float = 10.0) ->
 def _echo(dest: DicomDestination, calling_ae: str, timeout_s: float) -> ProbeResult:
     from pynetdicom import AE
 
-    where = f"{dest.ae_title} at {dest.host}:{dest.port}"
+    from ct_ai_node.egress.dicom import client_tls, tls_problem
+
+    where = f"{dest.ae_title} at {dest.host}:{dest.port}{' (TLS)' if dest.tls else ''}"
+    tls_args = None
+    if dest.tls is not None:
+        try:
+            ctx = client_tls(dest.tls.ca, dest.tls.cert, dest.tls.key, dest.tls.check_hostname)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            return ProbeResult(False, f"C-ECHO: the TLS files cannot be used ({type(exc).__name__}: {exc})")
+        problem = tls_problem(dest.host, dest.port, ctx, timeout_s)
+        if problem is not None:
+            return ProbeResult(False, f"C-ECHO: {problem}")
+        tls_args = (ctx, dest.host)
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.connection_timeout = timeout_s
     ae.add_requested_context(VERIFICATION)
     start = time.perf_counter()
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     try:
         if assoc.is_rejected:
             return ProbeResult(False, f"C-ECHO: {where} rejected the association from {calling_ae} "
