@@ -43,8 +43,10 @@ def _config(tmp_path: Path, **web) -> NodeConfig:
     })
 
 
-def _write_sc(path: Path) -> None:
+def _write_sc(path: Path, comments: str | None = None) -> None:
     ds = pydicom.Dataset()
+    if comments is not None:
+        ds.ImageComments = comments
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = SC_UID
@@ -364,3 +366,21 @@ def test_stow_rs_below_min_free_answers_507_and_stores_nothing(tmp_path):
         assert server.spool.series() == [] and not list((tmp_path / "var" / "spool").rglob("*.dcm"))
     finally:
         server.stop()
+
+
+def test_job_page_previews_are_the_highest_scoring_slices(tmp_path):
+    from ct_ai_node.web.views import PREVIEWS_SHOWN, previews
+
+    folder = tmp_path / "job-7"
+    folder.mkdir()
+    scores = [0.1, 0.9, 0.2, 0.95, 0.3, 0.8, 0.05, 0.7, 0.6, 0.01]
+    outputs = {}
+    for i, score in enumerate(scores):
+        name = f"heatmap_{i + 1:04d}.dcm"
+        _write_sc(folder / name, f"slice {i + 1}/10 AI slice score {score:.2f}")
+        outputs[name] = SC_UID
+    (folder / "result.json").write_text(json.dumps({"status": "done", "outputs": outputs}))
+    chosen = [p.name for p in previews(tmp_path, 7)]
+    assert len(chosen) == PREVIEWS_SHOWN == 6
+    assert chosen == ["heatmap_0002.dcm", "heatmap_0004.dcm", "heatmap_0005.dcm", "heatmap_0006.dcm",
+                      "heatmap_0008.dcm", "heatmap_0009.dcm"]

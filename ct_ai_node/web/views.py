@@ -8,6 +8,7 @@ destination, results by class, probability and volumes.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -101,15 +102,37 @@ def dashboard(config: NodeConfig, queue: JobQueue, spool, services: Callable[[],
     }
 
 
+#: at most this many heat maps on a job page: the highest-scoring slices
+PREVIEWS_SHOWN = 6
+_SCORE = re.compile(r"slice score ([0-9.]+)")
+
+
 def previews(outbox: Path, job_id: int) -> list[Path]:
-    """The job's heat-map secondary captures (by the SOP classes result.json lists), in name order."""
+    """The job's heat-map secondary captures (by the SOP classes result.json lists): the
+    :data:`PREVIEWS_SHOWN` with the highest AI slice score (from their burned-in caption's
+    Image Comments), in series order."""
+    import pydicom
+
     folder = Path(outbox) / f"job-{job_id}"
     try:
         outputs = json.loads((folder / "result.json").read_text()).get("outputs") or {}
     except (OSError, ValueError):
         return []
-    return [folder / name for name, sop in sorted(outputs.items())
-            if sop in SC_SOP_CLASSES and (folder / name).is_file()]
+    files = [folder / name for name, sop in sorted(outputs.items())
+             if sop in SC_SOP_CLASSES and (folder / name).is_file()]
+    if len(files) <= PREVIEWS_SHOWN:
+        return files
+    scored = []
+    for i, path in enumerate(files):
+        try:
+            comments = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["ImageComments"])
+                           .get("ImageComments", ""))
+        except Exception:  # noqa: BLE001 - an unreadable file is not shown
+            continue
+        match = _SCORE.search(comments)
+        scored.append((float(match.group(1)) if match else 0.0, -i, path))
+    best = sorted(scored, reverse=True)[:PREVIEWS_SHOWN]
+    return [path for _, _, path in sorted(best, key=lambda t: -t[1])]
 
 
 def job_page(config: NodeConfig, queue: JobQueue, audit: AuditLog, job_id: int) -> dict | None:
