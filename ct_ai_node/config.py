@@ -713,6 +713,9 @@ class WebSection(_Model):
     session_max_age_h: float = Field(12.0, gt=0, le=24 * 30)
     #: the largest STOW-RS request accepted (HTTP 413 above)
     stow_max_mb: float = Field(4096.0, gt=0, le=65536)
+    #: a viewer's address for a study, ``{study}`` standing for its Study Instance UID
+    #: (OHIF: ``http://HOST:3000/viewer?StudyInstanceUIDs={study}``); job pages link to it
+    viewer_url: Optional[Url] = None
 
     @property
     def open(self) -> bool:

@@ -161,6 +161,8 @@ def read_result(outbox: Path, job_id: int) -> dict | None:
     if "total" in timings:
         out["seconds"] = timings["total"]
     out["outputs"] = len(doc.get("outputs") or {})
+    if doc.get("study_instance_uid"):
+        out["study_instance_uid"] = doc["study_instance_uid"]
     return out
 
 

@@ -79,6 +79,7 @@ def node(tmp_path):
         (out / "result.json").write_text(json.dumps({
             "status": "done", "pipeline": "radlogics", "case_class": "covid_like",
             "case_class_text": "COVID-19-like pneumonia", "probability": 0.93, "lesion_volume_ml": 212.4,
+            "study_instance_uid": "1.2.3.4",
             "outputs": {"sc-1.dcm": SC_UID}, "timings_s": {"total": 12.5}}))
         child = queue.enqueue("deliver", {"destination": "pacs", "files": [str(out / "sc-1.dcm")], "series_key": key},
                               key="d1", parent_id=done)
@@ -103,7 +104,7 @@ def _csrf(client: httpx.Client, path: str = "/") -> str:
 
 
 def test_open_mode_on_loopback_dashboard_actions_and_audit(node):
-    config, server, queue, spool, ids = node()
+    config, server, queue, spool, ids = node(viewer_url="http://127.0.0.1:3000/viewer?StudyInstanceUIDs={study}")
     base = f"http://127.0.0.1:{server.port}"
     with httpx.Client(base_url=base, timeout=10) as client:
         page = client.get("/")
@@ -121,6 +122,7 @@ def test_open_mode_on_loopback_dashboard_actions_and_audit(node):
         # the job page: result, preview, deliveries
         job = client.get(f"/jobs/{ids['done']}")
         assert "COVID-19-like pneumonia" in job.text and f"/jobs/{ids['done']}/preview/0.png" in job.text
+        assert 'href="http://127.0.0.1:3000/viewer?StudyInstanceUIDs=1.2.3.4"' in job.text
         png = client.get(f"/jobs/{ids['done']}/preview/0.png")
         assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
         assert client.get(f"/jobs/{ids['done']}/preview/5.png").status_code == 404

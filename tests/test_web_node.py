@@ -114,6 +114,10 @@ def test_a_study_posted_by_stow_rs_is_analysed_and_its_results_reach_orthanc(tmp
             assert [j.state for j in analysed] == [JobState.DONE], node.log()[-3000:]
             assert len(node.wait_jobs("deliver", 1)) == 1
             metrics = httpx.get(f"http://127.0.0.1:{web_port}/metrics", timeout=10).text
-            assert 'ctai_jobs{kind="analyse",state="done"} 1.0' in metrics
+            # what happened: 56 instances in one routed series, one analysis, one delivery to pacs
+            for line in ('ctai_jobs{kind="analyse",state="done"} 1.0', 'ctai_jobs{kind="deliver",state="done"} 1.0',
+                         'ctai_deliveries{destination="pacs",state="done"} 1.0', 'ctai_series{state="routed"} 1.0',
+                         'ctai_instances{state="routed"} 56.0'):
+                assert line in metrics, (line, metrics)
         modalities = _orthanc_series_modalities(orthanc, _study_uid(SAMPLE_COVID))
         assert RESULT_MODALITIES <= set(modalities), modalities

@@ -1,5 +1,6 @@
 """Prometheus metrics of the node (``/metrics`` of the web app, :mod:`ct_ai_node.web.app`):
-jobs by kind and state, series in the spool by state, free space where the spool is.
+jobs by kind and state, deliveries by destination and state, series and instances in the
+spool by state, free space where the spool is.
 No patient data: counts only.
 """
 
@@ -24,11 +25,27 @@ class MetricsCollector:
             jobs.add_metric([kind, state], n)
         yield jobs
         series = GaugeMetricFamily("ctai_series", "Series in the spool by state", labels=["state"])
+        deliveries = GaugeMetricFamily("ctai_deliveries", "Deliveries (results, notices, forwarded series) by "
+                                       "destination and state", labels=["destination", "state"])
+        by_dest: dict[tuple[str, str], int] = {}
+        for job in self.queue.list(kind="deliver", limit=100_000):
+            key = (str(job.payload.get("destination", "")), str(job.state))
+            by_dest[key] = by_dest.get(key, 0) + 1
+        for (dest, state), n in sorted(by_dest.items()):
+            deliveries.add_metric([dest, state], n)
+        yield deliveries
         by_state: dict[str, int] = {}
+        instances: dict[str, int] = {}
         for rec in self.spool.series():
             by_state[rec.state] = by_state.get(rec.state, 0) + 1
+            instances[rec.state] = instances.get(rec.state, 0) + rec.instance_count
         for state, n in sorted(by_state.items()):
             series.add_metric([state], n)
         yield series
+        inst = GaugeMetricFamily("ctai_instances", "Instances in the spool by the state of their series",
+                                 labels=["state"])
+        for state, n in sorted(instances.items()):
+            inst.add_metric([state], n)
+        yield inst
         yield GaugeMetricFamily("ctai_spool_free_bytes", "Free space where the spool is",
                                 value=self.spool.free_mb() * 2**20)

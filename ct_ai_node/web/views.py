@@ -11,6 +11,7 @@ import json
 import re
 import time
 from pathlib import Path
+from urllib.parse import quote
 from typing import Callable
 
 from ct_ai_node.config import NodeConfig
@@ -146,7 +147,10 @@ def job_page(config: NodeConfig, queue: JobQueue, audit: AuditLog, job_id: int) 
     if job.kind in PARENT_KINDS and job.payload.get("series_key"):
         reruns = [j.id for j in queue.for_series([job.payload["series_key"]], kinds=(job.kind,))
                   if j.payload.get("rerun_of") == job_id]
-    return {"job": row, "deliveries": children, "reruns": reruns,
+    study = (row.get("result") or {}).get("study_instance_uid")
+    viewer = config.web.viewer_url if config.web is not None else None
+    link = viewer.replace("{study}", quote(study, safe="")) if viewer and study else None
+    return {"job": row, "deliveries": children, "reruns": reruns, "viewer_link": link,
             "previews": len(previews(outbox, job_id)) if job.kind == "analyse" else 0,
             "audit": [e.as_dict() for e in audit.entries(job_id=job_id, limit=50)]}
 

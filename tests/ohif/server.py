@@ -3,7 +3,7 @@
 One origin for the viewer and the DICOMweb server: no CORS in the way, and the
 bulk-data URIs Orthanc builds from the ``Host`` header point back through this proxy.
 Static files come from OHIF's ``dist/`` (any unknown path is the single-page app's
-``index.html``); ``/app-config.js`` is generated to name this proxy as the data source.
+``index.html``); ``/app-config.js`` is the deployment's (deployment/ohif/app-config.js: this origin + /dicom-web).
 """
 
 from __future__ import annotations
@@ -19,15 +19,16 @@ from urllib.parse import urlsplit
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
-APP_CONFIG_TEMPLATE = HERE / "app-config.js"
+#: the deployment's own app config (its DICOMweb root is the page's origin + /dicom-web)
+APP_CONFIG = HERE.parent.parent / "deployment" / "ohif" / "app-config.js"
 TYPES = {".wasm": "application/wasm", ".js": "text/javascript", ".mjs": "text/javascript",
          ".css": "text/css", ".json": "application/json", ".svg": "image/svg+xml"}
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
               "transfer-encoding", "upgrade"}
 
 
-def app_config(dicomweb_root: str) -> bytes:
-    return APP_CONFIG_TEMPLATE.read_text().replace("__DICOMWEB_ROOT__", dicomweb_root).encode()
+def app_config() -> bytes:
+    return APP_CONFIG.read_bytes()
 
 
 class ViewerServer:
@@ -50,8 +51,7 @@ class ViewerServer:
                 if path.startswith("/dicom-web/") or path.startswith("/wado"):
                     owner._proxy(self)
                 elif path == "/app-config.js":
-                    origin = f"http://{self.headers.get('Host')}"
-                    self._send(200, app_config(f"{origin}/dicom-web"), "text/javascript")
+                    self._send(200, app_config(), "text/javascript")
                 else:
                     owner._static(self, path)
 

@@ -1,8 +1,10 @@
-/** OHIF v3 app config for the browser test: one DICOMweb source, Orthanc behind the
- * test server's /dicom-web proxy (same origin). __DICOMWEB_ROOT__ is filled in by
- * tests/ohif/server.py. Nothing here reaches outside the machine. */
+/** OHIF v3 app config for a viewer beside ct-ai-node (deployment/ohif/README.md): one
+ * DICOMweb source, the PACS's DICOMweb (Orthanc's plugin) proxied under /dicom-web on the
+ * viewer's own origin, so no CORS setup is needed and Orthanc's bulk-data URIs point back
+ * through the proxy. The browser test (tests/test_ohif_viewer.py) serves this same file. */
+const DICOMWEB_ROOT = window.location.origin + '/dicom-web';
 window.config = {
-  name: 'ct-ai-node test',
+  name: 'ct-ai-node',
   routerBasename: '/',
   extensions: [],
   modes: [],
@@ -22,11 +24,11 @@ window.config = {
       namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
       sourceName: 'orthanc',
       configuration: {
-        friendlyName: 'Orthanc (test)',
+        friendlyName: 'Orthanc',
         name: 'orthanc',
-        wadoUriRoot: '__DICOMWEB_ROOT__',
-        qidoRoot: '__DICOMWEB_ROOT__',
-        wadoRoot: '__DICOMWEB_ROOT__',
+        wadoUriRoot: DICOMWEB_ROOT,
+        qidoRoot: DICOMWEB_ROOT,
+        wadoRoot: DICOMWEB_ROOT,
         qidoSupportsIncludeField: false,
         supportsReject: false,
         imageRendering: 'wadors',

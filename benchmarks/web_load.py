@@ -1,0 +1,148 @@
+"""Benchmark: does a busy web app slow the node down?
+
+A whole node (`Node`: SCP, dispatcher, one worker, the web app on loopback) receives the
+300-slice 512x512 phantom series of `benchmarks/ingest.py` by `storescu` and analyses it,
+results to a DCMTK storescp; once quietly, once while 20 clients (threads of another
+process) poll the dashboard and the JSON API (`/`, `/api/status`, alternately, each client
+once a second). Runs are interleaved; the median of `--reps` is reported. Printed: ingest
+time (storescu start to exit) and time to results (last instance sent to the analysis
+job done), with the ratios loaded / quiet (target: ingest at most 1.10), and the pollers'
+request latencies.
+
+    python benchmarks/web_load.py [--reps 2] [--clients 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ingest import DEFAULT_CACHE, N_SLICES, cached_series, send  # noqa: E402
+
+from ct_ai_node.peers import StoreSCP, free_port  # noqa: E402
+
+
+def poll(base: str, clients: int, period_s: float, stop, out) -> None:
+    """In a child process: ``clients`` threads polling until ``stop`` is set; latencies and
+    errors go back on ``out``."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        paths = ["/", "/api/status"]
+        with httpx.Client(base_url=base, timeout=30) as http:
+            n = 0
+            while not stop.is_set():
+                t = time.perf_counter()
+                try:
+                    ok = http.get(paths[(n + i) % 2]).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                dt = time.perf_counter() - t
+                with lock:
+                    latencies.append(dt)
+                    errors[0] += 0 if ok else 1
+                n += 1
+                stop.wait(max(0.0, period_s - dt))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    out.put((latencies, errors[0]))
+
+
+def run_once(work: Path, series_dir: Path, clients: int) -> dict:
+    from ct_ai_node.config import default_config
+    from ct_ai_node.jobqueue import FINAL_STATES
+    from ct_ai_node.node import Node
+
+    web_port = free_port()
+    with StoreSCP(work / "pacs").start() as pacs:
+        config = default_config(
+            node={"ae_title": "CTAI", "host": "127.0.0.1", "port": free_port()},
+            storage={"root": str(work / "node"), "min_free_mb": 512},
+            completeness={"quiet_time_s": 2, "check_interval_s": 0.2},
+            workers={"count": 1, "lease_s": 300, "device": "cpu"},
+            destinations=[{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port,
+                           "ae_title": pacs.ae_title}],
+            web={"host": "127.0.0.1", "port": web_port},
+        ).resolved()
+        node = Node(config, log_level=30).start()
+        ctx = multiprocessing.get_context("spawn")
+        stop, out = ctx.Event(), ctx.Queue()
+        poller = None
+        try:
+            time.sleep(8)  # the worker imports torch before the clock starts
+            if clients:
+                poller = ctx.Process(target=poll, args=(f"http://127.0.0.1:{web_port}", clients, 1.0, stop, out))
+                poller.start()
+                time.sleep(3)  # the clients are polling when the series arrives
+            send_s = send(node.port, "CTAI", series_dir)
+            t_sent = time.perf_counter()
+            while True:
+                jobs = node.queue.list(kind="analyse")
+                if jobs and jobs[0].state in FINAL_STATES:
+                    break
+                if time.perf_counter() - t_sent > 900:
+                    raise RuntimeError("no result after 900 s")
+                time.sleep(0.1)
+            results_s = time.perf_counter() - t_sent
+        finally:
+            latencies, errors = [], 0
+            if poller is not None:
+                stop.set()
+                latencies, errors = out.get(timeout=60)
+                poller.join(30)
+            node.stop()
+    return {"send_s": send_s, "results_s": results_s, "state": str(jobs[0].state), "requests": len(latencies),
+            "errors": errors, "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
+            "p95_ms": 1000 * sorted(latencies)[int(0.95 * (len(latencies) - 1))] if latencies else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="ingest and analysis with and without 20 web clients polling")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--clients", type=int, default=20)
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    args = ap.parse_args(argv)
+    files = cached_series(args.cache)
+    series_dir = files[0].parent
+    quiet, loaded = [], []
+    with tempfile.TemporaryDirectory(prefix="ctai-webload-") as tmp:
+        for rep in range(args.reps):
+            for clients, into in ((0, quiet), (args.clients, loaded)):
+                work = Path(tmp) / f"r{rep}-c{clients}"
+                res = run_once(work, series_dir, clients)
+                into.append(res)
+                print(f"rep {rep + 1} clients {clients:2d}: ingest {res['send_s']:.2f} s, results {res['results_s']:.1f} s "
+                      f"({res['state']}), {res['requests']} requests, {res['errors']} errors"
+                      + (f", p50 {res['p50_ms']:.0f} ms, p95 {res['p95_ms']:.0f} ms" if res["requests"] else ""),
+                      flush=True)
+
+    def med(rows, key):
+        return statistics.median(r[key] for r in rows)
+
+    print(f"\n{N_SLICES}-slice series, median of {args.reps}:")
+    print(f"  ingest   quiet {med(quiet, 'send_s'):.2f} s, with {args.clients} clients {med(loaded, 'send_s'):.2f} s: "
+          f"ratio {med(loaded, 'send_s') / med(quiet, 'send_s'):.2f} (target <= 1.10)")
+    print(f"  results  quiet {med(quiet, 'results_s'):.1f} s, with {args.clients} clients "
+          f"{med(loaded, 'results_s'):.1f} s: ratio {med(loaded, 'results_s') / med(quiet, 'results_s'):.2f}")
+    print(f"  requests {sum(r['requests'] for r in loaded)}, errors {sum(r['errors'] for r in loaded)}, "
+          f"p50 {med(loaded, 'p50_ms'):.0f} ms, p95 {med(loaded, 'p95_ms'):.0f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
