@@ -386,3 +386,31 @@ def test_job_page_previews_are_the_highest_scoring_slices(tmp_path):
     assert len(chosen) == PREVIEWS_SHOWN == 6
     assert chosen == ["heatmap_0002.dcm", "heatmap_0004.dcm", "heatmap_0005.dcm", "heatmap_0006.dcm",
                       "heatmap_0008.dcm", "heatmap_0009.dcm"]
+
+
+def test_job_log_keeps_a_jobs_lines_while_it_runs(tmp_path):
+    import logging
+
+    from ct_ai_node.node.job_log import MAX_LINES, JobLog, JobLogHandler
+
+    log = JobLog(tmp_path / "node.db")
+    handler = JobLogHandler(log, "CTAI-w0")
+    logger = logging.getLogger("ct_ai_node.test_job_log")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        logger.info("before any job")
+        handler.job_id = 5
+        logger.info("analysing %d slices", 300)
+        logger.debug("not kept: DEBUG may quote headers")
+        for i in range(MAX_LINES + 10):
+            logger.warning("line %d", i)
+        handler.job_id = None
+        logger.info("after the job")
+    finally:
+        logger.removeHandler(handler)
+    lines = log.lines(5)
+    assert lines[0]["message"] == "analysing 300 slices" and lines[0]["process"] == "CTAI-w0"
+    assert len(lines) == MAX_LINES and "more than" in lines[-1]["message"]
+    assert not any("DEBUG" in line["message"] or "before" in line["message"] for line in lines)
+    assert log.lines(6) == []

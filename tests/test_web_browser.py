@@ -79,6 +79,7 @@ def test_admin_in_a_browser_reruns_configures_and_a_viewer_cannot(tmp_path):
             assert "chest-ct" in facts["dashboard"] and "No users are configured" not in facts["dashboard"]
             assert "COVID-19-like" in facts["jobPage"] or "pneumonia" in facts["jobPage"]
             assert facts["previewWidth"] > 100
+            assert f"job {job.id} (analyse) claimed by CTAI-w0" in facts["jobPage"]  # its log lines
             # re-run: a new job that completed
             assert f"re-run as job" in facts["rerunFlash"] and facts["rerunUrl"] != f"{spec['base']}/jobs/{job.id}"
             assert "done" in facts["rerunState"], facts["rerunState"]

@@ -96,6 +96,8 @@ class Worker:
         #: in-process (tests, tools) only the job is failed
         self.exit_on_overrun = False
         self._waiting_parent: int | None = None
+        #: a JobLogHandler keeping the lines logged during each job (worker processes)
+        self.job_log = None
 
     # -- loop --------------------------------------------------------------------------
 
@@ -103,6 +105,15 @@ class Worker:
         job = self.queue.claim(kinds, self.owner, self.lease_s)
         if job is None:
             return None
+        if self.job_log is not None:
+            self.job_log.job_id = job.id
+        try:
+            return self._run(job)
+        finally:
+            if self.job_log is not None:
+                self.job_log.job_id = None
+
+    def _run(self, job: Job) -> Job:
         logger.info("job %d (%s) claimed by %s, attempt %d of %d", job.id, job.kind, self.owner,
                     job.attempts, job.max_attempts)
         self._waiting_parent = None
@@ -383,6 +394,10 @@ def worker_process_main(config: NodeConfig, owner: str, log_level: int = logging
     _preload()
     worker = Worker(config, owner)
     worker.exit_on_overrun = True
+    from ct_ai_node.node.job_log import JobLog, JobLogHandler
+
+    worker.job_log = JobLogHandler(JobLog(config.storage.db_path), owner)
+    logging.getLogger("ct_ai_node").addHandler(worker.job_log)
     worker.run_forever(stop, updates=updates)
 
 

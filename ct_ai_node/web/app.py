@@ -66,12 +66,13 @@ class Unauthenticated(Exception):
 
 def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, audit: AuditLog,
                services: Callable[[], dict], secret: str, store: ConfigStore | None = None,
-               make_room: Callable | None = None) -> FastAPI:
+               make_room: Callable | None = None, job_log=None) -> FastAPI:
     """The app over the node's queue, spool and audit log. ``config_source()`` is the
     configuration in force (it changes when edited); ``services()`` says what runs (name ->
     {"up": bool, "detail": str}); ``secret`` signs the session cookies; ``store`` edits the
     configuration file (None: the node runs without one, the configuration is read-only);
-    ``make_room`` frees delivered data before a STOW-RS request is refused for space."""
+    ``make_room`` frees delivered data before a STOW-RS request is refused for space;
+    ``job_log`` (a :class:`~ct_ai_node.node.job_log.JobLog`) holds each job's log lines."""
     web = config_source().web
     assert web is not None, "create_app needs config.web"
     lock = threading.Lock()  # one SQLite connection per object: one request at a time
@@ -152,7 +153,7 @@ def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, 
     def job_html(request: Request, job_id: int):
         who = viewer(request)
         with lock:
-            page = views.job_page(config_source(), queue, audit, job_id)
+            page = views.job_page(config_source(), queue, audit, job_id, job_log)
         if page is None:
             raise HTTPException(404, f"no job {job_id}")
         return render(request, "job.html", who, p=page)
@@ -215,7 +216,7 @@ def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, 
         """One job with its result summary, deliveries and audit trail."""
         viewer(request)
         with lock:
-            page = views.job_page(config_source(), queue, audit, job_id)
+            page = views.job_page(config_source(), queue, audit, job_id, job_log)
         if page is None:
             raise HTTPException(404, f"no job {job_id}")
         return page

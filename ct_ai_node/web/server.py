@@ -24,6 +24,7 @@ class WebServer:
 
         from ct_ai_node.jobqueue import SqliteJobQueue
         from ct_ai_node.node.audit import AuditLog
+        from ct_ai_node.node.job_log import JobLog
         from ct_ai_node.spool import Spool
         from ct_ai_node.web.app import create_app
         from ct_ai_node.web.auth import session_secret
@@ -34,8 +35,9 @@ class WebServer:
                                     backoff_max_s=config.retry.backoff_max_s)
         self.spool = Spool(st.spool_dir, st.db_path, fsync=st.fsync)
         self.audit = AuditLog(st.db_path)
+        self.job_log = JobLog(st.db_path)
         app = create_app(config_source or (lambda: config), self.queue, self.spool, self.audit, services,
-                         session_secret(web, st.root), store, make_room)
+                         session_secret(web, st.root), store, make_room, self.job_log)
         family = socket.AF_INET6 if ":" in web.host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -55,5 +57,5 @@ class WebServer:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
         self._sock.close()
-        for part in (self.queue, self.spool, self.audit):
+        for part in (self.queue, self.spool, self.audit, self.job_log):
             part.close()

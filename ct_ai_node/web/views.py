@@ -136,7 +136,7 @@ def previews(outbox: Path, job_id: int) -> list[Path]:
     return [path for _, _, path in sorted(best, key=lambda t: -t[1])]
 
 
-def job_page(config: NodeConfig, queue: JobQueue, audit: AuditLog, job_id: int) -> dict | None:
+def job_page(config: NodeConfig, queue: JobQueue, audit: AuditLog, job_id: int, job_log=None) -> dict | None:
     job = queue.get(job_id)
     if job is None:
         return None
@@ -151,6 +151,7 @@ def job_page(config: NodeConfig, queue: JobQueue, audit: AuditLog, job_id: int) 
     viewer = config.web.viewer_url if config.web is not None else None
     link = viewer.replace("{study}", quote(study, safe="")) if viewer and study else None
     return {"job": row, "deliveries": children, "reruns": reruns, "viewer_link": link,
+            "log": job_log.lines(job_id) if job_log is not None else [],
             "previews": len(previews(outbox, job_id)) if job.kind == "analyse" else 0,
             "audit": [e.as_dict() for e in audit.entries(job_id=job_id, limit=50)]}
 

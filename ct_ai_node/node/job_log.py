@@ -1,0 +1,82 @@
+"""Each job's own log lines, for its page in the web app.
+
+A worker process attaches :class:`JobLogHandler` to the ``ct_ai_node`` logger; while it runs
+a job, the INFO and higher records of any of its threads are kept in the ``job_log`` table of
+the node's database (at most :data:`MAX_LINES` per job). Log lines above DEBUG carry no
+patient data (docs/node.md, "Logs and secrets"), so neither do these.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+MAX_LINES = 200
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS job_log (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id  INTEGER NOT NULL,
+    at      REAL    NOT NULL,
+    level   TEXT    NOT NULL,
+    process TEXT    NOT NULL,
+    message TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS job_log_job ON job_log(job_id);
+"""
+
+
+class JobLog:
+    def __init__(self, db_path: str | os.PathLike, busy_timeout_s: float = 30.0):
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(Path(db_path), timeout=busy_timeout_s, check_same_thread=False,
+                                   isolation_level=None)
+        self._db.executescript(_SCHEMA)
+        self._counts: dict[int, int] = {}
+
+    def add(self, job_id: int, level: str, process: str, message: str, at: float | None = None) -> None:
+        with self._lock:
+            n = self._counts.get(job_id)
+            if n is None:
+                (n,) = self._db.execute("SELECT COUNT(*) FROM job_log WHERE job_id = ?", (job_id,)).fetchone()
+            if n >= MAX_LINES:
+                return
+            if n == MAX_LINES - 1:
+                level, message = "WARNING", f"(more than {MAX_LINES} lines: the rest is in the node's log)"
+            self._db.execute("INSERT INTO job_log (job_id, at, level, process, message) VALUES (?, ?, ?, ?, ?)",
+                             (job_id, at or time.time(), level, process, message[:1000]))
+            self._counts[job_id] = n + 1
+            if len(self._counts) > 1000:
+                self._counts.clear()
+
+    def lines(self, job_id: int) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute("SELECT at, level, process, message FROM job_log WHERE job_id = ? ORDER BY id",
+                                    (job_id,)).fetchall()
+        return [{"at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) + f".{int(at % 1 * 1000):03d}",
+                 "level": level, "process": process, "message": message} for at, level, process, message in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class JobLogHandler(logging.Handler):
+    """Keeps the records logged while ``job_id`` is set (INFO and above)."""
+
+    def __init__(self, log: JobLog, process: str):
+        super().__init__(logging.INFO)
+        self.log, self.process = log, process
+        self.job_id: int | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        job_id = self.job_id
+        if job_id is None:
+            return
+        try:
+            self.log.add(job_id, record.levelname, self.process, record.getMessage(), record.created)
+        except Exception:  # noqa: BLE001 - a log line must never fail the job
+            self.handleError(record)
