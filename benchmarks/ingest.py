@@ -96,13 +96,26 @@ def time_node(work: Path, series_dir: Path, fsync: bool = True) -> float:
     return elapsed
 
 
+def wait_for_analysis(node, limit_s: float = 900):
+    """(the analyse job once final, seconds waited from now)."""
+    from ct_ai_node.jobqueue import FINAL_STATES
+
+    t_sent = time.perf_counter()
+    while True:
+        jobs = node.queue.list(kind="analyse")
+        if jobs and jobs[0].state in FINAL_STATES:
+            return jobs[0], time.perf_counter() - t_sent
+        if time.perf_counter() - t_sent > limit_s:
+            raise RuntimeError(f"no result after {limit_s:g} s")
+        time.sleep(0.1)
+
+
 def time_results(work: Path, series_dir: Path) -> dict:
     """storescu -> node -> analysis -> storescp: seconds from the last instance sent to the
     results acknowledged by the destination (the analyse job done)."""
     import json
 
     from ct_ai_node.config import default_config
-    from ct_ai_node.jobqueue import FINAL_STATES
     from ct_ai_node.node import Node
 
     with StoreSCP(work / "pacs").start() as pacs:
@@ -118,16 +131,7 @@ def time_results(work: Path, series_dir: Path) -> dict:
         try:
             time.sleep(8)  # let the worker process import torch before the clock starts
             send_s = send(node.port, "CTAI", series_dir)
-            t_sent = time.perf_counter()
-            while True:
-                jobs = node.queue.list(kind="analyse")
-                if jobs and jobs[0].state in FINAL_STATES:
-                    break
-                if time.perf_counter() - t_sent > 900:
-                    raise RuntimeError("no result after 900 s")
-                time.sleep(0.1)
-            total = time.perf_counter() - t_sent
-            job = jobs[0]
+            job, total = wait_for_analysis(node)
             result = json.loads((config.storage.outbox_dir / f"job-{job.id}" / "result.json").read_text())
         finally:
             node.stop()

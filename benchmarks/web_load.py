@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import DEFAULT_CACHE, N_SLICES, cached_series, send  # noqa: E402
+from ingest import DEFAULT_CACHE, N_SLICES, cached_series, send, wait_for_analysis  # noqa: E402
 
 from ct_ai_node.peers import StoreSCP, free_port  # noqa: E402
 
@@ -65,7 +65,6 @@ def poll(base: str, clients: int, period_s: float, stop, out) -> None:
 
 def run_once(work: Path, series_dir: Path, clients: int) -> dict:
     from ct_ai_node.config import default_config
-    from ct_ai_node.jobqueue import FINAL_STATES
     from ct_ai_node.node import Node
 
     web_port = free_port()
@@ -90,15 +89,7 @@ def run_once(work: Path, series_dir: Path, clients: int) -> dict:
                 poller.start()
                 time.sleep(3)  # the clients are polling when the series arrives
             send_s = send(node.port, "CTAI", series_dir)
-            t_sent = time.perf_counter()
-            while True:
-                jobs = node.queue.list(kind="analyse")
-                if jobs and jobs[0].state in FINAL_STATES:
-                    break
-                if time.perf_counter() - t_sent > 900:
-                    raise RuntimeError("no result after 900 s")
-                time.sleep(0.1)
-            results_s = time.perf_counter() - t_sent
+            job, results_s = wait_for_analysis(node)
         finally:
             latencies, errors = [], 0
             if poller is not None:
@@ -106,7 +97,7 @@ def run_once(work: Path, series_dir: Path, clients: int) -> dict:
                 latencies, errors = out.get(timeout=60)
                 poller.join(30)
             node.stop()
-    return {"send_s": send_s, "results_s": results_s, "state": str(jobs[0].state), "requests": len(latencies),
+    return {"send_s": send_s, "results_s": results_s, "state": str(job.state), "requests": len(latencies),
             "errors": errors, "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
             "p95_ms": 1000 * sorted(latencies)[int(0.95 * (len(latencies) - 1))] if latencies else None}
 

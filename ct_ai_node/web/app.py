@@ -353,12 +353,15 @@ def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, 
         except KeyError:
             raise HTTPException(404, f"no destination {name!r}") from None
         result = await run_in_threadpool(probe_destination, config, name)
-        audit.record(who.name, "test-destination", "ok" if result.ok else "failed", f"{name}: {result.message}")
-        body = {"ok": result.ok, "message": result.message}
+        return tested(request, who, form, "test-destination", name, result.ok, result.message)
+
+    def tested(request: Request, who: Principal, form: dict, action: str, name: str, ok: bool, message: str):
+        """A Test button's answer: in the audit log, then a flash message or JSON."""
+        audit.record(who.name, action, "ok" if ok else "failed", f"{name}: {message}")
         if form:
-            request.session["flash"] = ("ok" if result.ok else "error", f"{name}: {result.message}")
+            request.session["flash"] = ("ok" if ok else "error", f"{name}: {message}")
             return RedirectResponse("/config", status_code=303)
-        return body
+        return {"ok": ok, "message": message}
 
     @app.post("/api/notifications/{name}/test", tags=["configuration"])
     async def api_notification_test(request: Request, name: str):
@@ -374,11 +377,7 @@ def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, 
         except KeyError:
             raise HTTPException(404, f"no notification {name!r}") from None
         ok, message = await run_in_threadpool(send_test_message, config, name, str(request.base_url).rstrip("/"))
-        audit.record(who.name, "test-notification", "ok" if ok else "failed", f"{name}: {message}")
-        if form:
-            request.session["flash"] = ("ok" if ok else "error", f"{name}: {message}")
-            return RedirectResponse("/config", status_code=303)
-        return {"ok": ok, "message": message}
+        return tested(request, who, form, "test-notification", name, ok, message)
 
     @app.post("/api/rules/test", tags=["configuration"])
     async def api_rules_test(request: Request):
