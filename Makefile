@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
-DEBIAN_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-python chromium
+DEBIAN_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-python chromium openssl
 # The OHIF viewer test (tests/test_ohif_viewer.py): OHIF's prebuilt app (npm @ohif/app ships
 # dist/) and playwright-core to drive Debian's chromium, into the gitignored .ohif/
 OHIF_VERSION := 3.13.2
@@ -32,6 +32,7 @@ system-deps:
 	command -v Orthanc >/dev/null || test -x /usr/sbin/Orthanc || missing=yes; \
 	test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing=yes; \
 	command -v chromium >/dev/null || missing=yes; \
+	command -v openssl >/dev/null || missing=yes; \
 	test -e /usr/share/orthanc/plugins/libOrthancPython.so || missing=yes; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null; then \
