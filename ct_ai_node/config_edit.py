@@ -16,12 +16,15 @@ import yaml
 
 from ct_ai_node.config import ConfigError, NodeConfig, _UniqueKeyLoader, _yaml_problem, parse_config
 
-#: the sections the web app edits; every one of them is applied without a restart
-EDITABLE_SECTIONS = ("allowed_callers", "destinations", "rules", "routing", "notifications")
+#: the sections applied as soon as they are saved (no restart)
+LIVE_SECTIONS = ("allowed_callers", "destinations", "rules", "routing", "notifications")
 #: sections whose change needs the node restarted (sockets, processes, files)
 RESTART_SECTIONS = ("node", "tls", "storage", "workers", "web", "completeness", "retry", "retention")
+#: the sections the web app edits: the live ones, and the node's DICOM identity (saved to the
+#: file, in force after the next restart)
+EDITABLE_SECTIONS = (*LIVE_SECTIONS, "node")
 MASK = "**********"
-_EMPTY = {"allowed_callers": [], "destinations": [], "rules": [], "routing": {}, "notifications": []}
+_EMPTY = {"allowed_callers": [], "destinations": [], "rules": [], "routing": {}, "notifications": [], "node": {}}
 
 
 def check_section_name(section: str) -> None:
@@ -109,6 +112,11 @@ def validate(data: dict, base=None) -> NodeConfig:
 def restart_needed(old: NodeConfig, new: NodeConfig) -> list[str]:
     """The sections that differ between ``old`` and ``new`` and need a restart."""
     return [s for s in RESTART_SECTIONS if getattr(old, s) != getattr(new, s)]
+
+
+def live_part(in_force: NodeConfig, saved: NodeConfig) -> NodeConfig:
+    """What can be applied now: ``in_force`` with the live sections of ``saved``."""
+    return in_force.model_copy(update={s: getattr(saved, s) for s in LIVE_SECTIONS})
 
 
 def _names(items: Any) -> dict[str, Any]:

@@ -96,7 +96,7 @@ def test_store_saves_atomically_keeps_comments_and_applies(store):
     assert [r.name for r in load_config(store.path, base=store.base).rules] == ["chest-ct", "mr-forward"]
 
 
-def test_store_refuses_with_check_config_messages_and_leaves_the_file(store):
+def test_store_refuses_with_check_config_messages_and_keeps_restart_sections_for_later(store):
     store, applied = store
     before = store.path.read_text()
     bad = "- name: chest-ct\n  when: [{tag: Modality, equals: CT}]\n  action: analyse\n  destinations: [nowhere]\n"
@@ -107,10 +107,15 @@ def test_store_refuses_with_check_config_messages_and_leaves_the_file(store):
         store.save("destinations", "- {name: pacs, kind: dicom, host: 127.0.0.1, port: 99999, ae_title: PACS}\n")
     assert "destinations.0.port: Input should be less than 65536" in err.value.problems
     assert store.path.read_text() == before and applied == []
-    # a hand edit of a section that needs a restart is not applied behind the admin's back
-    store.path.write_text(before.replace("port: 11112", "port: 11113"))
-    with pytest.raises(ConfigError, match="node: changed in node.yaml since the node started"):
-        store.save("rules", store.section_text("rules"))
+    assert store.pending_restart() == []
+    # a section that needs a restart (the node's port) is saved, applied after a restart only
+    config, summary = store.save("node", "ae_title: CTAI\nport: 11113\n")
+    assert summary == "node: changed (saved; node: in force after the node's next restart)"
+    assert config.node.port == 11112 and applied == [] and store.pending_restart() == ["node"]
+    assert "port: 11113" in store.path.read_text()
+    # then a live edit applies the live part only; the node section stays as in force
+    config, summary = store.save("rules", store.section_text("rules"))
+    assert summary.startswith("rules: no change") and applied == []
 
 
 def test_restart_needed_names_sections(tmp_path):

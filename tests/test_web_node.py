@@ -81,6 +81,14 @@ def test_configure_a_destination_and_a_rule_then_it_acts_without_restart(tmp_pat
             assert dcmtk("echoscu", "-aet", "INTRUDER", "-aec", "CTAI", "127.0.0.1", str(port)).returncode != 0
             assert dcmtk("echoscu", "-aet", "STORESCU", "-aec", "CTAI", "127.0.0.1", str(port)).returncode == 0
 
+            # the node's own port: saved for the next restart; the listener stays where it is
+            node_text = web.get("/api/config/node").json()["text"]
+            moved = web.post("/api/config/node", json={"text": node_text.replace(f"port: {port}",
+                                                                                   f"port: {free_port()}")})
+            assert "in force after the node's next restart" in moved.json()["message"], moved.text
+            assert "not in force until the node restarts: node" in web.get("/config").text
+            assert dcmtk("echoscu", "-aet", "STORESCU", "-aec", "CTAI", "127.0.0.1", str(port)).returncode == 0
+
             assert node.proc.pid == pid and node.proc.poll() is None  # never restarted
             saved_file = node.config_path.read_text()
             assert "mr-archive" in saved_file and "STORESCU" in saved_file

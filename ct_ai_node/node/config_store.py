@@ -16,7 +16,15 @@ from typing import Any, Callable
 import yaml
 
 from ct_ai_node.config import ConfigError, NodeConfig, _UniqueKeyLoader, _yaml_problem
-from ct_ai_node.config_edit import describe_change, parse_section, restart_needed, section_text, validate, with_section
+from ct_ai_node.config_edit import (
+    describe_change,
+    live_part,
+    parse_section,
+    restart_needed,
+    section_text,
+    validate,
+    with_section,
+)
 
 
 class ConfigStore:
@@ -44,27 +52,36 @@ class ConfigStore:
         return section_text(self.file_data(), section)
 
     def check(self, section: str, text: str) -> tuple[NodeConfig, dict, Any]:
-        """The configuration the edited section would give (ConfigError with check-config's
-        messages otherwise), the file data it comes from, and the section's new value."""
+        """The configuration the file would hold with the edited section (ConfigError with
+        check-config's messages otherwise), the file data it comes from, and the section's
+        new value."""
         data = self.file_data()
         value = parse_section(text, section)
         new_data = with_section(data, section, value)
-        config = validate(new_data, self.base)
-        changed = restart_needed(self.current, config)
-        if changed:
-            raise ConfigError([f"{s}: changed in {self.path.name} since the node started; restart the node "
-                               "to apply that, then edit here" for s in changed])
-        return config, data, new_data[section]
+        return validate(new_data, self.base), data, new_data[section]
+
+    def pending_restart(self) -> list[str]:
+        """Sections saved in the file that the node applies only when restarted."""
+        try:
+            return restart_needed(self.current, validate(self.file_data(), self.base))
+        except ConfigError:
+            return []
 
     def save(self, section: str, text: str) -> tuple[NodeConfig, str]:
         """Validate, write the file atomically (the other sections and their comments as they
-        were), apply. Returns the new configuration and a one-line summary for the audit log."""
+        were), apply what can be applied now (the live sections). Returns the configuration
+        in force and a one-line summary for the audit log."""
         with self._lock:
-            config, data, value = self.check(section, text)
+            saved, data, value = self.check(section, text)
             summary = describe_change(section, data.get(section), value)
             self._write_section(section, value)
-            self.current = config
-            self._apply(config)
+            config = live_part(self.current, saved)
+            if config != self.current:
+                self._apply(config)
+                self.current = config
+            later = restart_needed(self.current, saved)
+            if later:
+                summary += f" (saved; {', '.join(later)}: in force after the node's next restart)"
         return config, summary
 
     def _write_section(self, section: str, value: Any) -> None:

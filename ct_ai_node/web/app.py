@@ -284,6 +284,7 @@ def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, 
         with lock:
             series = views.recent_series(spool)
         response = render(request, "config.html", who, store=store, texts=config_texts(texts), problems=problems or [],
+                          pending=store.pending_restart() if store is not None else [],
                           problem_section=section, tested=tested, series=series,
                           destinations=views.destinations_health(config_source(), queue), node=config_source().node,
                           notifications=[{"name": n.name, "kind": n.kind, "events": ", ".join(n.events),
