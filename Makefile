@@ -13,7 +13,7 @@ PLAYWRIGHT_CORE_VERSION := 1.65.2
 OHIF_DIR := .ohif
 OHIF_STAMP := $(OHIF_DIR)/.installed-$(OHIF_VERSION)-$(PLAYWRIGHT_CORE_VERSION)
 
-.PHONY: install system-deps ohif-viewer demo test train train-lungs train-opacity evaluate evaluate-real benchmark clean
+.PHONY: install system-deps ohif-viewer demo test train train-lungs train-opacity train-ctnet evaluate evaluate-real benchmark clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -81,6 +81,12 @@ train-opacity: install
 	    --backgrounds $(REAL_DATA) --hold-out $(HOLD_OUT) --set lungs=predicted
 	$(VENV)/bin/ct-ai-node calibrate pattern --cases 45 --backgrounds $(REAL_DATA) --hold-out $(HOLD_OUT) \
 	    --out out/calibration
+
+# method B on phantoms + real backgrounds, then its case decision (docs/models.md, issue 12 fifth pass)
+train-ctnet: install
+	$(VENV)/bin/ct-ai-node train ctnet --cases 60 --val-cases 16 --epochs 6 \
+	    --backgrounds $(REAL_DATA) --hold-out $(HOLD_OUT)
+	$(VENV)/bin/ct-ai-node calibrate ctnet --cases 60 --out out/calibration-ctnet
 
 evaluate: install
 	$(VENV)/bin/ct-ai-node evaluate --out out/evaluation

@@ -39,6 +39,8 @@ DEFAULT_TEMPLATE = ("{node}: job {job_id} ({kind}, rule {rule}) {event_text}. Se
 PATIENT_FIELDS = {"patient_name": "PatientName", "patient_id": "PatientID",
                   "accession_number": "AccessionNumber", "study_date": "StudyDate"}
 PARENT_KINDS = ("analyse", "forward")
+#: without notifications the watermark is moved at most this often (seconds)
+IDLE_WATERMARK_S = 60.0
 
 
 def event_of(job: Job) -> str | None:
@@ -149,7 +151,11 @@ class Notifier:
         with self._lock:
             (since,) = self._db.execute("SELECT since FROM notifier WHERE id = 1").fetchone()
             if not config.notifications:
-                self._db.execute("UPDATE notifier SET since = ? WHERE id = 1", (max(since, self.clock() - 1),))
+                # nothing to send: keep the watermark near now (notifications added later do
+                # not announce the past), without a write on every tick
+                now = self.clock()
+                if now - since > IDLE_WATERMARK_S:
+                    self._db.execute("UPDATE notifier SET since = ? WHERE id = 1", (now - 1,))
                 return []
             made: list[int] = []
             newest = since

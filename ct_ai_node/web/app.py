@@ -24,6 +24,7 @@ import io
 import logging
 import secrets
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
@@ -57,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
+#: seconds the dashboard's data is reused (every page refreshes itself every 10 s)
+DASHBOARD_TTL_S = 1.0
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
@@ -76,6 +79,22 @@ def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, 
     web = config_source().web
     assert web is not None, "create_app needs config.web"
     lock = threading.Lock()  # one SQLite connection per object: one request at a time
+    # the dashboard's data for DASHBOARD_TTL_S: twenty people (or scripts) polling it cost one
+    # computation per second, not twenty, beside the SCP in this process
+    cached: dict[tuple, tuple[float, dict]] = {}
+
+    def dashboard_data(state: str | None, kind: str | None, limit: int = 50) -> dict:
+        key = (state, kind, limit)
+        now = time.monotonic()
+        with lock:
+            hit = cached.get(key)
+            if hit is not None and now - hit[0] < DASHBOARD_TTL_S:
+                return hit[1]
+            data = views.dashboard(config_source(), queue, spool, services, state=state, kind=kind, limit=limit)
+            if len(cached) > 64:
+                cached.clear()
+            cached[key] = (now, data)
+            return data
     registry = CollectorRegistry()
     registry.register(MetricsCollector(queue, spool))
     app = FastAPI(title="ct-ai-node", summary="The administrator's API of a ct-ai-node",
@@ -145,9 +164,7 @@ def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def dashboard_page(request: Request, state: str | None = None, kind: str | None = None):
         who = viewer(request)
-        with lock:
-            data = views.dashboard(config_source(), queue, spool, services, state=_state(state), kind=_kind(kind))
-        return render(request, "dashboard.html", who, d=data)
+        return render(request, "dashboard.html", who, d=dashboard_data(_state(state), _kind(kind)))
 
     @app.get("/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
     def job_html(request: Request, job_id: int):
@@ -205,9 +222,7 @@ def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, 
     def api_status(request: Request, state: str | None = None, kind: str | None = None, limit: int = 50):
         """The dashboard's data: services, disk, retention, queue, destinations, jobs."""
         viewer(request)
-        with lock:
-            return views.dashboard(config_source(), queue, spool, services, state=_state(state), kind=_kind(kind),
-                                   limit=max(1, min(limit, 1000)))
+        return dashboard_data(_state(state), _kind(kind), max(1, min(limit, 1000)))
 
     app.add_api_route("/status", api_status, methods=["GET"], include_in_schema=False)
 
@@ -233,6 +248,7 @@ def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, 
         who, form = await checked_change(request)
         with lock:
             lines = job_actions.requeue_dead(queue)
+        cached.clear()
         detail = f"{len(lines)} dead job(s) queued again"
         audit.record(who.name, "requeue-dead", "ok", detail)
         return _answer(request, form, {"ok": True, "message": detail, "jobs": lines}, "/")
@@ -264,6 +280,7 @@ def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, 
                 request.session["flash"] = ("error", str(exc))
                 return RedirectResponse(f"/jobs/{job_id}", status_code=303)
             raise HTTPException(409, str(exc)) from None
+        cached.clear()  # the dashboard shows the change at once
         audit.record(who.name, action, "ok", message, job_id)
         if new_id is not None:
             audit.record(who.name, "created", "ok", f"re-run of job {job_id}", new_id)
@@ -337,6 +354,7 @@ def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, 
             audit.record(who.name, "config", "refused", str(exc))
             raise HTTPException(409, str(exc)) from None
         if save:
+            cached.clear()
             audit.record(who.name, "config", "ok", summary)
         return _answer(request, form, {"ok": True, "message": summary}, "/config")
 
