@@ -96,6 +96,22 @@ def time_node(work: Path, series_dir: Path, fsync: bool = True) -> float:
     return elapsed
 
 
+def node_config(work: Path, pacs, **sections):
+    """The whole node of the benchmarks: CTAI on a free port, storage in ``work``, one CPU
+    worker, results to ``pacs`` (a StoreSCP); ``sections`` added (e.g. ``web``)."""
+    from ct_ai_node.config import default_config
+
+    return default_config(
+        node={"ae_title": "CTAI", "host": "127.0.0.1", "port": free_port()},
+        storage={"root": str(work / "node"), "min_free_mb": 512},
+        completeness={"quiet_time_s": 2, "check_interval_s": 0.2},
+        workers={"count": 1, "lease_s": 300, "device": "cpu"},
+        destinations=[{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port,
+                       "ae_title": pacs.ae_title}],
+        **sections,
+    ).resolved()
+
+
 def wait_for_analysis(node, limit_s: float = 900):
     """(the analyse job once final, seconds waited from now)."""
     from ct_ai_node.jobqueue import FINAL_STATES
@@ -115,18 +131,10 @@ def time_results(work: Path, series_dir: Path) -> dict:
     results acknowledged by the destination (the analyse job done)."""
     import json
 
-    from ct_ai_node.config import default_config
     from ct_ai_node.node import Node
 
     with StoreSCP(work / "pacs").start() as pacs:
-        config = default_config(
-            node={"ae_title": "CTAI", "host": "127.0.0.1", "port": free_port()},
-            storage={"root": str(work / "node"), "min_free_mb": 512},
-            completeness={"quiet_time_s": 2, "check_interval_s": 0.2},
-            workers={"count": 1, "lease_s": 300, "device": "cpu"},
-            destinations=[{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port,
-                           "ae_title": pacs.ae_title}],
-        ).resolved()
+        config = node_config(work, pacs)
         node = Node(config, log_level=30).start()
         try:
             time.sleep(8)  # let the worker process import torch before the clock starts

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import DEFAULT_CACHE, N_SLICES, cached_series, send, wait_for_analysis  # noqa: E402
+from ingest import DEFAULT_CACHE, N_SLICES, cached_series, node_config, send, wait_for_analysis  # noqa: E402
 
 from ct_ai_node.peers import StoreSCP, free_port  # noqa: E402
 
@@ -71,20 +71,11 @@ def poll(base: str, clients: int, period_s: float, stop, out, paths=("/", "/api/
 
 
 def run_once(work: Path, series_dir: Path, clients: int, paths=("/", "/api/status")) -> dict:
-    from ct_ai_node.config import default_config
     from ct_ai_node.node import Node
 
     web_port = free_port()
     with StoreSCP(work / "pacs").start() as pacs:
-        config = default_config(
-            node={"ae_title": "CTAI", "host": "127.0.0.1", "port": free_port()},
-            storage={"root": str(work / "node"), "min_free_mb": 512},
-            completeness={"quiet_time_s": 2, "check_interval_s": 0.2},
-            workers={"count": 1, "lease_s": 300, "device": "cpu"},
-            destinations=[{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port,
-                           "ae_title": pacs.ae_title}],
-            web={"host": "127.0.0.1", "port": web_port},
-        ).resolved()
+        config = node_config(work, pacs, web={"host": "127.0.0.1", "port": web_port})
         node = Node(config, log_level=30).start()
         ctx = multiprocessing.get_context("spawn")
         stop, out = ctx.Event(), ctx.Queue()
