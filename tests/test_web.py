@@ -414,3 +414,26 @@ def test_job_log_keeps_a_jobs_lines_while_it_runs(tmp_path):
     assert len(lines) == MAX_LINES and "more than" in lines[-1]["message"]
     assert not any("DEBUG" in line["message"] or "before" in line["message"] for line in lines)
     assert log.lines(6) == []
+
+
+def test_stow_rs_refuses_a_request_over_the_size_limit_even_without_a_length(tmp_path):
+    config = _config(tmp_path, stow_max_mb=0.01)
+    server = WebServer(config, _services).start()
+    try:
+        files = [p.read_bytes() for p in write_ct_series(tmp_path / "s", n=2, rows=64, cols=64).paths]
+        from ct_ai_node.egress.stow import multipart_related
+
+        body, ctype = multipart_related(files)
+
+        def chunked():
+            for i in range(0, len(body), 4096):
+                yield body[i:i + 4096]
+
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=30) as client:
+            sized = client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype})
+            streamed = client.post("/dicomweb/studies", content=chunked(), headers={"Content-Type": ctype})
+        assert sized.status_code == 413 and "at most 0.01 MB" in sized.json()["detail"]
+        assert streamed.status_code == 413
+        assert server.spool.series() == []
+    finally:
+        server.stop()

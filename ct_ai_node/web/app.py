@@ -95,6 +95,7 @@ def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, 
                 cached.clear()
             cached[key] = (now, data)
             return data
+
     registry = CollectorRegistry()
     registry.register(MetricsCollector(queue, spool))
     app = FastAPI(title="ct-ai-node", summary="The administrator's API of a ct-ai-node",
@@ -445,11 +446,18 @@ def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, 
         host = request.client.host if request.client else ""
         if not config.caller_allowed(calling_ae, host):
             raise HTTPException(403, f"{calling_ae} from {host} is not among the allowed callers")
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > web.stow_max_mb * 2**20:
-            raise HTTPException(413, f"request of {declared / 2**20:.0f} MB; the node accepts at most "
-                                     f"{web.stow_max_mb:.0f} MB per request (send the study in parts)")
-        body = await request.body()
+        limit = web.stow_max_mb * 2**20
+        too_big = HTTPException(413, f"the node accepts at most {web.stow_max_mb:g} MB per STOW-RS request "
+                                     "(send the study in parts)")
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():  # a chunked request has no length to check first
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        body = b"".join(chunks)
         try:
             parts = parse_multipart_related(request.headers.get("content-type", ""), body)
         except StowRequestError as exc:
