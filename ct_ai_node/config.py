@@ -140,6 +140,18 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _names_once(field_name: str, entries, errors: list) -> dict[str, int]:
+    """Each name of ``entries`` -> the index of its first entry; an error (appended to
+    ``errors``, at ``field_name.i.name``) for every later entry of the same name."""
+    first: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        if entry.name in first:
+            errors.append(((field_name, i, "name"),
+                           f"{entry.name!r} is already the name of {field_name}.{first[entry.name]}"))
+        first.setdefault(entry.name, i)
+    return first
+
+
 def _resolve(path: Path, base: Path) -> Path:
     path = path.expanduser()
     return path if path.is_absolute() else (base / path)
@@ -729,12 +741,7 @@ class WebSection(_Model):
             errors.append((("users",), f"needed when host is {self.host!r}: without users the web app is open to "
                                        "anyone who reaches it, so it only binds to 127.0.0.1 (or ::1)"))
         for field_name, entries in (("users", self.users), ("api_tokens", self.api_tokens)):
-            seen: dict[str, int] = {}
-            for i, entry in enumerate(entries):
-                if entry.name in seen:
-                    errors.append(((field_name, i, "name"),
-                                   f"{entry.name!r} is already the name of {field_name}.{seen[entry.name]}"))
-                seen.setdefault(entry.name, i)
+            _names_once(field_name, entries, errors)
         if errors:
             _raise_at("WebSection", errors)
         return self
@@ -762,23 +769,10 @@ class NodeConfig(_Model):
     @model_validator(mode="after")
     def _cross_references(self) -> "NodeConfig":
         errors: list[tuple[tuple[str | int, ...], str]] = []
-        known: dict[str, int] = {}
-        for i, dest in enumerate(self.destinations):
-            if dest.name in known:
-                errors.append((("destinations", i, "name"),
-                               f"{dest.name!r} is already the name of destinations.{known[dest.name]}"))
-            known.setdefault(dest.name, i)
-        names: dict[str, int] = {}
-        for i, rule in enumerate(self.rules):
-            if rule.name in names:
-                errors.append((("rules", i, "name"), f"{rule.name!r} is already the name of rules.{names[rule.name]}"))
-            names.setdefault(rule.name, i)
-        seen: dict[str, int] = {}
+        known = _names_once("destinations", self.destinations, errors)
+        names = _names_once("rules", self.rules, errors)
+        _names_once("notifications", self.notifications, errors)
         for i, note in enumerate(self.notifications):
-            if note.name in seen:
-                errors.append((("notifications", i, "name"),
-                               f"{note.name!r} is already the name of notifications.{seen[note.name]}"))
-            seen.setdefault(note.name, i)
             for j, rule in enumerate(note.rules):
                 if rule not in names:
                     errors.append((("notifications", i, "rules", j),

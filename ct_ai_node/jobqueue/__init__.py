@@ -7,6 +7,7 @@ used now (one SQLite file shared by the node's processes).
 from ct_ai_node.jobqueue.base import (
     FINAL_STATES,
     LEASED_STATES,
+    PARENT_KINDS,
     Job,
     JobNotFound,
     JobQueue,
@@ -19,6 +20,6 @@ from ct_ai_node.jobqueue.base import (
 from ct_ai_node.jobqueue.sqlite import SqliteJobQueue
 
 __all__ = [
-    "FINAL_STATES", "LEASED_STATES", "Job", "JobNotFound", "JobQueue", "JobQueueError", "JobState",
+    "FINAL_STATES", "LEASED_STATES", "PARENT_KINDS", "Job", "JobNotFound", "JobQueue", "JobQueueError", "JobState",
     "JobStateError", "LeaseLost", "SqliteJobQueue", "backoff_delay",
 ]

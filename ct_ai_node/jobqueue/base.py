@@ -30,6 +30,9 @@ class JobState(str, enum.Enum):
         return self.value
 
 
+#: the kinds of job that stand for a series (their deliveries are children)
+PARENT_KINDS = ("analyse", "forward")
+
 #: states a worker holds a lease in
 LEASED_STATES = frozenset({JobState.RUNNING, JobState.SENDING})
 #: states nothing will move on its own

@@ -11,10 +11,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ct_ai_node.jobqueue import FINAL_STATES, LEASED_STATES, Job, JobNotFound, JobQueue, JobState, JobStateError
+from ct_ai_node.jobqueue import (
+    FINAL_STATES,
+    LEASED_STATES,
+    PARENT_KINDS,
+    Job,
+    JobNotFound,
+    JobQueue,
+    JobState,
+    JobStateError,
+)
 
-#: jobs that stand for a series (their deliveries are children)
-PARENT_KINDS = ("analyse", "forward")
 ACTIONS = ("rerun", "resend", "requeue", "cancel")
 
 

@@ -25,7 +25,7 @@ from typing import Callable
 import httpx
 
 from ct_ai_node.config import NodeConfig, Notification
-from ct_ai_node.jobqueue import Job, JobQueue, JobState
+from ct_ai_node.jobqueue import PARENT_KINDS, Job, JobQueue, JobState
 from ct_ai_node.logs import series_ref
 from ct_ai_node.result import read_result, result_line
 
@@ -38,7 +38,6 @@ DEFAULT_TEMPLATE = ("{node}: job {job_id} ({kind}, rule {rule}) {event_text}. Se
 #: placeholders that read the series' header: only when a template names them
 PATIENT_FIELDS = {"patient_name": "PatientName", "patient_id": "PatientID",
                   "accession_number": "AccessionNumber", "study_date": "StudyDate"}
-PARENT_KINDS = ("analyse", "forward")
 #: without notifications the watermark is moved at most this often (seconds)
 IDLE_WATERMARK_S = 60.0
 

@@ -32,14 +32,12 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from ct_ai_node.config import RetentionSection
-from ct_ai_node.jobqueue import FINAL_STATES, Job, JobState
+from ct_ai_node.jobqueue import FINAL_STATES, PARENT_KINDS, Job, JobState
 from ct_ai_node.logs import series_ref
 from ct_ai_node.spool import SeriesRecord
 
 logger = logging.getLogger(__name__)
 
-#: job kinds that own a series' work; a ``deliver`` child is summed up by its parent's state
-PARENT_KINDS = ("analyse", "forward")
 #: after a make_room that found nothing it may delete, C-STOREs are refused at once for this long
 #: (no planning per refused instance while the disk is full of undelivered work)
 NOTHING_TO_FREE_S = 2.0

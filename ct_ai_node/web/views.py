@@ -15,10 +15,9 @@ from urllib.parse import quote
 from typing import Callable
 
 from ct_ai_node.config import NodeConfig
-from ct_ai_node.jobqueue import FINAL_STATES, Job, JobQueue
+from ct_ai_node.jobqueue import FINAL_STATES, PARENT_KINDS, Job, JobQueue
 from ct_ai_node.logs import series_ref
 from ct_ai_node.node.audit import AuditLog
-from ct_ai_node.node.job_actions import PARENT_KINDS
 from ct_ai_node.result import read_result, result_line
 
 #: SOP classes whose images make the job page's preview (heat-map secondary captures)
