@@ -248,13 +248,50 @@ class CompletenessSection(_Model):
 
 
 class WorkersSection(_Model):
-    count: int = Field(1, ge=1, le=64)
+    #: analysis and delivery worker processes; 0: this node only receives and dispatches
+    #: (workers run elsewhere: ``ct-ai-node worker``, docs/scale-out.md)
+    count: int = Field(1, ge=0, le=64)
     #: a job whose worker stops renewing its lease for this long is run again
     lease_s: float = Field(120.0, ge=5, le=86400)
     #: a job still running after this long is failed for good (the analysis of one series
     #: must not hold a worker forever) and its worker process replaced
     job_timeout_s: float = Field(1800.0, ge=1, le=7 * 86400)
     device: Annotated[str, AfterValidator(_check_device)] = "auto"
+    #: a worker on another host: the ingress node's web address (``http://ingress:8080``), from
+    #: which it fetches each series over WADO-RS; null: read the series from this host's spool
+    fetch_from: Optional[Url] = None
+    #: the API token (role ``worker`` or ``admin``) the worker sends to ``fetch_from``
+    fetch_token: Optional[SecretStr] = Field(None, repr=False)
+
+
+QUEUE_KINDS = ("sqlite", "postgres")
+#: rule priority -> the rank the queue orders by (lower first)
+PRIORITIES = {"urgent": 0, "normal": 1, "background": 2}
+
+
+class QueueSection(_Model):
+    """Where jobs wait (docs/scale-out.md): the node's SQLite file (one host, the default) or
+    a PostgreSQL server that ingress nodes and workers on several hosts share."""
+
+    kind: Literal["sqlite", "postgres"] = "sqlite"
+    #: postgres: ``postgresql://user@host:5432/db``; a password may come from PGPASSWORD or
+    #: ~/.pgpass (libpq) rather than this file
+    url: Optional[SecretStr] = Field(None, repr=False)
+    #: a job that has waited this long is taken as if it were one priority level higher, so
+    #: urgent work goes first and background work is never starved
+    priority_aging_s: float = Field(600.0, gt=0, le=7 * 86400)
+    #: how long a worker or the dispatcher waits for a database that went away before the
+    #: operation fails (meanwhile the listener keeps receiving into the spool)
+    reconnect_s: float = Field(300.0, ge=0, le=86400)
+
+    @model_validator(mode="after")
+    def _url_for_postgres(self) -> "QueueSection":
+        url = self.url.get_secret_value() if self.url is not None else ""
+        if self.kind == "postgres" and not re.match(r"^postgres(ql)?://", url):
+            _raise_at("QueueSection", [(("url",), "kind postgres needs url: postgresql://user@host:port/database")])
+        if self.kind == "sqlite" and self.url is not None:
+            _raise_at("QueueSection", [(("url",), "kind sqlite uses the node's own file (storage.root); remove url")])
+        return self
 
 
 class RetrySection(_Model):
@@ -613,6 +650,9 @@ class ActionSpec(_Model):
     #: analyse only: a series refused by the analysis, or whose analysis fails for good,
     #: gets an "AI analysis not performed: <reason>" SC + SR at the destinations; default true
     notify_not_analysed: Optional[StrictBool] = None
+    #: urgent work (an emergency department) is taken before normal, normal before
+    #: background (a retrospective batch); waiting raises a job's rank (queue.priority_aging_s)
+    priority: Literal["urgent", "normal", "background"] = "normal"
 
     @model_validator(mode="before")
     @classmethod
@@ -667,7 +707,7 @@ class RoutingSection(_Model):
 
 # -- the whole file -------------------------------------------------------------
 
-ROLES = ("admin", "viewer", "sender")
+ROLES = ("admin", "viewer", "sender", "worker")
 
 
 def _check_secret_hash(value: SecretStr) -> SecretStr:
@@ -693,10 +733,11 @@ class WebUser(_Model):
 
 class ApiToken(_Model):
     """A bearer token for scripts (``Authorization: Bearer <token>``), with a role
-    (``sender``: a PACS or modality that sends images by STOW-RS, nothing else)."""
+    (``sender``: a PACS or modality that sends images by STOW-RS, nothing else; ``worker``: a
+    worker on another host that fetches series by WADO-RS, nothing else)."""
 
     name: Name
-    role: Literal["admin", "viewer", "sender"] = "viewer"
+    role: Literal["admin", "viewer", "sender", "worker"] = "viewer"
     #: ``sha256:<hex>`` of the token (``ct-ai-node web new-token`` prints both)
     token_hash: SecretHash = Field(repr=False)
 
@@ -757,6 +798,7 @@ class NodeConfig(_Model):
     storage: StorageSection = StorageSection()
     completeness: CompletenessSection = CompletenessSection()
     workers: WorkersSection = WorkersSection()
+    queue: QueueSection = QueueSection()
     retry: RetrySection = RetrySection()
     retention: RetentionSection = RetentionSection()
     destinations: list[Destination] = []

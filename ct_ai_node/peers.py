@@ -187,3 +187,82 @@ class Orthanc(_Peer):
         from orthanc_api_client import OrthancApiClient
 
         return OrthancApiClient(self.url)
+
+
+def postgres_bin(name: str) -> str | None:
+    """A PostgreSQL server program (``initdb``, ``pg_ctl``): on PATH, or where Debian's
+    ``postgresql`` package puts it (``/usr/lib/postgresql/<version>/bin``), newest first."""
+    found = shutil.which(name)
+    if found:
+        return found
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"),
+                      key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, reverse=True)
+    for folder in versions:
+        if (folder / name).is_file():
+            return str(folder / name)
+    return None
+
+
+@dataclass
+class Postgres:
+    """A throw-away PostgreSQL server in ``folder`` on a free loopback port (trust
+    authentication, loopback only): the suite's and the benchmarks' own shared database.
+    ``initdb`` refuses to run as root; as root the server runs as the ``postgres`` user
+    that Debian's package creates, so ``folder`` must lie where that user can enter."""
+
+    folder: Path
+    port: int = 0
+    user: str = "ctai"
+
+    def _cmd(self, *args: str) -> list[str]:
+        if os.geteuid() == 0:
+            return ["runuser", "-u", "postgres", "--", *args]
+        return list(args)
+
+    def _pg_ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(self._cmd(postgres_bin("pg_ctl") or "pg_ctl", "-D", str(self.folder / "data"), *args),
+                              check=check, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+
+    def start(self) -> "Postgres":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, "postgres")
+        if not (self.folder / "data").is_dir():
+            subprocess.run(self._cmd(postgres_bin("initdb") or "initdb", "-D", str(self.folder / "data"), "-A", "trust",
+                                     "-U", self.user, "-E", "UTF8", "--no-sync"),
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
+        self.port = self.port or free_port()
+        return self.resume()
+
+    def resume(self) -> "Postgres":
+        """Start the server (again, on the same port and data)."""
+        # fsync off: a test database need not survive a power cut, and it is much faster
+        options = f"-p {self.port} -h 127.0.0.1 -k {self.folder} -c fsync=off -c max_connections=200"
+        self._pg_ctl("-o", options, "-l", str(self.folder / "server.log"), "-w", "start")
+        wait_for_port(self.port)
+        return self
+
+    def pause(self) -> None:
+        """Stop the server (fast shutdown: connections are cut, as in a crash or fail-over)."""
+        self._pg_ctl("-m", "fast", "-w", "stop", check=False)
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self, name: str) -> str:
+        """Create database ``name`` and return its URL."""
+        import psycopg
+
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def close(self) -> None:
+        if (self.folder / "data" / "postmaster.pid").exists():
+            self.pause()
+
+    def __enter__(self) -> "Postgres":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -32,3 +32,30 @@ def pytest_runtest_makereport(item, call):
     if MISSING_PEER.search(reason):
         report.outcome = "failed"
         report.longrepr = f"CI=true: a real peer the test needs is missing after `make test`: {reason}"
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """The suite's own PostgreSQL server (Debian ``postgresql``), on a free loopback port."""
+    import shutil
+    import tempfile
+
+    from ct_ai_node.peers import Postgres, postgres_bin
+
+    if postgres_bin("initdb") is None or postgres_bin("pg_ctl") is None:
+        pytest.skip("PostgreSQL (initdb, pg_ctl) not installed: apt-get install postgresql")
+    # not under pytest's tmp folder: as root the server runs as `postgres`, which cannot
+    # enter root's private (0700) folders
+    folder = Path(tempfile.mkdtemp(prefix="ctai-pg-"))
+    server = Postgres(folder).start()
+    yield server
+    server.close()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture()
+def pg_url(postgres, request) -> str:
+    """A fresh, empty database on the suite's PostgreSQL server, for one test."""
+    import uuid
+
+    return postgres.new_database(f"t_{uuid.uuid4().hex[:12]}")

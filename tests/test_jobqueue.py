@@ -1,4 +1,5 @@
-"""SqliteJobQueue: states, idempotency, backoff, leases, and several processes on one file."""
+"""The job queue on both engines (SQLite file, PostgreSQL server): states, idempotency, backoff,
+leases, priorities, lanes, and several processes claiming at once."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from ct_ai_node.jobqueue import (
     SqliteJobQueue,
     backoff_delay,
 )
+from ct_ai_node.jobqueue.postgres import PostgresJobQueue
+
+BACKENDS = ("sqlite", "postgres")
 
 
 class FakeClock:
@@ -36,9 +40,24 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+def open_queue(target, **kw):
+    """The queue at ``target``: a PostgreSQL URL or an SQLite file."""
+    if isinstance(target, str) and target.startswith("postgresql://"):
+        return PostgresJobQueue(target, **kw)
+    return SqliteJobQueue(target, **kw)
+
+
+@pytest.fixture(params=BACKENDS)
+def target(request, tmp_path):
+    """Where a queue lives: the node's SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "postgres":
+        return request.getfixturevalue("pg_url")
+    return tmp_path / "node.db"
+
+
 @pytest.fixture()
-def q(tmp_path, clock) -> SqliteJobQueue:
-    with SqliteJobQueue(tmp_path / "node.db", backoff_initial_s=5, backoff_max_s=300, clock=clock) as queue:
+def q(target, clock):
+    with open_queue(target, backoff_initial_s=5, backoff_max_s=300, clock=clock) as queue:
         yield queue
 
 
@@ -46,7 +65,8 @@ def test_satisfies_protocol(q):
     assert isinstance(q, JobQueue)
 
 
-def test_pragmas(q, tmp_path):
+def test_pragmas(tmp_path):
+    q = SqliteJobQueue(tmp_path / "node.db")
     db = sqlite3.connect(tmp_path / "node.db")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     # synchronous is per connection: check the queue's own
@@ -127,8 +147,8 @@ def test_fail_backs_off_then_dead_with_reason(q, clock):
     assert q.claim(["deliver"], "w", 60) is None
 
 
-def test_backoff_capped(tmp_path, clock):
-    queue = SqliteJobQueue(tmp_path / "q.db", backoff_initial_s=100, backoff_max_s=150, clock=clock)
+def test_backoff_capped(target, clock):
+    queue = open_queue(target, backoff_initial_s=100, backoff_max_s=150, clock=clock)
     job_id = queue.enqueue("deliver", {}, max_attempts=10)
     for expected in (100, 150, 150):
         queue.claim(["deliver"], "w", 60)
@@ -237,14 +257,14 @@ def test_list_filters(q):
     assert q.counts()["queued"] == 2 and q.counts()["running"] == 1
 
 
-def test_survives_reopening(tmp_path, clock):
-    path = tmp_path / "node.db"
-    first = SqliteJobQueue(path, clock=clock)
+def test_survives_reopening(target, clock):
+    path = target
+    first = open_queue(path, clock=clock)
     job_id = first.enqueue("analyse", {"k": [1, 2]}, key="k1")
     first.claim(["analyse"], "w1", 60)
     first.close()
 
-    again = SqliteJobQueue(path, clock=clock)
+    again = open_queue(path, clock=clock)
     job = again.get(job_id)
     assert job.state is JobState.RUNNING and job.lease_owner == "w1" and job.payload == {"k": [1, 2]}
     assert again.enqueue("analyse", {}, key="k1") == job_id
@@ -254,7 +274,7 @@ def test_survives_reopening(tmp_path, clock):
 
 
 def _claim_all(db_path: str, owner: str, start, out) -> None:
-    queue = SqliteJobQueue(db_path)
+    queue = open_queue(db_path)
     start.wait()
     got = []
     while (job := queue.claim(["deliver", "analyse"], owner, 300)) is not None:
@@ -265,9 +285,9 @@ def _claim_all(db_path: str, owner: str, start, out) -> None:
     queue.close()
 
 
-def test_processes_never_claim_the_same_job(tmp_path):
-    path = tmp_path / "node.db"
-    queue = SqliteJobQueue(path)
+def test_processes_never_claim_the_same_job(target):
+    path = target
+    queue = open_queue(path)
     ids = [queue.enqueue("deliver" if n % 2 else "analyse", {"n": n}) for n in range(300)]
     ctx = mp.get_context("spawn")  # like real workers: fresh interpreters, no inherited connection
     start, out = ctx.Barrier(4), ctx.Queue()  # all open the db, then all claim at once
@@ -286,14 +306,14 @@ def test_processes_never_claim_the_same_job(tmp_path):
     assert sum(1 for got in results.values() if got) >= 2  # they really did compete
 
 
-def _claim_inherited(queue: SqliteJobQueue, out) -> None:
+def _claim_inherited(queue, out) -> None:
     job = queue.claim(["analyse"], "child", 60)  # the inherited connection is replaced
     out.put(job.id if job else None)
 
 
 @pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="no fork here")
-def test_queue_object_inherited_through_fork(tmp_path):
-    queue = SqliteJobQueue(tmp_path / "node.db")
+def test_queue_object_inherited_through_fork(target):
+    queue = open_queue(target)
     job_id = queue.enqueue("analyse", {})
     ctx = mp.get_context("fork")
     out = ctx.Queue()
@@ -305,10 +325,10 @@ def test_queue_object_inherited_through_fork(tmp_path):
     assert queue.claim(["analyse"], "parent", 60) is None
 
 
-def test_threads_share_one_queue(tmp_path):
+def test_threads_share_one_queue(target):
     import threading
 
-    queue = SqliteJobQueue(tmp_path / "node.db")
+    queue = open_queue(target)
     ids = {queue.enqueue("deliver", {"n": n}) for n in range(100)}
     got: list[int] = []
 
@@ -323,3 +343,111 @@ def test_threads_share_one_queue(tmp_path):
     for t in threads:
         t.join(timeout=60)
     assert sorted(got) == sorted(ids)
+
+
+# -- priorities and lanes (both engines) -------------------------------------------------------
+
+def test_urgent_first_then_normal_then_background(q, clock):
+    from ct_ai_node.jobqueue import BACKGROUND, NORMAL, URGENT
+
+    batch = [q.enqueue("analyse", {"n": n}, priority=BACKGROUND) for n in range(4)]
+    clock.advance(1)
+    normal = q.enqueue("analyse", {}, priority=NORMAL)
+    clock.advance(1)
+    urgent = q.enqueue("analyse", {}, priority=URGENT)
+    order = [q.claim(["analyse"], "w", 60).id for _ in range(6)]
+    assert order == [urgent, normal, *batch]
+    assert q.get(urgent).priority == URGENT
+
+
+def test_waiting_work_is_not_starved(target, clock):
+    """A background job that has waited two aging periods ranks with a fresh urgent one
+    (and goes first, being older)."""
+    from ct_ai_node.jobqueue import BACKGROUND, URGENT
+
+    queue = open_queue(target, clock=clock, priority_aging_s=100)
+    old = queue.enqueue("analyse", {}, priority=BACKGROUND)
+    clock.advance(150)
+    urgent_1 = queue.enqueue("analyse", {}, priority=URGENT)
+    assert queue.claim(["analyse"], "w", 60).id == urgent_1  # 1.5 levels of waiting are not enough
+    clock.advance(60)
+    urgent_2 = queue.enqueue("analyse", {}, priority=URGENT)
+    assert queue.claim(["analyse"], "w", 60).id == old  # 2.1 levels: ahead of the fresh urgent job
+    assert queue.claim(["analyse"], "w", 60).id == urgent_2
+
+
+def test_lanes_pin_jobs_to_their_workers(q):
+    anywhere = q.enqueue("deliver", {"n": 0})
+    on_a = q.enqueue("deliver", {"n": 1}, lane="host-a:/var/out")
+    on_b = q.enqueue("deliver", {"n": 2}, lane="host-b:/var/out")
+    assert q.get(on_a).lane == "host-a:/var/out"
+    assert q.claim(["deliver"], "wb", 60, lanes=["host-b:/var/out"]).id == anywhere
+    assert q.claim(["deliver"], "wb", 60, lanes=["host-b:/var/out"]).id == on_b
+    assert q.claim(["deliver"], "wb", 60, lanes=["host-b:/var/out"]) is None  # a's files are not on b
+    assert q.claim(["deliver"], "any", 60) is None  # no lane served: only lane-less jobs
+    assert q.claim(["deliver"], "wa", 60, lanes="host-a:/var/out").id == on_a
+
+
+def test_old_sqlite_file_gains_the_new_columns(tmp_path):
+    path = tmp_path / "node.db"
+    db = sqlite3.connect(path)
+    db.executescript("""CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL,
+        payload TEXT NOT NULL, key TEXT UNIQUE, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL, next_run_at REAL NOT NULL, lease_owner TEXT, lease_until REAL,
+        parent_id INTEGER REFERENCES jobs(id), last_error TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL);
+        INSERT INTO jobs (kind, payload, state, max_attempts, next_run_at, created_at, updated_at)
+        VALUES ('analyse', '{}', 'queued', 5, 0, 0, 0);""")
+    db.close()
+    queue = SqliteJobQueue(path)
+    job = queue.claim(["analyse"], "w", 60)
+    assert job.id == 1 and job.priority == 1 and job.lane is None
+
+
+# -- PostgreSQL only ---------------------------------------------------------------------------
+
+def test_postgres_leases_use_the_server_clock(pg_url):
+    """Without a clock the server's time counts, so hosts with drifting clocks agree."""
+    import psycopg
+
+    queue = PostgresJobQueue(pg_url)
+    job_id = queue.enqueue("analyse", {})
+    job = queue.claim(["analyse"], "w", 60)
+    with psycopg.connect(pg_url) as conn:
+        server_now = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()[0]
+    assert job.id == job_id and abs(job.lease_until - 60 - server_now) < 5
+    assert isinstance(queue, JobQueue)
+
+
+def test_postgres_outage_pauses_calls_until_the_server_returns(postgres, pg_url):
+    """The server stops for a while: calls wait and then succeed; nothing is lost."""
+    import threading
+
+    queue = PostgresJobQueue(pg_url, reconnect_s=60)
+    first = queue.enqueue("analyse", {"n": 1})
+    postgres.pause()
+    try:
+        result: dict = {}
+        caller = threading.Thread(target=lambda: result.update(id=queue.enqueue("analyse", {"n": 2})))
+        caller.start()
+        time.sleep(3)
+        assert caller.is_alive()  # waiting for the server, not failed
+    finally:
+        postgres.resume()
+    caller.join(30)
+    assert not caller.is_alive() and result["id"] != first
+    assert [j.payload["n"] for j in reversed(queue.list())] == [1, 2]
+
+
+def test_postgres_gives_up_after_reconnect_s(postgres, pg_url):
+    from ct_ai_node.jobqueue.shared_db import DatabaseUnavailable
+
+    queue = PostgresJobQueue(pg_url, reconnect_s=1)
+    postgres.pause()
+    try:
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable, match="unreachable for 1 s"):
+            queue.counts()
+        assert time.monotonic() - started < 10
+    finally:
+        postgres.resume()
+    assert queue.counts()["queued"] == 0

@@ -30,6 +30,9 @@ class JobState(str, enum.Enum):
         return self.value
 
 
+#: priority ranks (lower goes first); ``config.PRIORITIES`` maps the rules' names onto them
+URGENT, NORMAL, BACKGROUND = 0, 1, 2
+
 #: the kinds of job that stand for a series (their deliveries are children)
 PARENT_KINDS = ("analyse", "forward")
 
@@ -55,6 +58,11 @@ class Job:
     last_error: str | None
     created_at: float
     updated_at: float = field(compare=False)
+    #: 0 urgent, 1 normal, 2 background
+    priority: int = NORMAL
+    #: None: any worker may take the job; else only workers that serve this lane (deliveries
+    #: of result files that lie on one worker host's disk)
+    lane: str | None = None
 
 
 class JobQueueError(CtAiNodeError):
@@ -85,6 +93,15 @@ def backoff_delay(attempt: int, initial_s: float, max_s: float) -> float:
     return float(min(max_s, initial_s * (2 ** min(attempt - 1, 62))))
 
 
+def claim_rank_sql(now: str, aging_s: str) -> str:
+    """The claim order's SQL expression (SQLite and PostgreSQL alike): the priority rank less
+    one level per ``aging_s`` waited since the job became due (or its lease ran out), so
+    urgent work goes first and waiting work is never starved. ``now``/``aging_s`` are the
+    placeholders of those values."""
+    return (f"(priority - ({now} - CASE WHEN state = 'queued' THEN next_run_at ELSE lease_until END)"
+            f" / {aging_s})")
+
+
 @runtime_checkable
 class JobQueue(Protocol):
     """Durable jobs with idempotency keys, exclusive leases and retries with backoff.
@@ -93,18 +110,20 @@ class JobQueue(Protocol):
     implementation keeps:
 
     - ``enqueue`` with a ``key`` that exists returns the existing job's id.
-    - ``claim`` is atomic: one job goes to one owner. It takes the oldest due ``queued``
-      job, or a ``running``/``sending`` job whose lease expired (its worker crashed);
-      it counts an attempt and sets ``running``.
+    - ``claim`` is atomic: one job goes to one owner. It takes a due ``queued`` job, or a
+      ``running``/``sending`` job whose lease expired (its worker crashed), of the given
+      kinds, in no lane or in one of ``lanes``; it counts an attempt and sets ``running``.
+      Order: ``claim_rank`` (priority, raised by waiting), then the oldest.
     - ``owner`` arguments, when given, must hold the lease, else ``LeaseLost``.
     - ``fail`` returns the new state: ``queued`` (retry after backoff) or ``dead``.
     """
 
     def enqueue(self, kind: str, payload: dict[str, Any], *, key: str | None = None,
                 max_attempts: int = 5, parent_id: int | None = None,
-                run_at: float | None = None) -> int: ...
+                run_at: float | None = None, priority: int = NORMAL, lane: str | None = None) -> int: ...
 
-    def claim(self, kinds: Iterable[str], owner: str, lease_s: float) -> Job | None: ...
+    def claim(self, kinds: Iterable[str], owner: str, lease_s: float,
+              lanes: Iterable[str] = ()) -> Job | None: ...
 
     def renew(self, job_id: int, owner: str, lease_s: float) -> bool: ...
 

@@ -21,12 +21,14 @@ from typing import Any, Callable, Iterable, Iterator
 
 from ct_ai_node.jobqueue.base import (
     LEASED_STATES,
+    NORMAL,
     Job,
     JobNotFound,
     JobState,
     JobStateError,
     LeaseLost,
     backoff_delay,
+    claim_rank_sql,
 )
 
 log = logging.getLogger(__name__)
@@ -48,36 +50,44 @@ CREATE TABLE IF NOT EXISTS jobs (
     parent_id    INTEGER REFERENCES jobs(id),
     last_error   TEXT,
     created_at   REAL    NOT NULL,
-    updated_at   REAL    NOT NULL
+    updated_at   REAL    NOT NULL,
+    priority     INTEGER NOT NULL DEFAULT 1,
+    lane         TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs(state, next_run_at);
 CREATE INDEX IF NOT EXISTS jobs_lease ON jobs(state, lease_until);
 CREATE INDEX IF NOT EXISTS jobs_parent ON jobs(parent_id);
 """
 
-_COLUMNS = ("id, kind, payload, key, state, attempts, max_attempts, next_run_at, lease_owner, "
-            "lease_until, parent_id, last_error, created_at, updated_at")
+JOB_COLUMNS = ("id, kind, payload, key, state, attempts, max_attempts, next_run_at, lease_owner, "
+            "lease_until, parent_id, last_error, created_at, updated_at, priority, lane")
+#: columns added after the first release: (name, definition) for ALTER TABLE on older files
+_ADDED_COLUMNS = (("priority", "INTEGER NOT NULL DEFAULT 1"), ("lane", "TEXT"))
 
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _row_to_job(row: tuple) -> Job:
+def row_to_job(row: tuple) -> Job:
+    """A ``Job`` from a row of ``JOB_COLUMNS`` (payload as JSON text or already decoded)."""
     (id_, kind, payload, key, state, attempts, max_attempts, next_run_at, lease_owner,
-     lease_until, parent_id, last_error, created_at, updated_at) = row
-    return Job(id=id_, kind=kind, payload=json.loads(payload), key=key, state=JobState(state),
-               attempts=attempts, max_attempts=max_attempts, next_run_at=next_run_at,
-               lease_owner=lease_owner, lease_until=lease_until, parent_id=parent_id,
-               last_error=last_error, created_at=created_at, updated_at=updated_at)
+     lease_until, parent_id, last_error, created_at, updated_at, priority, lane) = row
+    return Job(id=id_, kind=kind, payload=json.loads(payload) if isinstance(payload, str) else payload,
+               key=key, state=JobState(state), attempts=attempts, max_attempts=max_attempts,
+               next_run_at=next_run_at, lease_owner=lease_owner, lease_until=lease_until,
+               parent_id=parent_id, last_error=last_error, created_at=created_at, updated_at=updated_at,
+               priority=priority, lane=lane)
 
 
 class SqliteJobQueue:
     """Durable job queue in ``db_path`` (the file may be shared with other tables)."""
 
     def __init__(self, db_path: str | os.PathLike, backoff_initial_s: float = 5,
-                 backoff_max_s: float = 300, clock: Callable[[], float] = time.time):
+                 backoff_max_s: float = 300, clock: Callable[[], float] = time.time,
+                 priority_aging_s: float = 600.0):
         self.db_path = Path(db_path)
+        self.priority_aging_s = float(priority_aging_s)
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.clock = clock
@@ -106,6 +116,10 @@ class SqliteJobQueue:
         try:
             for stmt in filter(str.strip, _SCHEMA.split(";")):
                 conn.execute(stmt)
+            have = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+            for name, definition in _ADDED_COLUMNS:
+                if name not in have:
+                    conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -142,10 +156,10 @@ class SqliteJobQueue:
     # -- helpers ----------------------------------------------------------------------
 
     def _load(self, db: sqlite3.Connection, job_id: int) -> Job:
-        row = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise JobNotFound(f"no job {job_id}")
-        return _row_to_job(row)
+        return row_to_job(row)
 
     @staticmethod
     def _check_owner(job: Job, owner: str | None) -> None:
@@ -157,7 +171,7 @@ class SqliteJobQueue:
 
     def enqueue(self, kind: str, payload: dict[str, Any], *, key: str | None = None,
                 max_attempts: int = 5, parent_id: int | None = None,
-                run_at: float | None = None) -> int:
+                run_at: float | None = None, priority: int = NORMAL, lane: str | None = None) -> int:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         body = json.dumps(payload, sort_keys=True)  # fails early on non-JSON payloads
@@ -169,29 +183,34 @@ class SqliteJobQueue:
                     return row[0]
             cur = db.execute(
                 "INSERT INTO jobs (kind, payload, key, state, attempts, max_attempts, next_run_at,"
-                " parent_id, created_at, updated_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?, ?)",
+                " parent_id, created_at, updated_at, priority, lane) VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)",
                 (kind, body, key, JobState.QUEUED.value, max_attempts,
-                 now if run_at is None else run_at, parent_id, now, now))
+                 now if run_at is None else run_at, parent_id, now, now, int(priority), lane))
             job_id = cur.lastrowid
         log.info("job %d enqueued: %s", job_id, kind)
         return job_id
 
-    def claim(self, kinds: Iterable[str], owner: str, lease_s: float) -> Job | None:
+    def claim(self, kinds: Iterable[str], owner: str, lease_s: float,
+              lanes: Iterable[str] = ()) -> Job | None:
         kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+        lanes = [lanes] if isinstance(lanes, str) else list(lanes)
         if not kinds:
             return None
         marks = ",".join("?" * len(kinds))
+        lane_marks = ",".join("?" * len(lanes))
+        in_lane = f"(lane IS NULL OR lane IN ({lane_marks}))" if lanes else "lane IS NULL"
         with self._tx() as db:
             while True:
                 now = self.clock()
                 row = db.execute(
-                    f"SELECT {_COLUMNS} FROM jobs WHERE kind IN ({marks}) AND ("
+                    f"SELECT {JOB_COLUMNS} FROM jobs WHERE kind IN ({marks}) AND {in_lane} AND ("
                     " (state = 'queued' AND next_run_at <= ?)"
                     " OR (state IN ('running', 'sending') AND lease_until < ?))"
-                    " ORDER BY id LIMIT 1", (*kinds, now, now)).fetchone()
+                    f" ORDER BY {claim_rank_sql('?', '?')}, id LIMIT 1",
+                    (*kinds, *lanes, now, now, now, self.priority_aging_s)).fetchone()
                 if row is None:
                     return None
-                job = _row_to_job(row)
+                job = row_to_job(row)
                 if job.state in LEASED_STATES and job.attempts >= job.max_attempts:
                     # a job that kills or hangs its worker every time must not loop forever
                     reason = (f"lease of {job.lease_owner} expired on attempt {job.attempts} of "
@@ -295,11 +314,11 @@ class SqliteJobQueue:
     # -- reads ------------------------------------------------------------------------
 
     def _select(self, where: str, args: tuple, order: str, limit: int | None = None) -> list[Job]:
-        sql = f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY {order}"
+        sql = f"SELECT {JOB_COLUMNS} FROM jobs {where} ORDER BY {order}"
         if limit is not None:
             sql, args = sql + " LIMIT ?", (*args, limit)
         with self._lock:
-            return [_row_to_job(r) for r in self._connect().execute(sql, args).fetchall()]
+            return [row_to_job(r) for r in self._connect().execute(sql, args).fetchall()]
 
     def get(self, job_id: int) -> Job | None:
         found = self._select("WHERE id = ?", (job_id,), "id")

@@ -128,8 +128,9 @@ def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, 
         who = principal_of(request)
         if who is None:
             raise Unauthenticated()
-        if who.role == "sender":
-            raise HTTPException(403, f"{who.name} may only send images (STOW-RS)")
+        if who.role in ("sender", "worker"):
+            raise HTTPException(403, f"{who.name} may only "
+                                     f"{'send images (STOW-RS)' if who.role == 'sender' else 'fetch series (WADO-RS)'}")
         return who
 
     async def checked_change(request: Request, need_admin: bool = True) -> tuple[Principal, dict]:
@@ -440,7 +441,7 @@ def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, 
             return JSONResponse({"detail": "send a token (Bearer) or a user's password (Basic)"}, status_code=401,
                                 headers={"WWW-Authenticate": 'Basic realm="ct-ai-node", Bearer'})
         if who.role not in ("admin", "sender"):
-            raise HTTPException(403, f"{who.name} is a viewer; sending images needs the sender or admin role")
+            raise HTTPException(403, f"{who.name} is a {who.role}; sending images needs the sender or admin role")
         config = config_source()
         calling_ae = "DICOMWEB" if who.via == "open" else who.name.upper()[:16]
         host = request.client.host if request.client else ""
