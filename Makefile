@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
-DEBIAN_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-python chromium openssl
+DEBIAN_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-python chromium openssl postgresql
 # The OHIF viewer test (tests/test_ohif_viewer.py): OHIF's prebuilt app (npm @ohif/app ships
 # dist/) and playwright-core to drive Debian's chromium, into the gitignored .ohif/
 OHIF_VERSION := 3.13.2
@@ -33,6 +33,7 @@ system-deps:
 	test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing=yes; \
 	command -v chromium >/dev/null || missing=yes; \
 	command -v openssl >/dev/null || missing=yes; \
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing=yes; \
 	test -e /usr/share/orthanc/plugins/libOrthancPython.so || missing=yes; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null; then \

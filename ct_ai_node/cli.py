@@ -382,6 +382,38 @@ def serve(
 
 
 @app.command()
+def worker(
+    config_file: Path = typer.Option(..., "--config", "-c", help="node configuration (YAML)"),
+    count: Optional[int] = typer.Option(None, "--count", min=1, help="worker processes (default workers.count)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+) -> None:
+    """Run only analysis and delivery workers (a worker host: no listener, no dispatcher),
+    taking jobs from the shared queue (queue: {kind: postgres}) until Ctrl-C / SIGTERM."""
+    import os
+    import socket
+
+    from ct_ai_node.node.worker_pool import WorkerPool
+
+    config = _config_or_exit(config_file)
+    n = count or config.workers.count
+    if n < 1:
+        typer.echo("workers.count is 0: give --count N (a worker host runs at least one worker)", err=True)
+        raise typer.Exit(EXIT_REJECTED)
+    if config.queue.kind == "sqlite":
+        err.print(f"note: queue kind sqlite: these workers share {config.storage.db_path} with a node on "
+                  "this host only; workers on other hosts need queue: {kind: postgres}")
+    level = logging.DEBUG if verbose else logging.INFO
+    configure_logging(level)
+    for folder in (config.storage.root, config.storage.outbox_dir):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    source = config.workers.fetch_from or f"the spool in {config.storage.spool_dir}"
+    err.print(f"ct-ai-node {__version__}: {n} worker(s), series from {source}, device {config.workers.device}")
+    # lease owners must differ between hosts and between worker commands on one host
+    name = f"{socket.gethostname().split('.')[0][:32]}-{os.getpid()}"
+    WorkerPool(config, n, level, name=name).serve_forever()
+
+
+@app.command()
 def demo(
     pacs: str = typer.Option("builtin", "--pacs", help="builtin (a local Storage SCP) or orthanc (a real Orthanc)"),
     series: Optional[Path] = typer.Option(None, "--series", help="DICOM folder to send (default: the bundled sample)"),
@@ -412,13 +444,13 @@ app.add_typer(jobs_app, name="jobs")
 
 
 def _queue_of(config_file: Path):
-    from ct_ai_node.jobqueue import SqliteJobQueue
+    from ct_ai_node.jobqueue.factory import open_queue
 
     config = _config_or_exit(config_file, check_files=False)
-    if not config.storage.db_path.is_file():
+    if config.queue.kind == "sqlite" and not config.storage.db_path.is_file():
         typer.echo(f"no job database at {config.storage.db_path} (has the node run here?)", err=True)
         raise typer.Exit(EXIT_REJECTED)
-    return SqliteJobQueue(config.storage.db_path)
+    return open_queue(config, reconnect_s=10)
 
 
 @jobs_app.command("list")

@@ -262,6 +262,9 @@ class WorkersSection(_Model):
     fetch_from: Optional[Url] = None
     #: the API token (role ``worker`` or ``admin``) the worker sends to ``fetch_from``
     fetch_token: Optional[SecretStr] = Field(None, repr=False)
+    #: the workers that see this host's outbox (results are sent by them only); default host
+    #: name + outbox folder. Set it where the host name changes (a container re-created).
+    lane: Optional[Name] = None
 
 
 QUEUE_KINDS = ("sqlite", "postgres")

@@ -80,7 +80,14 @@ class NodeProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def queue(self) -> SqliteJobQueue:
+    def queue(self):
+        """The node's queue: its SQLite file, or the PostgreSQL database its config names."""
+        data = yaml.safe_load(self.config_path.read_text())
+        url = (data.get("queue") or {}).get("url")
+        if url:
+            from ct_ai_node.jobqueue.postgres import PostgresJobQueue
+
+            return PostgresJobQueue(url, reconnect_s=60)
         return SqliteJobQueue(self.root / "node.db")
 
     def jobs(self, kind: str | None = None):
@@ -96,17 +103,46 @@ class NodeProcess:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"node exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
-            jobs = self.jobs(kind) if (self.root / "node.db").exists() else []
+            jobs = self.jobs(kind) if (self.root / "node.db").exists() or self._shared_queue() else []
             if len(jobs) >= n and (not final or all(j.state in FINAL_STATES for j in jobs)):
                 return jobs
             time.sleep(0.3)
         raise AssertionError(f"timeout waiting for {n} {kind} job(s); have {jobs}\n{self.log()[-3000:]}")
+
+    def _shared_queue(self) -> bool:
+        return bool((yaml.safe_load(self.config_path.read_text()).get("queue") or {}).get("url"))
 
     def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class WorkerProcess(NodeProcess):
+    """``ct-ai-node worker --config FILE`` in ``workdir``: a worker host of its own."""
+
+    def start(self, timeout_s: float = 60) -> "WorkerProcess":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ct_ai_node", "worker", "--config", str(self.config_path)],
+            cwd=self.workdir, stdout=log, stderr=log, env=nodelay_env(), start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while "worker(s) started" not in self.log():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"worker did not start ({self.proc.poll()}):\n{self.log()[-3000:]}")
+            time.sleep(0.2)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker host: the pool process and its worker processes."""
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
 
 
 def _group_alive(proc) -> bool:

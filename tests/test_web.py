@@ -437,3 +437,46 @@ def test_stow_rs_refuses_a_request_over_the_size_limit_even_without_a_length(tmp
         assert server.spool.series() == []
     finally:
         server.stop()
+
+
+def test_wado_rs_gives_workers_the_spool_series_byte_for_byte(node, tmp_path):
+    """A worker on another host fetches a series from the spool over WADO-RS with its token
+    (role worker); viewers, senders and strangers get nothing; a wrong series is a 404; the
+    fetched files are the received bytes."""
+    from ct_ai_node.node.series_fetch import FetchError, SeriesSource, spool_series_path
+
+    worker_token, worker_hash = new_token()
+    viewer_token, viewer_hash = new_token()
+    config, server, queue, spool, ids = node(
+        users=[{"name": "alice", "role": "admin", "password_hash": hash_password(ADMIN_PW)}],
+        api_tokens=[{"name": "gpu1", "role": "worker", "token_hash": worker_hash},
+                    {"name": "monitoring", "role": "viewer", "token_hash": viewer_hash}])
+    key = ids["key"]
+    rec = spool.get_series(key)
+    path = spool_series_path(key, rec.study_instance_uid, rec.series_instance_uid)
+    base = f"http://127.0.0.1:{server.port}"
+    with httpx.Client(base_url=base, timeout=10) as client:
+        assert client.get(path).status_code == 401
+        assert client.get(path, headers={"Authorization": f"Bearer {viewer_token}"}).status_code == 403
+        as_worker = {"Authorization": f"Bearer {worker_token}"}
+        assert client.get(path.replace(rec.series_instance_uid, "1.2.3"), headers=as_worker).status_code == 404
+        # a worker token opens nothing else
+        assert client.get("/api/status", headers=as_worker).status_code == 403
+
+    def worker_config(token):
+        return NodeConfig.model_validate({
+            "storage": {"root": str(tmp_path / "worker")},
+            "workers": {"fetch_from": base, **({"fetch_token": token} if token else {})}})
+
+    payload = {"series_key": key, "study_uid": rec.study_instance_uid, "series_uid": rec.series_instance_uid}
+    folder, files, uids = SeriesSource(worker_config(worker_token)).open(payload, tmp_path / "fetched")
+    assert folder == tmp_path / "fetched" and len(files) == 2
+    received = sorted(p.read_bytes() for p in spool.instance_paths(key))
+    assert sorted(p.read_bytes() for p in files) == received
+    assert sorted(uids) == sorted(spool.instance_uids(key))
+    with pytest.raises(FetchError, match="role worker") as refused:
+        SeriesSource(worker_config(None)).open(payload, tmp_path / "fetched")
+    assert not refused.value.retryable
+    with pytest.raises(FetchError, match="no longer holds") as gone:
+        SeriesSource(worker_config(worker_token)).open({**payload, "series_key": "x-1-abc"}, tmp_path / "f2")
+    assert not gone.value.retryable

@@ -33,7 +33,7 @@ from typing import Callable
 
 import pydicom
 
-from ct_ai_node.config import NodeConfig
+from ct_ai_node.config import PRIORITIES, NodeConfig
 from ct_ai_node.jobqueue import JobState
 from ct_ai_node.logs import configure_logging, series_ref
 from ct_ai_node.rules.completeness import check_ready
@@ -91,6 +91,10 @@ def _job_payload(rec: SeriesRecord, action: RoutedAction) -> dict:
         "instance_count": rec.instance_count,
         "calling_ae": rec.calling_ae,
         "notify_not_analysed": action.notify_not_analysed,
+        # a worker on another host fetches the series by these (node/series_fetch.py)
+        "study_uid": rec.study_instance_uid,
+        "series_uid": rec.series_instance_uid,
+        "priority": action.priority,
     }
 
 
@@ -386,7 +390,7 @@ class Dispatcher:
             job_id = self.queue.enqueue(
                 action.action, _job_payload(rec, action),
                 key=f"{action.action}:{rec.key}:{action.rule}:{generation}",
-                max_attempts=self.config.retry.max_attempts,
+                max_attempts=self.config.retry.max_attempts, priority=PRIORITIES[action.priority],
             )
             report.jobs.append(job_id)
         self._set_state(rec, "routed" if decision.work else "discarded")

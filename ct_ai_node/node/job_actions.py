@@ -90,14 +90,17 @@ def rerun(queue: JobQueue, spool, job_id: int, requested_by: str, clock=time.tim
     if job.state not in FINAL_STATES:
         raise JobStateError(f"job {job_id} is {job.state}; re-run once it has finished")
     key = job.payload.get("series_key")
-    if not key or spool.get_series(key) is None or not spool.instance_paths(key):
+    series = spool.get_series(key) if key else None
+    if series is None or not spool.instance_paths(key):
         raise JobStateError(f"job {job_id}: the series' images are no longer in the spool (retention); "
                             "send the series again from the PACS")
     for other in queue.for_series([key], kinds=(job.kind,)):
         if other.payload.get("rerun_of") == job_id and other.state not in FINAL_STATES:
             raise JobStateError(f"job {job_id}: its re-run (job {other.id}) is {other.state}")
-    payload = {**job.payload, "rerun_of": job_id, "requested_by": requested_by}
-    return queue.enqueue(job.kind, payload, key=f"rerun:{job_id}:{clock():.6f}", max_attempts=job.max_attempts)
+    payload = {**job.payload, "rerun_of": job_id, "requested_by": requested_by,
+               "study_uid": series.study_instance_uid, "series_uid": series.series_instance_uid}
+    return queue.enqueue(job.kind, payload, key=f"rerun:{job_id}:{clock():.6f}", max_attempts=job.max_attempts,
+                         priority=job.priority)
 
 
 def cancel(queue: JobQueue, job_id: int, requested_by: str) -> str:

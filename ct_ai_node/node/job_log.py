@@ -1,8 +1,11 @@
 """Each job's own log lines, for its page in the web app.
 
 A worker process attaches :class:`JobLogHandler` to the ``ct_ai_node`` logger; while it runs
-a job, the INFO and higher records of any of its threads are kept in the ``job_log`` table of
-the node's database (at most :data:`MAX_LINES` per job). Log lines above DEBUG carry no
+a job, the INFO and higher records of any of its threads are kept in the ``job_log`` table
+beside the job queue (the node's SQLite file, or the PostgreSQL database the hosts share, so
+the ingress node's web app shows the lines of a worker on another host), at most
+:data:`MAX_LINES` per job. While that database is unreachable the lines are dropped (the
+node's own log still has them): a log line must never wait for a database. Log lines above DEBUG carry no
 patient data (docs/node.md, "Logs and secrets"), so neither do these.
 """
 
@@ -10,44 +13,44 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import threading
 import time
-from pathlib import Path
+
+from ct_ai_node.jobqueue.shared_db import SqlTable
 
 MAX_LINES = 200
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS job_log (
-    id      INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id  INTEGER NOT NULL,
-    at      REAL    NOT NULL,
+_COLUMNS = """
+    job_id  BIGINT  NOT NULL,
+    at      DOUBLE PRECISION NOT NULL,
     level   TEXT    NOT NULL,
     process TEXT    NOT NULL,
     message TEXT    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS job_log_job ON job_log(job_id);
 """
+_SCHEMA = {"sqlite": "CREATE TABLE IF NOT EXISTS job_log (id INTEGER PRIMARY KEY AUTOINCREMENT," + _COLUMNS,
+           "postgres": "CREATE TABLE IF NOT EXISTS job_log (id BIGSERIAL PRIMARY KEY," + _COLUMNS}
 
 
 class JobLog:
-    def __init__(self, db_path: str | os.PathLike, busy_timeout_s: float = 30.0):
+    """``target``: the node's SQLite file or the shared PostgreSQL URL."""
+
+    def __init__(self, target: str | os.PathLike):
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(Path(db_path), timeout=busy_timeout_s, check_same_thread=False,
-                                   isolation_level=None)
-        self._db.executescript(_SCHEMA)
+        self._db = SqlTable(target, _SCHEMA)
         self._counts: dict[int, int] = {}
 
     def add(self, job_id: int, level: str, process: str, message: str, at: float | None = None) -> None:
         with self._lock:
             n = self._counts.get(job_id)
             if n is None:
-                (n,) = self._db.execute("SELECT COUNT(*) FROM job_log WHERE job_id = ?", (job_id,)).fetchone()
+                (n,), = self._db.execute("SELECT COUNT(*) FROM job_log WHERE job_id = ?", (job_id,), reconnect_s=0)
             if n >= MAX_LINES:
                 return
             if n == MAX_LINES - 1:
                 level, message = "WARNING", f"(more than {MAX_LINES} lines: the rest is in the node's log)"
             self._db.execute("INSERT INTO job_log (job_id, at, level, process, message) VALUES (?, ?, ?, ?, ?)",
-                             (job_id, at or time.time(), level, process, message[:1000]))
+                             (job_id, at or time.time(), level, process, message[:1000]), reconnect_s=0)
             self._counts[job_id] = n + 1
             if len(self._counts) > 1000:
                 self._counts.clear()
@@ -55,7 +58,7 @@ class JobLog:
     def lines(self, job_id: int) -> list[dict]:
         with self._lock:
             rows = self._db.execute("SELECT at, level, process, message FROM job_log WHERE job_id = ? ORDER BY id",
-                                    (job_id,)).fetchall()
+                                    (job_id,), reconnect_s=5)
         return [{"at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) + f".{int(at % 1 * 1000):03d}",
                  "level": level, "process": process, "message": message} for at, level, process, message in rows]
 

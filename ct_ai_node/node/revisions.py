@@ -11,23 +11,23 @@ ResultUids``), so:
   last revision's SR in (0040,A360) Predecessor Documents Sequence.
 
 ``plan_revision`` is the pure rule; ``RevisionLog`` keeps one row per (series, pipeline,
-revision) in the node's SQLite file (the spool and job queue share it).
+revision) beside the job queue: in the node's SQLite file, or in the PostgreSQL database
+that the hosts share (``queue: {kind: postgres}``), so that a worker on any host plans the
+same revision.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import sqlite3
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
+from ct_ai_node.jobqueue.shared_db import SqlTable
 from ct_ai_node.writers.common import ReportRef
 
-_SCHEMA = """
+_TABLE = """
 CREATE TABLE IF NOT EXISTS analyses (
     series_key   TEXT    NOT NULL,
     pipeline     TEXT    NOT NULL,
@@ -37,11 +37,12 @@ CREATE TABLE IF NOT EXISTS analyses (
     sr_series_uid TEXT   NOT NULL,
     sr_sop_class_uid TEXT NOT NULL,
     sr_sop_instance_uid TEXT NOT NULL,
-    job_id       INTEGER,
-    created_at   REAL    NOT NULL,
+    job_id       BIGINT,
+    created_at   DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (series_key, pipeline, revision)
 );
 """
+_SCHEMA = {"sqlite": _TABLE, "postgres": _TABLE}
 
 
 @dataclass(frozen=True)
@@ -89,29 +90,18 @@ def plan_revision(previous: Sequence[AnalysisRecord], fingerprint: str) -> Revis
 
 
 class RevisionLog:
-    """The analyses made per (series key, pipeline), in ``db_path``."""
+    """The analyses made per (series key, pipeline), in ``target``: the node's SQLite file or
+    the shared PostgreSQL URL (``jobqueue.factory.shared_target``)."""
 
-    def __init__(self, db_path: str | os.PathLike, busy_timeout_s: float = 30.0):
-        self.db_path = Path(db_path)
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._busy_timeout_s = busy_timeout_s
-        self._local = threading.local()
-        with self._connect() as con:
-            con.executescript(_SCHEMA)
-
-    def _connect(self) -> sqlite3.Connection:
-        con = getattr(self._local, "con", None)
-        if con is None or getattr(self._local, "pid", None) != os.getpid():
-            con = sqlite3.connect(self.db_path, timeout=self._busy_timeout_s)
-            self._local.con, self._local.pid = con, os.getpid()
-        return con
+    def __init__(self, target: str | os.PathLike, reconnect_s: float = 300.0):
+        self._db = SqlTable(target, _SCHEMA, reconnect_s=reconnect_s)
 
     def records(self, series_key: str, pipeline: str) -> list[AnalysisRecord]:
-        rows = self._connect().execute(
+        rows = self._db.execute(
             "SELECT revision, fingerprint, study_uid, sr_series_uid, sr_sop_class_uid, sr_sop_instance_uid "
             "FROM analyses WHERE series_key = ? AND pipeline = ? ORDER BY revision",
             (series_key, pipeline),
-        ).fetchall()
+        )
         return [AnalysisRecord(rev, fp, ReportRef(study, series, cls, sop) if sop else None)
                 for rev, fp, study, series, cls, sop in rows]
 
@@ -122,9 +112,12 @@ class RevisionLog:
                report: ReportRef | None, job_id: int | None = None) -> None:
         """Remember that ``revision`` was made (a re-run of the same revision replaces its row)."""
         ref = report or ReportRef("", "", "", "")
-        with self._connect() as con:
-            con.execute(
-                "INSERT OR REPLACE INTO analyses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (series_key, pipeline, revision, fingerprint, ref.study_uid, ref.series_uid,
-                 ref.sop_class_uid, ref.sop_instance_uid, job_id, time.time()),
-            )
+        self._db.execute(
+            "INSERT INTO analyses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (series_key, pipeline, revision) DO UPDATE SET fingerprint = excluded.fingerprint,"
+            " study_uid = excluded.study_uid, sr_series_uid = excluded.sr_series_uid,"
+            " sr_sop_class_uid = excluded.sr_sop_class_uid, sr_sop_instance_uid = excluded.sr_sop_instance_uid,"
+            " job_id = excluded.job_id, created_at = excluded.created_at",
+            (series_key, pipeline, revision, fingerprint, ref.study_uid, ref.series_uid,
+             ref.sop_class_uid, ref.sop_instance_uid, job_id, time.time()),
+        )

@@ -11,13 +11,13 @@ job whose worker stopped renewing its lease.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import threading
 import time
 from pathlib import Path
 
 from ct_ai_node.config import NodeConfig
+from ct_ai_node.node.worker_pool import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Node:
         """``config_path``: the file ``config`` was loaded from (resolved against
         ``config_base``, default the current folder); the web app edits it. None: the
         configuration cannot be edited while the node runs."""
-        from ct_ai_node.jobqueue import SqliteJobQueue
+        from ct_ai_node.jobqueue.factory import open_queue
         from ct_ai_node.node.dispatcher import Dispatcher
         from ct_ai_node.node.retention import Retention
         from ct_ai_node.spool import Spool
@@ -58,8 +58,7 @@ class Node:
         for folder in (st.spool_dir, st.outbox_dir):
             Path(folder).mkdir(parents=True, exist_ok=True)
         self.spool = Spool(st.spool_dir, st.db_path, fsync=st.fsync)
-        self.queue = SqliteJobQueue(st.db_path, backoff_initial_s=config.retry.backoff_initial_s,
-                                    backoff_max_s=config.retry.backoff_max_s)
+        self.queue = open_queue(config)
         self.dispatcher = Dispatcher(config, self.spool, self.queue, log_level=log_level)
         self.retention = Retention(config.retention, self.spool, self.queue, st.outbox_dir)
         self.n_workers = config.workers.count if workers is None else workers
@@ -68,11 +67,8 @@ class Node:
         self.web = None
         self.notifier = None
         self._scheduler = None
-        self._workers: list[multiprocessing.Process] = []
-        self._updates: dict[int, object] = {}  # worker index -> its queue of edited configurations
-        self._ctx = multiprocessing.get_context("spawn")  # no fork of a process with SCP threads
+        self.workers = WorkerPool(config, self.n_workers, log_level)
         self._stopping = threading.Event()
-        self._supervisor: threading.Thread | None = None
 
     @property
     def port(self) -> int:
@@ -88,8 +84,7 @@ class Node:
         # before a 0xA700 the SCP has retention delete the oldest delivered series
         self.scp = StorageSCP(scp_settings(self.config), self.spool, make_room=self.retention.make_room).start()
         logger.info("listening as %s on %s:%d", self.config.node.ae_title, self.config.node.host, self.scp.port)
-        for i in range(self.n_workers):
-            self._workers.append(self._spawn_worker(i))
+        self.workers.start()
         self._scheduler = BackgroundScheduler(daemon=True)
         self._scheduler.add_job(self._tick, "interval", seconds=self.config.completeness.check_interval_s,
                                 max_instances=1, coalesce=True, id="dispatch")
@@ -102,8 +97,6 @@ class Node:
             self._scheduler.add_job(self._retain, "interval", seconds=self.config.retention.interval_s,
                                     max_instances=1, coalesce=True, id="retention")
         self._scheduler.start()
-        self._supervisor = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
-        self._supervisor.start()
         if self.config.web is not None:
             from ct_ai_node.web.server import WebServer
 
@@ -121,31 +114,19 @@ class Node:
     def services(self) -> dict[str, dict]:
         """What runs, for the web app's dashboard and /healthz: name -> {up, detail}."""
         n = self.config.node
-        alive = sum(p.is_alive() for p in self._workers)
+        alive = self.workers.alive
         scheduler = self._scheduler is not None and self._scheduler.running and not self._stopping.is_set()
         ret = self.config.retention
         return {
             "DICOM listener": {"up": self.scp is not None and not self._stopping.is_set(),
                                "detail": f"{n.ae_title} on port {self.port}{' (TLS)' if self.config.tls else ''}"},
-            "workers": {"up": alive == self.n_workers, "detail": f"{alive} of {self.n_workers} running, "
-                                                                 f"device {self.config.workers.device}"},
+            "workers": {"up": alive == self.n_workers,
+                        "detail": (f"{alive} of {self.n_workers} running, device {self.config.workers.device}"
+                                   if self.n_workers else "none on this host (ct-ai-node worker elsewhere)")},
             "dispatcher": {"up": scheduler, "detail": f"checks every {self.config.completeness.check_interval_s:g} s"},
             "retention": {"up": scheduler or not ret.enabled,
                           "detail": f"every {ret.interval_s:g} s" if ret.enabled else "off"},
         }
-
-    def _spawn_worker(self, index: int) -> multiprocessing.Process:
-        from ct_ai_node.node.worker import worker_process_main
-
-        # not daemonic: a worker forks its heat-map writer; it dies with the node (PDEATHSIG)
-        # and stop() ends it
-        owner = f"{self.config.node.ae_title}-w{index}"
-        updates = self._ctx.Queue()
-        proc = self._ctx.Process(target=worker_process_main, name=owner,
-                                 args=(self.config, owner, self.log_level, updates))
-        proc.start()
-        self._updates[index] = updates
-        return proc
 
     def reconfigure(self, config: NodeConfig) -> None:
         """Apply an edited configuration without a restart: rules and routing from the
@@ -161,18 +142,8 @@ class Node:
         self.dispatcher.reconfigure(config)
         if self.scp is not None:
             self.scp.set_allowed_callers(scp_settings(config).allowed_callers)
-        for updates in self._updates.values():
-            updates.put(config)
+        self.workers.reconfigure(config)
         logger.info("configuration applied: %s", config.summary())
-
-    def _supervise(self) -> None:
-        # a worker that died (killed by the OOM killer, a crash in native code) is replaced;
-        # its job comes back to the queue when the lease runs out
-        while not self._stopping.wait(2.0):
-            for i, proc in enumerate(self._workers):
-                if not proc.is_alive() and not self._stopping.is_set():
-                    logger.warning("worker %s ended (exit code %s); starting a new one", proc.name, proc.exitcode)
-                    self._workers[i] = self._spawn_worker(i)
 
     def _tick(self) -> None:
         try:
@@ -206,16 +177,7 @@ class Node:
         self.dispatcher.close()  # a tick waiting on a slow series returns now
         if self.scp is not None:
             self.scp.stop()
-        for proc in self._workers:
-            if proc.is_alive():
-                proc.terminate()
-        deadline = time.monotonic() + timeout_s
-        for proc in self._workers:
-            proc.join(max(0.1, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        self._workers.clear()
+        self.workers.stop(timeout_s)
         logger.info("node stopped")
 
     def __enter__(self) -> "Node":

@@ -2,7 +2,8 @@
 
 Job kinds (payloads are written by the dispatcher):
 
-``analyse``  run ``analyze_folder`` on the series in the spool into ``outbox/job-<id>``,
+``analyse``  run ``analyze_folder`` on the series (in the spool, or fetched from the ingress
+             node by a worker on another host: ``node/series_fetch.py``) into ``outbox/job-<id>``,
              then one ``deliver`` child per destination; the parent waits in ``sending``
              until the dispatcher closes it. Re-claimed after a crash, it re-runs the
              analysis, or, when its children exist already, only goes back to ``sending``.
@@ -14,6 +15,8 @@ Job kinds (payloads are written by the dispatcher):
 
 A worker holds a lease on its job and renews it from a thread while the job runs, so a
 long analysis is not taken over, while a crashed worker's job is picked up again.
+Deliveries are queued in the worker's lane (``workers.lane``): only workers that see the
+same outbox send them, since the result files lie on that host's disk.
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ PARENT_LEASE_S = 365 * 24 * 3600.0
 EXIT_OVERRUN = 70
 
 
+class _Final(Exception):
+    """A failure that another attempt cannot cure: the job ends ``dead`` with this reason."""
+
+
 class _LeaseKeeper:
     """Renews a job's lease every third of ``lease_s`` until stopped; past ``time_limit_s``
     it stops renewing and calls ``on_overrun`` once (from its own thread: the job's thread
@@ -64,7 +71,12 @@ class _LeaseKeeper:
                 if self.on_overrun is not None:
                     self.on_overrun()
                 return
-            if not self.queue.renew(self.job_id, self.owner, self.lease_s):
+            try:
+                renewed = self.queue.renew(self.job_id, self.owner, self.lease_s)
+            except Exception as exc:  # noqa: BLE001 - the database is away: nobody else can claim meanwhile
+                logger.warning("job %d: lease not renewed (%s); trying again", self.job_id, type(exc).__name__)
+                continue
+            if not renewed:
                 self.lost = True
                 logger.warning("job %d: lease lost", self.job_id)
                 return
@@ -78,19 +90,26 @@ class _LeaseKeeper:
         self._thread.join()
 
 
+def worker_lane(config: NodeConfig) -> str:
+    """The lane of this host's result files: ``workers.lane``, else host name + outbox folder."""
+    import socket
+
+    return config.workers.lane or f"{socket.gethostname()}:{Path(config.storage.outbox_dir).resolve()}"
+
+
 class Worker:
     def __init__(self, config: NodeConfig, owner: str | None = None, queue=None, spool=None):
-        from ct_ai_node.jobqueue import SqliteJobQueue
-        from ct_ai_node.spool import Spool
+        from ct_ai_node.jobqueue.factory import open_queue, shared_target
+        from ct_ai_node.node.series_fetch import SeriesSource
 
         self.config = config
         self.owner = owner or f"worker-{os.getpid()}"
         st = config.storage
-        self.queue = queue or SqliteJobQueue(st.db_path, backoff_initial_s=config.retry.backoff_initial_s,
-                                             backoff_max_s=config.retry.backoff_max_s)
-        self.spool = spool or Spool(st.spool_dir, st.db_path, fsync=st.fsync)
-        self.revisions = RevisionLog(st.db_path)
+        self.queue = queue or open_queue(config)
+        self.source = SeriesSource(config, spool)
+        self.revisions = RevisionLog(shared_target(config), config.queue.reconnect_s)
         self.outbox = Path(st.outbox_dir)
+        self.lane = worker_lane(config)
         self.lease_s = float(config.workers.lease_s)
         #: a worker process ends itself after a job overran its time (the node replaces it);
         #: in-process (tests, tools) only the job is failed
@@ -102,7 +121,7 @@ class Worker:
     # -- loop --------------------------------------------------------------------------
 
     def run_once(self, kinds=KINDS) -> Job | None:
-        job = self.queue.claim(kinds, self.owner, self.lease_s)
+        job = self.queue.claim(kinds, self.owner, self.lease_s, lanes=[self.lane])
         if job is None:
             return None
         if self.job_log is not None:
@@ -125,6 +144,9 @@ class Worker:
                 self.queue.renew(self._waiting_parent, self.owner, PARENT_LEASE_S)
         except LeaseLost as exc:
             logger.warning("job %d: %s", job.id, exc)
+        except _Final as exc:
+            logger.error("job %d failed for good (reason on the job)", job.id)
+            self._fail(job, str(exc), retryable=False)
         except Exception as exc:  # noqa: BLE001 - any failure becomes a retry, never a dead worker
             # the message may quote header values: on the job (its page), DEBUG here
             logger.error("job %d failed: %s (message on the job)", job.id, type(exc).__name__)
@@ -145,7 +167,14 @@ class Worker:
                 return
             if updates is not None:
                 self._take_update(updates)
-            if self.run_once() is None:
+            try:
+                job = self.run_once()
+            except Exception as exc:  # noqa: BLE001 - the queue's database is away: wait, then ask again
+                logger.error("worker %s cannot reach the job queue (%s); trying again", self.owner,
+                             " ".join(str(exc).split())[:200])
+                stop.wait(max(idle_s, 5.0))
+                continue
+            if job is None:
                 stop.wait(idle_s)
 
     def _take_update(self, updates) -> None:
@@ -198,7 +227,8 @@ class Worker:
             self.queue.enqueue("deliver", {"destination": name, "files": [str(p) for p in files],
                                            "series_key": job.payload.get("series_key"), **extra},
                                key=f"{'notice' if notice else 'deliver'}:{job.id}:{name}", parent_id=job.id,
-                               max_attempts=self.config.retry.max_attempts)
+                               max_attempts=self.config.retry.max_attempts, priority=job.priority,
+                               lane=self.lane)
 
     def _start_deliveries(self, job: Job, files: list[Path]) -> None:
         destinations = job.payload.get("destinations") or []
@@ -220,19 +250,23 @@ class Worker:
             self._waiting_parent = job.id
             return
         key = job.payload["series_key"]
-        source = self.spool.series_dir(key)
         out = self.outbox / f"job-{job.id}"
         _clear_outbox(out)  # a half-written earlier attempt; a notice on its way stays
-        options = AnalyzeOptions(pipeline=job.payload.get("pipeline") or "radlogics",
-                                 lungs=job.payload.get("lungs") or "unet",
-                                 device=self.config.workers.device)
-        # the same instances again -> the same revision and result UIDs; changed -> the next
-        fingerprint = instance_fingerprint(self.spool.instance_uids(key))
-        plan = self.revisions.plan(key, options.pipeline, fingerprint)
-        options.revision, options.predecessor = plan.revision, plan.predecessor
-        start = time.perf_counter()
-        doc = analyze_folder(source, out, options)
-        seconds = time.perf_counter() - start
+        scratch = self.outbox / f"fetched-{job.id}"
+        try:
+            source, _, uids = self._open_series(job, scratch)
+            options = AnalyzeOptions(pipeline=job.payload.get("pipeline") or "radlogics",
+                                     lungs=job.payload.get("lungs") or "unet",
+                                     device=self.config.workers.device)
+            # the same instances again -> the same revision and result UIDs; changed -> the next
+            fingerprint = instance_fingerprint(uids)
+            plan = self.revisions.plan(key, options.pipeline, fingerprint)
+            options.revision, options.predecessor = plan.revision, plan.predecessor
+            start = time.perf_counter()
+            doc = analyze_folder(source, out, options)
+            seconds = time.perf_counter() - start
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         if doc.status == "done":
             self.revisions.record(key, options.pipeline, plan.revision, fingerprint, _report_in(out), job.id)
         if doc.status == "rejected":
@@ -278,12 +312,20 @@ class Worker:
         from ct_ai_node.writers.notice import algorithm_for_pipeline, build_notice
 
         header = None
-        for path in self.spool.instance_paths(job.payload["series_key"]):
+        scratch = self.outbox / f"fetched-{job.id}"
+        try:
+            _, paths, _ = self.source.open(job.payload, scratch)
+        except Exception as exc:  # noqa: BLE001 - no header, no notice; the job's own failure stands
+            logger.warning("job %d: the series cannot be read again (%s): no not-analysed notice", job.id,
+                           type(exc).__name__)
+            paths = []
+        for path in paths:
             try:
                 header = pydicom.dcmread(path, stop_before_pixels=True)
                 break
             except Exception:  # noqa: BLE001 - try the next file
                 continue
+        shutil.rmtree(scratch, ignore_errors=True)
         if header is None:
             logger.warning("job %d: no readable instance left: no not-analysed notice", job.id)
             return []
@@ -307,8 +349,21 @@ class Worker:
         os.replace(tmp, doc_path)
         return files
 
+    def _open_series(self, job: Job, scratch: Path) -> tuple[Path, list[Path], list[str]]:
+        """The job's series as files (``SeriesSource``); a fetch that cannot succeed fails the
+        job for good with its reason."""
+        from ct_ai_node.node.series_fetch import FetchError
+
+        try:
+            return self.source.open(job.payload, scratch)
+        except FetchError as exc:
+            if exc.retryable:
+                raise
+            raise _Final(str(exc)) from exc
+
     def _forward(self, job: Job) -> None:
-        files = self.spool.instance_paths(job.payload["series_key"])
+        # a fetched copy is what the deliveries send: it stays in the job's outbox folder
+        _, files, _ = self._open_series(job, self.outbox / f"job-{job.id}" / "series")
         if not files:
             self.queue.mark_failed(job.id, "nothing to forward: the series has no instances in the spool")
             return
@@ -396,7 +451,9 @@ def worker_process_main(config: NodeConfig, owner: str, log_level: int = logging
     worker.exit_on_overrun = True
     from ct_ai_node.node.job_log import JobLog, JobLogHandler
 
-    worker.job_log = JobLogHandler(JobLog(config.storage.db_path), owner)
+    from ct_ai_node.jobqueue.factory import shared_target
+
+    worker.job_log = JobLogHandler(JobLog(shared_target(config)), owner)
     logging.getLogger("ct_ai_node").addHandler(worker.job_log)
     worker.run_forever(stop, updates=updates)
 

@@ -97,6 +97,8 @@ class RoutedAction:
     #: analyse: send an "AI analysis not performed" notice when the analysis refuses the
     #: series or fails for good (meaningless for the other actions)
     notify_not_analysed: bool = True
+    #: urgent, normal or background: the order workers take the jobs in
+    priority: str = "normal"
 
 
 @dataclass(frozen=True)
@@ -336,7 +338,7 @@ def check_condition(condition: Condition, facts: SeriesFacts) -> tuple[bool, str
 def _routed(name: str, spec: ActionSpec) -> RoutedAction:
     return RoutedAction(rule=name, action=spec.action, pipeline=spec.pipeline, lungs=spec.lungs,
                         destinations=tuple(spec.destinations),
-                        notify_not_analysed=spec.notify_not_analysed is not False)
+                        notify_not_analysed=spec.notify_not_analysed is not False, priority=spec.priority)
 
 
 def describe_action(action: RoutedAction) -> str:
@@ -347,6 +349,8 @@ def describe_action(action: RoutedAction) -> str:
         text += f" (pipeline {action.pipeline}, lungs {action.lungs}{notice})"
     if action.destinations:
         text += " -> " + ", ".join(action.destinations)
+    if action.priority != "normal" and action.action != "discard":
+        text += f", {action.priority}"
     return text
 
 

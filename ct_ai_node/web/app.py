@@ -30,7 +30,14 @@ from typing import Callable
 from urllib.parse import quote
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.templating import Jinja2Templates
 from prometheus_client import CollectorRegistry, generate_latest
 from starlette.middleware.sessions import SessionMiddleware
@@ -474,6 +481,37 @@ def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, 
             return JSONResponse(outcome.dicom_json(), status_code=507, media_type="application/dicom+json",
                                 headers=headers)
         return JSONResponse(outcome.dicom_json(), status_code=outcome.status, media_type="application/dicom+json")
+
+    @app.get("/dicomweb/spool/{series_key}/studies/{study}/series/{series}", tags=["dicomweb"])
+    def wado_rs_series(request: Request, series_key: str, study: str, series: str):
+        """WADO-RS retrieve of one received series from the spool, as the workers on other
+        hosts fetch it (role ``worker`` or ``admin``): ``multipart/related;
+        type="application/dicom"``, each instance byte for byte as it was received."""
+        who = principal_of(request)
+        if who is None:
+            return JSONResponse({"detail": "send a token (Bearer) with role worker"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        if who.role not in ("admin", "worker"):
+            raise HTTPException(403, f"{who.name} is a {who.role}; fetching series needs the worker or admin role")
+        record = spool.get_series(series_key)
+        if record is None or (record.study_instance_uid, record.series_instance_uid) != (study, series):
+            raise HTTPException(404, "no such series in the spool (removed by retention, or never received)")
+        paths = spool.instance_paths(series_key)
+        if not paths:
+            raise HTTPException(404, "the series has no instances in the spool")
+        boundary = secrets.token_hex(16)
+
+        def body():
+            for path in paths:
+                try:
+                    data = path.read_bytes()
+                except OSError:  # removed meanwhile: the worker sees fewer instances and says so
+                    continue
+                yield (f"--{boundary}\r\nContent-Type: application/dicom\r\n"
+                       f"Content-Length: {len(data)}\r\n\r\n").encode() + data + b"\r\n"
+            yield f"--{boundary}--\r\n".encode()
+
+        return StreamingResponse(body(), media_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
 
     # -- for machines -------------------------------------------------------------------
 

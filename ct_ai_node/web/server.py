@@ -11,6 +11,9 @@ from ct_ai_node.config import NodeConfig
 
 logger = logging.getLogger(__name__)
 
+#: how long a request waits for a PostgreSQL queue that went away before it fails
+WEB_RECONNECT_S = 5.0
+
 
 class WebServer:
     """Binds ``config.web.host:port`` at construction (a port in use is an error now, not a
@@ -22,7 +25,7 @@ class WebServer:
                  config_source: Callable[[], NodeConfig] | None = None, store=None, make_room=None):
         import uvicorn
 
-        from ct_ai_node.jobqueue import SqliteJobQueue
+        from ct_ai_node.jobqueue.factory import open_queue, shared_target
         from ct_ai_node.node.audit import AuditLog
         from ct_ai_node.node.job_log import JobLog
         from ct_ai_node.spool import Spool
@@ -30,12 +33,12 @@ class WebServer:
         from ct_ai_node.web.auth import session_secret
 
         web, st = config.web, config.storage
-        # the app's own connections: requests never wait on the dispatcher's or the SCP's
-        self.queue = SqliteJobQueue(st.db_path, backoff_initial_s=config.retry.backoff_initial_s,
-                                    backoff_max_s=config.retry.backoff_max_s)
+        # the app's own connections: requests never wait on the dispatcher's or the SCP's; a
+        # page waits seconds, not minutes, for a shared database that went away
+        self.queue = open_queue(config, reconnect_s=WEB_RECONNECT_S)
         self.spool = Spool(st.spool_dir, st.db_path, fsync=st.fsync)
         self.audit = AuditLog(st.db_path)
-        self.job_log = JobLog(st.db_path)
+        self.job_log = JobLog(shared_target(config))
         app = create_app(config_source or (lambda: config), self.queue, self.spool, self.audit, services,
                          session_secret(web, st.root), store, make_room, self.job_log)
         family = socket.AF_INET6 if ":" in web.host else socket.AF_INET
