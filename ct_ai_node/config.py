@@ -297,6 +297,25 @@ class QueueSection(_Model):
         return self
 
 
+class OrthancFeedSection(_Model):
+    """Orthanc as the source without a plugin: the node follows Orthanc's ``/changes`` feed,
+    pulls each stable series of ``modalities`` over REST into its spool (filed as sent by
+    ``calling_ae``, which the rules may test) and remembers its position across restarts."""
+
+    url: Url
+    username: Optional[str] = None
+    password: Optional[SecretStr] = Field(None, repr=False)
+    #: how often the feed is read
+    poll_s: float = Field(2.0, gt=0, le=3600)
+    #: the series are filed as from this AE title (rules: ``calling_ae``)
+    calling_ae: AETitle = "ORTHANC"
+    #: only stable series of these modalities are pulled (not the results sent back)
+    modalities: list[Annotated[str, Field(min_length=1, max_length=16)]] = ["CT"]
+    #: on the very first start: ``now`` takes only series that become stable from then on;
+    #: ``beginning`` goes through every change Orthanc still remembers
+    start_at: Literal["now", "beginning"] = "now"
+
+
 class RetrySection(_Model):
     max_attempts: int = Field(5, ge=1, le=100)
     backoff_initial_s: float = Field(5.0, gt=0, le=86400)
@@ -808,6 +827,8 @@ class NodeConfig(_Model):
     routing: RoutingSection = RoutingSection()
     rules: list[Rule] = []
     notifications: list[Notification] = []
+    #: null = no Orthanc feed; else the node follows that Orthanc's /changes (docs/scale-out.md)
+    orthanc_feed: Optional[OrthancFeedSection] = None
     #: null = no web app; ``status:`` (the read-only page before the web app) is read as ``web:``
     web: Optional[WebSection] = Field(None, validation_alias=AliasChoices("web", "status"))
 

@@ -19,7 +19,8 @@ from ct_ai_node.config import ConfigError, NodeConfig, _UniqueKeyLoader, _yaml_p
 #: the sections applied as soon as they are saved (no restart)
 LIVE_SECTIONS = ("allowed_callers", "destinations", "rules", "routing", "notifications")
 #: sections whose change needs the node restarted (sockets, processes, files)
-RESTART_SECTIONS = ("node", "tls", "storage", "workers", "web", "completeness", "retry", "retention")
+RESTART_SECTIONS = ("node", "tls", "storage", "workers", "queue", "web", "completeness", "retry", "retention",
+                    "orthanc_feed")
 #: the sections the web app edits: the live ones, and the node's DICOM identity (saved to the
 #: file, in force after the next restart)
 EDITABLE_SECTIONS = (*LIVE_SECTIONS, "node")

@@ -238,7 +238,12 @@ class Postgres:
         """Start the server (again, on the same port and data)."""
         # fsync off: a test database need not survive a power cut, and it is much faster
         options = f"-p {self.port} -h 127.0.0.1 -k {self.folder} -c fsync=off -c max_connections=200"
-        self._pg_ctl("-o", options, "-l", str(self.folder / "server.log"), "-w", "start")
+        started = self._pg_ctl("-o", options, "-l", str(self.folder / "server.log"), "-w", "start", check=False)
+        if started.returncode != 0:
+            log = self.folder / "server.log"
+            tail = log.read_text(errors="replace")[-1500:] if log.is_file() else ""
+            raise RuntimeError(f"PostgreSQL did not start (pg_ctl {started.returncode}): "
+                               f"{started.stdout.decode(errors='replace')[-500:]} {tail}")
         wait_for_port(self.port)
         return self
 
@@ -262,7 +267,8 @@ class Postgres:
             self.pause()
 
     def __enter__(self) -> "Postgres":
-        return self.start()
+        # `with Postgres(folder).start() as pg` and `with Postgres(folder) as pg` alike
+        return self if (self.folder / "data" / "postmaster.pid").exists() else self.start()
 
     def __exit__(self, *exc) -> None:
         self.close()

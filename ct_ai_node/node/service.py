@@ -64,6 +64,7 @@ class Node:
         self.n_workers = config.workers.count if workers is None else workers
         self.log_level = log_level
         self.scp = None
+        self.feed = None
         self.web = None
         self.notifier = None
         self._scheduler = None
@@ -93,6 +94,15 @@ class Node:
         self.notifier = Notifier(lambda: self.config, self.queue, self.spool, self.config.storage.db_path)
         self._scheduler.add_job(self._notify, "interval", seconds=self.config.completeness.check_interval_s,
                                 max_instances=1, coalesce=True, id="notify")
+        if self.config.orthanc_feed is not None:
+            from ct_ai_node.ingress.orthanc_feed import OrthancFeed
+
+            st = self.config.storage
+            self.feed = OrthancFeed(self.config.orthanc_feed, self.spool, st.db_path,
+                                    called_ae=self.config.node.ae_title, min_free_mb=st.min_free_mb,
+                                    max_spool_mb=st.max_spool_mb, make_room=self.retention.make_room)
+            self._scheduler.add_job(self._follow_orthanc, "interval", seconds=self.config.orthanc_feed.poll_s,
+                                    max_instances=1, coalesce=True, id="orthanc-feed")
         if self.config.retention.enabled:
             self._scheduler.add_job(self._retain, "interval", seconds=self.config.retention.interval_s,
                                     max_instances=1, coalesce=True, id="retention")
@@ -117,6 +127,12 @@ class Node:
         alive = self.workers.alive
         scheduler = self._scheduler is not None and self._scheduler.running and not self._stopping.is_set()
         ret = self.config.retention
+        feed = {}
+        if self.feed is not None:
+            where = self.config.orthanc_feed.url
+            feed = {"Orthanc feed": {"up": scheduler and self.feed.last_error is None,
+                                     "detail": f"{where}: {self.feed.last_error}" if self.feed.last_error
+                                     else f"{where}, change {self.feed.position()}"}}
         return {
             "DICOM listener": {"up": self.scp is not None and not self._stopping.is_set(),
                                "detail": f"{n.ae_title} on port {self.port}{' (TLS)' if self.config.tls else ''}"},
@@ -126,6 +142,7 @@ class Node:
             "dispatcher": {"up": scheduler, "detail": f"checks every {self.config.completeness.check_interval_s:g} s"},
             "retention": {"up": scheduler or not ret.enabled,
                           "detail": f"every {ret.interval_s:g} s" if ret.enabled else "off"},
+            **feed,
         }
 
     def reconfigure(self, config: NodeConfig) -> None:
@@ -159,6 +176,13 @@ class Node:
         except Exception:  # the timer must keep running
             logger.exception("notification pass failed")
 
+    def _follow_orthanc(self) -> None:
+        try:  # the pulled series are released: the dispatcher's next tick routes them
+            self.feed.poll_once()
+        except Exception as exc:  # Orthanc away or the spool full: the position stays, poll again
+            self.feed.last_error = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+            logger.warning("Orthanc feed: %s", self.feed.last_error)
+
     def _retain(self) -> None:
         try:
             self.retention.run_once()
@@ -175,6 +199,8 @@ class Node:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
         self.dispatcher.close()  # a tick waiting on a slow series returns now
+        if self.feed is not None:
+            self.feed.close()
         if self.scp is not None:
             self.scp.stop()
         self.workers.stop(timeout_s)
