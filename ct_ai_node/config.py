@@ -960,6 +960,42 @@ def parse_config(data: Any, source: str | None = None) -> NodeConfig:
         raise ConfigError(problems_of(exc), source) from None
 
 
+#: sections whose change needs the node restarted (sockets, processes, files); the web app
+#: never edits them, so they may take values from the environment (``expand_environment``)
+RESTART_SECTIONS = ("node", "tls", "storage", "workers", "queue", "web", "completeness", "retry", "retention",
+                    "orthanc_feed")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_environment(data: Any, environ: dict[str, str]) -> tuple[Any, list[str]]:
+    """``${NAME}`` in a string of a ``RESTART_SECTIONS`` section becomes the environment
+    variable NAME (for secrets and per-host values in containers: tokens, database URLs).
+    Not in the sections the web app edits: saving one there would write the value into the
+    file. Returns (data, one problem line per variable that is not set)."""
+    problems: list[str] = []
+
+    def walk(value: Any, loc: str) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, f"{loc}.{k}") for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, f"{loc}.{i}") for i, v in enumerate(value)]
+        if isinstance(value, str):
+            def sub(match: re.Match) -> str:
+                name = match.group(1)
+                if name not in environ:
+                    problems.append(f"{loc}: environment variable {name} is not set")
+                    return ""
+                return environ[name]
+
+            return _ENV_REF.sub(sub, value)
+        return value
+
+    if not isinstance(data, dict):
+        return data, problems
+    out = {k: walk(v, k) if k in RESTART_SECTIONS else v for k, v in data.items()}
+    return out, problems
+
+
 def load_config(path: str | Path, base: Path | None = None, check_files: bool = True) -> NodeConfig:
     """Read, validate and resolve a YAML configuration file.
 
@@ -984,6 +1020,11 @@ def load_config(path: str | Path, base: Path | None = None, check_files: bool = 
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError([_yaml_problem(exc)], source) from None
+    import os
+
+    data, unset = expand_environment(data, dict(os.environ))
+    if unset:
+        raise ConfigError(unset, source)
     config = parse_config(data, source).resolved(base)
     if check_files:
         missing = []

@@ -14,13 +14,13 @@ from typing import Any
 
 import yaml
 
+from ct_ai_node import config
 from ct_ai_node.config import ConfigError, NodeConfig, _UniqueKeyLoader, _yaml_problem, parse_config
 
 #: the sections applied as soon as they are saved (no restart)
 LIVE_SECTIONS = ("allowed_callers", "destinations", "rules", "routing", "notifications")
 #: sections whose change needs the node restarted (sockets, processes, files)
-RESTART_SECTIONS = ("node", "tls", "storage", "workers", "queue", "web", "completeness", "retry", "retention",
-                    "orthanc_feed")
+RESTART_SECTIONS = config.RESTART_SECTIONS
 #: the sections the web app edits: the live ones, and the node's DICOM identity (saved to the
 #: file, in force after the next restart)
 EDITABLE_SECTIONS = (*LIVE_SECTIONS, "node")
@@ -105,9 +105,16 @@ def with_section(file_data: dict, section: str, value: Any) -> dict:
     return data
 
 
-def validate(data: dict, base=None) -> NodeConfig:
-    """``parse_config`` (the messages of check-config), resolved against ``base``."""
-    return parse_config(data).resolved(base)
+def validate(data: dict, base=None, environ: dict[str, str] | None = None) -> NodeConfig:
+    """``parse_config`` (the messages of check-config), resolved against ``base``, with
+    ``${NAME}`` in the restart sections taken from ``environ`` (default the process's), as
+    ``load_config`` does; ``data`` itself (what is written back) keeps the references."""
+    import os
+
+    expanded, unset = config.expand_environment(data, dict(os.environ) if environ is None else environ)
+    if unset:
+        raise ConfigError(unset)
+    return parse_config(expanded).resolved(base)
 
 
 def restart_needed(old: NodeConfig, new: NodeConfig) -> list[str]:

@@ -34,12 +34,12 @@ class NodeProcess:
         if isinstance(config, dict):
             self.config_path = self.workdir / "node.yaml"
             self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-            self.port = int(config["node"]["port"])
+            self.port = int(config.get("node", {}).get("port", 11112))
             root = Path(config.get("storage", {}).get("root", "./var"))
         else:
             self.config_path = Path(config)
             data = yaml.safe_load(self.config_path.read_text())
-            self.port = int(data["node"]["port"])
+            self.port = int(data.get("node", {}).get("port", 11112))
             root = Path(data.get("storage", {}).get("root", "./var"))
         self.root = root if root.is_absolute() else self.workdir / root
         self.proc: subprocess.Popen | None = None

@@ -521,3 +521,25 @@ def test_dump_and_reload_round_trip():
     cfg = load_config(EXAMPLE)
     assert parse_config(cfg.model_dump(mode="json", by_alias=True)) == cfg
     assert default_config(destinations=cfg.destinations, rules=cfg.rules).rules == cfg.rules
+
+
+def test_environment_values_in_the_restart_sections_only(tmp_path, monkeypatch):
+    """``${NAME}`` takes secrets and per-host values from the environment (containers), in
+    the sections the web app never edits; an unset variable is named with its field; in an
+    editable section the text stays as written."""
+    from ct_ai_node.config import ConfigError, load_config
+
+    path = tmp_path / "node.yaml"
+    path.write_text("queue: {kind: postgres, url: '${CTAI_DB_URL}'}\n"
+                    "workers: {count: 1, fetch_from: 'http://ingress:8080', fetch_token: '${CTAI_TOKEN}'}\n"
+                    "destinations: [{name: pacs, kind: orthanc, url: 'http://orthanc:8042', username: ctai, password: '${NOT_THIS}'}]\n")
+    monkeypatch.delenv("CTAI_TOKEN", raising=False)
+    monkeypatch.setenv("CTAI_DB_URL", "postgresql://ctai@db:5432/ctai")
+    with pytest.raises(ConfigError) as missing:
+        load_config(path)
+    assert missing.value.problems == ["workers.fetch_token: environment variable CTAI_TOKEN is not set"]
+    monkeypatch.setenv("CTAI_TOKEN", "ctai_secret")
+    config = load_config(path)
+    assert config.queue.url.get_secret_value() == "postgresql://ctai@db:5432/ctai"
+    assert config.workers.fetch_token.get_secret_value() == "ctai_secret"
+    assert config.destinations[0].password.get_secret_value() == "${NOT_THIS}"

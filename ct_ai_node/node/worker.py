@@ -437,12 +437,18 @@ def _report_in(out: Path):
     return ReportRef.of(pydicom.dcmread(path, stop_before_pixels=True))
 
 
-def worker_process_main(config: NodeConfig, owner: str, log_level: int = logging.INFO, updates=None) -> None:
+def worker_process_main(config: NodeConfig, owner: str, log_level: int = logging.INFO, updates=None,
+                        threads: int | None = None) -> None:
     """Entry point of a worker process (spawned by the node; ``config`` arrives pickled,
-    secrets included, which a JSON dump would mask; so do edited ones on ``updates``)."""
+    secrets included, which a JSON dump would mask; so do edited ones on ``updates``).
+    ``threads``: CPU threads for torch (the pool shares the cores among its workers)."""
     import signal
 
     _die_with_parent()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     configure_logging(log_level, f"%(asctime)s {owner} %(levelname)s %(name)s: %(message)s")
     # SIGTERM stops the loop; SIGINT is ignored (the node stops its workers itself)
     stop = StopSignals((signal.SIGTERM,), ignored=(signal.SIGINT,)).install()

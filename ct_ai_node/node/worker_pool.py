@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
 import time
 
@@ -52,8 +53,10 @@ class WorkerPool:
         # (PDEATHSIG) and stop() ends it
         owner = f"{self.name}-w{index}"
         updates = self._ctx.Queue()
+        # N workers on C cores get C/N torch threads each: more would only fight over the cores
+        threads = max(1, (os.cpu_count() or 1) // max(1, self.count))
         proc = self._ctx.Process(target=worker_process_main, name=owner,
-                                 args=(self.config, owner, self.log_level, updates))
+                                 args=(self.config, owner, self.log_level, updates, threads))
         proc.start()
         self._updates[index] = updates
         return proc
