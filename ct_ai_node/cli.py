@@ -410,7 +410,18 @@ def worker(
     err.print(f"ct-ai-node {__version__}: {n} worker(s), series from {source}, device {config.workers.device}")
     # lease owners must differ between hosts and between worker commands on one host
     name = f"{socket.gethostname().split('.')[0][:32]}-{os.getpid()}"
-    WorkerPool(config, n, level, name=name).serve_forever()
+    housekeeping = None
+    if config.retention.enabled:
+        from ct_ai_node.jobqueue.factory import open_queue
+        from ct_ai_node.node.retention import prune_worker_outbox
+
+        queue = open_queue(config)  # the supervisor thread's own connection
+
+        def housekeeping() -> None:  # this host's results, once delivered and past their grace
+            prune_worker_outbox(config.storage.outbox_dir, queue, config.retention)
+
+    WorkerPool(config, n, level, name=name, housekeeping=housekeeping,
+               housekeeping_s=config.retention.interval_s).serve_forever()
 
 
 @app.command()

@@ -421,3 +421,35 @@ def test_node_receives_ten_studies_into_a_small_spool_and_keeps_undelivered_work
         sent = [f for d in node.jobs("deliver") if d.payload["destination"] == "pacs" for f in d.payload["files"]]
         assert len(sent) > 10 * 20 and len(pacs.received()) == len(sent)
     print(f"10 studies received, analysed and delivered in {elapsed:.1f} s; {len(removed)} removed to make room")
+
+
+# -- a worker host's outbox ----------------------------------------------------------
+
+
+def test_worker_host_outbox_follows_its_jobs(tmp_path):
+    """A worker host keeps results while a job is at work, drops a delivered job's folder
+    after the grace period, an undelivered one (or one the queue forgot) after max_age_days."""
+    from ct_ai_node.node.retention import plan_outbox_pruning, prune_worker_outbox
+
+    day = 86400.0
+    now = 10 * day
+    folders = {1: now, 2: now, 3: now, 4: now, 5: now - 3 * day, 6: now}
+    jobs = {1: job(1, "a", "done", updated=now - H), 2: job(2, "b", "done", updated=now - H + 1),
+            3: job(3, "c", "sending", updated=now - 9 * day), 4: job(4, "d", "dead", updated=now - 2 * day),
+            5: None, 6: None}
+    assert plan_outbox_pruning(folders, jobs, now, POLICY) == [1, 4, 5]
+    assert plan_outbox_pruning(folders, jobs, now, RetentionSection(delivered_grace_h=1, max_age_days=None)) == [1]
+
+    outbox = tmp_path / "outbox"
+    queue = SqliteJobQueue(tmp_path / "node.db")
+    done = queue.enqueue("analyse", {"series_key": "a"})
+    queue.claim(["analyse"], "w", 60)
+    queue.complete(done, owner="w")
+    running = queue.enqueue("analyse", {"series_key": "b"})
+    queue.claim(["analyse"], "w", 60)
+    for name in (f"job-{done}", f"fetched-{done}", f"job-{running}", f"fetched-{running}", "notes"):
+        (outbox / name).mkdir(parents=True)
+    grace0 = RetentionSection(delivered_grace_h=0)
+    assert prune_worker_outbox(outbox, queue, grace0) == [done]
+    assert sorted(p.name for p in outbox.iterdir()) == sorted([f"job-{running}", f"fetched-{running}", "notes"])
+    assert prune_worker_outbox(outbox, queue, RetentionSection(enabled=False, delivered_grace_h=0)) == []

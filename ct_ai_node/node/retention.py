@@ -276,3 +276,50 @@ class Retention:
                 return None
             freed += size
         return freed
+
+
+# -- a worker host's outbox -------------------------------------------------------
+
+def plan_outbox_pruning(folders: Mapping[int, float], jobs: Mapping[int, Job | None], now: float,
+                        policy: RetentionSection) -> list[int]:
+    """Which ``outbox/job-<id>`` folders of a worker host go (pure). A worker host has no spool;
+    its folders follow their jobs (``folders``: job id -> the folder's modification time;
+    ``jobs``: job id -> the job, None when the queue no longer has it): a ``done`` job's folder
+    ``delivered_grace_h`` after the job's last change, a ``failed``/``dead`` one (or one whose
+    job is gone) after ``max_age_days``; a job still at work keeps its folder."""
+    grace_s = policy.delivered_grace_h * 3600
+    max_age_s = None if policy.max_age_days is None else policy.max_age_days * 86400
+    out = []
+    for job_id, mtime in sorted(folders.items()):
+        job = jobs.get(job_id)
+        if job is not None and job.state not in FINAL_STATES:
+            continue
+        if job is not None and job.state == JobState.DONE:
+            if now - job.updated_at >= grace_s:
+                out.append(job_id)
+        elif max_age_s is not None and now - (job.updated_at if job is not None else mtime) >= max_age_s:
+            out.append(job_id)
+    return out
+
+
+def prune_worker_outbox(outbox_dir: Path, queue, policy: RetentionSection, now: float | None = None) -> list[int]:
+    """Delete what ``plan_outbox_pruning`` says of a worker host's outbox (``job-<id>`` and
+    left-over ``fetched-<id>`` folders); returns the job ids whose folders went."""
+    outbox_dir = Path(outbox_dir)
+    if not policy.enabled or not outbox_dir.is_dir():
+        return []
+    now = time.time() if now is None else now
+    folders: dict[int, float] = {}
+    for folder in outbox_dir.iterdir():
+        prefix, _, number = folder.name.partition("-")
+        if prefix in ("job", "fetched") and number.isdigit() and folder.is_dir():
+            job_id = int(number)
+            folders[job_id] = max(folders.get(job_id, 0.0), folder.stat().st_mtime)
+    jobs = {job_id: queue.get(job_id) for job_id in folders}
+    gone = plan_outbox_pruning(folders, jobs, now, policy)
+    for job_id in gone:
+        for name in (f"job-{job_id}", f"fetched-{job_id}"):
+            shutil.rmtree(outbox_dir / name, ignore_errors=True)
+    if gone:
+        logger.info("retention: outbox folders of %d job(s) removed on this worker host", len(gone))
+    return gone

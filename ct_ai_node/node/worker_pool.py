@@ -19,7 +19,10 @@ SUPERVISE_EVERY_S = 2.0
 
 
 class WorkerPool:
-    def __init__(self, config: NodeConfig, count: int, log_level: int = logging.INFO, name: str | None = None):
+    def __init__(self, config: NodeConfig, count: int, log_level: int = logging.INFO, name: str | None = None,
+                 housekeeping=None, housekeeping_s: float = 300.0):
+        """``housekeeping``: called every ``housekeeping_s`` from the supervisor thread (a
+        worker host prunes its outbox with it; errors are logged, never fatal)."""
         self.config = config
         self.count = count
         self.log_level = log_level
@@ -30,6 +33,8 @@ class WorkerPool:
         self._ctx = multiprocessing.get_context("spawn")  # no fork of a process with SCP threads
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
+        self._housekeeping = housekeeping
+        self._housekeeping_s = housekeeping_s
 
     def start(self) -> "WorkerPool":
         for i in range(self.count):
@@ -70,11 +75,18 @@ class WorkerPool:
     def _supervise(self) -> None:
         # a worker that died (killed by the OOM killer, a crash in native code) is replaced;
         # its job comes back to the queue when the lease runs out
+        next_housekeeping = time.monotonic()
         while not self._stopping.wait(SUPERVISE_EVERY_S):
             for i, proc in enumerate(self._procs):
                 if not proc.is_alive() and not self._stopping.is_set():
                     logger.warning("worker %s ended (exit code %s); starting a new one", proc.name, proc.exitcode)
                     self._procs[i] = self._spawn(i)
+            if self._housekeeping is not None and time.monotonic() >= next_housekeeping:
+                next_housekeeping = time.monotonic() + self._housekeeping_s
+                try:
+                    self._housekeeping()
+                except Exception:  # noqa: BLE001 - e.g. the database away: next time
+                    logger.exception("housekeeping failed")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stopping.set()
