@@ -36,20 +36,11 @@ SAMPLE = REPO / "sample_series" / "covid_like"
 
 def make_studies(work: Path, n: int) -> list[Path]:
     """``n`` copies of the sample series, each a different study (new UIDs)."""
-    import pydicom
-    from pydicom.uid import generate_uid
+    from ct_ai_node.synthetic import copy_as_new_study
 
-    folders = []
-    for i in range(n):
-        folder = work / f"study{i}"
-        folder.mkdir(parents=True)
-        study, series = generate_uid(), generate_uid()
-        for p in sorted(SAMPLE.glob("*.dcm")):
-            ds = pydicom.dcmread(p)
-            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-            ds.save_as(folder / p.name)
-        folders.append(folder)
+    folders = [work / f"study{i}" for i in range(n)]
+    for folder in folders:
+        copy_as_new_study(SAMPLE, folder)
     return folders
 
 

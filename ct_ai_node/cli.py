@@ -410,17 +410,16 @@ def worker(
     err.print(f"ct-ai-node {__version__}: {n} worker(s), series from {source}, device {config.workers.device}")
     # lease owners must differ between hosts and between worker commands on one host
     name = f"{socket.gethostname().split('.')[0][:32]}-{os.getpid()}"
-    housekeeping = None
+    prune = None
     if config.retention.enabled:
+        from functools import partial
+
         from ct_ai_node.jobqueue.factory import open_queue
         from ct_ai_node.node.retention import prune_worker_outbox
 
-        queue = open_queue(config)  # the supervisor thread's own connection
-
-        def housekeeping() -> None:  # this host's results, once delivered and past their grace
-            prune_worker_outbox(config.storage.outbox_dir, queue, config.retention)
-
-    WorkerPool(config, n, level, name=name, housekeeping=housekeeping,
+        # this host's results, once delivered and past their grace (the supervisor's own connection)
+        prune = partial(prune_worker_outbox, config.storage.outbox_dir, open_queue(config), config.retention)
+    WorkerPool(config, n, level, name=name, housekeeping=prune,
                housekeeping_s=config.retention.interval_s).serve_forever()
 
 

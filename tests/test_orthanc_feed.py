@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pydicom
 import pytest
 
 from ct_ai_node.jobqueue import JobState

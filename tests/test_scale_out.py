@@ -27,17 +27,9 @@ pytestmark = [
 
 
 def _new_study(source: Path, folder: Path) -> str:
-    """A copy of ``source`` as a different study (new UIDs); returns its Study Instance UID."""
-    from pydicom.uid import generate_uid
+    from ct_ai_node.synthetic import copy_as_new_study
 
-    folder.mkdir(parents=True)
-    study, series = generate_uid(), generate_uid()
-    for p in sorted(source.glob("*.dcm")):
-        ds = pydicom.dcmread(p)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.save_as(folder / p.name)
-    return study
+    return copy_as_new_study(source, folder)
 
 
 def _ingress_config(port: int, web_port: int, orthanc: Orthanc, url: str, **sections) -> dict:

@@ -102,6 +102,30 @@ def claim_rank_sql(now: str, aging_s: str) -> str:
             f" / {aging_s})")
 
 
+def check_lease(job: Job, owner: str | None) -> None:
+    """``LeaseLost`` unless ``owner`` (when given) holds ``job``'s lease."""
+    if owner is not None and (job.lease_owner != owner or job.state not in LEASED_STATES):
+        raise LeaseLost(f"job {job.id} is no longer leased by {owner} "
+                        f"(state {job.state}, owner {job.lease_owner})")
+
+
+def crash_loop_reason(job: Job) -> str | None:
+    """Why a job whose lease expired must not be claimed again (its worker died on it on
+    every attempt: it ends ``dead``), or None."""
+    if job.state in LEASED_STATES and job.attempts >= job.max_attempts:
+        return (f"lease of {job.lease_owner} expired on attempt {job.attempts} of "
+                f"{job.max_attempts} (worker crashed or hung)")
+    return None
+
+
+def after_failure(job: Job, retryable: bool, now: float, initial_s: float, max_s: float) -> tuple[JobState, float]:
+    """(state, next_run_at) of ``job`` after a failed attempt: ``queued`` after the backoff
+    while attempts remain and the error is retryable, else ``dead``."""
+    if retryable and job.attempts < job.max_attempts:
+        return JobState.QUEUED, now + backoff_delay(max(job.attempts, 1), initial_s, max_s)
+    return JobState.DEAD, job.next_run_at
+
+
 @runtime_checkable
 class JobQueue(Protocol):
     """Durable jobs with idempotency keys, exclusive leases and retries with backoff.

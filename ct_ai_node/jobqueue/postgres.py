@@ -26,9 +26,10 @@ from ct_ai_node.jobqueue.base import (
     JobNotFound,
     JobState,
     JobStateError,
-    LeaseLost,
-    backoff_delay,
+    after_failure,
+    check_lease,
     claim_rank_sql,
+    crash_loop_reason,
 )
 from ct_ai_node.jobqueue.shared_db import PgConnection
 from ct_ai_node.jobqueue.sqlite import JOB_COLUMNS, _one_line, row_to_job
@@ -116,12 +117,6 @@ class PostgresJobQueue:
             raise JobNotFound(f"no job {job_id}")
         return row_to_job(row)
 
-    @staticmethod
-    def _check_owner(job: Job, owner: str | None) -> None:
-        if owner is not None and (job.lease_owner != owner or job.state not in LEASED_STATES):
-            raise LeaseLost(f"job {job.id} is no longer leased by {owner} "
-                            f"(state {job.state}, owner {job.lease_owner})")
-
     # -- protocol ---------------------------------------------------------------------
 
     def enqueue(self, kind: str, payload: dict[str, Any], *, key: str | None = None,
@@ -169,9 +164,8 @@ class PostgresJobQueue:
                 if row is None:
                     return None
                 job = row_to_job(row)
-                if job.state in LEASED_STATES and job.attempts >= job.max_attempts:
-                    reason = (f"lease of {job.lease_owner} expired on attempt {job.attempts} of "
-                              f"{job.max_attempts} (worker crashed or hung)")
+                reason = crash_loop_reason(job)  # a job that kills its worker every time must not loop
+                if reason is not None:
                     conn.execute("UPDATE jobs SET state = 'dead', lease_owner = NULL, lease_until = NULL,"
                                  " last_error = %s, updated_at = %s WHERE id = %s", (reason, now, job.id))
                     log.warning("job %d dead: %s", job.id, reason)
@@ -201,7 +195,7 @@ class PostgresJobQueue:
 
         def work(conn):
             job = self._load(conn, job_id, lock=True)
-            self._check_owner(job, owner)
+            check_lease(job, owner)
             now = self._now(conn)
             if state in LEASED_STATES:
                 conn.execute("UPDATE jobs SET state = %s, updated_at = %s WHERE id = %s", (state.value, now, job_id))
@@ -221,13 +215,9 @@ class PostgresJobQueue:
 
         def work(conn):
             job = self._load(conn, job_id, lock=True)
-            self._check_owner(job, owner)
+            check_lease(job, owner)
             now = self._now(conn)
-            if retryable and job.attempts < job.max_attempts:
-                state = JobState.QUEUED
-                next_run_at = now + backoff_delay(max(job.attempts, 1), self.backoff_initial_s, self.backoff_max_s)
-            else:
-                state, next_run_at = JobState.DEAD, job.next_run_at
+            state, next_run_at = after_failure(job, retryable, now, self.backoff_initial_s, self.backoff_max_s)
             conn.execute("UPDATE jobs SET state = %s, next_run_at = %s, lease_owner = NULL, lease_until = NULL,"
                          " last_error = %s, updated_at = %s WHERE id = %s",
                          (state.value, next_run_at, reason, now, job_id))

@@ -26,9 +26,10 @@ from ct_ai_node.jobqueue.base import (
     JobNotFound,
     JobState,
     JobStateError,
-    LeaseLost,
-    backoff_delay,
+    after_failure,
+    check_lease,
     claim_rank_sql,
+    crash_loop_reason,
 )
 
 log = logging.getLogger(__name__)
@@ -161,12 +162,6 @@ class SqliteJobQueue:
             raise JobNotFound(f"no job {job_id}")
         return row_to_job(row)
 
-    @staticmethod
-    def _check_owner(job: Job, owner: str | None) -> None:
-        if owner is not None and (job.lease_owner != owner or job.state not in LEASED_STATES):
-            raise LeaseLost(f"job {job.id} is no longer leased by {owner} "
-                            f"(state {job.state}, owner {job.lease_owner})")
-
     # -- protocol ---------------------------------------------------------------------
 
     def enqueue(self, kind: str, payload: dict[str, Any], *, key: str | None = None,
@@ -211,10 +206,8 @@ class SqliteJobQueue:
                 if row is None:
                     return None
                 job = row_to_job(row)
-                if job.state in LEASED_STATES and job.attempts >= job.max_attempts:
-                    # a job that kills or hangs its worker every time must not loop forever
-                    reason = (f"lease of {job.lease_owner} expired on attempt {job.attempts} of "
-                              f"{job.max_attempts} (worker crashed or hung)")
+                reason = crash_loop_reason(job)  # a job that kills its worker every time must not loop
+                if reason is not None:
                     db.execute("UPDATE jobs SET state = 'dead', lease_owner = NULL, lease_until = NULL,"
                                " last_error = ?, updated_at = ? WHERE id = ?", (reason, now, job.id))
                     log.warning("job %d dead: %s", job.id, reason)
@@ -239,7 +232,7 @@ class SqliteJobQueue:
         state = JobState(state)
         with self._tx() as db:
             job = self._load(db, job_id)
-            self._check_owner(job, owner)
+            check_lease(job, owner)
             now = self.clock()
             if state in LEASED_STATES:
                 # e.g. running -> sending: the lease stays with whoever holds it
@@ -259,14 +252,9 @@ class SqliteJobQueue:
         reason = _one_line(reason)
         with self._tx() as db:
             job = self._load(db, job_id)
-            self._check_owner(job, owner)
+            check_lease(job, owner)
             now = self.clock()
-            if retryable and job.attempts < job.max_attempts:
-                state = JobState.QUEUED
-                next_run_at = now + backoff_delay(max(job.attempts, 1), self.backoff_initial_s,
-                                                  self.backoff_max_s)
-            else:
-                state, next_run_at = JobState.DEAD, job.next_run_at
+            state, next_run_at = after_failure(job, retryable, now, self.backoff_initial_s, self.backoff_max_s)
             db.execute("UPDATE jobs SET state = ?, next_run_at = ?, lease_owner = NULL,"
                        " lease_until = NULL, last_error = ?, updated_at = ? WHERE id = ?",
                        (state.value, next_run_at, reason, now, job_id))

@@ -6,11 +6,12 @@ with ground-truth lung and lesion masks, and a DICOM series writer.
 
 from .phantom import GENERATOR_VERSION, KINDS, Phantom, generate_phantom
 
-__all__ = ["GENERATOR_VERSION", "KINDS", "Phantom", "generate_phantom", "write_dicom_series", "write_case"]
+__all__ = ["GENERATOR_VERSION", "KINDS", "Phantom", "generate_phantom", "write_dicom_series", "write_case",
+           "copy_as_new_study"]
 
 
 def __getattr__(name):  # the DICOM writer imports pydicom lazily
-    if name in ("write_dicom_series", "write_case"):
+    if name in ("write_dicom_series", "write_case", "copy_as_new_study"):
         from . import dicom_series
 
         return getattr(dicom_series, name)

@@ -248,3 +248,21 @@ def write_truth(phantom: Phantom, out_dir: str | Path, files: list[Path] | None 
     js = out / "truth.json"
     js.write_text(json.dumps(info, indent=1, default=float))
     return npz, js
+
+
+def copy_as_new_study(source: str | Path, folder: str | Path) -> str:
+    """Copy the series in ``source`` into ``folder`` (created) as a different study: new
+    Study, Series and SOP Instance UIDs, pixels and everything else unchanged. For tests and
+    benchmarks that need several studies of one sample. Returns the Study Instance UID."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    study, series = generate_uid(), generate_uid()
+    for path in sorted(Path(source).glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(folder / path.name)
+    return study
