@@ -156,6 +156,11 @@ def read_result(outbox: Path, job_id: int) -> dict | None:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         return {"unreadable": f"result.json cannot be read ({type(exc).__name__})"}
+    return summarize_result(doc)
+
+
+def summarize_result(doc: dict) -> dict:
+    """What the web app shows of a ``result.json`` document (small: no per-slice lists)."""
     out = {k: doc.get(k) for k in SUMMARY_KEYS if doc.get(k) not in (None, [], {})}
     timings = doc.get("timings_s") or {}
     if "total" in timings:

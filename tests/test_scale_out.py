@@ -132,6 +132,10 @@ def test_ingress_and_three_worker_hosts_kill_one(tmp_path, pg_url):
                 # the ingress node's job page shows a remote worker's log lines from the database
                 page = httpx.get(f"http://127.0.0.1:{web_port}/jobs/{jobs[0].id}", timeout=10)
                 assert page.status_code == 200 and "claimed by" in page.text
+                # ... and its result, kept in the database by the worker that made it
+                api = httpx.get(f"http://127.0.0.1:{web_port}/api/jobs/{jobs[0].id}", timeout=10).json()
+                assert api["job"]["result"]["status"] == "done" and api["job"]["result_line"]
+                assert api["job"]["result_line"] in httpx.get(f"http://127.0.0.1:{web_port}/", timeout=10).text
                 with Spool(ingress.root / "spool", ingress.root / "node.db") as spool:
                     assert sorted(r.state for r in spool.series()) == ["routed"] * 6
             finally:

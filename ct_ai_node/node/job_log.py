@@ -1,4 +1,4 @@
-"""Each job's own log lines, for its page in the web app.
+"""Each job's own log lines and result summary, for its page in the web app.
 
 A worker process attaches :class:`JobLogHandler` to the ``ct_ai_node`` logger; while it runs
 a job, the INFO and higher records of any of its threads are kept in the ``job_log`` table
@@ -28,8 +28,15 @@ _COLUMNS = """
 );
 CREATE INDEX IF NOT EXISTS job_log_job ON job_log(job_id);
 """
-_SCHEMA = {"sqlite": "CREATE TABLE IF NOT EXISTS job_log (id INTEGER PRIMARY KEY AUTOINCREMENT," + _COLUMNS,
-           "postgres": "CREATE TABLE IF NOT EXISTS job_log (id BIGSERIAL PRIMARY KEY," + _COLUMNS}
+_SUMMARY = """;
+CREATE TABLE IF NOT EXISTS job_summary (
+    job_id  BIGINT  PRIMARY KEY,
+    summary TEXT    NOT NULL,
+    at      DOUBLE PRECISION NOT NULL
+)
+"""
+_SCHEMA = {"sqlite": "CREATE TABLE IF NOT EXISTS job_log (id INTEGER PRIMARY KEY AUTOINCREMENT," + _COLUMNS + _SUMMARY,
+           "postgres": "CREATE TABLE IF NOT EXISTS job_log (id BIGSERIAL PRIMARY KEY," + _COLUMNS + _SUMMARY}
 
 
 class JobLog:
@@ -61,6 +68,28 @@ class JobLog:
                                     (job_id,), reconnect_s=5)
         return [{"at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) + f".{int(at % 1 * 1000):03d}",
                  "level": level, "process": process, "message": message} for at, level, process, message in rows]
+
+    def set_summary(self, job_id: int, summary: dict) -> None:
+        """Keep ``summary`` (``result.summarize_result``) as the job's result."""
+        import json
+
+        with self._lock:
+            self._db.execute("INSERT INTO job_summary (job_id, summary, at) VALUES (?, ?, ?) ON CONFLICT (job_id)"
+                             " DO UPDATE SET summary = excluded.summary, at = excluded.at",
+                             (job_id, json.dumps(summary), time.time()))
+
+    def summaries(self, job_ids) -> dict[int, dict]:
+        """Job id -> its kept result summary, for those of ``job_ids`` that have one."""
+        import json
+
+        ids = sorted({int(i) for i in job_ids})
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        with self._lock:
+            rows = self._db.execute(f"SELECT job_id, summary FROM job_summary WHERE job_id IN ({marks})",
+                                    tuple(ids), reconnect_s=5)
+        return {job_id: json.loads(text) for job_id, text in rows}
 
     def close(self) -> None:
         with self._lock:

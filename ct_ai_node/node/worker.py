@@ -267,6 +267,7 @@ class Worker:
             seconds = time.perf_counter() - start
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+        self._keep_summary(job, out)
         if doc.status == "done":
             self.revisions.record(key, options.pipeline, plan.revision, fingerprint, _report_in(out), job.id)
         if doc.status == "rejected":
@@ -283,6 +284,19 @@ class Worker:
         logger.info("job %d: analysis done in %.1f s: %s, p=%.3f, %d objects, revision %d", job.id, seconds,
                     doc.label, doc.probability or 0.0, len(doc.outputs), plan.revision)
         self._start_deliveries(job, [out / name for name in doc.outputs])
+
+    def _keep_summary(self, job: Job, out: Path) -> None:
+        """The result's summary in the shared database: the ingress node's web app shows it
+        even when this worker runs on another host."""
+        from ct_ai_node.result import read_result
+
+        summary = read_result(self.outbox, job.id) if (out / "result.json").is_file() else None
+        if self.job_log is None or summary is None:
+            return
+        try:
+            self.job_log.log.set_summary(job.id, summary)
+        except Exception as exc:  # noqa: BLE001 - only the web app's view of it is missing
+            logger.warning("job %d: result summary not kept (%s)", job.id, type(exc).__name__)
 
     def _not_analysed(self, job: Job, reason: str) -> None:
         """Write the "AI analysis not performed: <reason>" SC + SR into the job's outbox

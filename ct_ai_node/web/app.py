@@ -97,7 +97,8 @@ def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, 
             hit = cached.get(key)
             if hit is not None and now - hit[0] < DASHBOARD_TTL_S:
                 return hit[1]
-            data = views.dashboard(config_source(), queue, spool, services, state=state, kind=kind, limit=limit)
+            data = views.dashboard(config_source(), queue, spool, services, state=state, kind=kind, limit=limit,
+                                   job_log=job_log)
             if len(cached) > 64:
                 cached.clear()
             cached[key] = (now, data)

@@ -27,7 +27,9 @@ def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
 
 
-def job_row(job: Job, outbox: Path | None = None) -> dict:
+def job_row(job: Job, outbox: Path | None = None, summary: dict | None = None) -> dict:
+    """``summary``: the result the worker kept in the database, for a job whose result.json
+    is not in this host's outbox (a worker on another host analysed it)."""
     p = job.payload
     row = {"id": job.id, "kind": job.kind, "state": str(job.state), "attempts": job.attempts,
            "max_attempts": job.max_attempts, "parent": job.parent_id, "rule": p.get("rule") or "",
@@ -39,7 +41,7 @@ def job_row(job: Job, outbox: Path | None = None) -> dict:
            "seconds": round(job.updated_at - job.created_at, 1) if job.state in FINAL_STATES else None,
            "error": job.last_error or ""}
     if outbox is not None and job.kind == "analyse":
-        row["result"] = read_result(outbox, job.id)
+        row["result"] = read_result(outbox, job.id) or summary
         row["result_line"] = result_line(row["result"])
     return row
 
@@ -71,8 +73,9 @@ def destinations_health(config: NodeConfig, queue: JobQueue, recent: int = 500) 
 
 
 def dashboard(config: NodeConfig, queue: JobQueue, spool, services: Callable[[], dict], *,
-              state: str | None = None, kind: str | None = None, limit: int = 50) -> dict:
-    """Everything the dashboard shows. ``state`` / ``kind`` filter the job list."""
+              state: str | None = None, kind: str | None = None, limit: int = 50, job_log=None) -> dict:
+    """Everything the dashboard shows. ``state`` / ``kind`` filter the job list; ``job_log``
+    holds the results of jobs analysed on other hosts."""
     series = spool.series()
     by_state: dict[str, int] = {}
     for rec in series:
@@ -84,6 +87,9 @@ def dashboard(config: NodeConfig, queue: JobQueue, spool, services: Callable[[],
     jobs.sort(key=lambda j: j.id, reverse=True)
     failed = sorted((r for r in series if r.state == "failed"), key=lambda r: r.updated_at, reverse=True)
     st, ret = config.storage, config.retention
+    missing = [j.id for j in jobs[:limit] if j.kind == "analyse" and
+               not (st.outbox_dir / f"job-{j.id}" / "result.json").is_file()]
+    kept = job_log.summaries(missing) if job_log is not None and missing else {}
     return {
         "services": services(),
         "storage": {"free_mb": round(spool.free_mb()), "min_free_mb": st.min_free_mb,
@@ -95,7 +101,7 @@ def dashboard(config: NodeConfig, queue: JobQueue, spool, services: Callable[[],
         "destinations": destinations_health(config, queue),
         "rules": [{"name": r.name, "action": r.action, "pipeline": getattr(r, "pipeline", None) or "",
                    "destinations": list(r.destinations)} for r in config.rules],
-        "jobs": [job_row(j, st.outbox_dir) for j in jobs[:limit]],
+        "jobs": [job_row(j, st.outbox_dir, kept.get(j.id)) for j in jobs[:limit]],
         "failed_series": [{"series": series_ref(r.key), "instances": r.instance_count, "caller": r.calling_ae,
                            "updated": _when(r.updated_at), "reason": r.reason or ""} for r in failed[:limit]],
         "filters": {"state": state or "", "kind": kind or ""},
@@ -140,7 +146,8 @@ def job_page(config: NodeConfig, queue: JobQueue, audit: AuditLog, job_id: int, 
     if job is None:
         return None
     outbox = config.storage.outbox_dir
-    row = job_row(job, outbox)
+    kept = job_log.summaries([job_id]) if job_log is not None and job.kind == "analyse" else {}
+    row = job_row(job, outbox, kept.get(job_id))
     children = [job_row(c) for c in queue.children(job_id)]
     reruns = []
     if job.kind in PARENT_KINDS and job.payload.get("series_key"):
