@@ -480,3 +480,41 @@ def test_wado_rs_gives_workers_the_spool_series_byte_for_byte(node, tmp_path):
     with pytest.raises(FetchError, match="no longer holds") as gone:
         SeriesSource(worker_config(worker_token)).open({**payload, "series_key": "x-1-abc"}, tmp_path / "f2")
     assert not gone.value.retryable
+
+
+def test_job_log_neither_waits_nor_recurses_while_the_shared_database_is_away(postgres, pg_url):
+    """A worker's log lines while PostgreSQL is away are dropped at once (the node's own log
+    has them), even while another thread waits to keep a result summary, which the lines the
+    database code logs meanwhile must not deadlock."""
+    import logging
+    import threading
+    import time
+
+    from ct_ai_node.node.job_log import JobLog, JobLogHandler
+
+    log = JobLog(pg_url)
+    handler = JobLogHandler(log, "w0")
+    logger = logging.getLogger("ct_ai_node")
+    logger.addHandler(handler)
+    handler.job_id = 1
+    done = threading.Event()
+    try:
+        logging.getLogger("ct_ai_node.test").warning("before the outage")
+        postgres.pause()
+        try:
+            started = time.monotonic()
+            logging.getLogger("ct_ai_node.test").warning("during the outage")
+            assert time.monotonic() - started < 5
+            keeper = threading.Thread(target=lambda: (log.set_summary(1, {"status": "done"}), done.set()))
+            keeper.start()
+            time.sleep(2)
+            started = time.monotonic()
+            logging.getLogger("ct_ai_node.test").warning("still away")  # not held up by the waiting thread
+            assert time.monotonic() - started < 5 and not done.is_set()
+        finally:
+            postgres.resume()
+        assert done.wait(60)
+    finally:
+        logger.removeHandler(handler)
+    assert log.summaries([1]) == {1: {"status": "done"}}
+    assert [line["message"] for line in log.lines(1)] == ["before the outage"]

@@ -89,27 +89,28 @@ class PgConnection:
         limit = self.reconnect_s if reconnect_s is None else reconnect_s
         deadline = time.monotonic() + limit
         delay, warned = 0.5, False
-        with self._lock:
-            while True:
-                try:
+        while True:
+            try:
+                with self._lock:  # one statement at a time; never held while waiting below
                     result = work(self._connect())
-                    if warned:
-                        log.warning("database %s reachable again", self.where)
-                    return result
-                except psycopg.OperationalError as exc:
-                    state = getattr(exc, "sqlstate", None) or ""
-                    if state[:2] in _FATAL_CLASSES:
-                        raise
+                if warned:
+                    log.warning("database %s reachable again", self.where)
+                return result
+            except psycopg.OperationalError as exc:
+                state = getattr(exc, "sqlstate", None) or ""
+                if state[:2] in _FATAL_CLASSES:
+                    raise
+                with self._lock:
                     self._drop()
-                    if time.monotonic() + delay > deadline:
-                        raise DatabaseUnavailable(f"database {self.where} unreachable for {limit:g} s: "
-                                                  f"{' '.join(str(exc).split())[:200]}") from exc
-                    if not warned:
-                        log.warning("database %s unreachable (%s); waiting up to %g s", self.where,
-                                    " ".join(str(exc).split())[:120], limit)
-                        warned = True
-                    time.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+                if time.monotonic() + delay > deadline:
+                    raise DatabaseUnavailable(f"database {self.where} unreachable for {limit:g} s: "
+                                              f"{' '.join(str(exc).split())[:200]}") from exc
+                if not warned:
+                    log.warning("database %s unreachable (%s); waiting up to %g s", self.where,
+                                " ".join(str(exc).split())[:120], limit)
+                    warned = True
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def execute(self, sql: str, args: tuple = (), reconnect_s: float | None = None) -> list[tuple]:
         """One statement (``%s`` placeholders), committed; its rows (empty without any)."""

@@ -19,6 +19,7 @@ import time
 from ct_ai_node.jobqueue.shared_db import SqlTable
 
 MAX_LINES = 200
+_DB_LOGGER = "ct_ai_node.jobqueue.shared_db"
 _COLUMNS = """
     job_id  BIGINT  NOT NULL,
     at      DOUBLE PRECISION NOT NULL,
@@ -48,24 +49,26 @@ class JobLog:
         self._counts: dict[int, int] = {}
 
     def add(self, job_id: int, level: str, process: str, message: str, at: float | None = None) -> None:
+        """One line; one try at the database (``DatabaseUnavailable`` when it is away). The
+        lock guards the counts only: a slow database never holds up another thread here."""
         with self._lock:
             n = self._counts.get(job_id)
-            if n is None:
-                (n,), = self._db.execute("SELECT COUNT(*) FROM job_log WHERE job_id = ?", (job_id,), reconnect_s=0)
-            if n >= MAX_LINES:
-                return
-            if n == MAX_LINES - 1:
-                level, message = "WARNING", f"(more than {MAX_LINES} lines: the rest is in the node's log)"
-            self._db.execute("INSERT INTO job_log (job_id, at, level, process, message) VALUES (?, ?, ?, ?, ?)",
-                             (job_id, at or time.time(), level, process, message[:1000]), reconnect_s=0)
-            self._counts[job_id] = n + 1
+        if n is None:
+            (n,), = self._db.execute("SELECT COUNT(*) FROM job_log WHERE job_id = ?", (job_id,), reconnect_s=0)
+        if n >= MAX_LINES:
+            return
+        if n == MAX_LINES - 1:
+            level, message = "WARNING", f"(more than {MAX_LINES} lines: the rest is in the node's log)"
+        self._db.execute("INSERT INTO job_log (job_id, at, level, process, message) VALUES (?, ?, ?, ?, ?)",
+                         (job_id, at or time.time(), level, process, message[:1000]), reconnect_s=0)
+        with self._lock:
             if len(self._counts) > 1000:
                 self._counts.clear()
+            self._counts[job_id] = n + 1
 
     def lines(self, job_id: int) -> list[dict]:
-        with self._lock:
-            rows = self._db.execute("SELECT at, level, process, message FROM job_log WHERE job_id = ? ORDER BY id",
-                                    (job_id,), reconnect_s=5)
+        rows = self._db.execute("SELECT at, level, process, message FROM job_log WHERE job_id = ? ORDER BY id",
+                                (job_id,), reconnect_s=5)
         return [{"at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) + f".{int(at % 1 * 1000):03d}",
                  "level": level, "process": process, "message": message} for at, level, process, message in rows]
 
@@ -73,10 +76,9 @@ class JobLog:
         """Keep ``summary`` (``result.summarize_result``) as the job's result."""
         import json
 
-        with self._lock:
-            self._db.execute("INSERT INTO job_summary (job_id, summary, at) VALUES (?, ?, ?) ON CONFLICT (job_id)"
-                             " DO UPDATE SET summary = excluded.summary, at = excluded.at",
-                             (job_id, json.dumps(summary), time.time()))
+        self._db.execute("INSERT INTO job_summary (job_id, summary, at) VALUES (?, ?, ?) ON CONFLICT (job_id)"
+                         " DO UPDATE SET summary = excluded.summary, at = excluded.at",
+                         (job_id, json.dumps(summary), time.time()))
 
     def summaries(self, job_ids) -> dict[int, dict]:
         """Job id -> its kept result summary, for those of ``job_ids`` that have one."""
@@ -86,14 +88,12 @@ class JobLog:
         if not ids:
             return {}
         marks = ",".join("?" * len(ids))
-        with self._lock:
-            rows = self._db.execute(f"SELECT job_id, summary FROM job_summary WHERE job_id IN ({marks})",
-                                    tuple(ids), reconnect_s=5)
+        rows = self._db.execute(f"SELECT job_id, summary FROM job_summary WHERE job_id IN ({marks})",
+                                tuple(ids), reconnect_s=5)
         return {job_id: json.loads(text) for job_id, text in rows}
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()
 
 
 class JobLogHandler(logging.Handler):
@@ -103,12 +103,18 @@ class JobLogHandler(logging.Handler):
         super().__init__(logging.INFO)
         self.log, self.process = log, process
         self.job_id: int | None = None
+        self._inside = threading.local()
 
     def emit(self, record: logging.LogRecord) -> None:
         job_id = self.job_id
-        if job_id is None:
+        # not the lines about the database itself, nor one logged while a line is being kept
+        # (keeping it talks to that database, which may log): no recursion, no waiting
+        if job_id is None or record.name == _DB_LOGGER or getattr(self._inside, "busy", False):
             return
+        self._inside.busy = True
         try:
             self.log.add(job_id, record.levelname, self.process, record.getMessage(), record.created)
-        except Exception:  # noqa: BLE001 - a log line must never fail the job
-            self.handleError(record)
+        except Exception:  # noqa: BLE001 - the database is away: the line stays in the node's log only
+            pass
+        finally:
+            self._inside.busy = False
