@@ -207,9 +207,10 @@ def build_heatmap_series(
         role="heatmap",
     )
     images = []
+    counted = common.with_opacity_volumes(result, volume.voxel_volume_ml)  # once, not per slice
     with common.building("heat-map SC"):
         for number, z in enumerate(zs, start=1):
-            caption = common.caption_for(result, z, voxel_ml=volume.voxel_volume_ml)
+            caption = common.caption_for(counted, z)
             rgb = render_slice(volume.hu[z], result.heatmap[z], lung[z], caption, style)
             images.append(writer.image(z, rgb, number))
     return images
@@ -254,9 +255,10 @@ def build_key_image_series(
         role="key_images",
     )
     images = []
+    counted = common.with_opacity_volumes(result, volume.voxel_volume_ml)  # once, not per slice
     with common.building("key-image SC"):
         for k, z in enumerate(keys, start=1):
-            caption = common.caption_for(result, z, key=(k, len(keys)), voxel_ml=volume.voxel_volume_ml)
+            caption = common.caption_for(counted, z, key=(k, len(keys)))
             rgb = render_slice(volume.hu[z], result.heatmap[z], lung[z], caption, style)
             images.append(writer.image(z, rgb, k))
     return images
