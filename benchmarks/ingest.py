@@ -37,21 +37,22 @@ N_SLICES, SIZE = 300, 512
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "ct-ai-node-bench" / f"ingest-{SIZE}x{SIZE}x{N_SLICES}"
 
 
-def cached_series(folder: Path) -> list[Path]:
-    """The phantom series, generated once; a marker file says the folder is complete."""
+def cached_series(folder: Path, n_slices: int = N_SLICES) -> list[Path]:
+    """The phantom series (``n_slices`` of 512 x 512), generated once; a marker file says the
+    folder is complete."""
     done = folder / "COMPLETE"
     if not done.exists():
         from ct_ai_node.synthetic import generate_phantom, write_dicom_series
 
         shutil.rmtree(folder, ignore_errors=True)
         t = time.perf_counter()
-        print(f"generating a {N_SLICES}x{SIZE}x{SIZE} phantom series into {folder} ...", flush=True)
-        phantom = generate_phantom(7, kind="covid", shape=(N_SLICES, SIZE, SIZE), spacing=(1.0, 0.7, 0.7))
+        print(f"generating a {n_slices}x{SIZE}x{SIZE} phantom series into {folder} ...", flush=True)
+        phantom = generate_phantom(7, kind="covid", shape=(n_slices, SIZE, SIZE), spacing=(1.0, 0.7, 0.7))
         write_dicom_series(phantom, folder / "dicom")
         done.write_text("ok\n")
         print(f"  done in {time.perf_counter() - t:.1f} s")
     files = sorted((folder / "dicom").glob("*.dcm"))
-    assert len(files) == N_SLICES, f"{folder}: {len(files)} files; delete the folder to regenerate"
+    assert len(files) == n_slices, f"{folder}: {len(files)} files; delete the folder to regenerate"
     return files
 
 
