@@ -460,3 +460,34 @@ def test_bad_series_fail_fast_others_are_delivered_and_sigterm_ends_the_node(tmp
             assert code == 0
         finally:
             node.stop()
+
+
+@needs_dcmtk
+def test_the_release_of_an_association_brings_the_dispatch_tick_forward(tmp_path):
+    """With a long check interval (30 s) a series is still routed right after the release
+    wait: the release pulls the dispatcher's tick to that moment."""
+    from ct_ai_node.config import NodeConfig
+    from ct_ai_node.node import Node
+    from node_harness import dcmtk, node_config
+
+    port = free_port()
+    config = NodeConfig.model_validate(node_config(
+        port, destinations=[], rules=[{"name": "all-ct", "when": [{"tag": "Modality", "equals": "CT"}],
+                                       "action": "analyse"}],
+        storage={"root": str(tmp_path / "var"), "min_free_mb": 100},
+        completeness={"quiet_time_s": 20, "check_interval_s": 30},
+        workers={"count": 0, "device": "cpu"}))
+    folder = tmp_path / "ct"
+    write_ct_series(folder, n=3, rows=16, cols=16)
+    node = Node(config, log_level=logging.WARNING).start()
+    try:
+        time.sleep(1)  # the first tick (at start + 30 s) is far away
+        sent_at = time.monotonic()
+        assert dcmtk("storescu", "-aec", "CTAI", "+sd", "127.0.0.1", str(port), str(folder)).returncode == 0
+        while not node.queue.list(kind="analyse") and time.monotonic() - sent_at < 15:
+            time.sleep(0.1)
+        routed_after = time.monotonic() - sent_at
+    finally:
+        node.stop()
+    assert node.queue.list(kind="analyse"), "not routed within 15 s"
+    assert routed_after < 10, routed_after  # release wait 2 s; without the pull, the 30 s tick

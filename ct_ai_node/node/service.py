@@ -83,7 +83,8 @@ class Node:
         report = self.spool.recover()
         logger.info("spool recovered: %s", report)
         # before a 0xA700 the SCP has retention delete the oldest delivered series
-        self.scp = StorageSCP(scp_settings(self.config), self.spool, make_room=self.retention.make_room).start()
+        self.scp = StorageSCP(scp_settings(self.config), self.spool, on_released=self._released,
+                              make_room=self.retention.make_room).start()
         logger.info("listening as %s on %s:%d", self.config.node.ae_title, self.config.node.host, self.scp.port)
         self.workers.start()
         self._scheduler = BackgroundScheduler(daemon=True)
@@ -162,6 +163,26 @@ class Node:
         self.workers.reconfigure(config)
         logger.info("configuration applied: %s", config.summary())
 
+    def _released(self, calling_ae: str, host: str, keys) -> None:
+        """An association that stored instances ended: its series are complete after the
+        release wait, so the dispatcher's next tick is pulled to that moment instead of
+        coming up to ``check_interval_s`` later (the same single tick job: ticks never overlap)."""
+        from datetime import datetime, timedelta
+
+        from ct_ai_node.rules.completeness import RELEASE_WAIT_S
+
+        scheduler = self._scheduler
+        job = scheduler.get_job("dispatch") if scheduler is not None and scheduler.running else None
+        if job is None:
+            return
+        wait = min(self.config.completeness.quiet_time_s, RELEASE_WAIT_S) + RELEASE_TICK_MARGIN_S
+        when = datetime.now(scheduler.timezone) + timedelta(seconds=wait)
+        try:
+            if job.next_run_time is None or job.next_run_time > when:
+                job.modify(next_run_time=when)
+        except Exception:  # noqa: BLE001 - the job just ran or the node stops: the interval tick comes anyway
+            logger.debug("dispatch tick not moved", exc_info=True)
+
     def _tick(self) -> None:
         try:
             self.dispatcher.tick()
@@ -231,6 +252,8 @@ class Node:
                 watchdog.cancel()
 
 
+#: after a release the tick comes this much after the release wait (the series is then surely ready)
+RELEASE_TICK_MARGIN_S = 0.05
 #: stop() waits up to 10 s for workers and for associations each; beyond this, something hangs
 STOP_DEADLINE_S = 45.0
 #: after stop(), how long other non-daemon threads get to end before the process exits anyway
