@@ -127,6 +127,8 @@ def run_once(work: Path, series_dir: Path, n_slices: int, dest_kind: str) -> dic
             node.terminate()
             node.wait(30)
             log.close()
+            # kept for a look at the timeline (the work folder goes)
+            (CACHE / f"e2e-node-{n_slices}-{dest_kind}.log").write_bytes((work / "node.log").read_bytes())
         (job_id, state, queued), = _rows(db, "SELECT id, state, created_at FROM jobs WHERE kind = 'analyse'")
         claimed = _rows(db, "SELECT MIN(at) FROM job_log WHERE job_id = ? AND message LIKE '%claimed by%'",
                         (job_id,))[0][0]
