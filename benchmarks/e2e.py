@@ -16,7 +16,7 @@ worker), the series is sent by ``storescu``, and the node's own records give eac
 References measured in the same run: storescu into a DCMTK storescp (the ingest a PACS does
 anyway) and, for a second series size, the ratio to the first size. Peak memory is the
 resident set of the node's whole process tree (listener, dispatcher, worker, the forked
-heat-map writer), sampled every 0.1 s.
+heat-map writer; proportional set size, so shared pages count once), sampled every 0.1 s.
 
     python benchmarks/e2e.py [--slices 300,600] [--dest storescp,orthanc]
 """
@@ -44,13 +44,15 @@ CACHE = Path(tempfile.gettempdir()) / "ct-ai-node-bench"
 
 
 def _tree_rss_mb(pid: int) -> float:
-    """Resident memory of ``pid`` and all its descendants (MB), from /proc."""
+    """Memory of ``pid`` and all its descendants (MB), from /proc: the proportional set size
+    (a page shared by two processes, e.g. with the forked heat-map writer, counts half in
+    each), so the sum is what the tree really holds."""
     total, todo = 0.0, [pid]
     while todo:
         p = todo.pop()
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
                     total += int(line.split()[1]) / 1024
             for task in Path(f"/proc/{p}/task").iterdir():
                 todo.extend(int(c) for c in (task / "children").read_text().split())
