@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             print(f"{n} slices -> {dest}: results acknowledged {r['total_s']:.1f} s after the last instance "
                   f"({r['state']}, {r['objects']} objects), peak memory {r['peak_mb']:.0f} MB", flush=True)
-    print(f"\nwhole node on this machine, one CPU worker, default completeness settings; "
-          f"reference: storescu into DCMTK storescp")
+    print("\nwhole node on this machine, one CPU worker, default completeness settings; "
+          "reference: storescu into DCMTK storescp")
     head = (f"{'series':>8} {'dest':>9} {'send':>6} {'complete':>9} {'pickup':>7} {'analysis':>9} "
             f"{'(load':>6} {'pipeline':>9} {'writers)':>9} {'sending':>8} {'TOTAL':>7} {'x ref':>6} {'peak MB':>8}")
     print(head)

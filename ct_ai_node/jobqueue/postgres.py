@@ -75,15 +75,7 @@ class PostgresJobQueue:
         self.priority_aging_s = float(priority_aging_s)
         self.clock = clock
         self.db = PgConnection(url, reconnect_s)
-        statements = [s for s in _SCHEMA.split(";") if s.strip()]
-
-        def create(conn):
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(4242000)")  # several processes start at once
-                for stmt in statements:
-                    conn.execute(stmt)
-
-        self.db.run(create)
+        self.db.create_schema(_SCHEMA, lock_id=4242000)
 
     def close(self) -> None:
         self.db.close()

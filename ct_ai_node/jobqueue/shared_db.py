@@ -47,8 +47,8 @@ class DatabaseUnavailable(ConnectionError):
 
 
 class PgConnection:
-    """One process's connection to the shared PostgreSQL database (autocommit; explicit
-    transactions through :meth:`transaction`)."""
+    """One process's connection to the shared PostgreSQL database (autocommit; a ``work``
+    given to :meth:`run` opens its own transaction when it needs one)."""
 
     def __init__(self, url: str, reconnect_s: float = 300.0, connect_timeout_s: float = 10.0):
         self.url = url
@@ -112,6 +112,20 @@ class PgConnection:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    def create_schema(self, ddl: str, lock_id: int) -> None:
+        """Run the ``;``-separated CREATE statements of ``ddl`` in one transaction, under the
+        advisory lock ``lock_id``: processes starting at once would otherwise collide in
+        PostgreSQL's catalogue (``CREATE ... IF NOT EXISTS`` is not safe against that)."""
+        statements = [s for s in ddl.split(";") if s.strip()]
+
+        def create(conn):
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_id,))
+                for stmt in statements:
+                    conn.execute(stmt)
+
+        self.run(create)
+
     def execute(self, sql: str, args: tuple = (), reconnect_s: float | None = None) -> list[tuple]:
         """One statement (``%s`` placeholders), committed; its rows (empty without any)."""
         def work(conn):
@@ -137,16 +151,7 @@ class SqlTable:
         self._busy_timeout_s = busy_timeout_s
         if self.postgres:
             self._pg = PgConnection(str(target), reconnect_s)
-            statements = [s for s in schema["postgres"].split(";") if s.strip()]
-
-            def create(conn):
-                with conn.transaction():
-                    # two processes creating the same table at once collide in pg_type
-                    conn.execute("SELECT pg_advisory_xact_lock(4242001)")
-                    for stmt in statements:
-                        conn.execute(stmt)
-
-            self._pg.run(create)
+            self._pg.create_schema(schema["postgres"], lock_id=4242001)
         else:
             self.db_path = Path(target)
             self.db_path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,8 @@ a job, the INFO and higher records of any of its threads are kept in the ``job_l
 beside the job queue (the node's SQLite file, or the PostgreSQL database the hosts share, so
 the ingress node's web app shows the lines of a worker on another host), at most
 :data:`MAX_LINES` per job. While that database is unreachable the lines are dropped (the
-node's own log still has them): a log line must never wait for a database. Log lines above DEBUG carry no
-patient data (docs/node.md, "Logs and secrets"), so neither do these.
+node's own log still has them): a log line must never wait for a database. Log lines above
+DEBUG carry no patient data (docs/node.md, "Logs and secrets"), so neither do these.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import os
 import threading
 import time
 
+from ct_ai_node.jobqueue import shared_db
 from ct_ai_node.jobqueue.shared_db import SqlTable
 
 MAX_LINES = 200
-_DB_LOGGER = "ct_ai_node.jobqueue.shared_db"
+#: the lines about the database itself are not kept in it
+_DB_LOGGER = shared_db.__name__
 _COLUMNS = """
     job_id  BIGINT  NOT NULL,
     at      DOUBLE PRECISION NOT NULL,

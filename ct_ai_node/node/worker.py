@@ -267,7 +267,7 @@ class Worker:
             seconds = time.perf_counter() - start
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        self._keep_summary(job, out)
+        self._keep_summary(job)
         if doc.status == "done":
             self.revisions.record(key, options.pipeline, plan.revision, fingerprint, _report_in(out), job.id)
         if doc.status == "rejected":
@@ -285,13 +285,13 @@ class Worker:
                     doc.label, doc.probability or 0.0, len(doc.outputs), plan.revision)
         self._start_deliveries(job, [out / name for name in doc.outputs])
 
-    def _keep_summary(self, job: Job, out: Path) -> None:
+    def _keep_summary(self, job: Job) -> None:
         """The result's summary in the shared database: the ingress node's web app shows it
         even when this worker runs on another host."""
         from ct_ai_node.result import read_result
 
-        summary = read_result(self.outbox, job.id) if (out / "result.json").is_file() else None
-        if self.job_log is None or summary is None:
+        summary = read_result(self.outbox, job.id) if self.job_log is not None else None
+        if summary is None:
             return
         try:
             self.job_log.log.set_summary(job.id, summary)

@@ -48,6 +48,7 @@ from ct_ai_node.jobqueue import JobNotFound, JobQueue, JobStateError
 from ct_ai_node.node import job_actions
 from ct_ai_node.node.audit import AuditLog
 from ct_ai_node.node.config_store import ConfigStore
+from ct_ai_node.node.series_fetch import spool_series_path
 from ct_ai_node.node.status import MetricsCollector
 from ct_ai_node.config_edit import EDITABLE_SECTIONS
 from ct_ai_node.web import views
@@ -483,7 +484,7 @@ def create_app(config_source: Callable[[], NodeConfig], queue: JobQueue, spool, 
                                 headers=headers)
         return JSONResponse(outcome.dicom_json(), status_code=outcome.status, media_type="application/dicom+json")
 
-    @app.get("/dicomweb/spool/{series_key}/studies/{study}/series/{series}", tags=["dicomweb"])
+    @app.get(spool_series_path("{series_key}", "{study}", "{series}"), tags=["dicomweb"])
     def wado_rs_series(request: Request, series_key: str, study: str, series: str):
         """WADO-RS retrieve of one received series from the spool, as the workers on other
         hosts fetch it (role ``worker`` or ``admin``): ``multipart/related;

@@ -87,9 +87,7 @@ def dashboard(config: NodeConfig, queue: JobQueue, spool, services: Callable[[],
     jobs.sort(key=lambda j: j.id, reverse=True)
     failed = sorted((r for r in series if r.state == "failed"), key=lambda r: r.updated_at, reverse=True)
     st, ret = config.storage, config.retention
-    missing = [j.id for j in jobs[:limit] if j.kind == "analyse" and
-               not (st.outbox_dir / f"job-{j.id}" / "result.json").is_file()]
-    kept = job_log.summaries(missing) if job_log is not None and missing else {}
+    kept = job_log.summaries(j.id for j in jobs[:limit] if j.kind == "analyse") if job_log is not None else {}
     return {
         "services": services(),
         "storage": {"free_mb": round(spool.free_mb()), "min_free_mb": st.min_free_mb,
