@@ -21,8 +21,9 @@ import torch
 
 from ct_ai_node import __version__
 from ct_ai_node.errors import CtAiNodeError, InputRejected
-from ct_ai_node.pipeline.methods import DEFAULT_PIPELINE, create_method
-from ct_ai_node.pipeline.run import PipelineSettings, analyse_volume, create_lung_segmenter
+from ct_ai_node.pipeline.methods import DEFAULT_PIPELINE
+from ct_ai_node.pipeline.model_cache import ModelCache, build_models
+from ct_ai_node.pipeline.run import PipelineSettings, analyse_volume
 from ct_ai_node.result import ResultDocument, result_document
 from ct_ai_node.writers.common import ReportRef, ResultUids
 
@@ -61,17 +62,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def create_infection_source(kind: str, device, weights_dir: Path | None):
-    """None: the infection mask comes from the method's heat map; "unet": the U-Net."""
-    if kind == "heatmap":
-        return None
-    if kind == "unet":
-        from ct_ai_node.pipeline.infection import create_infection_segmenter
-
-        return create_infection_segmenter(device, weights_dir)
-    raise InputRejected(f"--infection {kind!r}: use 'heatmap' or 'unet'")
-
-
 def write_result(doc: ResultDocument, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "result.json"
@@ -91,8 +81,9 @@ def _stage(timings: dict[str, float], name: str, report: Callable[[str], None] |
 
 
 def analyze_folder(input_dir: Path, out_dir: Path, options: AnalyzeOptions | None = None,
-                   report: Callable[[str], None] | None = None) -> ResultDocument:
-    """Run the whole analysis; always writes ``out_dir/result.json``."""
+                   report: Callable[[str], None] | None = None, models: ModelCache | None = None) -> ResultDocument:
+    """Run the whole analysis; always writes ``out_dir/result.json``. ``models``: networks
+    kept loaded between analyses (a worker's); built for this one when None."""
     from ct_ai_node.volume import load_series_from_folder
     from ct_ai_node.output_folder import write_outputs
 
@@ -106,14 +97,11 @@ def analyze_folder(input_dir: Path, out_dir: Path, options: AnalyzeOptions | Non
             volume, selection, scan = load_series_from_folder(Path(input_dir), opts.selection)
         skipped = [why for _key, why in selection.skipped]
         with _stage(timings, "models", report):
-            try:
-                method = create_method(opts.pipeline, device, opts.weights_dir)
-                lungs = create_lung_segmenter(opts.lungs, device, opts.weights_dir)
-            except ValueError as exc:  # an unknown name: the caller's mistake, said in one line
-                raise InputRejected(" ".join(str(exc).split())) from None
-            infection = create_infection_source(opts.infection, device, opts.weights_dir)
+            wanted = (opts.pipeline, opts.lungs, opts.infection, device, opts.weights_dir)
+            loaded = models.get(*wanted) if models is not None else build_models(*wanted)
         with _stage(timings, "pipeline", report):
-            result = analyse_volume(volume, method, lungs, opts.pipeline_settings, opts.pipeline, infection)
+            result = analyse_volume(volume, loaded.method, loaded.lungs, opts.pipeline_settings, opts.pipeline,
+                                    loaded.infection)
         with _stage(timings, "outputs", report):
             uids = ResultUids.for_analysis(volume, result, opts.revision, opts.predecessor)
             written = write_outputs(volume, result, out_dir, series_number_base=opts.series_number_base,

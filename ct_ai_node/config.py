@@ -241,7 +241,17 @@ class CompletenessSection(_Model):
     """When a series counts as complete: no new instance for ``quiet_time_s``."""
 
     quiet_time_s: float = Field(20.0, gt=0, le=3600)
+    #: after the sender releases its association: wait this long for another association
+    #: with more of the series (never longer than the quiet time)
+    release_wait_s: float = Field(2.0, ge=0, le=3600)
+    #: the same when the whole series (10 or more instances) came in the released association
+    whole_series_release_wait_s: float = Field(0.5, ge=0, le=3600)
     check_interval_s: float = Field(2.0, gt=0, le=600)
+
+    def release_wait(self, whole_series: bool) -> float:
+        """The wait after an association release (``rules.completeness``)."""
+        return self.whole_series_release_wait_s if whole_series else self.release_wait_s
+
     #: routing one complete series (reading its header, the rules) may take this long; then
     #: the series ends ``failed`` and the dispatcher goes on with the others
     route_timeout_s: float = Field(30.0, ge=1, le=3600)

@@ -23,6 +23,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from ct_ai_node.ingress import AllowedCaller, ScpSettings, StorageSCP, TlsSettings
 from ct_ai_node.ingress.scp import _Whitelist
 from ct_ai_node.peers import dcmtk_tool, free_port, nodelay_env, wait_for_port
+from ct_ai_node.rules.completeness import whole_series
 from ct_ai_node.spool import Spool, series_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +104,9 @@ def test_storescu_series_stored_indexed_idempotent_and_released(node):
     assert rec.instance_count == len(sources) == 56
     assert wait_until(lambda: node.spool.get_series(key).released_at is not None)
     assert node.released == [("PACS", "127.0.0.1", [key])]
+    # the whole series came in this association: completeness may wait less after its release
+    rec = node.spool.get_series(key)
+    assert rec.release_carried == 56 and whole_series(rec.instance_count, rec.release_carried)
     stored = {pydicom.dcmread(p).SOPInstanceUID: p for p in node.spool.instance_paths(key)}
     for src in sources:
         a = pydicom.dcmread(src)
@@ -118,6 +122,32 @@ def test_storescu_series_stored_indexed_idempotent_and_released(node):
     assert len(list(node.spool.series_dir(key).glob("*.dcm"))) == 56
     assert sorted(node.spool.instance_paths(key)) == sorted(stored.values())
     assert wait_until(lambda: len(node.released) == 2)
+    # sent again whole: whole again
+    assert whole_series(56, node.spool.get_series(key).release_carried)
+
+
+def test_a_series_stored_over_two_open_associations_is_not_whole_in_either(node):
+    """Two associations storing into one series at once: the release of the first is no sign
+    that the series is whole (the other is still sending), nor is the second's."""
+    sources = sorted(SAMPLE.glob("*.dcm"))
+    first = pydicom.dcmread(sources[0], stop_before_pixels=True)
+    key = series_key("PACS", first.StudyInstanceUID, first.SeriesInstanceUID)
+    a = scu(node.scp.port)
+    b = scu(node.scp.port)
+    try:
+        assert a.is_established and b.is_established
+        for i, path in enumerate(sources[:24]):
+            assert (a if i % 2 else b).send_c_store(pydicom.dcmread(path)).Status == 0x0000
+        a.release()
+        assert wait_until(lambda: node.spool.get_series(key).released_at is not None)
+        assert node.spool.get_series(key).release_carried is None  # b still stores into it
+    finally:
+        a.release()
+        b.release()
+    assert wait_until(lambda: len(node.released) == 2)
+    rec = node.spool.get_series(key)
+    assert (rec.instance_count, rec.release_carried) == (24, 12)
+    assert not whole_series(rec.instance_count, rec.release_carried)
 
 
 def test_series_with_one_sop_uid_on_every_slice_is_received_whole_and_analysed(node, tmp_path):

@@ -213,6 +213,31 @@ def test_raising_implausible_and_unreadable_series_fail_with_a_reason(parts, tmp
         series_ref(k): reasons[n] for n, k in keys.items() if n != "good"}
 
 
+def test_a_series_released_whole_completes_after_the_short_release_wait(parts, tmp_path):
+    """Issue 15: the association that carried every instance of a series is taken as its end
+    after 0.5 s; one that carried part of it waits the usual 2 s for the rest."""
+    config, spool, queue = parts
+    config = config.model_copy(update={"completeness": config.completeness.model_copy(update={"quiet_time_s": 20})})
+    keys = {}
+    for name in ("whole", "part"):
+        for path in write_ct_series(tmp_path / name, n=12, rows=16, cols=16, description=name).paths:
+            keys[name] = store_file(spool, path)
+    spool.mark_released("PACS", "127.0.0.1", keys.values(), carried={keys["whole"]: 12, keys["part"]: 6})
+    released = spool.get_series(keys["part"]).released_at
+    now = [released + 0.6]
+    dispatcher = Dispatcher(config, spool, queue, clock=lambda: now[0])
+    try:
+        report = dispatcher.tick()
+        assert report.routed == [keys["whole"]]
+        assert report.next_ready_at == pytest.approx(released + 2.0, abs=1e-6)  # when the node ticks next
+        now[0] = released + 1.99
+        assert dispatcher.tick().routed == []
+        now[0] = released + 2.0
+        assert dispatcher.tick().routed == [keys["part"]]
+    finally:
+        dispatcher.close()
+
+
 def test_an_instance_that_arrives_while_its_series_is_routed_is_not_lost(parts, tmp_path):
     config, spool, queue = parts
     key = store_file(spool, write_ct_series(tmp_path / "s", n=1, rows=16, cols=16).paths[0])

@@ -142,6 +142,7 @@ class OrthancFeed:
             report.skipped.append(f"{orthanc_id}: already in the spool ({held.instance_count} instances)")
             return
         stored = refused = 0
+        carried: dict[str, set[str]] = {}
         for start in range(0, len(instances), BATCH):
             parts = []
             for instance_id in instances[start:start + BATCH]:
@@ -151,12 +152,17 @@ class OrthancFeed:
                     refused += 1
             outcome = store_parts(parts, self.spool, calling_ae=self.section.calling_ae, called_ae=self.called_ae,
                                   host=self.host, min_free_mb=self.min_free_mb, max_spool_mb=self.max_spool_mb,
-                                  make_room=self.make_room)
+                                  make_room=self.make_room, release=False)
             if outcome.status == 507:
                 raise FeedPaused(f"Orthanc feed paused: {outcome.message}")
             stored += len(outcome.stored)
             refused += len(outcome.failed)
             report.stored.extend(k for k in outcome.series_keys if k not in report.stored)
+            for k, uids in outcome.carried.items():
+                carried.setdefault(k, set()).update(uids)
+        if carried:  # released once, whole: the dispatcher routes it after the short release wait
+            self.spool.mark_released(self.section.calling_ae, self.host, sorted(carried),
+                                     carried={k: len(v) for k, v in carried.items()})
         log.info("Orthanc feed: series %s pulled (%d instances, %d refused)", series_ref(key), stored, refused)
 
     def close(self) -> None:

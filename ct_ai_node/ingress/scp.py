@@ -245,7 +245,8 @@ def ssl_context_for(tls: TlsSettings) -> ssl.SSLContext:
 
 @dataclass
 class _AssocState:
-    series: set[str] = field(default_factory=set)
+    #: series key -> the SOP Instance UIDs this association stored into it
+    series: dict[str, set[str]] = field(default_factory=dict)
     stored: int = 0
     failed: int = 0
     flagged: int = 0  # stored with a non-conformant SOP Instance UID
@@ -460,7 +461,7 @@ class StorageSCP:
             log.debug("C-STORE from %s failed: %s", calling_ae, exc)
             return OUT_OF_RESOURCES
         with self._lock:
-            state.series.add(stored.series_key)
+            state.series.setdefault(stored.series_key, set()).add(stored.sop_instance_uid)
             state.stored += 1
         if self.on_instance is not None:
             try:
@@ -475,6 +476,8 @@ class StorageSCP:
     def _association_ended(self, assoc) -> None:
         with self._lock:
             state = self._assocs.pop(assoc, None)
+            # series that another open association also stores into: not carried whole by this one
+            shared = {k for other in self._assocs.values() for k in other.series}
         if state is None:  # rejected, or never got past the request
             return
         calling_ae = (assoc.requestor.ae_title or "").strip()
@@ -487,7 +490,8 @@ class StorageSCP:
             return
         keys = sorted(state.series)
         try:
-            self.spool.mark_released(calling_ae, host, keys)
+            self.spool.mark_released(calling_ae, host, keys, carried={
+                k: len(state.series[k]) for k in keys if k not in shared})
         except Exception:  # noqa: BLE001 - completeness falls back on the quiet time
             log.exception("could not mark %d series released", len(keys))
         if self.on_released is not None:

@@ -67,6 +67,8 @@ class StowOutcome:
     stored: list[tuple[str, str]] = field(default_factory=list)  # (SOP class, SOP instance)
     failed: list[tuple[str, str, int]] = field(default_factory=list)  # (..., failure reason)
     series_keys: set[str] = field(default_factory=set)
+    #: series key -> the SOP Instance UIDs stored into it
+    carried: dict[str, set[str]] = field(default_factory=dict)
     message: str = ""
 
     def dicom_json(self) -> dict:
@@ -84,8 +86,9 @@ class StowOutcome:
 
 
 def store_parts(parts: list[tuple[str, bytes]], spool: Spool, *, calling_ae: str, called_ae: str, host: str,
-                min_free_mb: float, max_spool_mb: float | None, make_room=None) -> StowOutcome:
-    """Check and store every part; the outcome says what became of each."""
+                min_free_mb: float, max_spool_mb: float | None, make_room=None, release: bool = True) -> StowOutcome:
+    """Check and store every part; the outcome says what became of each. ``release``: the
+    request ends the sender's turn, as a released association does."""
     total = sum(len(data) for _, data in parts)
 
     def short() -> int:
@@ -135,8 +138,10 @@ def store_parts(parts: list[tuple[str, bytes]], spool: Spool, *, calling_ae: str
             continue
         outcome.stored.append((cls, uid))
         outcome.series_keys.add(stored.series_key)
-    if outcome.series_keys:  # the request is over: like a released association, complete sooner
-        spool.mark_released(calling_ae, host, sorted(outcome.series_keys))
+        outcome.carried.setdefault(stored.series_key, set()).add(uid)
+    if outcome.series_keys and release:  # the request is over: like a released association, complete sooner
+        spool.mark_released(calling_ae, host, sorted(outcome.series_keys),
+                            carried={k: len(v) for k, v in outcome.carried.items()})
     if any(reason == OUT_OF_RESOURCES for *_, reason in outcome.failed):
         outcome.status = 507
     elif outcome.failed:

@@ -36,7 +36,7 @@ import pydicom
 from ct_ai_node.config import PRIORITIES, NodeConfig
 from ct_ai_node.jobqueue import JobState
 from ct_ai_node.logs import configure_logging, series_ref
-from ct_ai_node.rules.completeness import check_ready
+from ct_ai_node.rules.completeness import check_ready, whole_series
 from ct_ai_node.rules.routing import RoutedAction, RoutingDecision, describe_action, facts_from_datasets, route
 from ct_ai_node.spool import SeriesRecord, Spool
 
@@ -71,6 +71,8 @@ class TickReport:
     jobs: list[int] = field(default_factory=list)
     closed: list[int] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    #: the earliest time (clock) a series still receiving is complete if nothing more arrives
+    next_ready_at: float | None = None
 
 
 def _needs_routing(rec: SeriesRecord) -> bool:
@@ -357,14 +359,22 @@ class Dispatcher:
         self._stopped = True
         self.router.close()
 
+    def completeness(self, rec: SeriesRecord):
+        """Whether ``rec`` is complete now (``rules.completeness``): the shorter release wait
+        when the released association carried the whole series."""
+        c = self.config.completeness
+        whole = whole_series(rec.instance_count, rec.release_carried)
+        return check_ready(rec.last_received_at, rec.released_at, self.clock(), c.quiet_time_s, c.release_wait(whole))
+
     def _route_series(self, rec: SeriesRecord, report: TickReport) -> None:
         # the list this tick started from may be many seconds old (a slow series before this one)
         rec = self.spool.get_series(rec.key)
         if rec is None or not _needs_routing(rec):
             return  # removed or routed meanwhile
-        check = check_ready(rec.last_received_at, rec.released_at, self.clock(),
-                            self.config.completeness.quiet_time_s)
+        check = self.completeness(rec)
         if not check.ready:
+            if report.next_ready_at is None or check.ready_at < report.next_ready_at:
+                report.next_ready_at = check.ready_at
             return
         started = time.monotonic()
         try:

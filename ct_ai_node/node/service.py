@@ -165,18 +165,22 @@ class Node:
 
     def _released(self, calling_ae: str, host: str, keys) -> None:
         """An association that stored instances ended: its series are complete after the
-        release wait, so the dispatcher's next tick is pulled to that moment instead of
-        coming up to ``check_interval_s`` later (the same single tick job: ticks never overlap)."""
-        from datetime import datetime, timedelta
+        release wait (the shorter one when it carried a whole series), so the dispatcher's
+        next tick is pulled to that moment instead of coming up to ``check_interval_s``
+        later. A series that needs the longer wait sets the tick after (``_tick``)."""
+        c = self.config.completeness
+        self._pull_tick(time.time() + min(c.quiet_time_s, c.whole_series_release_wait_s, c.release_wait_s))
 
-        from ct_ai_node.rules.completeness import RELEASE_WAIT_S
+    def _pull_tick(self, at: float) -> None:
+        """Run the dispatch tick at ``at`` (time.time()) if that is sooner than planned (the
+        same single tick job: ticks never overlap)."""
+        from datetime import datetime
 
         scheduler = self._scheduler
         job = scheduler.get_job("dispatch") if scheduler is not None and scheduler.running else None
         if job is None:
             return
-        wait = min(self.config.completeness.quiet_time_s, RELEASE_WAIT_S) + RELEASE_TICK_MARGIN_S
-        when = datetime.now(scheduler.timezone) + timedelta(seconds=wait)
+        when = datetime.fromtimestamp(at + RELEASE_TICK_MARGIN_S, scheduler.timezone)
         try:
             if job.next_run_time is None or job.next_run_time > when:
                 job.modify(next_run_time=when)
@@ -185,9 +189,12 @@ class Node:
 
     def _tick(self) -> None:
         try:
-            self.dispatcher.tick()
+            report = self.dispatcher.tick()
         except Exception:  # the timer must keep running
             logger.exception("dispatcher tick failed")
+            return
+        if report.next_ready_at is not None:  # a series completes before the next interval tick
+            self._pull_tick(report.next_ready_at)
 
     def _notify(self) -> None:
         web = self.config.web
@@ -252,7 +259,7 @@ class Node:
                 watchdog.cancel()
 
 
-#: after a release the tick comes this much after the release wait (the series is then surely ready)
+#: a pulled tick comes this much after the series is due (it is then surely ready)
 RELEASE_TICK_MARGIN_S = 0.05
 #: stop() waits up to 10 s for workers and for associations each; beyond this, something hangs
 STOP_DEADLINE_S = 45.0

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ct_ai_node.config import NodeConfig
+from ct_ai_node.config import DEFAULT_LUNGS, DEFAULT_PIPELINE, NodeConfig
 from ct_ai_node.jobqueue import Job, JobState, LeaseLost
 from ct_ai_node.logs import configure_logging, series_ref
 from ct_ai_node.node.revisions import RevisionLog, instance_fingerprint
@@ -97,6 +97,13 @@ def worker_lane(config: NodeConfig) -> str:
     return config.workers.lane or f"{socket.gethostname()}:{Path(config.storage.outbox_dir).resolve()}"
 
 
+def analyses_of(config: NodeConfig) -> list[tuple[str, str]]:
+    """The (pipeline, lungs) pairs the rules' ``analyse`` actions ask for, in rule order."""
+    actions = [*config.rules, config.routing.fallback]
+    pairs = [(a.pipeline or DEFAULT_PIPELINE, a.lungs or DEFAULT_LUNGS) for a in actions if a.action == "analyse"]
+    return list(dict.fromkeys(pairs))
+
+
 class Worker:
     def __init__(self, config: NodeConfig, owner: str | None = None, queue=None, spool=None):
         from ct_ai_node.jobqueue.factory import open_queue, shared_target
@@ -117,6 +124,31 @@ class Worker:
         self._waiting_parent: int | None = None
         #: a JobLogHandler keeping the lines logged during each job (worker processes)
         self.job_log = None
+        #: the networks, kept loaded from one series to the next (a ModelCache; made on first
+        #: use, so that a worker that only delivers never imports torch)
+        self._models = None
+
+    def models(self):
+        if self._models is None:
+            from ct_ai_node.pipeline.model_cache import ModelCache
+
+            self._models = ModelCache()
+        return self._models
+
+    def warm_up(self) -> None:
+        """Build the networks of every analysis the rules ask for and run them once on a small
+        phantom, before the first series (their one-time costs stay out of its time). A
+        failure here is logged; the analysis itself then says what is wrong."""
+        from ct_ai_node.analyze import resolve_device
+
+        for pipeline, lungs in analyses_of(self.config):
+            try:
+                seconds = self.models().warm_up(pipeline, lungs, "unet", resolve_device(self.config.workers.device),
+                                              None)
+            except Exception as exc:  # noqa: BLE001 - the first job reports it with its reason
+                logger.warning("warm-up of %s failed: %s", pipeline, " ".join(str(exc).split())[:200])
+                continue
+            logger.info("%s networks (lungs %s) loaded and warmed up in %.1f s", pipeline, lungs, seconds)
 
     # -- loop --------------------------------------------------------------------------
 
@@ -255,15 +287,15 @@ class Worker:
         scratch = self.outbox / f"fetched-{job.id}"
         try:
             source, _, uids = self._open_series(job, scratch)
-            options = AnalyzeOptions(pipeline=job.payload.get("pipeline") or "radlogics",
-                                     lungs=job.payload.get("lungs") or "unet",
+            options = AnalyzeOptions(pipeline=job.payload.get("pipeline") or DEFAULT_PIPELINE,
+                                     lungs=job.payload.get("lungs") or DEFAULT_LUNGS,
                                      device=self.config.workers.device)
             # the same instances again -> the same revision and result UIDs; changed -> the next
             fingerprint = instance_fingerprint(uids)
             plan = self.revisions.plan(key, options.pipeline, fingerprint)
             options.revision, options.predecessor = plan.revision, plan.predecessor
             start = time.perf_counter()
-            doc = analyze_folder(source, out, options)
+            doc = analyze_folder(source, out, options, models=self.models())
             seconds = time.perf_counter() - start
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -468,6 +500,7 @@ def worker_process_main(config: NodeConfig, owner: str, log_level: int = logging
     stop = StopSignals((signal.SIGTERM,), ignored=(signal.SIGINT,)).install()
     _preload()
     worker = Worker(config, owner)
+    worker.warm_up()
     worker.exit_on_overrun = True
     from ct_ai_node.node.job_log import JobLog, JobLogHandler
 

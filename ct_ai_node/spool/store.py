@@ -32,7 +32,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 from ct_ai_node.logs import series_ref
 
@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS series (
     last_received_at REAL NOT NULL,
     instance_count INTEGER NOT NULL DEFAULT 0,
     released_at REAL,
+    release_carried INTEGER,
     state TEXT NOT NULL DEFAULT 'receiving',
     updated_at REAL NOT NULL,
     reason TEXT
@@ -123,6 +124,9 @@ class SeriesRecord:
     state: str
     updated_at: float
     reason: str | None = None  # why the series is ``failed``
+    #: how many of the series' instances the released association carried; None when another
+    #: association was still storing into the series (or the sender did not say)
+    release_carried: int | None = None
 
 
 @dataclass
@@ -239,9 +243,12 @@ class Spool:
             self._db.execute(f"PRAGMA synchronous={synchronous}")
             self._db.executescript(_SCHEMA)
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(series)")}
-            if "reason" not in columns:  # a database from before the failed state
+            # databases from before the failed state, and before the association's opening time
+            for column, kind in (("reason", "TEXT"), ("release_carried", "INTEGER")):
+                if column in columns:
+                    continue
                 try:
-                    self._db.execute("ALTER TABLE series ADD COLUMN reason TEXT")
+                    self._db.execute(f"ALTER TABLE series ADD COLUMN {column} {kind}")
                 except sqlite3.OperationalError as exc:  # another process added it meanwhile
                     if "duplicate column" not in str(exc):
                         raise
@@ -350,7 +357,7 @@ class Spool:
             " VALUES (?,?,?,?,?,?,?,?,?,?,NULL,'receiving',?) ON CONFLICT(key) DO UPDATE SET"
             " last_received_at=max(last_received_at, excluded.last_received_at),"
             " first_received_at=min(first_received_at, excluded.first_received_at),"
-            " instance_count=instance_count+?, released_at=NULL,"
+            " instance_count=instance_count+?, released_at=NULL, release_carried=NULL,"
             " state=CASE WHEN state='complete' THEN 'receiving' ELSE state END,"
             " modality=CASE WHEN modality='' THEN excluded.modality ELSE modality END, updated_at=excluded.updated_at",
             (key, meta.study_instance_uid, meta.series_instance_uid, meta.calling_ae, meta.called_ae,
@@ -386,15 +393,20 @@ class Spool:
             rows = self._db.execute("SELECT sop_instance_uid FROM instances WHERE series_key=?", (key,)).fetchall()
         return [r[0] for r in rows]
 
-    def mark_released(self, calling_ae: str, host: str, keys: Iterable[str]) -> None:
-        """The association that stored into ``keys`` ended (release or abort)."""
+    def mark_released(self, calling_ae: str, host: str, keys: Iterable[str],
+                      carried: Mapping[str, int] | None = None) -> None:
+        """The association that stored into ``keys`` ended (release or abort). ``carried``:
+        how many distinct instances of each series it stored, so that completeness can tell
+        whether it carried the whole series (``rules.completeness.whole_series``); leave out
+        a series that another open association is still storing into."""
         keys = sorted(set(keys))
         if not keys:
             return
+        carried = carried or {}
         now = time.time()
         with self._tx():
-            self._db.executemany("UPDATE series SET released_at=? WHERE key=? AND calling_ae=?",
-                                 [(now, k, calling_ae) for k in keys])
+            self._db.executemany("UPDATE series SET released_at=?, release_carried=? WHERE key=? AND calling_ae=?",
+                                 [(now, carried.get(k), k, calling_ae) for k in keys])
         log.debug("association from %s@%s ended: %d series released", calling_ae, host, len(keys))
 
     def set_series_state(self, key: str, state: str, reason: str | None = None) -> None:

@@ -458,3 +458,16 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
         trees=tree_info,
     )
     return Phantom(hu_out, lab_out, les_out, (float(dz), float(dy), float(dx)), kind, int(seed), params)
+
+
+def phantom_volume(ph: Phantom):
+    """A phantom as the pipeline sees a loaded series (``volume.types.Volume``, axial, no
+    DICOM round trip)."""
+    from ct_ai_node.volume.types import SliceRef, Volume
+
+    dz = ph.spacing[0]
+    slices = [SliceRef(f"2.25.{ph.seed}.{z}", "1.2.840.10008.5.1.4.1.1.2", z + 1, None, (0.0, 0.0, z * dz))
+              for z in range(ph.hu.shape[0])]
+    return Volume(hu=ph.hu.astype(np.float32), spacing=tuple(ph.spacing), orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+                  slices=slices, datasets=[], study_instance_uid="2.25.1", series_instance_uid=f"2.25.{ph.seed}",
+                  frame_of_reference_uid=None)

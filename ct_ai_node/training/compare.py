@@ -102,7 +102,7 @@ def compare_pipelines(out_dir: Path, pipelines: list[str], n_cases: int, device:
     ``infection``: "unet" (the opacity U-Net and its case model decide, the same for every
     pipeline; each method's own probability and slice scores are scored beside) or
     "heatmap" (each pipeline's own map and decision)."""
-    from ct_ai_node.analyze import create_infection_source
+    from ct_ai_node.pipeline.model_cache import create_infection_source
 
     inf = create_infection_source(infection, device, weights_dir)
     inf = _CachedInfection(inf) if inf is not None else None

@@ -26,19 +26,7 @@ from ct_ai_node.training.data import (
     slice_labels,
 )
 from ct_ai_node.training.metrics import confusion, dice, heat_in_lesion_fraction, pointing_game_hit, roc_auc
-from ct_ai_node.volume.types import SliceRef, Volume
-
-AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-
-
-def phantom_volume(ph) -> Volume:
-    """A phantom as the pipeline sees a loaded series (no DICOM round trip)."""
-    dz = ph.spacing[0]
-    slices = [SliceRef(f"2.25.{ph.seed}.{z}", "1.2.840.10008.5.1.4.1.1.2", z + 1, None, (0.0, 0.0, z * dz))
-              for z in range(ph.hu.shape[0])]
-    return Volume(hu=ph.hu.astype(np.float32), spacing=tuple(ph.spacing), orientation=AXIAL, slices=slices, datasets=[],
-                  study_instance_uid="2.25.1", series_instance_uid=f"2.25.{ph.seed}", frame_of_reference_uid=None)
-
+from ct_ai_node.synthetic import phantom_volume  # noqa: F401 - also imported from here
 
 def evaluate_case(ph, method, lungs, other_lungs=None, settings: PipelineSettings | None = None,
                   infection=None) -> dict:
@@ -188,7 +176,7 @@ def evaluate_pipeline(out_dir: Path, n_cases: int, device: torch.device, pipelin
                       weights_dir: Path | None = None, workers: int | None = None,
                       infection: str = "unet", cases: list | None = None) -> dict:
     """``cases``: site cases (``--data``) instead of the held-out phantoms ``seed0`` ..."""
-    from ct_ai_node.analyze import create_infection_source
+    from ct_ai_node.pipeline.model_cache import create_infection_source
 
     out_dir.mkdir(parents=True, exist_ok=True)
     method = create_method(pipeline, device, weights_dir)

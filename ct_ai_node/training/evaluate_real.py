@@ -47,7 +47,7 @@ def _volume(bg: Background):
 
 def evaluate_real(root: Path, out_dir: Path, device: torch.device, pipeline: str = "radlogics",
                   weights_dir: Path | None = None, held_out: tuple[str, ...] = (), log=print) -> list[dict]:
-    from ct_ai_node.analyze import create_infection_source
+    from ct_ai_node.pipeline.model_cache import create_infection_source
 
     method = create_method(pipeline, device, weights_dir)
     lungs = create_lung_segmenter("unet", device, weights_dir)
