@@ -4,7 +4,9 @@ Logs never carry patient data above DEBUG. Two libraries would break that by def
 pydicom logs and warns about invalid values with the raw value (a malformed
 PatientBirthDate, a person name in the wrong VR), and apscheduler writes an INFO line for
 every dispatcher tick (and a WARNING for every tick skipped while one runs long), burying
-the node's own lines.
+the node's own lines. pynetdicom and highdicom write INFO lines for every instance received
+or sent and every module copied (hundreds per series, and their cost shows in the ingest
+time); the node logs one summary line per association and per result instead.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ def configure_logging(level: int, fmt: str = FORMAT) -> None:
     # a tick that overruns its interval is skipped, with a WARNING each time: normal while
     # a series is routed; a tick that raises is still an ERROR
     logging.getLogger("apscheduler").setLevel(level if level <= logging.DEBUG else logging.ERROR)
+    for chatty in ("pynetdicom", "highdicom"):
+        logging.getLogger(chatty).setLevel(level if level <= logging.DEBUG else max(level, logging.WARNING))
     if level > logging.DEBUG:
         import pydicom.config
 
