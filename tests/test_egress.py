@@ -76,7 +76,8 @@ class StrictSCP:
     """Storage SCP that rejects a wrong called AE title; ``statuses`` maps SOP Instance
     UID -> status to answer (default 0x0000); ``stall`` UIDs get their reply late once."""
 
-    def __init__(self, ae_title="STRICT", sop_classes=(CTImageStorage,)):
+    def __init__(self, ae_title="STRICT", sop_classes=(CTImageStorage,),
+                 syntaxes=(ExplicitVRLittleEndian, ImplicitVRLittleEndian)):
         self.port = peers.free_port()
         self.statuses: dict[str, int] = {}
         self.stall: dict[str, float] = {}
@@ -86,7 +87,7 @@ class StrictSCP:
         ae.require_called_aet = True
         ae.add_supported_context(Verification)
         for sop in sop_classes:
-            ae.add_supported_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+            ae.add_supported_context(sop, list(syntaxes))
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
         self.ae = ae
         self.server = ae.start_server(("127.0.0.1", self.port), block=False,
@@ -198,6 +199,26 @@ def test_dicom_lost_reply_resumes_on_new_association(strict_scp):
     with pytest.raises(DestinationError) as err:
         no_resume.send(FEW)
     assert err.value.retryable is True and "reply lost after 2 of 6" in str(err.value)
+
+
+@pytest.mark.parametrize("peer_syntax,decoded", [(ExplicitVRLittleEndian, 0), (ImplicitVRLittleEndian, 6)])
+def test_files_go_as_their_bytes_unless_the_peer_takes_only_another_syntax(monkeypatch, peer_syntax, decoded):
+    """Issue 15: a Part-10 file in a syntax the peer accepted goes out undecoded; a peer that
+    takes only implicit VR gets the explicit-VR files converted (read, then encoded again)."""
+    import ct_ai_node.egress.dicom as egress_dicom
+
+    assert {str(dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID) for p in FEW} == {
+        ExplicitVRLittleEndian}
+    reads = []
+    real_read = egress_dicom._read
+    monkeypatch.setattr(egress_dicom, "_read", lambda path, **kw: reads.append(path) or real_read(path, **kw))
+    scp = StrictSCP(syntaxes=(peer_syntax,))
+    try:
+        report = DicomDestination("pacs", "127.0.0.1", scp.port, "STRICT").send(FEW)
+    finally:
+        scp.close()
+    assert report.sent == len(FEW) and sorted(scp.received) == sorted(sop_uids(FEW))
+    assert len(reads) == decoded
 
 
 def test_over_long_uid_is_offered_to_the_peer(tmp_path, strict_scp):

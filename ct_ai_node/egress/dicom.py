@@ -1,8 +1,11 @@
 """``DicomDestination``: C-STORE SCU (pynetdicom) to a PACS or any Storage SCP.
 
 One association per ``send``; one presentation context per (SOP class, transfer
-syntax) found in the files, read from their headers. Each file is stored as read,
-with its own SOP Instance UID, so a re-send is idempotent at the peer.
+syntax) found in the files, read from their File Meta Information. Each file is stored
+as read, with its own SOP Instance UID, so a re-send is idempotent at the peer. A Part-10
+file whose transfer syntax the peer accepted as is goes out as its bytes, never decoded
+and encoded again (pynetdicom's chunked sending); others (a bare data set, a syntax the
+peer takes only in the other uncompressed encoding) are read and converted by pynetdicom.
 
 Error classification (``DestinationError.retryable``):
 
@@ -36,6 +39,8 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import _config as pynetdicom_config
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
@@ -47,7 +52,13 @@ log = logging.getLogger(__name__)
 
 # a stored instance whose UID is over 64 characters is offered to the peer, not refused here
 install_lenient_uid_validator()
+# send_c_store(path) sends the file's bytes without decoding them (only with an exactly
+# matching accepted context; _store checks that first). Decoding and encoding each result
+# again cost about half of the sending time (277 objects of a 300-slice chest CT).
+pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
 
+#: how often pynetdicom's reader thread looks for data while we send (seconds)
+SEND_POLL_S = 0.0002
 #: DICOM allows at most 128 presentation contexts in one association request
 MAX_CONTEXTS = 128
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -61,6 +72,8 @@ class _Item:
     sop_class: str
     transfer_syntax: str
     size: int
+    #: the File Meta Information names the SOP class and instance and the transfer syntax
+    part10: bool = False
 
 
 def _read(path: Path, *, headers_only: bool) -> Dataset:
@@ -76,6 +89,14 @@ def _read(path: Path, *, headers_only: bool) -> Dataset:
 
 def _inspect(path: Path) -> _Item:
     try:
+        meta = read_file_meta_info(path)
+    except (OSError, InvalidDicomError, ValueError, AttributeError):
+        meta = None
+    if meta is not None and all(meta.get(k) for k in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID",
+                                                       "TransferSyntaxUID")):
+        return _Item(path, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID), path.stat().st_size,
+                     part10=True)
+    try:
         ds = _read(path, headers_only=True)
         sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
         if not sop_class:
@@ -83,6 +104,12 @@ def _inspect(path: Path) -> _Item:
         return _Item(path, str(sop_class), str(ds.file_meta.TransferSyntaxUID), path.stat().st_size)
     except (OSError, InvalidDicomError, ValueError, AttributeError) as exc:
         raise DestinationError(f"cannot read {path.name}: {exc}", retryable=False) from exc
+
+
+def _accepted(assoc: Association) -> set[tuple[str, str]]:
+    """(SOP class, transfer syntax) pairs the peer accepted on this association."""
+    return {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
+            if cx.transfer_syntax}
 
 
 def _contexts(items: list[_Item]) -> list:
@@ -183,6 +210,11 @@ class DicomDestination:
                              max_pdu=self.max_pdu, evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay)],
                              tls_args=tls_args)
         if assoc.is_established:
+            # pynetdicom's reader thread sleeps this long whenever it finds nothing to do (1 ms,
+            # "higher uses less CPU when idle"); each C-STORE waits on it: 0.2 ms while we send
+            # (277 results of a chest CT: 1.9 s -> 1.5 s to a storescp on loopback)
+            if hasattr(assoc.dul, "_run_loop_delay"):
+                assoc.dul._run_loop_delay = SEND_POLL_S
             return assoc
         where = f"{self.ae_title}@{self.host}:{self.port}"
         if self.tls is not None and not assoc.is_rejected:
@@ -207,13 +239,16 @@ class DicomDestination:
 
     def _store(self, assoc: Association, item: _Item) -> str:
         """Send one file; the classified status, or _ReplyLost."""
-        try:
-            ds = _read(item.path, headers_only=False)
-        except (OSError, InvalidDicomError, ValueError) as exc:
-            raise self._error(f"cannot read {item.path.name}: {exc}", retryable=False) from exc
+        if item.part10 and (item.sop_class, item.transfer_syntax) in _accepted(assoc):
+            ds = item.path  # its bytes as they are
+        else:
+            try:
+                ds = _read(item.path, headers_only=False)
+            except (OSError, InvalidDicomError, ValueError) as exc:
+                raise self._error(f"cannot read {item.path.name}: {exc}", retryable=False) from exc
         try:
             rsp = assoc.send_c_store(ds)
-        except ValueError as exc:  # no accepted context fits this file
+        except (ValueError, AttributeError) as exc:  # no accepted context fits this file
             raise self._error(f"cannot send {item.path.name}: {exc}", retryable=False) from exc
         except RuntimeError as exc:  # the association went away underneath us
             raise _ReplyLost(str(exc)) from exc
@@ -225,7 +260,7 @@ class DicomDestination:
             raise self._error(f"C-STORE of {item.path.name} failed with status 0x{status:04X}",
                               retryable=outcome == "retry")
         if outcome == "warning":
-            log.debug("C-STORE %s warning 0x%04X", ds.SOPInstanceUID, status)
+            log.debug("C-STORE %s warning 0x%04X", item.path.name, status)
         return outcome
 
     def send(self, paths: list[Path]) -> SendReport:
