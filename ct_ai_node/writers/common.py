@@ -323,7 +323,9 @@ def opacity_volumes_ml(result: AnalysisResult, voxel_ml: float) -> tuple[float |
     """(ground-glass opacity, consolidation) volumes in ml: the pipeline's values, else
     counted from the masks, else None."""
     ggo, consolidation = result.ggo_volume_ml, result.consolidation_volume_ml
-    masks = opacity_masks(result)
+    if ggo is not None and consolidation is not None:
+        return float(ggo), float(consolidation)
+    masks = opacity_masks(result)  # three passes over the whole volume: only when needed
     if masks is not None:
         if ggo is None:
             ggo = float(np.count_nonzero(masks[0]) * voxel_ml)
