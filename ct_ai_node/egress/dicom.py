@@ -106,6 +106,22 @@ def _inspect(path: Path) -> _Item:
         raise DestinationError(f"cannot read {path.name}: {exc}", retryable=False) from exc
 
 
+def _let_reactor_resume(assoc: Association, limit_s: float = 0.05) -> None:
+    """Wait (briefly) until pynetdicom's association reactor has resumed after a C-STORE.
+
+    pynetdicom 3.0.4 pauses its reactor thread for each C-STORE with a flag that can be
+    stale: when the next ``send_c_store`` starts before the reactor woke from the previous
+    pause, it sees "paused", sends, and the waking reactor takes the reply off the queue as
+    an "unexpected C-STORE service message"; the sender then waits out the DIMSE timeout
+    (30 s, seen about once in six 600-slice deliveries: docs/performance.md). Once the
+    reactor has cleared the flag, the next send waits for a real pause."""
+    if not hasattr(assoc, "_is_paused"):
+        return
+    deadline = time.monotonic() + limit_s
+    while assoc._is_paused and assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.00005)
+
+
 def _accepted(assoc: Association) -> set[tuple[str, str]]:
     """(SOP class, transfer syntax) pairs the peer accepted on this association."""
     return {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
@@ -248,6 +264,7 @@ class DicomDestination:
                 raise self._error(f"cannot read {item.path.name}: {exc}", retryable=False) from exc
         try:
             rsp = assoc.send_c_store(ds)
+            _let_reactor_resume(assoc)
         except (ValueError, AttributeError) as exc:  # no accepted context fits this file
             raise self._error(f"cannot send {item.path.name}: {exc}", retryable=False) from exc
         except RuntimeError as exc:  # the association went away underneath us
