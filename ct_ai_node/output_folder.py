@@ -10,6 +10,7 @@ Without ``fork`` (or on one core) everything runs here, with the same files.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing
 import os
@@ -24,7 +25,7 @@ import pydicom
 from ct_ai_node.errors import OutputError
 from ct_ai_node.pipeline.types import AnalysisResult
 from ct_ai_node.volume.types import Volume
-from ct_ai_node.writers import OutputSet, build_heatmap_series, build_outputs, one_line
+from ct_ai_node.writers import OutputSet, build_outputs, iter_heatmap_series, one_line
 from ct_ai_node.writers.source_header import sanitise_volume
 from ct_ai_node.writers.common import ResultUids, SeriesNumbers
 
@@ -44,17 +45,28 @@ def heatmap_file_name(number: int) -> str:
 
 def _write_heatmaps(volume: Volume, result: AnalysisResult, out_dir: Path, series_number_base: int,
                     uids: ResultUids) -> dict:
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-        images = build_heatmap_series(volume, result, SeriesNumbers(series_number_base).heatmap, uids=uids)
-    built = time.perf_counter()
-    names = {}
-    for number, ds in enumerate(images, start=1):
-        write_dataset(ds, out_dir / heatmap_file_name(number))
-        names[heatmap_file_name(number)] = str(ds.SOPClassUID)
-    return {"outputs": names, "timings": {"heatmap": round(built - start, 3),
-                                          "write_heatmaps": round(time.perf_counter() - built, 3)}}
+    build_s = write_s = 0.0
+    names: dict[str, str] = {}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+            images = iter_heatmap_series(volume, result, SeriesNumbers(series_number_base).heatmap, uids=uids)
+            for number in itertools.count(1):
+                t0 = time.perf_counter()
+                ds = next(images, None)
+                t1 = time.perf_counter()
+                build_s += t1 - t0
+                if ds is None:
+                    break
+                # each image is stored before the next is built: one in memory, not the series
+                write_dataset(ds, out_dir / heatmap_file_name(number))
+                names[heatmap_file_name(number)] = str(ds.SOPClassUID)
+                write_s += time.perf_counter() - t1
+    except BaseException:  # no partial series left behind: the outputs say there is none
+        for name in names:
+            (out_dir / name).unlink(missing_ok=True)
+        raise
+    return {"outputs": names, "timings": {"heatmap": round(build_s, 3), "write_heatmaps": round(write_s, 3)}}
 
 
 def _heatmap_child(volume, result, out_dir, series_number_base, uids, conn) -> None:

@@ -263,10 +263,15 @@ def test_write_outputs_keeps_files_when_the_heatmap_series_fails(monkeypatch, tm
     volume = damaged_volume("deidentified")
     result = make_result(volume)
 
-    def broken(*args, **kwargs):
+    real = output_folder.iter_heatmap_series
+
+    def broken(*args, **kwargs):  # two images built (and stored), then the third fails
+        images = real(*args, **kwargs)
+        yield next(images)
+        yield next(images)
         raise RuntimeError("renderer exploded")
 
-    monkeypatch.setattr(output_folder, "build_heatmap_series", broken)  # the forked child inherits it
+    monkeypatch.setattr(output_folder, "iter_heatmap_series", broken)  # the forked child inherits it
     written = output_folder.write_outputs(volume, result, tmp_path, parallel=parallel)
     files = sorted(p.name for p in tmp_path.glob("*.dcm"))
     assert files == sorted(written.outputs)

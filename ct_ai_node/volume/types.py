@@ -60,6 +60,15 @@ class Volume:
     def is_multiframe(self) -> bool:
         return any(s.frame_number is not None for s in self.slices)
 
+    def release_source_pixels(self) -> None:
+        """Drop the encoded pixel data from ``datasets`` (``hu`` holds the image): the
+        writers need only the headers, and the pixels of a 600-slice series are 300 MB
+        held through the whole analysis."""
+        for ds in self.datasets:
+            for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+                if keyword in ds:
+                    delattr(ds, keyword)
+
     def dataset_for(self, z: int) -> pydicom.Dataset:
         """The source dataset holding slice ``z``."""
         uid = self.slices[z].sop_instance_uid

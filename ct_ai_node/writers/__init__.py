@@ -34,6 +34,7 @@ from ct_ai_node.writers.common import ResultUids, SeriesNumbers
 from ct_ai_node.writers.heatmap import HeatStyle
 from ct_ai_node.writers.secondary_capture import (
     build_heatmap_series,
+    iter_heatmap_series,
     build_key_image_series,
     build_key_object_selection,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "SeriesNumbers",
     "build_all",
     "build_heatmap_series",
+    "iter_heatmap_series",
     "build_key_image_series",
     "build_key_object_selection",
     "build_outputs",

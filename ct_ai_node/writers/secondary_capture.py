@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -170,7 +170,22 @@ def build_heatmap_series(
     institution_name: str | None = None,
     uids: common.ResultUids | None = None,
 ) -> list[hd.sc.SCImage]:
-    """One RGB Secondary Capture per source slice that contains lung.
+    """The heat-map series as a list (:func:`iter_heatmap_series`)."""
+    return list(iter_heatmap_series(volume, result, series_number, style=style, institution_name=institution_name,
+                                    uids=uids))
+
+
+def iter_heatmap_series(
+    volume: Volume,
+    result: AnalysisResult,
+    series_number: int,
+    *,
+    style: HeatStyle = HeatStyle(),
+    institution_name: str | None = None,
+    uids: common.ResultUids | None = None,
+) -> Iterator[hd.sc.SCImage]:
+    """One RGB Secondary Capture per source slice that contains lung, built one at a time
+    (a writer that stores each before the next holds one image, not 300-600 of them).
 
     Parameters
     ----------
@@ -184,10 +199,10 @@ def build_heatmap_series(
     institution_name
         (0008,0080) Institution Name, optional.
 
-    Returns
-    -------
-    list of highdicom.sc.SCImage
-        In the source's scrolling order; (0020,0013) Instance Number 1..N. Empty when
+    Yields
+    ------
+    highdicom.sc.SCImage
+        In the source's scrolling order; (0020,0013) Instance Number 1..N. None when
         no slice contains lung.
     """
     common.check_result_matches(volume, result)
@@ -195,7 +210,7 @@ def build_heatmap_series(
     zs = _display_order(volume, result.lung_slices)
     if not zs:
         logger.info("no slice contains lung: no heat-map series")
-        return []
+        return
     uids = uids or common.ResultUids.for_analysis(volume, result)
     writer = _SeriesWriter(
         volume, result,
@@ -206,14 +221,13 @@ def build_heatmap_series(
         uids=uids,
         role="heatmap",
     )
-    images = []
     counted = common.with_opacity_volumes(result, volume.voxel_volume_ml)  # once, not per slice
-    with common.building("heat-map SC"):
-        for number, z in enumerate(zs, start=1):
+    for number, z in enumerate(zs, start=1):
+        with common.building("heat-map SC"):
             caption = common.caption_for(counted, z)
             rgb = render_slice(volume.hu[z], result.heatmap[z], lung[z], caption, style)
-            images.append(writer.image(z, rgb, number))
-    return images
+            image = writer.image(z, rgb, number)
+        yield image
 
 
 def build_key_image_series(
