@@ -20,6 +20,36 @@ CASE_CLASS_TEXT = {"covid_like": "COVID-19-like pneumonia", "other_pneumonia": "
                    "no_pneumonia": "No pneumonia"}
 
 
+#: the five lobes, in this order everywhere (result.json, SEG, SR, PDF); a lobe's label value
+#: in ``AnalysisResult.lobe_labels`` (and the phantom generator's) is its index + 1
+LOBES = ("right_upper", "right_middle", "right_lower", "left_upper", "left_lower")
+LOBE_TEXT = {"right_upper": "Right upper lobe", "right_middle": "Right middle lobe",
+             "right_lower": "Right lower lobe", "left_upper": "Left upper lobe", "left_lower": "Left lower lobe"}
+
+
+@dataclass(frozen=True)
+class LobeInvolvement:
+    """The opacity in one lobe and its CT severity score (0-5; ``pipeline.severity``)."""
+
+    name: str  # one of LOBES
+    volume_ml: float
+    ggo_ml: float
+    consolidation_ml: float
+    #: (ground glass + consolidation) share of the lobe, %
+    involvement_percent: float
+    severity: int
+
+
+@dataclass(frozen=True)
+class CategorySuggestion:
+    """An AI suggestion of the reporting category, for the radiologist (``pipeline.category``)."""
+
+    co_rads: int  # 1-5 (CO-RADS 6 needs a positive RT-PCR: never suggested)
+    rsna: str  # "typical", "indeterminate", "atypical" or "negative"
+    #: the features that led to it, in words, most telling first
+    features: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class AlgorithmInfo:
     """Identifies the model in every output (SEG AlgorithmIdentification, SC caption, SR)."""
@@ -71,6 +101,13 @@ class AnalysisResult:
     method_probability: float | None = None
     #: the method's own slice scores when the opacity scores replaced them (float32 (z,))
     method_slice_scores: np.ndarray | None = None
+    #: uint8 (z, y, x): 0 outside the lungs, 1..5 the LOBES; None without a lobe segmentation
+    lobe_labels: np.ndarray | None = None
+    #: one entry per lobe in LOBES order (empty without lobes)
+    lobes: list[LobeInvolvement] = field(default_factory=list)
+    #: sum of the lobes' severities, 0-25 (None without lobes)
+    ct_severity_score: int | None = None
+    category: CategorySuggestion | None = None
 
     @property
     def is_positive(self) -> bool:
