@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
-DEBIAN_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-python chromium openssl postgresql
+DEBIAN_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-python chromium openssl postgresql poppler-utils
 # The OHIF viewer test (tests/test_ohif_viewer.py): OHIF's prebuilt app (npm @ohif/app ships
 # dist/) and playwright-core to drive Debian's chromium, into the gitignored .ohif/
 OHIF_VERSION := 3.13.2
@@ -28,7 +28,7 @@ install: $(VENV)/.installed
 # Real DICOM peers and validators for the tests (Debian packages), when apt is there.
 system-deps:
 	@missing=""; \
-	for tool in dciodvfy storescu; do command -v $$tool >/dev/null || missing=yes; done; \
+	for tool in dciodvfy storescu pdftoppm pdftotext; do command -v $$tool >/dev/null || missing=yes; done; \
 	command -v Orthanc >/dev/null || test -x /usr/sbin/Orthanc || missing=yes; \
 	test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing=yes; \
 	command -v chromium >/dev/null || missing=yes; \

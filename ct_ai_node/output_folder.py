@@ -4,7 +4,7 @@ The writers are pure and single-threaded Python (highdicom, pydicom encoding), a
 heat-map series is about half of their work (one RGB Secondary Capture per lung
 slice). On a machine with two or more cores the heat-map series is built and written
 by a forked child process while this process builds and writes the SEG, key images,
-SR and KOS: the child inherits the volume and result without copying or pickling.
+SR, KOS and PDF report: the child inherits the volume and result without copying or pickling.
 Without ``fork`` (or on one core) everything runs here, with the same files.
 """
 
@@ -88,7 +88,7 @@ def _can_fork() -> bool:
 class WrittenOutputs:
     """What :func:`write_outputs` wrote."""
 
-    #: file name -> SOP Class UID, in the order seg, heat maps, key images, SR, KOS
+    #: file name -> SOP Class UID, in the order seg, heat maps, key images, SR, KOS, PDF report
     outputs: dict[str, str]
     #: seconds per step
     timings: dict[str, float]

@@ -6,8 +6,9 @@ fresh page, as a PACS link would (``initialSeriesInstanceUID``).
 
 Checked: the display SR opens on the CT image it references, with its region drawn and
 its area label, and no error; the SEG overlay lands on the lesion slice with the pixel
-counts and centroids of our SEG; both Secondary Capture series display. Screenshots go
-to ``out/test-artifacts/ohif/``.
+counts and centroids of our SEG; both Secondary Capture series display; the PDF report
+(Encapsulated PDF, DOC) is listed in the study's series panel. Screenshots go to
+``out/test-artifacts/ohif/``.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def _expected(out: Path) -> dict:
         "segment_labels": {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence},
         "segment_stats": stats,
         "counts": {"heatmap": len(list(out.glob("heatmap_*.dcm"))), "key_images": len(list(out.glob("key_*.dcm")))},
+        "pdf_report": pydicom.dcmread(out / "report_pdf.dcm", stop_before_pixels=True),
     }
 
 
@@ -212,6 +214,17 @@ def test_secondary_capture_series_display(viewer, name):
     assert f"/series/{exp['series'][name]}/" in str(vp["imageId"]), f"{name}: viewport shows {vp['imageId']}"
     assert vp["imageLoaded"] and vp["color"], f"{name}: no RGB image rendered: {vp}"
     assert vp["count"] == exp["counts"][name]
+
+
+def test_pdf_report_is_listed_in_the_series_panel(viewer):
+    """The series panel beside the heat maps lists the DOC series with its description
+    and number (opening it is OHIF's PDF extension's job: not checked here)."""
+    pages, exp = viewer
+    pdf = exp["pdf_report"]
+    panel = pages["heatmap"]["bodyText"].splitlines()
+    assert "DOC" in " ".join(panel), f"no DOC modality in the study list: {panel[:8]}"
+    at = panel.index(str(pdf.SeriesDescription)) if str(pdf.SeriesDescription) in panel else -1
+    assert at > 0 and panel[at - 1] == "DOC" and panel[at + 1] == f"S:{pdf.SeriesNumber}", panel
 
 
 def test_full_report_still_trips_ohif_3_13(viewer):

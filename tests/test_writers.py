@@ -453,7 +453,8 @@ def test_build_outputs_names_series_and_uids(volume, result):
     assert "heatmap_0001.dcm" in names and "key_0001.dcm" in names
     assert len(set(names)) == len(names)
     numbers = {n.removesuffix(".dcm").rstrip("_0123456789"): int(ds.SeriesNumber) for n, ds in named}
-    assert numbers == {"seg": 901, "heatmap": 902, "key": 903, "sr": 904, "ko": 905, "sr_display": 908}
+    assert numbers == {"seg": 901, "heatmap": 902, "key": 903, "sr": 904, "ko": 905, "sr_display": 908,
+                       "report_pdf": 909}
     datasets = [ds for _, ds in named]
     assert len({ds.SOPInstanceUID for ds in datasets}) == len(datasets)
     assert {ds.StudyInstanceUID for ds in datasets} == {volume.study_instance_uid}
@@ -461,12 +462,13 @@ def test_build_outputs_names_series_and_uids(volume, result):
     for name, ds in named:
         series_uids.setdefault(name.removesuffix(".dcm").rstrip("_0123456789"), set()).add(ds.SeriesInstanceUID)
     assert all(len(v) == 1 for v in series_uids.values())
-    assert len(set().union(*series_uids.values())) == 6
+    assert len(set().union(*series_uids.values())) == 7
     assert volume.series_instance_uid not in set().union(*series_uids.values())
     for ds in datasets:
         assert ds.Manufacturer == "ct-ai-node"
         assert "NOT FOR DIAGNOSTIC USE" in ds.SeriesDescription
     assert out.sop_classes()["seg.dcm"] == SegmentationStorage
+    assert out.sop_classes()["report_pdf.dcm"] == "1.2.840.10008.5.1.4.1.1.104.1"  # Encapsulated PDF
     assert len(build_all(volume, result)) == len(datasets)
 
 

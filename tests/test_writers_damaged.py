@@ -154,7 +154,7 @@ def test_damaged_headers_give_valid_outputs_and_name_the_repair(case, tmp_path):
     out = build_outputs(volume, result)
     names = [name for name, _ in out.named()]
     assert "seg.dcm" in names and "sr.dcm" in names and "ko.dcm" in names and "key_0001.dcm" in names
-    assert any(n.startswith("heatmap_") for n in names)
+    assert any(n.startswith("heatmap_") for n in names) and "report_pdf.dcm" in names
     assert not [w for w in out.warnings if "not written" in w], out.warnings
     expected = CASES[case][1]
     assert any(expected in w for w in out.warnings), (expected, out.warnings)
@@ -225,7 +225,7 @@ def test_a_failing_heatmap_writer_keeps_the_other_outputs(monkeypatch):
     out = build_outputs(volume, result)
     names = [n for n, _ in out.named()]
     assert not any(n.startswith("heatmap_") for n in names)
-    assert {"seg.dcm", "sr.dcm", "ko.dcm", "key_0001.dcm"} <= set(names)
+    assert {"seg.dcm", "sr.dcm", "ko.dcm", "key_0001.dcm", "report_pdf.dcm"} <= set(names)
     failed = [w for w in out.warnings if "not written" in w]
     assert failed == ["heat-map series not written: RuntimeError: renderer exploded"]
 

@@ -14,6 +14,7 @@ key-image SC series :func:`secondary_capture.build_key_image_series`  ``key_0001
 SR (TID 1500)       :func:`sr.build_sr`                        ``sr.dcm``        base+4
 display SR          :func:`sr.build_display_sr`  (OHIF draws it)  ``sr_display.dcm``  base+8
 KOS (optional)      :func:`secondary_capture.build_key_object_selection`  ``ko.dcm``  base+5
+PDF report          :func:`pdf_report.build_pdf_report` (Encapsulated PDF)  ``report_pdf.dcm``  base+9
 ==================  =========================================  ================  ======
 """
 
@@ -32,6 +33,7 @@ from ct_ai_node.pipeline.types import AnalysisResult
 from ct_ai_node.volume.types import Volume
 from ct_ai_node.writers.common import ResultUids, SeriesNumbers
 from ct_ai_node.writers.heatmap import HeatStyle
+from ct_ai_node.writers.pdf_report import build_pdf_report
 from ct_ai_node.writers.secondary_capture import (
     build_heatmap_series,
     iter_heatmap_series,
@@ -56,6 +58,7 @@ __all__ = [
     "build_key_image_series",
     "build_key_object_selection",
     "build_outputs",
+    "build_pdf_report",
     "build_seg",
     "build_display_sr",
     "build_sr",
@@ -73,16 +76,18 @@ class OutputSet:
     key_images: list[Dataset] = field(default_factory=list)
     sr: Dataset | None = None
     key_object_selection: Dataset | None = None
-    #: seconds spent per builder ("seg", "heatmap", "key_images", "sr", "ko")
+    #: seconds spent per builder ("seg", "heatmap", "key_images", "sr", "ko", "pdf_report")
     timings_s: dict[str, float] = field(default_factory=dict)
     #: one line per source-header repair and per object that could not be built
     warnings: list[str] = field(default_factory=list)
     #: the display SR: the SR's planar finding alone, which image viewers can draw
     display_sr: Dataset | None = None
+    #: the one-page PDF report as an Encapsulated PDF (Modality DOC)
+    pdf_report: Dataset | None = None
 
     def named(self) -> Iterator[tuple[str, Dataset]]:
         """(file name, dataset) pairs: ``seg.dcm``, ``heatmap_0001.dcm``...,
-        ``key_0001.dcm``..., ``sr.dcm``, ``sr_display.dcm``, ``ko.dcm``."""
+        ``key_0001.dcm``..., ``sr.dcm``, ``sr_display.dcm``, ``ko.dcm``, ``report_pdf.dcm``."""
         if self.seg is not None:
             yield "seg.dcm", self.seg
         for i, ds in enumerate(self.heatmaps, start=1):
@@ -95,6 +100,8 @@ class OutputSet:
             yield "sr_display.dcm", self.display_sr
         if self.key_object_selection is not None:
             yield "ko.dcm", self.key_object_selection
+        if self.pdf_report is not None:
+            yield "report_pdf.dcm", self.pdf_report
 
     def datasets(self) -> list[Dataset]:
         return [ds for _, ds in self.named()]
@@ -116,11 +123,13 @@ def build_outputs(
     style: HeatStyle = HeatStyle(),
     uids: ResultUids | None = None,
     sanitise: bool = True,
+    pdf_report: bool = True,
 ) -> OutputSet:
     """Build every result object of one analysis.
 
     Series numbers: SEG ``base+1``, heat maps ``base+2``, key images ``base+3``, SR
-    ``base+4``, key object selection ``base+5``. The SR references the SEG and lists the
+    ``base+4``, key object selection ``base+5``, display SR ``base+8``, PDF report
+    ``base+9``. The SR references the SEG and lists the
     key images as evidence. UIDs come from ``uids`` (by default derived from the source
     series and the model, revision 1): the same analysis gives the same UIDs.
 
@@ -146,7 +155,7 @@ def build_outputs(
             source = sanitise_volume(volume)
             volume, notes = source.volume, list(source.notes)
         out = _build_outputs(volume, result, series_number_base, institution_name, heatmaps, key_images,
-                             key_object_selection, style, uids)
+                             key_object_selection, style, uids, pdf_report)
     out.warnings[:0] = notes
     return out
 
@@ -158,7 +167,7 @@ def one_line(exc: BaseException) -> str:
 
 
 def _build_outputs(volume, result, series_number_base, institution_name, heatmaps, key_images,
-                   key_object_selection, style, uids: ResultUids) -> OutputSet:
+                   key_object_selection, style, uids: ResultUids, pdf_report: bool = True) -> OutputSet:
     numbers = SeriesNumbers(series_number_base)
     timings: dict[str, float] = {}
     failures: list[str] = []
@@ -200,7 +209,12 @@ def _build_outputs(volume, result, series_number_base, institution_name, heatmap
               result=result, institution_name=institution_name, uids=uids)
         if key_object_selection and keys else None
     )
-    out = OutputSet(seg, maps, keys, sr, ko, timings, failures, display_sr=display)
+    pdf = (
+        timed("pdf_report", "PDF report", build_pdf_report, volume, result, numbers.pdf_report,
+              institution_name=institution_name, uids=uids, style=style)
+        if pdf_report else None
+    )
+    out = OutputSet(seg, maps, keys, sr, ko, timings, failures, display_sr=display, pdf_report=pdf)
     if not out.datasets() and heatmaps:  # without them, the caller builds the heat maps and decides
         raise OutputError("no result object could be built: " + "; ".join(failures or ["nothing to build"]))
     logger.info(

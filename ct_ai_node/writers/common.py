@@ -86,6 +86,11 @@ class SeriesNumbers:
         """The SR with the drawable finding alone (sr.build_display_sr)."""
         return self.base + 8
 
+    @property
+    def pdf_report(self) -> int:
+        """The one-page PDF report (pdf_report.build_pdf_report)."""
+        return self.base + 9
+
 
 @dataclass(frozen=True)
 class ReportRef:
@@ -217,6 +222,24 @@ def content_date_time(when: datetime.datetime | None = None) -> dict[str, object
         "content_time": when.time().replace(microsecond=0),
         "series_date": when.date(),
         "series_time": when.time().replace(microsecond=0),
+    }
+
+
+def patient_study(first: Dataset) -> dict[str, object]:
+    """Keyword arguments for highdicom's Patient and General Study attributes, copied from
+    a (sanitised) source header: one study, so the first instance serves every object."""
+    return {
+        "study_instance_uid": first.StudyInstanceUID,
+        "patient_id": first.get("PatientID"),
+        "patient_name": first.get("PatientName"),
+        "patient_birth_date": first.get("PatientBirthDate"),
+        "patient_sex": first.get("PatientSex") or None,
+        "accession_number": first.get("AccessionNumber"),
+        "study_id": first.get("StudyID"),
+        "study_date": first.get("StudyDate"),
+        "study_time": first.get("StudyTime"),
+        "referring_physician_name": first.get("ReferringPhysicianName"),
+        "specific_character_set": first.get("SpecificCharacterSet"),
     }
 
 

@@ -87,19 +87,7 @@ class _SeriesWriter:
         # one study, one scanner: patient/study and acquisition equipment come from the
         # first source instance and serve every image of the series
         first = volume.datasets[0]
-        self._patient_study = {
-            "study_instance_uid": first.StudyInstanceUID,
-            "patient_id": first.get("PatientID"),
-            "patient_name": first.get("PatientName"),
-            "patient_birth_date": first.get("PatientBirthDate"),
-            "patient_sex": first.get("PatientSex") or None,
-            "accession_number": first.get("AccessionNumber"),
-            "study_id": first.get("StudyID"),
-            "study_date": first.get("StudyDate"),
-            "study_time": first.get("StudyTime"),
-            "referring_physician_name": first.get("ReferringPhysicianName"),
-            "specific_character_set": first.get("SpecificCharacterSet"),
-        }
+        self._patient_study = common.patient_study(first)
         try:
             self._equipment: hd.ContributingEquipment | None = (
                 hd.ContributingEquipment.for_image_acquisition(first)
