@@ -208,7 +208,7 @@ def test_result_uids_are_valid_distinct_and_repeatable(volume, result):
     instances = [sop for _, sop in first]
     assert len(set(instances)) == len(instances)
     assert all(UID(sop).is_valid for sop in instances)
-    assert len({series for series, _ in first}) == 6  # SEG, heat maps, key images, SR, KOS, display SR
+    assert len({series for series, _ in first}) == 7  # SEG, heat maps, key images, SR, KOS, display SR, PDF
     base = ResultUids.for_analysis(volume, result)
     others = [ResultUids.for_analysis(volume, result, revision=2),
               ResultUids(base.source_series_uid, "ctnet", base.model_versions),

@@ -251,7 +251,8 @@ def test_nothing_built_is_an_output_error(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("broken")
 
-    for name in ("build_seg", "build_heatmap_series", "build_key_image_series", "build_display_sr"):
+    for name in ("build_seg", "build_heatmap_series", "build_key_image_series", "build_display_sr",
+                 "build_pdf_report"):
         if hasattr(writers, name):
             monkeypatch.setattr(writers, name, broken)
     with pytest.raises(OutputError, match="no result object could be built"):
