@@ -115,7 +115,7 @@ def analyze_folder(input_dir: Path, out_dir: Path, options: AnalyzeOptions | Non
             loaded = models.get(*wanted) if models is not None else build_models(*wanted)
         with _stage(timings, "pipeline", report):
             result = analyse_volume(volume, loaded.method, loaded.lungs, opts.pipeline_settings, opts.pipeline,
-                                    loaded.infection)
+                                    loaded.infection, loaded.lobes)
         with _stage(timings, "outputs", report):
             uids = ResultUids.for_analysis(volume, result, opts.revision, opts.predecessor)
             written = write_outputs(volume, result, out_dir, series_number_base=opts.series_number_base,

@@ -234,12 +234,30 @@ def evaluate(
                                                    "each (probability, class, opacity ml)"),
     hold_out: Optional[List[str]] = typer.Option(None, "--hold-out", help="with --real: series that were held out "
                                                                           "of training (named in the rows)"),
+    lobes: bool = typer.Option(False, "--lobes", help="instead: the lobe U-Net's Dice per lobe on held-out "
+                                                      "phantoms (true lungs and the lung U-Net's)"),
 ) -> None:
     """Evaluate pipelines on held-out synthetic phantoms (or a site's labelled scans) and print
     the metrics (AUC, sensitivity, specificity, F1, lung and lesion Dice, volume errors,
-    pointing game, seconds per case); with --real, list every real series' result."""
+    pointing game, seconds per case); with --real, list every real series' result; with
+    --lobes, the lobe segmentation's Dice."""
     from ct_ai_node.analyze import resolve_device
     from ct_ai_node.errors import InputRejected
+
+    if lobes:
+        from ct_ai_node.training.train_lobes import evaluate_lobes
+
+        dims = tuple(int(v) for v in shape.split(",")) if shape else None
+        try:
+            res = evaluate_lobes(list(range(first_seed, first_seed + cases)), resolve_device(device), weights_dir,
+                                 shape=dims, log=err.print)
+        except ValueError as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(EXIT_REJECTED)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "lobes.json").write_text(json.dumps(res, indent=2) + "\n")
+        typer.echo(json.dumps(res["summary"], indent=2))
+        return
 
     if real is not None:
         from ct_ai_node.training.evaluate_real import evaluate_real

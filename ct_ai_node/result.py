@@ -28,6 +28,26 @@ class SliceScore(BaseModel):
     method_score: float | None = None
 
 
+class LobeResult(BaseModel):
+    """One lobe's opacity and CT severity score (0-5, Pan et al. 2020)."""
+
+    name: str  # right_upper, right_middle, right_lower, left_upper, left_lower
+    volume_ml: float
+    involvement_percent: float
+    severity: int
+    ggo_ml: float
+    consolidation_ml: float
+
+
+class CategorySuggestionResult(BaseModel):
+    """An AI suggestion for the radiologist: CO-RADS 1-5 and the RSNA category, with the
+    features that led to it (docs/reporting.md)."""
+
+    co_rads: int
+    rsna: Literal["typical", "indeterminate", "atypical", "negative"]
+    features: list[str] = Field(default_factory=list)
+
+
 class ResultDocument(BaseModel):
     status: Literal["done", "rejected", "failed"]
     reason: str | None = None
@@ -71,6 +91,12 @@ class ResultDocument(BaseModel):
     revision: int = 1
     #: SOP Instance UID of the SR this revision replaces (named in its Predecessor Documents)
     predecessor_sr: str | None = None
+    #: one entry per lobe (right upper, middle, lower; left upper, lower); empty without a
+    #: lobe segmentation
+    lobes: list[LobeResult] = Field(default_factory=list)
+    #: the lobes' severities added up, 0-25; None without lobes
+    ct_severity_score: int | None = None
+    category_suggestion: CategorySuggestionResult | None = None
 
 
 def _instance_numbers(volume: Volume, zs) -> list[int]:
@@ -136,6 +162,13 @@ def result_document(volume: Volume, result: AnalysisResult, outputs: dict[str, s
             for z, ref in enumerate(volume.slices)
         ],
         version=version,
+        lobes=[LobeResult(name=lobe.name, volume_ml=round(lobe.volume_ml, 1),
+                          involvement_percent=round(lobe.involvement_percent, 2), severity=lobe.severity,
+                          ggo_ml=round(lobe.ggo_ml, 2), consolidation_ml=round(lobe.consolidation_ml, 2))
+               for lobe in result.lobes],
+        ct_severity_score=result.ct_severity_score,
+        category_suggestion=None if result.category is None else CategorySuggestionResult(
+            co_rads=result.category.co_rads, rsna=result.category.rsna, features=list(result.category.features)),
     )
 
 
@@ -144,7 +177,8 @@ def result_document(volume: Volume, result: AnalysisResult, outputs: dict[str, s
 #: the fields of result.json a summary keeps (no UIDs, no patient data)
 SUMMARY_KEYS = ("status", "reason", "pipeline", "case_class", "case_class_text", "probability", "label",
                 "method_probability", "lesion_volume_ml", "ggo_volume_ml", "consolidation_volume_ml",
-                "involvement_percent", "lung_volume_ml", "key_slices", "revision", "trained_on", "warnings")
+                "involvement_percent", "lung_volume_ml", "key_slices", "revision", "trained_on", "warnings",
+                "ct_severity_score")
 
 
 def read_result(outbox: Path, job_id: int) -> dict | None:

@@ -79,6 +79,21 @@ def build_lung_unet(channels: tuple[int, ...] = (16, 32, 64, 128, 256)) -> nn.Mo
     )
 
 
+@register("lobe_unet2d")
+def build_lobe_unet(channels: tuple[int, ...] = (16, 32, 64, 128, 256)) -> nn.Module:
+    """2D U-Net for the five lobes (``pipeline.lobes``): four input channels (lung window,
+    right and left lung masks, height within the lungs), six outputs (background + lobes)."""
+    return UNet(
+        spatial_dims=2,
+        in_channels=4,
+        out_channels=6,
+        channels=channels,
+        strides=(2,) * (len(channels) - 1),
+        num_res_units=2,
+        norm="batch",
+    )
+
+
 #: modules that register the other methods' architectures (imported on first use)
 ARCHITECTURE_MODULES = ("net_b", "net_c", "net_d", "net_infection")
 

@@ -32,6 +32,9 @@ class ModelSet:
     lungs: object
     #: the opacity U-Net, or None when the mask comes from the method's heat map
     infection: object | None
+    #: the lobe U-Net, or None when the weights folder has none (then no lobes, no CT
+    #: severity score; the rest of the analysis is the same)
+    lobes: object | None = None
 
 
 def create_infection_source(kind: str, device, weights_dir: Path | None):
@@ -56,7 +59,21 @@ def build_models(pipeline: str, lungs: str, infection: str, device: torch.device
         lung_segmenter = create_lung_segmenter(lungs, device, weights_dir)
     except ValueError as exc:  # an unknown name: the caller's mistake, said in one line
         raise InputRejected(" ".join(str(exc).split())) from None
-    return ModelSet(method, lung_segmenter, create_infection_source(infection, device, weights_dir))
+    return ModelSet(method, lung_segmenter, create_infection_source(infection, device, weights_dir),
+                    create_lobe_source(device, weights_dir))
+
+
+def create_lobe_source(device, weights_dir: Path | None):
+    """The lobe U-Net when the weights folder lists one (a site's own weights may not)."""
+    from ct_ai_node.models.weights import BUNDLED_WEIGHTS, read_manifest
+    from ct_ai_node.pipeline.lobes import WEIGHTS_NAME, create_lobe_segmenter
+
+    folder = Path(weights_dir) if weights_dir is not None else BUNDLED_WEIGHTS
+    try:
+        listed = f"{WEIGHTS_NAME}.safetensors" in read_manifest(folder)
+    except Exception:  # noqa: BLE001 - no manifest: the other models say what is wrong
+        listed = False
+    return create_lobe_segmenter(device, weights_dir) if listed else None
 
 
 def weights_fingerprint(weights_dir: Path | None) -> tuple:
@@ -112,8 +129,10 @@ class ModelCache:
         start = time.perf_counter()
         models = self.get(pipeline, lungs, infection, device, weights_dir)
         volume = phantom_volume(generate_phantom(1, kind="covid", shape=(48, 256, 256), spacing=(5.0, 1.4, 1.4)))
-        analyse_volume(volume, models.method, models.lungs, pipeline_name=pipeline, infection_segmenter=models.infection)
+        analyse_volume(volume, models.method, models.lungs, pipeline_name=pipeline, infection_segmenter=models.infection,
+                       lobe_segmenter=models.lobes)
         return time.perf_counter() - start
 
 
-__all__ = ["ModelCache", "ModelSet", "build_models", "create_infection_source", "weights_fingerprint"]
+__all__ = ["ModelCache", "ModelSet", "build_models", "create_infection_source", "create_lobe_source",
+           "weights_fingerprint"]

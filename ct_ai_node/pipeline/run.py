@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from ct_ai_node.errors import InputRejected
-from ct_ai_node.pipeline import pattern, scoring
+from ct_ai_node.pipeline import pattern, scoring, severity
+from ct_ai_node.pipeline.category import suggest_category
 from ct_ai_node.pipeline.lungs import ClassicalLungSegmenter, UNetLungSegmenter
 from ct_ai_node.pipeline.methods import Method
 from ct_ai_node.pipeline.types import LABEL_NEGATIVE, LABEL_POSITIVE, AnalysisResult
@@ -76,7 +77,7 @@ def segment_opacities(segmenter, hu: np.ndarray, spacing, orientation, lung_labe
 
 
 def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: PipelineSettings | None = None,
-                   pipeline_name: str | None = None, infection_segmenter=None) -> AnalysisResult:
+                   pipeline_name: str | None = None, infection_segmenter=None, lobe_segmenter=None) -> AnalysisResult:
     """Lungs -> method -> infection mask -> scores. The infection mask comes from the
     method's heat map (thresholded, smoothed, inside the lungs), or, when an
     ``infection_segmenter`` is given, from that network (the SEG's "suspected
@@ -86,7 +87,9 @@ def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: Pip
     three-class result and ``probability`` its P(COVID-19-like), and the slice scores
     are the opacity's (:func:`~ct_ai_node.pipeline.pattern.slice_opacity_scores`); the
     method's own probability and slice scores stay in ``method_probability`` and
-    ``method_slice_scores``, and its heat map explains."""
+    ``method_slice_scores``, and its heat map explains. With a ``lobe_segmenter`` the result
+    also has the lobes, each lobe's involvement and CT severity score (``pipeline.severity``);
+    the category suggestion (``pipeline.category``) is there either way."""
     s = settings or PipelineSettings()
     timings: dict[str, float] = {}
     warnings = list(volume.warnings)
@@ -103,15 +106,23 @@ def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: Pip
     if zs[0] == 0 or zs[-1] == lung.shape[0] - 1:
         warnings.append("the lungs reach the first or last slice: the scan may not cover the whole chest")
 
+    lobe_labels = None
+    if lobe_segmenter is not None:
+        t = time.perf_counter()
+        lobe_labels = lobe_segmenter(volume.hu, volume.spacing, volume.orientation, labels)
+        timings["lobes"] = round(time.perf_counter() - t, 3)
+
     out = method(volume.hu, volume.spacing, volume.orientation, labels)
     timings.update(out.timings_s)
 
     t = time.perf_counter()
     consolidation = None
     class_probabilities: dict[str, float] = {}
+    features: dict[str, float] = {}
     if infection_segmenter is not None:
         found = segment_opacities(infection_segmenter, volume.hu, volume.spacing, volume.orientation, labels)
         infection, consolidation, class_probabilities = found.mask, found.consolidation, found.class_probabilities
+        features = found.features
     else:
         heat_pos = np.zeros_like(out.heatmap)
         heat_pos[out.positive_slices] = out.heatmap[out.positive_slices]
@@ -143,11 +154,23 @@ def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: Pip
     key = scoring.top_slices(slice_scores, candidates, s.key_images)
     timings["infection_and_scores"] = round(time.perf_counter() - t, 3)
 
+    t = time.perf_counter()
+    lobes = severity.lobe_involvement(lobe_labels, infection, consolidation, volume.spacing) \
+        if lobe_labels is not None else []
+    if not features:  # the pattern of the opacities, for the category suggestion
+        features = pattern.pattern_features(volume.hu, volume.spacing, volume.orientation, labels, infection,
+                                            consolidation)
+    involvement = scoring.involvement_percent(lesion_ml, lung_ml)
+    category = suggest_category(case_class, class_probabilities, features, lesion_ml, involvement, lobes or None)
+    timings["lobes_and_category"] = round(time.perf_counter() - t, 3)
+
     model_versions = dict(out.model_versions)
     model_versions["lungs"] = f"{getattr(lung_segmenter, 'name', 'lungs')}/{getattr(lung_segmenter, 'version', '1')}"
     if infection_segmenter is not None:
         model_versions["infection"] = f"{getattr(infection_segmenter, 'name', 'infection')}/" \
                                       f"{getattr(infection_segmenter, 'version', '1')}"
+    if lobe_segmenter is not None:
+        model_versions["lobes"] = f"{getattr(lobe_segmenter, 'name', 'lobes')}/{getattr(lobe_segmenter, 'version', '1')}"
     algorithm = out.algorithm
     if case_class is not None:  # the case result is the opacity model's: say what it learnt from
         algorithm = dataclasses.replace(algorithm,
@@ -166,7 +189,7 @@ def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: Pip
         heatmap=out.heatmap,
         lung_volume_ml=lung_ml,
         lesion_volume_ml=lesion_ml,
-        involvement_percent=scoring.involvement_percent(lesion_ml, lung_ml),
+        involvement_percent=involvement,
         corona_score_ml=corona,
         key_slices=key,
         model_versions=model_versions,
@@ -180,4 +203,8 @@ def analyse_volume(volume: Volume, method: Method, lung_segmenter, settings: Pip
         consolidation_volume_ml=None if consolidation is None else scoring.volume_ml(consolidation, volume.spacing),
         method_probability=float(out.probability),
         method_slice_scores=out.slice_scores if case_class is not None else None,
+        lobe_labels=lobe_labels,
+        lobes=lobes,
+        ct_severity_score=severity.ct_severity_score(lobes) if lobes else None,
+        category=category,
     )

@@ -50,6 +50,9 @@ class Phantom:
     kind: str
     seed: int
     params: dict = field(default_factory=dict)
+    #: uint8: 0 outside the lungs, 1..5 the lobes in ``pipeline.types.LOBES`` order (right upper,
+    #: middle, lower; left upper, lower), as the generator's fissure planes divide the lungs
+    lobe_labels: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -308,6 +311,7 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
 
     hu_out = np.empty(geo.shape, np.int16)
     lab_out = np.zeros(geo.shape, np.uint8)
+    lobe_out = np.zeros(geo.shape, np.uint8)
     les_out = np.zeros(geo.shape, bool)
     blood = p.contrast if p.contrast else p.hu["blood"]
     tex_amp = float(rng.uniform(10, 24))
@@ -437,6 +441,8 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
         np.clip(hu, -1024, 3071, out=hu)
         hu_out[iz] = np.rint(hu)
         lab_out[iz] = lab
+        if centre.lobe is not None:
+            lobe_out[iz] = np.where(lab > 0, centre.lobe, 0)
         if les is not None:
             les_out[iz][win] = les
         t_post += time.perf_counter() - t3
@@ -457,7 +463,8 @@ def _generate(seed, kind, shape, spacing) -> Phantom:
         lesion_volume_ml=float(les_out.sum() * dz * dy * dx / 1000.0),
         trees=tree_info,
     )
-    return Phantom(hu_out, lab_out, les_out, (float(dz), float(dy), float(dx)), kind, int(seed), params)
+    return Phantom(hu_out, lab_out, les_out, (float(dz), float(dy), float(dx)), kind, int(seed), params,
+                   lobe_labels=lobe_out)
 
 
 def phantom_volume(ph: Phantom):

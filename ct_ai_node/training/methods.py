@@ -25,6 +25,7 @@ TRAINABLE = {
     "resnext-lstm": "method D ResNeXt + CBAM + BiLSTM",
     "infection": "2.5D infection U-Net",
     "lungs": "lung U-Net alone (fine-tunes the shipped one; with --backgrounds on real scans too)",
+    "lobes": "lobe U-Net (five lobes, on phantoms whose fissures the generator draws)",
 }
 
 
@@ -118,4 +119,14 @@ def train_method(method: str, out_dir: Path, device: torch.device, *, cases: int
                                cache_dir=None if cache_dir is None else str(cache_dir))
         model, metrics = train_lung_model(train, val, settings, device, log=log)
         return {"sha256": save_lung_unet(model, out_dir, metrics), "metrics": metrics}
+    if method == "lobes":
+        from ct_ai_node.errors import InputRejected
+        from ct_ai_node.training.data import _is_seed
+        from ct_ai_node.training.train_lobes import LobeTrainSettings, save_lobe_unet, train_lobe_unet
+
+        if not all(_is_seed(r) for r in list(train) + list(val)):
+            raise InputRejected("lobes: trained on phantoms only (no lobe labels in site scans or backgrounds)")
+        settings = settings_of(LobeTrainSettings(), epochs=epochs, shape=shape, workers=workers)
+        model, metrics = train_lobe_unet(list(train), list(val), settings, device, log=log)
+        return {"sha256": save_lobe_unet(model, out_dir, metrics, settings.input), "metrics": metrics}
     raise ValueError(f"unknown METHOD {method!r}; one of: {', '.join(TRAINABLE)}")

@@ -395,10 +395,13 @@ def opacities_line(result: AnalysisResult, voxel_ml: float | None = None) -> str
 
 def numbers_line(result: AnalysisResult) -> str:
     """The SR's key numbers, for viewers that do not show SR."""
-    return (
+    line = (
         f"lesion {_fmt_ml(result.lesion_volume_ml)} ({result.involvement_percent:.1f}% of lungs)"
         f"  corona score {_fmt_ml(result.corona_score_ml)}"
     )
+    if result.ct_severity_score is not None:  # with lobes: the score radiologists write
+        line += f"  CT severity {result.ct_severity_score}/25"
+    return line
 
 
 def provenance_lines(result: AnalysisResult) -> tuple[str, str]:

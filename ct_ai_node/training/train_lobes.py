@@ -1,0 +1,200 @@
+"""``ct-ai-node train lobes`` and ``ct-ai-node evaluate lobes``: the lobe U-Net
+(:mod:`ct_ai_node.pipeline.lobes`) on phantoms whose lobes the generator draws.
+
+The phantom generator divides each lung by an oblique fissure (and the right lung by a
+horizontal one) with a random tilt per patient, and renders the fissures faintly, so the
+lobes are known voxel by voxel. No real scan in ``../shared/data/real`` carries lobe labels
+(the TotalSegmentator test files there are CT only), so training and the reported Dice are
+phantom-only; docs/models.md says so.
+
+Training slices: up to ``slices_per_case`` lung slices of each phantom, spread over the
+lungs' height, prepared exactly as inference prepares them (``lobe_inputs``) with the
+phantom's true lungs as the mask channels. Evaluation: the whole pipeline's way, the lobe
+U-Net on every lung slice of held-out phantoms at full resolution, with the true lungs and
+with the lung U-Net's lungs, Dice per lobe.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ct_ai_node.models.networks import build
+from ct_ai_node.models.weights import save_model
+from ct_ai_node.pipeline.lobes import WEIGHTS_NAME, LobeSegmenter, LobeSettings, lobe_inputs, lobe_targets, lung_height
+from ct_ai_node.pipeline.types import LOBES
+from ct_ai_node.training.data import TEST_SEED0, describe_cases
+from ct_ai_node.training.train import MODEL_VERSION, _batches, _progress
+
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # the phantoms' orientation (z index 0 inferior)
+
+
+@dataclass
+class LobeTrainSettings:
+    epochs: int = 8
+    batch_size: int = 32
+    lr: float = 2e-3
+    slices_per_case: int = 48
+    #: phantom shape; (0, 256, 256) draws the realistic geometry on a 256 matrix (cheaper)
+    shape: tuple[int, int, int] | None = (0, 256, 256)
+    workers: int | None = None
+    seed: int = 0
+    input: LobeSettings = LobeSettings()
+
+
+def _case_slices(args) -> dict[str, np.ndarray]:
+    seed, shape, per_case, settings = args
+    from ct_ai_node.synthetic import generate_phantom
+
+    ph = generate_phantom(int(seed), shape=shape)
+    zs = np.flatnonzero(ph.lung_labels.reshape(ph.lung_labels.shape[0], -1).any(axis=1))
+    pick = zs[np.unique(np.linspace(0, zs.size - 1, min(per_case, zs.size)).round().astype(int))]
+    height = lung_height(ph.hu.shape[0], zs, AXIAL)
+    x = lobe_inputs(ph.hu.astype(np.float32), ph.lung_labels, pick, height, settings).numpy().astype(np.float16)
+    y = lobe_targets(ph.lobe_labels, pick, settings).numpy().astype(np.uint8)
+    return {"x": x, "y": y, "case": np.full(len(pick), int(seed), np.int32)}
+
+
+def lobe_dataset(seeds: list[int], settings: LobeTrainSettings, log=print) -> dict[str, np.ndarray]:
+    bad = [s for s in seeds if int(s) >= TEST_SEED0]
+    if bad:
+        raise ValueError(f"seeds >= {TEST_SEED0} are the held-out test set and never used for fitting: {bad[:5]}")
+    jobs = [(s, settings.shape, settings.slices_per_case, settings.input) for s in seeds]
+    parts = []
+    prog, adv = _progress(len(jobs), "lobe phantoms")
+    with prog, ProcessPoolExecutor(settings.workers) as pool:
+        for part in pool.map(_case_slices, jobs):
+            parts.append(part)
+            adv()
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _dice_per_lobe(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    out = {}
+    for i, name in enumerate(LOBES, start=1):
+        p, t = pred == i, truth == i
+        denom = int(p.sum() + t.sum())
+        out[name] = float(2 * (p & t).sum() / denom) if denom else float("nan")
+    return out
+
+
+@torch.no_grad()
+def _val_dice(model: torch.nn.Module, val: dict, device: torch.device) -> dict[str, float]:
+    model.eval()
+    preds = []
+    for i in range(0, len(val["x"]), 64):
+        xb = torch.from_numpy(val["x"][i : i + 64].astype(np.float32)).to(device)
+        logits = model(xb).float()
+        # read per lung as inference does: right-lung pixels take a right lobe, left a left lobe
+        right, left = xb[:, 1] > 0.5, xb[:, 2] > 0.5
+        r = torch.argmax(logits[:, 1:4], 1) + 1
+        lft = torch.argmax(logits[:, 4:6], 1) + 4
+        preds.append(torch.where(right, r, torch.where(left, lft, torch.zeros_like(r))).cpu().numpy())
+    return _dice_per_lobe(np.concatenate(preds), val["y"])
+
+
+def train_lobe_unet(train_seeds: list[int], val_seeds: list[int], settings: LobeTrainSettings,
+                    device: torch.device, log=print) -> tuple[torch.nn.Module, dict]:
+    from monai.losses import DiceCELoss
+
+    from ct_ai_node.training.augment import random_affine, scanner_variation
+
+    t0 = time.time()
+    train = lobe_dataset(train_seeds, settings, log)
+    val = lobe_dataset(val_seeds, settings, log)
+    t_data = time.time() - t0
+    log(f"data: {len(train['x'])} training, {len(val['x'])} validation slices in {t_data:.0f} s")
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    model = build(WEIGHTS_NAME).to(device)
+    steps = settings.epochs * (len(train["x"]) // settings.batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=max(steps, 1), pct_start=0.15)
+    loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
+    t1 = time.time()
+    history = []
+    for epoch in range(settings.epochs):
+        model.train()
+        losses = []
+        for idx in _batches(len(train["x"]), settings.batch_size, rng):
+            xb = torch.from_numpy(train["x"][idx].astype(np.float32)).to(device)
+            yb = torch.from_numpy(train["y"][idx]).to(device).float()[:, None]
+            height = xb[:, 3:4].clone()
+            image = scanner_variation(xb[:, :1])
+            image, masks, yb = random_affine(image, xb[:, 1:3], yb, flip=False)
+            xb = torch.cat([image, masks, height.expand_as(image)], 1)
+            loss = loss_fn(model(xb), yb.long())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        dice = _val_dice(model, val, device)
+        history.append({"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 4),
+                        "val_dice": {k: round(v, 4) for k, v in dice.items()}})
+        log(f"  epoch {epoch + 1}/{settings.epochs} loss {np.mean(losses):.4f} val Dice "
+            + ", ".join(f"{k} {v:.3f}" for k, v in dice.items()))
+    metrics = {
+        "train_cases": describe_cases(train_seeds), "val_cases": describe_cases(val_seeds),
+        "train_slices": int(len(train["x"])), "val_slices": int(len(val["x"])),
+        "val_dice_work_resolution": history[-1]["val_dice"] if history else {}, "history": history,
+        "data_seconds": round(t_data, 1), "train_seconds": round(time.time() - t1, 1), "device": str(device),
+        "settings": {k: v for k, v in asdict(settings).items() if k not in ("workers", "input")},
+    }
+    return model.eval(), metrics
+
+
+def save_lobe_unet(model: torch.nn.Module, out_dir: Path, metrics: dict, settings: LobeSettings) -> str:
+    out_dir = Path(out_dir)
+    digest = save_model(model.cpu(), out_dir / f"{WEIGHTS_NAME}.safetensors", architecture=WEIGHTS_NAME,
+                        arch_kwargs={}, version=MODEL_VERSION,
+                        extra={"trained_on": "synthetic chest-CT phantoms only",
+                               "input_settings": settings.to_json(),
+                               "train_seeds": metrics["train_cases"], "val_seeds": metrics["val_cases"],
+                               "val_dice": json.dumps(metrics["val_dice_work_resolution"])})
+    (out_dir / "lobe_unet_training.json").write_text(json.dumps({**metrics, "sha256": digest}, indent=2) + "\n")
+    return digest
+
+
+def evaluate_lobes(seeds: list[int], device: torch.device, weights_dir: Path | None = None,
+                   shape: tuple[int, int, int] | None = None, log=print) -> dict:
+    """Dice per lobe on held-out phantoms (seeds >= TEST_SEED0), the lobe U-Net on every lung
+    slice at the phantom's resolution: with the true lungs, and with the lung U-Net's lungs
+    (what the node does)."""
+    from ct_ai_node.pipeline.lobes import create_lobe_segmenter
+    from ct_ai_node.pipeline.run import create_lung_segmenter
+    from ct_ai_node.synthetic import generate_phantom
+
+    early = [s for s in seeds if int(s) < TEST_SEED0]
+    if early:
+        raise ValueError(f"held-out seeds start at {TEST_SEED0}: {early[:5]}")
+    lobes: LobeSegmenter = create_lobe_segmenter(device, weights_dir)
+    lungs = create_lung_segmenter("unet", device, weights_dir)
+    rows = []
+    for seed in seeds:
+        ph = generate_phantom(int(seed), shape=shape)
+        hu = ph.hu.astype(np.float32)
+        t = time.perf_counter()
+        with_truth = lobes(hu, ph.spacing, AXIAL, ph.lung_labels)
+        seconds = time.perf_counter() - t
+        predicted_lungs = lungs(hu, ph.spacing, AXIAL)
+        with_unet = lobes(hu, ph.spacing, AXIAL, predicted_lungs)
+        row = {"seed": int(seed), "kind": ph.kind, "slices": int(hu.shape[0]), "seconds": round(seconds, 2),
+               "true_lungs": _dice_per_lobe(with_truth, ph.lobe_labels),
+               "unet_lungs": _dice_per_lobe(with_unet, ph.lobe_labels)}
+        rows.append(row)
+        log(f"seed {seed} ({ph.kind}): " + ", ".join(f"{k} {v:.3f}" for k, v in row["unet_lungs"].items()))
+    summary = {"seeds": describe_cases(seeds), "cases": len(rows)}
+    for which in ("true_lungs", "unet_lungs"):
+        summary[which] = {name: round(float(np.nanmean([r[which][name] for r in rows])), 4) for name in LOBES}
+        summary[which]["min_case_mean"] = round(float(min(np.nanmean(list(r[which].values())) for r in rows)), 4)
+    return {"summary": summary, "rows": rows}
+
+
+__all__ = ["LobeTrainSettings", "evaluate_lobes", "lobe_dataset", "save_lobe_unet", "train_lobe_unet"]
