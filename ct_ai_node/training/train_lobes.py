@@ -164,11 +164,15 @@ def save_lobe_unet(model: torch.nn.Module, out_dir: Path, metrics: dict, setting
 
 def evaluate_lobes(seeds: list[int], device: torch.device, weights_dir: Path | None = None,
                    shape: tuple[int, int, int] | None = None, log=print) -> dict:
-    """Dice per lobe on held-out phantoms (seeds >= TEST_SEED0), the lobe U-Net on every lung
-    slice at the phantom's resolution: with the true lungs, and with the lung U-Net's lungs
-    (what the node does)."""
+    """On held-out phantoms (seeds >= TEST_SEED0): Dice per lobe, the lobe U-Net on every lung
+    slice at the phantom's resolution, with the true lungs and with the lung U-Net's lungs
+    (what the node does); and the CT severity score as the node computes it (lung U-Net,
+    lobe U-Net, opacity U-Net) against the phantom's truth (its lobes and lesion mask): the
+    share of lobes graded exactly, and of cases whose total is within 2."""
+    from ct_ai_node.pipeline.infection import create_infection_segmenter
     from ct_ai_node.pipeline.lobes import create_lobe_segmenter
-    from ct_ai_node.pipeline.run import create_lung_segmenter
+    from ct_ai_node.pipeline.run import create_lung_segmenter, segment_opacities
+    from ct_ai_node.pipeline.severity import lobe_involvement
     from ct_ai_node.synthetic import generate_phantom
 
     early = [s for s in seeds if int(s) < TEST_SEED0]
@@ -176,6 +180,7 @@ def evaluate_lobes(seeds: list[int], device: torch.device, weights_dir: Path | N
         raise ValueError(f"held-out seeds start at {TEST_SEED0}: {early[:5]}")
     lobes: LobeSegmenter = create_lobe_segmenter(device, weights_dir)
     lungs = create_lung_segmenter("unet", device, weights_dir)
+    opacity = create_infection_segmenter(device, weights_dir)
     rows = []
     for seed in seeds:
         ph = generate_phantom(int(seed), shape=shape)
@@ -185,15 +190,27 @@ def evaluate_lobes(seeds: list[int], device: torch.device, weights_dir: Path | N
         seconds = time.perf_counter() - t
         predicted_lungs = lungs(hu, ph.spacing, AXIAL)
         with_unet = lobes(hu, ph.spacing, AXIAL, predicted_lungs)
+        found = segment_opacities(opacity, hu, ph.spacing, AXIAL, predicted_lungs)
+        predicted = lobe_involvement(with_unet, found.mask, found.consolidation, ph.spacing)
+        truth = lobe_involvement(ph.lobe_labels, ph.lesion_mask, None, ph.spacing)
         row = {"seed": int(seed), "kind": ph.kind, "slices": int(hu.shape[0]), "seconds": round(seconds, 2),
                "true_lungs": _dice_per_lobe(with_truth, ph.lobe_labels),
-               "unet_lungs": _dice_per_lobe(with_unet, ph.lobe_labels)}
+               "unet_lungs": _dice_per_lobe(with_unet, ph.lobe_labels),
+               "severity_true": [lobe.severity for lobe in truth],
+               "severity_node": [lobe.severity for lobe in predicted],
+               "involvement_true": [round(lobe.involvement_percent, 2) for lobe in truth],
+               "involvement_node": [round(lobe.involvement_percent, 2) for lobe in predicted]}
         rows.append(row)
-        log(f"seed {seed} ({ph.kind}): " + ", ".join(f"{k} {v:.3f}" for k, v in row["unet_lungs"].items()))
+        log(f"seed {seed} ({ph.kind}): " + ", ".join(f"{k} {v:.3f}" for k, v in row["unet_lungs"].items())
+            + f"; severity true {row['severity_true']} node {row['severity_node']}")
     summary = {"seeds": describe_cases(seeds), "cases": len(rows)}
     for which in ("true_lungs", "unet_lungs"):
         summary[which] = {name: round(float(np.nanmean([r[which][name] for r in rows])), 4) for name in LOBES}
         summary[which]["min_case_mean"] = round(float(min(np.nanmean(list(r[which].values())) for r in rows)), 4)
+    grades = [(t, p) for r in rows for t, p in zip(r["severity_true"], r["severity_node"])]
+    summary["severity_exact_lobes"] = round(float(np.mean([t == p for t, p in grades])), 4) if grades else None
+    summary["severity_total_within_2"] = round(float(np.mean(
+        [abs(sum(r["severity_true"]) - sum(r["severity_node"])) <= 2 for r in rows])), 4) if rows else None
     return {"summary": summary, "rows": rows}
 
 

@@ -15,6 +15,7 @@ SR (TID 1500)       :func:`sr.build_sr`                        ``sr.dcm``       
 display SR          :func:`sr.build_display_sr`  (OHIF draws it)  ``sr_display.dcm``  base+8
 KOS (optional)      :func:`secondary_capture.build_key_object_selection`  ``ko.dcm``  base+5
 PDF report          :func:`pdf_report.build_pdf_report` (Encapsulated PDF)  ``report_pdf.dcm``  base+9
+lobe SEG            :func:`seg.build_lobe_seg` (with lobes)    ``seg_lobes.dcm``  base+10
 ==================  =========================================  ================  ======
 """
 
@@ -40,7 +41,7 @@ from ct_ai_node.writers.secondary_capture import (
     build_key_image_series,
     build_key_object_selection,
 )
-from ct_ai_node.writers.seg import build_seg
+from ct_ai_node.writers.seg import build_lobe_seg, build_seg
 from ct_ai_node.writers.source_header import SanitisedSource, sanitise_volume
 from ct_ai_node.writers.sr import build_display_sr, build_sr
 
@@ -84,12 +85,16 @@ class OutputSet:
     display_sr: Dataset | None = None
     #: the one-page PDF report as an Encapsulated PDF (Modality DOC)
     pdf_report: Dataset | None = None
+    #: the SEG of the five lobes (analyses with lobes)
+    lobe_seg: Dataset | None = None
 
     def named(self) -> Iterator[tuple[str, Dataset]]:
         """(file name, dataset) pairs: ``seg.dcm``, ``heatmap_0001.dcm``...,
         ``key_0001.dcm``..., ``sr.dcm``, ``sr_display.dcm``, ``ko.dcm``, ``report_pdf.dcm``."""
         if self.seg is not None:
             yield "seg.dcm", self.seg
+        if self.lobe_seg is not None:
+            yield "seg_lobes.dcm", self.lobe_seg
         for i, ds in enumerate(self.heatmaps, start=1):
             yield f"heatmap_{i:04d}.dcm", ds
         for i, ds in enumerate(self.key_images, start=1):
@@ -196,9 +201,14 @@ def _build_outputs(volume, result, series_number_base, institution_name, heatmap
               style=style, institution_name=institution_name, uids=uids, default=[])
         if key_images else []
     )
+    lobe_seg = (
+        timed("lobe_seg", "lobe SEG", build_lobe_seg, volume, result, numbers.lobe_seg,
+              institution_name=institution_name, uids=uids)
+        if result.lobe_labels is not None else None
+    )
     if seg is not None:
         sr = timed("sr", "SR", build_sr, volume, result, seg, keys, numbers.sr,
-                   institution_name=institution_name, uids=uids)
+                   institution_name=institution_name, uids=uids, lobe_seg=lobe_seg)
     else:  # its volumetric findings reference the SEG: no SR without it
         sr = None
         failures.append("SR not written: it references the SEG, which could not be built")
@@ -214,7 +224,8 @@ def _build_outputs(volume, result, series_number_base, institution_name, heatmap
               institution_name=institution_name, uids=uids, style=style)
         if pdf_report else None
     )
-    out = OutputSet(seg, maps, keys, sr, ko, timings, failures, display_sr=display, pdf_report=pdf)
+    out = OutputSet(seg, maps, keys, sr, ko, timings, failures, display_sr=display, pdf_report=pdf,
+                    lobe_seg=lobe_seg)
     if not out.datasets() and heatmaps:  # without them, the caller builds the heat maps and decides
         raise OutputError("no result object could be built: " + "; ".join(failures or ["nothing to build"]))
     logger.info(

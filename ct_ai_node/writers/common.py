@@ -91,6 +91,11 @@ class SeriesNumbers:
         """The one-page PDF report (pdf_report.build_pdf_report)."""
         return self.base + 9
 
+    @property
+    def lobe_seg(self) -> int:
+        """The SEG of the five lobes (seg.build_lobe_seg)."""
+        return self.base + 10
+
 
 @dataclass(frozen=True)
 class ReportRef:

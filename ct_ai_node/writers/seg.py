@@ -22,7 +22,7 @@ import numpy as np
 from pydicom.sr.codedict import codes
 
 from ct_ai_node.errors import OutputError
-from ct_ai_node.pipeline.types import LEFT_LUNG, RIGHT_LUNG, AnalysisResult
+from ct_ai_node.pipeline.types import LEFT_LUNG, LOBE_TEXT, LOBES, RIGHT_LUNG, AnalysisResult
 from ct_ai_node.volume.types import Volume
 from ct_ai_node.writers import common
 
@@ -72,6 +72,20 @@ CONSOLIDATION_SEGMENT = SegmentSpec(
     "consolidation", "Consolidation", MORPHOLOGICALLY_ABNORMAL, CONSOLIDATION, None, (180, 40, 255)
 )
 SEGMENT_SPECS = (RIGHT_LUNG_SEGMENT, LEFT_LUNG_SEGMENT, INFECTION_SEGMENT, GGO_SEGMENT, CONSOLIDATION_SEGMENT)
+
+#: the lobes' SNOMED CT body structures (pydicom has two; the others are the SNOMED CT
+#: concepts "Structure of upper/lower lobe of right/left lung"), in LOBES order
+LOBE_CODES = {
+    "right_upper": hd.sr.CodedConcept("42400003", "SCT", "Upper lobe of right lung"),
+    "right_middle": hd.sr.CodedConcept("72481006", "SCT", "Middle lobe of right lung"),
+    "right_lower": hd.sr.CodedConcept("266005", "SCT", "Lower lobe of right lung"),
+    "left_upper": hd.sr.CodedConcept("44714003", "SCT", "Upper lobe of left lung"),
+    "left_lower": hd.sr.CodedConcept("41224006", "SCT", "Lower lobe of left lung"),
+}
+LOBE_SEGMENTS = tuple(
+    SegmentSpec(name, LOBE_TEXT[name], ANATOMICAL_STRUCTURE, LOBE_CODES[name], None, rgb)
+    for name, rgb in zip(LOBES, ((70, 130, 230), (120, 200, 230), (40, 80, 170), (90, 200, 110), (40, 140, 60)))
+)
 
 
 def segment_masks(result: AnalysisResult) -> list[tuple[SegmentSpec, np.ndarray]]:
@@ -250,5 +264,92 @@ def build_seg(
     if n_frames > WEASIS_MAX_FRAMES:
         logger.warning(
             "SEG has %d frames; Weasis refuses SEG objects over %d frames", n_frames, WEASIS_MAX_FRAMES
+        )
+    return seg
+
+
+def lobe_segment_number(seg: hd.seg.Segmentation, name: str) -> int | None:
+    """The segment number of lobe ``name`` (one of LOBES) in the lobe SEG, None if omitted."""
+    label = LOBE_TEXT[name]
+    for item in seg.SegmentSequence:
+        if item.SegmentLabel == label:
+            return int(item.SegmentNumber)
+    return None
+
+
+def _lobe_label_map(volume: Volume, lobe_labels: np.ndarray, numbers: dict[int, int]):
+    """Source images and the (frames, rows, cols) label map highdicom takes for segments that
+    never overlap: a lobe label becomes its segment number (``numbers``), and only slices
+    holding a lobe are frames."""
+    lobes = np.asarray(lobe_labels)
+    lut = np.zeros(256, np.uint8)
+    for label, number in numbers.items():
+        lut[label] = number
+    if volume.is_multiframe:
+        source = volume.datasets[0]
+        frame_index = np.array([ref.frame_number for ref in volume.slices], dtype=np.int64) - 1
+        stack = np.zeros((int(source.NumberOfFrames), *lobes.shape[1:]), np.uint8)
+        stack[frame_index] = lut[lobes]
+        return [source], stack
+    by_uid = {ds.SOPInstanceUID: ds for ds in volume.datasets}
+    present = np.flatnonzero(lobes.reshape(lobes.shape[0], -1).any(axis=1))
+    return [by_uid[volume.slices[z].sop_instance_uid] for z in present], lut[lobes[present]]
+
+
+def build_lobe_seg(
+    volume: Volume,
+    result: AnalysisResult,
+    series_number: int,
+    *,
+    institution_name: str | None = None,
+    uids: common.ResultUids | None = None,
+) -> hd.seg.Segmentation:
+    """The SEG of the five lobes (``result.lobe_labels``), its own series beside the lung +
+    infection SEG: lobes are anatomy, not findings, and one SEG holding both would pass
+    1000 frames for a chest CT (Weasis refuses 400). The lobes never overlap, so highdicom
+    gets one label map instead of a stack per segment (a fifth of the memory). A lobe the
+    segmentation did not find is left out.
+
+    Raises
+    ------
+    OutputError
+        Without lobe labels, or when highdicom cannot build the object.
+    """
+    common.check_result_matches(volume, result)
+    if result.lobe_labels is None or not np.any(result.lobe_labels):
+        raise OutputError("lobe SEG: the analysis has no lobes")
+    uids = uids or common.ResultUids.for_analysis(volume, result)
+    found = set(np.unique(result.lobe_labels).tolist()) - {0}
+    present = [(label, spec) for label, spec in enumerate(LOBE_SEGMENTS, start=1) if label in found]
+    numbers = {label: number for number, (label, _) in enumerate(present, start=1)}
+    algo = result.algorithm
+    algorithm_id = hd.AlgorithmIdentificationSequence(
+        name=common.lo(f"{algo.name} lobes"),
+        family=common.algorithm_family_code(algo),
+        version=common.lo(result.model_versions.get("lobes", algo.version)),
+        source=common.MANUFACTURER,
+    )
+    with common.building("lobe SEG"):
+        descriptions = [_description(numbers[label], spec, algorithm_id, uids) for label, spec in present]
+        sources, stack = _lobe_label_map(volume, result.lobe_labels, numbers)
+        seg = hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=stack,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=uids.uid("lobe_seg", "series"),
+            series_number=series_number,
+            sop_instance_uid=uids.uid("lobe_seg", "instance"),
+            instance_number=1,
+            manufacturer=common.MANUFACTURER,
+            manufacturer_model_name=common.lo(algo.name),
+            software_versions=common.SOFTWARE_VERSION,
+            device_serial_number=common.DEVICE_SERIAL_NUMBER,
+            content_description="AI segmentation: lung lobes",
+            content_label="AI_LOBES",
+            omit_empty_frames=True,
+            series_description=common.series_description("AI lobe SEG", result, uids.revision),
+            institution_name=institution_name,
+            **common.content_date_time(),
         )
     return seg

@@ -47,7 +47,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from ct_ai_node.errors import OutputError
-from ct_ai_node.pipeline.types import CASE_CLASS_TEXT, LEFT_LUNG, RIGHT_LUNG, AnalysisResult
+from ct_ai_node.pipeline.types import CASE_CLASS_TEXT, LEFT_LUNG, LOBE_TEXT, RIGHT_LUNG, AnalysisResult
 from ct_ai_node.volume.types import Volume
 from ct_ai_node.writers import common, seg as seg_writer
 from ct_ai_node.writers.contour import largest_component, outline, polygon_area
@@ -101,6 +101,20 @@ MM2 = codes.UCUM.SquareMillimeter
 PERCENT = codes.UCUM.Percent
 RATIO = codes.UCUM.Ratio
 PROBABILITY_UNIT = CodedConcept("{probability}", "UCUM", "probability")
+SCORE_UNIT = CodedConcept("{score}", "UCUM", "score")
+
+#: issue 16: the lobes and the radiologists' scores (docs/reporting.md)
+LOBE_INVOLVEMENT = CodedConcept("LOBE-INVOLVED", common.LOCAL_SCHEME, "Percentage of lobe volume involved")
+OPACITY_VOLUME = CodedConcept("OPACITY-VOL", common.LOCAL_SCHEME, "Volume of opacity in lobe")
+GGO_VOLUME = CodedConcept("GGO-VOL", common.LOCAL_SCHEME, "Volume of ground-glass opacity in lobe")
+CONSOLIDATION_VOLUME = CodedConcept("CONS-VOL", common.LOCAL_SCHEME, "Volume of consolidation in lobe")
+LOBE_SEVERITY = CodedConcept("LOBE-SEVERITY", common.LOCAL_SCHEME, "CT severity score of lobe (0-5)")
+CT_SEVERITY = CodedConcept("CT-SEVERITY", common.LOCAL_SCHEME, "CT severity score (0-25)")
+CO_RADS = CodedConcept("CO-RADS-AI", common.LOCAL_SCHEME, "CO-RADS category suggested by AI")
+RSNA_CATEGORY = CodedConcept("RSNA-CAT-AI", common.LOCAL_SCHEME, "RSNA category suggested by AI")
+#: code values stay within the 16 characters of (0008,0100) Code Value
+RSNA_CODES = {"typical": "RSNA-TYPICAL", "indeterminate": "RSNA-INDETERM", "atypical": "RSNA-ATYPICAL",
+              "negative": "RSNA-NEGATIVE"}
 
 
 
@@ -278,6 +292,56 @@ def _opacity_groups(
     return groups
 
 
+def _lobe_groups(
+    volume: Volume,
+    result: AnalysisResult,
+    lobe_seg: Dataset | None,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+    uids: common.ResultUids,
+) -> list:
+    """One group per lobe (finding site: the lobe's SNOMED CT code): its volume, the opacity in
+    it (ground glass, consolidation), its involvement and its CT severity score; volumetric on
+    the lobe SEG's segment when there is one."""
+    groups = []
+    for lobe in result.lobes:
+        code = seg_writer.LOBE_CODES[lobe.name]
+        args = dict(
+            tracking_identifier=_tracking(f"{LOBE_TEXT[lobe.name]} (AI segmentation)", uids),
+            finding_type=code,
+            finding_category=seg_writer.ANATOMICAL_STRUCTURE,
+            finding_sites=[hd.sr.FindingSite(code)],
+            algorithm_id=algorithm_id,
+            measurements=[
+                _measurement(VOLUME, lobe.volume_ml, ML),
+                _measurement(OPACITY_VOLUME, lobe.ggo_ml + lobe.consolidation_ml, ML),
+                _measurement(GGO_VOLUME, lobe.ggo_ml, ML),
+                _measurement(CONSOLIDATION_VOLUME, lobe.consolidation_ml, ML),
+                _measurement(LOBE_INVOLVEMENT, lobe.involvement_percent, PERCENT),
+                _measurement(LOBE_SEVERITY, lobe.severity, SCORE_UNIT),
+            ],
+        )
+        number = seg_writer.lobe_segment_number(lobe_seg, lobe.name) if lobe_seg is not None else None
+        if number is not None:
+            groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                referenced_segment=_segment_ref(lobe_seg, number, volume), **args))
+        else:
+            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(**args))
+    return groups
+
+
+def _category_evaluations(result: AnalysisResult) -> list[hd.sr.QualitativeEvaluation]:
+    """The suggested CO-RADS and RSNA categories (AI suggestions); empty without one."""
+    cat = result.category
+    if cat is None:
+        return []
+    return [
+        hd.sr.QualitativeEvaluation(CO_RADS, CodedConcept(f"CO-RADS-{cat.co_rads}", common.LOCAL_SCHEME,
+                                                          f"CO-RADS {cat.co_rads} (AI suggestion)")),
+        hd.sr.QualitativeEvaluation(RSNA_CATEGORY, CodedConcept(RSNA_CODES[cat.rsna], common.LOCAL_SCHEME,
+                                                                f"RSNA {cat.rsna} (AI suggestion)")),
+    ]
+
+
 def _class_evaluations(result: AnalysisResult) -> list[hd.sr.QualitativeEvaluation]:
     """The coded case class; empty without a three-class result."""
     if common.case_class_text(result) is None:
@@ -309,11 +373,14 @@ def _summary_groups(result: AnalysisResult, algorithm_id, uids: common.ResultUid
         _measurement(CLASS_PROBABILITY_CODES[name], value, PROBABILITY_UNIT)
         for name, value in common.class_probabilities(result).items()
     ]
+    if result.ct_severity_score is not None:
+        measurements.append(_measurement(CT_SEVERITY, result.ct_severity_score, SCORE_UNIT))
     evaluations = [hd.sr.QualitativeEvaluation(COVID_19, PRESENT if result.is_positive else ABSENT)]
     if class_text is not None:
         evaluations.append(
             hd.sr.QualitativeEvaluation(PNEUMONIA, ABSENT if result.case_class == "no_pneumonia" else PRESENT))
         evaluations += _class_evaluations(result)
+    evaluations += _category_evaluations(result)
     classification = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(title, uids),
         finding_type=COVID_19,
@@ -387,6 +454,7 @@ def build_sr(
     institution_name: str | None = None,
     image_library: bool = True,
     uids: common.ResultUids | None = None,
+    lobe_seg: Dataset | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 measurement report.
 
@@ -409,6 +477,9 @@ def build_sr(
     uids
         Where the series, instance and tracking UIDs come from; by default derived from
         the source series and the model (:class:`common.ResultUids`, revision 1).
+    lobe_seg
+        The lobe SEG (:func:`ct_ai_node.writers.seg.build_lobe_seg`) when the analysis has
+        lobes: the per-lobe groups reference its segments (plain groups without it).
 
     Returns
     -------
@@ -432,6 +503,7 @@ def build_sr(
         groups = [
             *_segment_groups(volume, result, seg_dataset, algorithm_id, uids),
             *_opacity_groups(volume, result, seg_dataset, algorithm_id, uids),
+            *_lobe_groups(volume, result, lobe_seg, algorithm_id, uids),
             *_summary_groups(result, algorithm_id, uids),
             _planar_group(volume, result, region, algorithm_id, uids),
         ]
@@ -441,7 +513,8 @@ def build_sr(
             imaging_measurements=groups,
             referenced_images=_library_images(volume, region) if image_library else None,
         )
-        sr = _report_object(report, [*volume.datasets, seg_dataset, *key_images], "sr", series_number,
+        evidence = [*volume.datasets, seg_dataset, *([lobe_seg] if lobe_seg is not None else []), *key_images]
+        sr = _report_object(report, evidence, "sr", series_number,
                             common.series_description("AI report", result, uids.revision), uids, institution_name)
         if uids.predecessor is not None:  # a later revision names the report it replaces
             sr.PredecessorDocumentsSequence = [uids.predecessor.as_predecessor_item()]
