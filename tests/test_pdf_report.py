@@ -200,14 +200,19 @@ def test_deidentified_and_non_latin1_sources_give_valid_objects():
     assert errors == [], "\n".join(errors)
 
 
-def test_build_outputs_lists_the_pdf_and_keeps_the_others_when_it_fails(volume, result):
+def test_build_outputs_lists_the_pdf_and_keeps_the_others_when_it_fails(volume, result, monkeypatch):
+    import ct_ai_node.writers as writers
+
     out = build_outputs(volume, result)
     names = [name for name, _ in out.named()]
     assert names[-1] == "report_pdf.dcm" and out.sop_classes()["report_pdf.dcm"] == ENCAPSULATED_PDF_STORAGE
     assert "pdf_report" in out.timings_s
-    # a lobe volume that is not a number: the page cannot be set, everything else is kept
-    bad = dataclasses.replace(result, lobes=[LobeInvolvement("right_upper", "n/a", 0.0, 0.0, 0.0, 0)])
-    broken = build_outputs(volume, bad)
+    # the page cannot be set: everything else is kept
+    def broken_page(*args, **kwargs):
+        raise ValueError("page cannot be set")
+
+    monkeypatch.setattr(writers.pdf_report, "build_pdf", broken_page)
+    broken = build_outputs(volume, result)
     assert broken.pdf_report is None
     assert [n for n, _ in broken.named()] == names[:-1]
     assert any(w.startswith("PDF report not written: ") for w in broken.warnings), broken.warnings
