@@ -13,7 +13,7 @@ PLAYWRIGHT_CORE_VERSION := 1.65.2
 OHIF_DIR := .ohif
 OHIF_STAMP := $(OHIF_DIR)/.installed-$(OHIF_VERSION)-$(PLAYWRIGHT_CORE_VERSION)
 
-.PHONY: install system-deps ohif-viewer demo test train train-lungs train-opacity train-ctnet evaluate evaluate-real benchmark clean
+.PHONY: install system-deps ohif-viewer demo test train train-lungs train-opacity train-ctnet train-lobes evaluate evaluate-real benchmark clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -88,6 +88,12 @@ train-ctnet: install
 	$(VENV)/bin/ct-ai-node train ctnet --cases 60 --val-cases 16 --epochs 6 \
 	    --backgrounds $(REAL_DATA) --hold-out $(HOLD_OUT)
 	$(VENV)/bin/ct-ai-node calibrate ctnet --cases 60 --out out/calibration-ctnet
+
+# the lobe U-Net on phantoms whose fissures the generator draws (no real lobe labels here;
+# docs/models.md, issue 16), then its Dice and the CT severity score on held-out phantoms
+train-lobes: install
+	$(VENV)/bin/ct-ai-node train lobes --cases 60 --val-cases 12
+	$(VENV)/bin/ct-ai-node evaluate --lobes --cases 20 --first-seed 90300 --out out/evaluation-lobes
 
 evaluate: install
 	$(VENV)/bin/ct-ai-node evaluate --out out/evaluation

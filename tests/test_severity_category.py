@@ -21,6 +21,11 @@ def test_lobe_grade_boundaries(percent, grade):
     assert lobe_severity(percent) == grade
 
 
+def test_a_speck_of_opacity_grades_zero():
+    assert lobe_severity(3.0, opacity_ml=0.99) == 0 and lobe_severity(3.0, opacity_ml=1.0) == 1
+    assert lobe_severity(3.0) == 1  # no volume given: the share alone
+
+
 @pytest.mark.parametrize("bad", [-0.1, 100.1, math.nan])
 def test_lobe_grade_refuses_impossible_shares(bad):
     with pytest.raises(ValueError, match="involvement_percent"):
@@ -38,13 +43,15 @@ def test_lobe_involvement_counts_each_lobe_and_splits_ggo_from_consolidation():
     cons[:, 4:6, :5] = True  # half of it consolidation
     cons[0, 9, 9] = True  # consolidation outside the opacity does not count
     opacity[0, 0, 5] = False
-    got = lobe_involvement(lobes, opacity, cons, (2.0, 1.0, 1.0))  # 2 ul voxels
+    opacity[0, 6, 0] = True  # left upper: one voxel, 1/80 = 1.25 %, but 0.5 ml: a speck, grade 0
+    got = lobe_involvement(lobes, opacity, cons, (10.0, 10.0, 5.0))  # 0.5 ml voxels
     assert [g.name for g in got] == list(LOBES)
     rul, rml, rll, lul, lll = got
-    assert rul.volume_ml == pytest.approx(0.16) and rul.involvement_percent == pytest.approx(10.0)
-    assert rul.severity == 2 and rul.consolidation_ml == 0.0 and rul.ggo_ml == pytest.approx(0.016)
+    assert rul.volume_ml == pytest.approx(40.0) and rul.involvement_percent == pytest.approx(10.0)
+    assert rul.severity == 2 and rul.consolidation_ml == 0.0 and rul.ggo_ml == pytest.approx(4.0)
     assert rml.severity == 0 and rml.involvement_percent == 0.0
-    assert rll.severity == 5 and rll.ggo_ml == pytest.approx(0.08) and rll.consolidation_ml == pytest.approx(0.08)
+    assert rll.severity == 5 and rll.ggo_ml == pytest.approx(20.0) and rll.consolidation_ml == pytest.approx(20.0)
+    assert lul.involvement_percent == pytest.approx(1.25) and lul.severity == 0
     assert ct_severity_score(got) == 7
     # a lobe the segmentation did not find: volume 0, grade 0
     lobes[lobes == 4] = 0
