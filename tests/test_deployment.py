@@ -165,7 +165,7 @@ def test_compose_configs_run_ingress_and_worker_for_real(tmp_path, pg_url):
                     jobs = ingress.wait_jobs("analyse", 1)
                 finally:
                     worker.stop()
-            assert held["CT"] == 56 and held["SEG"] == 1
+            assert held["CT"] == 56 and held["SEG"] == 2  # the lung + infection SEG and the lobe SEG
             assert [j.state.value for j in jobs] == ["done"]
             assert "fetched from http://127.0.0.1" in worker.log()
     finally:

@@ -89,7 +89,7 @@ def test_changes_feed_pulls_stable_series_and_survives_a_restart(tmp_path):
         assert all(s.instance_count == 56 for s in series)
         # results are in the studies they belong to
         for study, held in zip(studies, (first, second)):
-            assert held["CT"] == 56 and held["SEG"] == 1
+            assert held["CT"] == 56 and held["SEG"] == 2  # the lung + infection SEG and the lobe SEG
         found = httpx.post(f"{orthanc.url}/tools/find", json={"Level": "Series", "Query": {"Modality": "SEG"}},
                            timeout=10).json()
-        assert len(found) == 2
+        assert len(found) == 4  # two studies, two SEG series each
