@@ -64,34 +64,31 @@ def build_slice_classifier(width: int = 16, hidden: int = 128) -> nn.Module:
     return SliceClassifier(width=width, hidden=hidden)
 
 
-@register("lung_unet2d")
-def build_lung_unet(channels: tuple[int, ...] = (16, 32, 64, 128, 256)) -> nn.Module:
-    """2D U-Net for lung segmentation on 256x256 slices clipped to [-1000, 0] HU;
-    one output channel (lung vs background); left/right split is done on geometry."""
+def _unet2d(in_channels: int, out_channels: int, channels: tuple[int, ...]) -> nn.Module:
+    """MONAI 2D U-Net with stride-2 levels, two residual units and batch norm."""
     return UNet(
         spatial_dims=2,
-        in_channels=1,
-        out_channels=1,
+        in_channels=in_channels,
+        out_channels=out_channels,
         channels=channels,
         strides=(2,) * (len(channels) - 1),
         num_res_units=2,
         norm="batch",
     )
+
+
+@register("lung_unet2d")
+def build_lung_unet(channels: tuple[int, ...] = (16, 32, 64, 128, 256)) -> nn.Module:
+    """2D U-Net for lung segmentation on 256x256 slices clipped to [-1000, 0] HU;
+    one output channel (lung vs background); left/right split is done on geometry."""
+    return _unet2d(1, 1, channels)
 
 
 @register("lobe_unet2d")
 def build_lobe_unet(channels: tuple[int, ...] = (16, 32, 64, 128, 256)) -> nn.Module:
     """2D U-Net for the five lobes (``pipeline.lobes``): four input channels (lung window,
     right and left lung masks, height within the lungs), six outputs (background + lobes)."""
-    return UNet(
-        spatial_dims=2,
-        in_channels=4,
-        out_channels=6,
-        channels=channels,
-        strides=(2,) * (len(channels) - 1),
-        num_res_units=2,
-        norm="batch",
-    )
+    return _unet2d(4, 6, channels)
 
 
 #: modules that register the other methods' architectures (imported on first use)

@@ -186,6 +186,28 @@ def _source_stack(volume: Volume, masks: list[np.ndarray]):
     return [sources[z] for z in present], np.moveaxis(seg_major, 0, -1)
 
 
+def _segmentation(sources, stack, descriptions, uids: common.ResultUids, role: str, series_number: int, algo,
+                  **kwargs) -> hd.seg.Segmentation:
+    """A BINARY highdicom Segmentation with the node's equipment, UIDs of ``role`` and the
+    content date and time; ``kwargs``: content description and label, series description..."""
+    return hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=stack,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=uids.uid(role, "series"),
+        series_number=series_number,
+        sop_instance_uid=uids.uid(role, "instance"),
+        instance_number=1,
+        manufacturer=common.MANUFACTURER,
+        manufacturer_model_name=common.lo(algo.name),
+        software_versions=common.SOFTWARE_VERSION,
+        device_serial_number=common.DEVICE_SERIAL_NUMBER,
+        **kwargs,
+        **common.content_date_time(),
+    )
+
+
 def build_seg(
     volume: Volume,
     result: AnalysisResult,
@@ -240,25 +262,13 @@ def build_seg(
             _description(i, spec, algorithm_id, uids) for i, (spec, _) in enumerate(present, start=1)
         ]
         sources, stack = _source_stack(volume, [mask for _, mask in present])
-        seg = hd.seg.Segmentation(
-            source_images=sources,
-            pixel_array=stack,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions,
-            series_instance_uid=uids.uid("seg", "series"),
-            series_number=series_number,
-            sop_instance_uid=uids.uid("seg", "instance"),
-            instance_number=1,
-            manufacturer=common.MANUFACTURER,
-            manufacturer_model_name=common.lo(algo.name),
-            software_versions=common.SOFTWARE_VERSION,
-            device_serial_number=common.DEVICE_SERIAL_NUMBER,
+        seg = _segmentation(
+            sources, stack, descriptions, uids, "seg", series_number, algo,
             content_description=_content_description([spec for spec, _ in present]),
             content_label="AI_LUNG_INFECT",
             omit_empty_frames=omit_empty_frames,
             series_description=common.series_description("AI lung + infection SEG", result, uids.revision),
             institution_name=institution_name,
-            **common.content_date_time(),
         )
     n_frames = int(seg.NumberOfFrames)
     if n_frames > WEASIS_MAX_FRAMES:
@@ -332,24 +342,12 @@ def build_lobe_seg(
     with common.building("lobe SEG"):
         descriptions = [_description(numbers[label], spec, algorithm_id, uids) for label, spec in present]
         sources, stack = _lobe_label_map(volume, result.lobe_labels, numbers)
-        seg = hd.seg.Segmentation(
-            source_images=sources,
-            pixel_array=stack,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions,
-            series_instance_uid=uids.uid("lobe_seg", "series"),
-            series_number=series_number,
-            sop_instance_uid=uids.uid("lobe_seg", "instance"),
-            instance_number=1,
-            manufacturer=common.MANUFACTURER,
-            manufacturer_model_name=common.lo(algo.name),
-            software_versions=common.SOFTWARE_VERSION,
-            device_serial_number=common.DEVICE_SERIAL_NUMBER,
+        seg = _segmentation(
+            sources, stack, descriptions, uids, "lobe_seg", series_number, algo,
             content_description="AI segmentation: lung lobes",
             content_label="AI_LOBES",
             omit_empty_frames=True,
             series_description=common.series_description("AI lobe SEG", result, uids.revision),
             institution_name=institution_name,
-            **common.content_date_time(),
         )
     return seg
