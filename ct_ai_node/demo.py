@@ -150,10 +150,17 @@ def summary_lines(r: DemoReport) -> list[str]:
             f"lungs {res.get('lung_volume_ml', 0):.0f} ml, infection {res.get('lesion_volume_ml', 0):.1f} ml "
             f"({res.get('involvement_percent', 0):.1f} %), Corona score {res.get('corona_score_ml', 0):.1f}",
         ]
+        if res.get("ct_severity_score") is not None:
+            grades = ", ".join(f"{lobe['name'].replace('_', ' ')} {lobe['severity']}" for lobe in res.get("lobes", []))
+            lines.append(f"CT severity score {res['ct_severity_score']}/25 ({grades})")
+        category = res.get("category_suggestion")
+        if category:
+            lines.append(f"AI suggestion for the radiologist: CO-RADS {category['co_rads']}, RSNA {category['rsna']}")
     lines += [
         f"sent {r.instances_sent} instances in {r.send_s:.2f} s; results acknowledged by the PACS "
         f"{r.results_s:.1f} s after the last instance (including the wait for the series to be complete)",
-        f"{r.objects_at_pacs} result objects (SEG, heat-map SCs, key images, SR, KOS) at the PACS: {r.pacs_where}",
+        f"{r.objects_at_pacs} result objects (SEGs, heat-map SCs, key images, SRs, KOS, PDF) at the PACS: "
+        f"{r.pacs_where}",
     ]
     if res.get("path"):
         lines.append(f"result.json: {res['path']}")
