@@ -40,9 +40,9 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import _config as pynetdicom_config
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 
 from ct_ai_node.dimse_uids import install_lenient_uid_validator

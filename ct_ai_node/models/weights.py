@@ -43,6 +43,11 @@ class LoadedModel:
         return f"{self.metadata.get('version', '0')}+{self.sha256[:8]}"
 
 
+def weights_folder(weights_dir: Path | str | None) -> Path:
+    """The weights folder a caller names, or the bundled weights when it names none."""
+    return Path(weights_dir) if weights_dir else BUNDLED_WEIGHTS
+
+
 def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -141,7 +146,7 @@ def _record_hash(path: Path, entry: dict[str, str] | None = None) -> str:
 
 def load_model(name: str, folder: Path | None = None, device: torch.device | str = "cpu") -> LoadedModel:
     """Load ``folder/name.safetensors`` after checking its SHA-256 against the manifest."""
-    folder = Path(folder) if folder else BUNDLED_WEIGHTS
+    folder = weights_folder(folder)
     path = folder / f"{name}.safetensors"
     if not path.is_file():
         raise WeightsMissing(f"weights {path.name} not found in {folder}; run `ct-ai-node train` or bring weights")

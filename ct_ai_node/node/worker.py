@@ -135,6 +135,13 @@ class Worker:
             self._models = ModelCache()
         return self._models
 
+    def _options(self, pipeline: str | None, lungs: str | None):
+        """The analysis options of a job (or of a rule, for the warm-up)."""
+        from ct_ai_node.analyze import AnalyzeOptions
+
+        return AnalyzeOptions(pipeline=pipeline or DEFAULT_PIPELINE, lungs=lungs or DEFAULT_LUNGS,
+                              device=self.config.workers.device)
+
     def warm_up(self) -> None:
         """Build the networks of every analysis the rules ask for and run them once on a small
         phantom, before the first series (their one-time costs stay out of its time). A
@@ -142,9 +149,10 @@ class Worker:
         from ct_ai_node.analyze import resolve_device
 
         for pipeline, lungs in analyses_of(self.config):
+            opts = self._options(pipeline, lungs)  # what the jobs of that rule will ask for
             try:
-                seconds = self.models().warm_up(pipeline, lungs, "unet", resolve_device(self.config.workers.device),
-                                              None)
+                seconds = self.models().warm_up(opts.pipeline, opts.lungs, opts.infection, resolve_device(opts.device),
+                                              opts.weights_dir)
             except Exception as exc:  # noqa: BLE001 - the first job reports it with its reason
                 logger.warning("warm-up of %s failed: %s", pipeline, " ".join(str(exc).split())[:200])
                 continue
@@ -273,7 +281,7 @@ class Worker:
         self._waiting_parent = job.id
 
     def _analyse(self, job: Job) -> None:
-        from ct_ai_node.analyze import AnalyzeOptions, analyze_folder
+        from ct_ai_node.analyze import analyze_folder
 
         # analysed before a crash: only the sending is left (notice deliveries do not count:
         # after a crash the analysis runs again and decides again)
@@ -287,9 +295,7 @@ class Worker:
         scratch = self.outbox / f"fetched-{job.id}"
         try:
             source, _, uids = self._open_series(job, scratch)
-            options = AnalyzeOptions(pipeline=job.payload.get("pipeline") or DEFAULT_PIPELINE,
-                                     lungs=job.payload.get("lungs") or DEFAULT_LUNGS,
-                                     device=self.config.workers.device)
+            options = self._options(job.payload.get("pipeline"), job.payload.get("lungs"))
             # the same instances again -> the same revision and result UIDs; changed -> the next
             fingerprint = instance_fingerprint(uids)
             plan = self.revisions.plan(key, options.pipeline, fingerprint)

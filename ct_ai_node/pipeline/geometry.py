@@ -71,6 +71,20 @@ def patient_x_of_columns(orientation: tuple[float, ...], spacing_yx: tuple[float
     return ys + xs
 
 
+def superior_last(orientation) -> bool:
+    """True when the volume's z index runs inferior -> superior (slice normal towards +z LPS)."""
+    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+    return float(np.cross(row, col)[2]) >= 0.0
+
+
+def work_shape(shape: tuple[int, int, int], work_size: int) -> tuple[int, int, int]:
+    """``shape`` (z, y, x) with the in-plane sides scaled so that the longer is at most
+    ``work_size`` (aspect kept; z untouched)."""
+    z, y, x = shape
+    f = min(1.0, work_size / max(y, x))
+    return z, max(int(round(y * f)), 1), max(int(round(x * f)), 1)
+
+
 def resize_stack(stack: np.ndarray, size_yx: tuple[int, int], mode: str = "bilinear", chunk: int = 32) -> np.ndarray:
     """Resize every slice of a (z, y, x) array in-plane (z untouched), in chunks so the
     float copy stays small. Downsampling uses antialiasing; ``mode="nearest"`` keeps labels."""

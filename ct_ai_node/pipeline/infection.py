@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from ct_ai_node.errors import ModelError, WeightsMissing
 from ct_ai_node.models import net_infection  # noqa: F401  (registers "infection_unet")
 from ct_ai_node.models.net_infection import ARCHITECTURE, CONTEXT_PLANES, SIZE_MULTIPLE
-from ct_ai_node.models.weights import BUNDLED_WEIGHTS, LoadedModel, load_model
+from ct_ai_node.models.weights import LoadedModel, load_model, weights_folder
 from ct_ai_node.pipeline.geometry import bounding_box, dilate_slices, resize_stack
 from ct_ai_node.pipeline.pattern import PatternModel
 
@@ -299,7 +299,7 @@ def create_infection_segmenter(device: torch.device | str = "cpu",
                                weights_dir: Path | None = None) -> InfectionSegmenter:
     """The segmenter with the ``infection_unet`` weights of ``weights_dir`` (the bundled
     weights when None), hash-checked. Raises :class:`ModelError` when they are missing."""
-    folder = Path(weights_dir) if weights_dir else BUNDLED_WEIGHTS
+    folder = weights_folder(weights_dir)
     if not (folder / f"{WEIGHTS_NAME}.safetensors").is_file():
         raise WeightsMissing(f"infection U-Net weights {WEIGHTS_NAME}.safetensors not found in {folder}; train them with "
                          "ct_ai_node.training.train_infection.train_infection_unet")

@@ -25,15 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ct_ai_node.pipeline.geometry import fill_between_inplace, resize_slices, strided_indices
+from ct_ai_node.pipeline.geometry import fill_between_inplace, resize_slices, strided_indices, superior_last, work_shape
 from ct_ai_node.pipeline.types import LEFT_LUNG, LOBES, RIGHT_LUNG
 
 WEIGHTS_NAME = "lobe_unet2d"
 #: label values of the right and the left lobes (LOBES order, index + 1)
 RIGHT_LOBES = (1, 2, 3)
 LEFT_LOBES = (4, 5)
-N_CLASSES = len(LOBES) + 1
-IN_CHANNELS = 4
 
 
 @dataclass(frozen=True)
@@ -53,12 +51,6 @@ class LobeSettings:
         d = json.loads(text)
         d["hu_window"] = tuple(d.get("hu_window", cls.hu_window))
         return cls(**d)
-
-
-def superior_last(orientation) -> bool:
-    """True when the volume's z index runs inferior -> superior (slice normal towards +z LPS)."""
-    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
-    return float(np.cross(row, col)[2]) >= 0.0
 
 
 def lung_height(n_slices: int, lung_slices: np.ndarray, orientation) -> np.ndarray:
@@ -138,9 +130,7 @@ class LobeSegmenter:
         """(lung slice indices, lobe probabilities (n, 5, wy, wx) float32 at work resolution)."""
         s = self.settings
         zs = np.flatnonzero(lung_labels.reshape(lung_labels.shape[0], -1).any(axis=1))
-        z_shape = hu.shape[1:]
-        f = min(1.0, s.work_size / max(z_shape))
-        work = (max(int(round(z_shape[0] * f)), 1), max(int(round(z_shape[1] * f)), 1))
+        work = work_shape(hu.shape, s.work_size)[1:]
         if zs.size == 0:
             return zs, np.zeros((0, len(LOBES), *work), np.float32)
         height = lung_height(hu.shape[0], zs, orientation)
@@ -176,5 +166,5 @@ def create_lobe_segmenter(device: torch.device | str = "cpu", weights_dir: Path 
     return LobeSegmenter.from_loaded(load_model(WEIGHTS_NAME, weights_dir, device), device)
 
 
-__all__ = ["IN_CHANNELS", "LEFT_LOBES", "N_CLASSES", "RIGHT_LOBES", "WEIGHTS_NAME", "LobeSegmenter", "LobeSettings",
+__all__ = ["LEFT_LOBES", "RIGHT_LOBES", "WEIGHTS_NAME", "LobeSegmenter", "LobeSettings",
            "create_lobe_segmenter", "labels_from_probabilities", "lobe_inputs", "lobe_targets", "lung_height"]

@@ -24,6 +24,7 @@ from ct_ai_node.pipeline.geometry import (
     resize_slices,
     resize_stack,
     strided_indices,
+    work_shape,
 )
 from ct_ai_node.pipeline.types import LEFT_LUNG, RIGHT_LUNG
 
@@ -42,12 +43,6 @@ class LungSegmentationSettings:
     airway_hu: float = -950.0
     #: the U-Net runs on slices about this far apart; those between are interpolated
     z_step_mm: float = 2.5
-
-
-def _work_shape(shape: tuple[int, int, int], work_size: int) -> tuple[int, int, int]:
-    z, y, x = shape
-    f = min(1.0, work_size / max(y, x))
-    return z, max(int(round(y * f)), 1), max(int(round(x * f)), 1)
 
 
 def _outside_air(air: np.ndarray) -> np.ndarray:
@@ -219,7 +214,7 @@ class ClassicalLungSegmenter:
 
     def __call__(self, hu: np.ndarray, spacing, orientation) -> np.ndarray:
         s = self.settings
-        hu_w = resize_stack(hu, _work_shape(hu.shape, s.work_size)[1:])
+        hu_w = resize_stack(hu, work_shape(hu.shape, s.work_size)[1:])
         air = hu_w < s.threshold_hu
         return _finish(air & ~_outside_air(air), hu_w, hu.shape, spacing, orientation, s)
 
@@ -248,17 +243,17 @@ class UNetLungSegmenter:
         runs on slices about ``z_step_mm`` apart and the slices between are interpolated
         (lungs change little over 2-3 mm; this bounds the CPU time of long series)."""
         s = self.settings
-        work_shape = _work_shape(hu.shape, s.work_size)
+        work = work_shape(hu.shape, s.work_size)
         size = (s.work_size, s.work_size)
         stride = max(1, int(s.z_step_mm // spacing_z)) if spacing_z else 1
         run = strided_indices(np.arange(hu.shape[0]), stride)
-        out = np.zeros(work_shape, np.float32)
+        out = np.zeros(work, np.float32)
         for i in range(0, run.size, self.batch_size):
             zs = run[i : i + self.batch_size]
             x = torch.from_numpy(np.ascontiguousarray(hu[zs], np.float32))[:, None]
             x = resize_slices(self.normalise(x), size).to(self.device, memory_format=torch.channels_last)
             p = torch.sigmoid(self.model(x))
-            out[zs] = resize_slices(p, work_shape[1:]).cpu().numpy()[:, 0]
+            out[zs] = resize_slices(p, work[1:]).cpu().numpy()[:, 0]
         return fill_between_inplace(out, run)
 
     def __call__(self, hu: np.ndarray, spacing, orientation) -> np.ndarray:

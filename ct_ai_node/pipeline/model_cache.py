@@ -65,12 +65,11 @@ def build_models(pipeline: str, lungs: str, infection: str, device: torch.device
 
 def create_lobe_source(device, weights_dir: Path | None):
     """The lobe U-Net when the weights folder lists one (a site's own weights may not)."""
-    from ct_ai_node.models.weights import BUNDLED_WEIGHTS, read_manifest
+    from ct_ai_node.models.weights import read_manifest, weights_folder
     from ct_ai_node.pipeline.lobes import WEIGHTS_NAME, create_lobe_segmenter
 
-    folder = Path(weights_dir) if weights_dir is not None else BUNDLED_WEIGHTS
     try:
-        listed = f"{WEIGHTS_NAME}.safetensors" in read_manifest(folder)
+        listed = f"{WEIGHTS_NAME}.safetensors" in read_manifest(weights_folder(weights_dir))
     except Exception:  # noqa: BLE001 - no manifest: the other models say what is wrong
         listed = False
     return create_lobe_segmenter(device, weights_dir) if listed else None
@@ -79,9 +78,9 @@ def create_lobe_source(device, weights_dir: Path | None):
 def weights_fingerprint(weights_dir: Path | None) -> tuple:
     """Name, size and modification time of every file in the weights folder (a few stat
     calls): a replaced file or manifest changes it."""
-    from ct_ai_node.models.weights import BUNDLED_WEIGHTS
+    from ct_ai_node.models.weights import weights_folder
 
-    folder = Path(weights_dir) if weights_dir is not None else BUNDLED_WEIGHTS
+    folder = weights_folder(weights_dir)
     try:
         entries = sorted(folder.iterdir())
     except OSError:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from ct_ai_node.pipeline.geometry import superior_last
 from ct_ai_node.pipeline.types import CASE_CLASSES, LEFT_LUNG, RIGHT_LUNG
 
 #: HU from which an opacity counts as consolidation (ground glass below); the usual
@@ -76,12 +77,6 @@ def consolidation_mask(hu: np.ndarray, infection: np.ndarray) -> np.ndarray:
     return out
 
 
-def _superior_last(orientation) -> bool:
-    """True when the volume's z index runs inferior -> superior (slice normal towards +z LPS)."""
-    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
-    return float(np.cross(row, col)[2]) >= 0.0
-
-
 def _posterior_down(orientation) -> bool:
     """True when the row index runs anterior -> posterior (column direction towards +y LPS)."""
     return float(orientation[4]) >= 0.0
@@ -130,7 +125,7 @@ def pattern_features(hu: np.ndarray, spacing, orientation, lung_labels: np.ndarr
     zs = np.flatnonzero(lung.reshape(lung.shape[0], -1).any(axis=1))
     z_mid = (zs[0] + zs[-1]) / 2.0
     per_z = inf.reshape(inf.shape[0], -1).sum(axis=1).astype(np.float64)
-    lower_half = np.arange(inf.shape[0]) < z_mid if _superior_last(orientation) else np.arange(inf.shape[0]) > z_mid
+    lower_half = np.arange(inf.shape[0]) < z_mid if superior_last(orientation) else np.arange(inf.shape[0]) > z_mid
     f["lower"] = float(per_z[lower_half].sum() / n_inf)
     rows = np.flatnonzero(lung.any(axis=(0, 2)))
     y_mid = (rows[0] + rows[-1]) / 2.0

@@ -243,7 +243,7 @@ class Spool:
             self._db.execute(f"PRAGMA synchronous={synchronous}")
             self._db.executescript(_SCHEMA)
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(series)")}
-            # databases from before the failed state, and before the association's opening time
+            # databases from before the failed state, and before the released association's count
             for column, kind in (("reason", "TEXT"), ("release_carried", "INTEGER")):
                 if column in columns:
                     continue

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ct_ai_node.models.weights import BUNDLED_WEIGHTS, load_model, rewrite_metadata
+from ct_ai_node.models.weights import load_model, rewrite_metadata, weights_folder
 from ct_ai_node.training.compare import compare_pipelines
 from ct_ai_node.training.data import VAL_SEED0, case_kind, describe_cases
 from ct_ai_node.training.train import fit_ratio_decision
@@ -48,7 +48,7 @@ def calibrate_pipeline(pipeline: str, device: torch.device, *, cases: int = 60, 
                                        cache_dir=Path(out_dir) / "method_d_cache", log=log)
     if pipeline not in RATIO_PIPELINES:
         raise ValueError(f"{pipeline!r} has nothing to calibrate; one of: {', '.join([*RATIO_PIPELINES, *HEAT_PIPELINES])}")
-    folder = Path(weights_dir) if weights_dir else BUNDLED_WEIGHTS
+    folder = weights_folder(weights_dir)
     # the method's own decision is what is fitted: its own map and ratio, not the opacity model's
     res = compare_pipelines(out_dir, [pipeline], cases, device, seed0=VAL_SEED0, weights_dir=folder, log=log,
                             infection="heatmap",
@@ -80,7 +80,7 @@ def calibrate_method_d_heat(device: torch.device, *, cases: int = 60, weights_di
     from ct_ai_node.pipeline.method_d import WEIGHTS_NAME
     from ct_ai_node.training.train_d import TrainDSettings, build_cache, evaluate, load_case
 
-    folder = Path(weights_dir) if weights_dir else BUNDLED_WEIGHTS
+    folder = weights_folder(weights_dir)
     model = load_model(WEIGHTS_NAME, folder, device)
     training = json.loads(model.metadata.get("training", "{}"))
     if shape is None and training.get("shape"):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ct_ai_node.models.weights import BUNDLED_WEIGHTS, rewrite_metadata
+from ct_ai_node.models.weights import rewrite_metadata, weights_folder
 from ct_ai_node.pipeline.pattern import FEATURES, PatternModel, fit_pattern_model, pattern_features
 from ct_ai_node.pipeline.types import CASE_CLASSES
 from ct_ai_node.training.data import KIND_CLASS, VAL_SEED0, case_kind, case_source, describe_cases, make_case, map_cases
@@ -160,7 +160,7 @@ def calibrate_pattern(*, cases: int = 45, backgrounds: Path | None = None, held_
     file."""
     from ct_ai_node.pipeline.infection import CASE_MODEL_KEY, WEIGHTS_NAME
 
-    folder = Path(weights_dir) if weights_dir else BUNDLED_WEIGHTS
+    folder = weights_folder(weights_dir)
     if rows_file is not None:
         rows = [{k: v for k, v in r.items() if k != "cv_probabilities"} for r in json.loads(Path(rows_file).read_text())]
         earlier = Path(rows_file).with_name("pattern_calibration.json")  # the earlier run's report
