@@ -40,7 +40,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 #: (mirrors ``ct_ai_node.pipeline.methods.DEFAULT_PIPELINE``, which imports torch)
 DEFAULT_PIPELINE = "radlogics"
 DEFAULT_LUNGS = "unet"
-DESTINATION_KINDS = ("dicom", "stow", "orthanc")
+DESTINATION_KINDS = ("dicom", "stow", "orthanc", "fhir")
 ACTIONS = ("analyse", "forward", "discard")
 OPERATORS = ("equals", "in", "regex", "range", "exists", "contains")
 #: condition targets besides ``tag`` (facts of the series and its association)
@@ -439,8 +439,27 @@ class OrthancDestination(_Credentials):
     url: Url
 
 
+class FhirDestination(_Credentials):
+    """A FHIR server that takes the result as a DiagnosticReport (JSON), for sites that
+    integrate results that way: ``POST {url}/DiagnosticReport`` as a conditional create
+    (egress/fhir.py). ``url`` is the FHIR base URL; ``token`` (a secret) is sent as
+    ``Authorization: Bearer``, username/password as basic authentication."""
+
+    name: Name
+    kind: Literal["fhir"]
+    url: Url
+    token: Optional[SecretStr] = Field(None, repr=False)
+    timeout_s: float = Field(60.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _one_authentication(self) -> "FhirDestination":
+        if self.token is not None and self.username is not None:
+            _raise_at("FhirDestination", [(("token",), "token or username/password, not both")])
+        return self
+
+
 Destination = Annotated[
-    Union[DicomDestination, StowDestination, OrthancDestination], Field(discriminator="kind")
+    Union[DicomDestination, StowDestination, OrthancDestination, FhirDestination], Field(discriminator="kind")
 ]
 
 
@@ -1094,6 +1113,7 @@ __all__ = [
     "DEFAULT_PIPELINE",
     "Destination",
     "DicomDestination",
+    "FhirDestination",
     "NodeConfig",
     "NodeSection",
     "OrthancDestination",

@@ -3,8 +3,8 @@
 Pure: YAML text and plain data in, plain data, ``NodeConfig`` or ``ConfigError`` out. The
 candidate is the configuration file's data with one section replaced, validated by the
 same ``parse_config`` as ``ct-ai-node check-config``, so the messages are the same. Secrets
-never leave: passwords are shown as ``MASK``, and a ``MASK`` saved back keeps the password
-the same-named destination had.
+never leave: passwords (and a fhir destination's ``token``) are shown as ``MASK``, and a
+``MASK`` saved back keeps the secret the same-named destination had.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ RESTART_SECTIONS = config.RESTART_SECTIONS
 #: file, in force after the next restart)
 EDITABLE_SECTIONS = (*LIVE_SECTIONS, "node")
 MASK = "**********"
+#: keys whose values are secrets: masked in the editor, restored when saved back masked
+SECRET_KEYS = ("password", "token")
 _EMPTY = {"allowed_callers": [], "destinations": [], "rules": [], "routing": {}, "notifications": [], "node": {}}
 
 
@@ -35,7 +37,7 @@ def check_section_name(section: str) -> None:
 
 def _masked(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: (MASK if k == "password" and v is not None else _masked(v)) for k, v in value.items()}
+        return {k: (MASK if k in SECRET_KEYS and v is not None else _masked(v)) for k, v in value.items()}
     if isinstance(value, list):
         return [_masked(v) for v in value]
     return value
@@ -73,7 +75,7 @@ def _unmask(new: Any, old: Any, section: str) -> Any:
         if isinstance(entry, dict):
             saved = before.get(entry.get("name"), {})
             entry = dict(entry)
-            for path in (("password",), ("smtp", "password")):
+            for path in (("password",), ("token",), ("smtp", "password")):
                 holder, saved_holder = entry, saved
                 for key in path[:-1]:
                     holder = holder.get(key) if isinstance(holder, dict) else None
@@ -82,10 +84,10 @@ def _unmask(new: Any, old: Any, section: str) -> Any:
                     continue
                 known = saved_holder.get(path[-1]) if isinstance(saved_holder, dict) else None
                 if known is None:
-                    problems.append(f"{section}.{i}.{'.'.join(path)}: type the password (no saved one for "
+                    problems.append(f"{section}.{i}.{'.'.join(path)}: type the {path[-1]} (no saved one for "
                                     f"{entry.get('name')!r})")
                 if len(path) == 1:
-                    entry["password"] = known
+                    entry[path[0]] = known
                 else:
                     entry[path[0]] = {**holder, path[-1]: known}
         out.append(entry)

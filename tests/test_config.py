@@ -218,7 +218,7 @@ CASES = {
     ),
     "unknown destination kind": (
         BASE.replace("kind: dicom", "kind: ftp"),
-        "destinations.0.kind: must be one of dicom, stow, orthanc, got 'ftp'",
+        "destinations.0.kind: must be one of dicom, stow, orthanc, fhir, got 'ftp'",
     ),
     "dicom destination without port": (
         BASE.replace(" port: 4242,", ""),

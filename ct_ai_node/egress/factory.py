@@ -11,6 +11,7 @@ from typing import Any
 
 from ct_ai_node.egress.base import Destination
 from ct_ai_node.egress.dicom import DicomDestination, client_tls
+from ct_ai_node.egress.fhir import FhirDestination
 from ct_ai_node.egress.orthanc import OrthancDestination
 from ct_ai_node.egress.stow import StowDestination
 
@@ -52,4 +53,7 @@ def destination_from_config(cfg: Any) -> Destination:
         cls = StowDestination if kind == "stow" else OrthancDestination
         return cls(name, str(_field(cfg, "url")), username=_field(cfg, "username", None),
                    password=_field(cfg, "password", None), **extra)
-    raise ValueError(f"destination {name!r}: unknown kind {kind!r} (dicom, stow or orthanc)")
+    if kind == "fhir":
+        return FhirDestination(name, str(_field(cfg, "url")), username=_field(cfg, "username", None),
+                               password=_field(cfg, "password", None), token=_field(cfg, "token", None), **extra)
+    raise ValueError(f"destination {name!r}: unknown kind {kind!r} (dicom, stow, orthanc or fhir)")
