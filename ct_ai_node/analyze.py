@@ -52,6 +52,11 @@ class AnalyzeOptions:
     #: (``ct_ai_node.node.revisions``); result UIDs derive from it
     revision: int = 1
     predecessor: ReportRef | None = None
+    #: the comparison with the patient's prior study (``node.priors.PriorLookup``): asked
+    #: between the pipeline and the writers, told afterwards; None: no comparison
+    priors: object | None = None
+    #: analyse only (result.json, no result objects): a prior analysed for a comparison
+    findings_only: bool = False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -97,7 +102,7 @@ def analyze_folder(input_dir: Path, out_dir: Path, options: AnalyzeOptions | Non
     """Run the whole analysis; always writes ``out_dir/result.json``. ``models``: networks
     kept loaded between analyses (a worker's); built for this one when None."""
     from ct_ai_node.volume import load_series_from_folder
-    from ct_ai_node.output_folder import write_outputs
+    from ct_ai_node.output_folder import WrittenOutputs, write_outputs
 
     opts = options or AnalyzeOptions()
     timings: dict[str, float] = {}
@@ -116,10 +121,17 @@ def analyze_folder(input_dir: Path, out_dir: Path, options: AnalyzeOptions | Non
         with _stage(timings, "pipeline", report):
             result = analyse_volume(volume, loaded.method, loaded.lungs, opts.pipeline_settings, opts.pipeline,
                                     loaded.infection, loaded.lobes)
+        if opts.priors is not None:
+            with _stage(timings, "prior", report):
+                result.comparison, notes = opts.priors.compare(volume, result)
+                result.warnings.extend(notes)
         with _stage(timings, "outputs", report):
-            uids = ResultUids.for_analysis(volume, result, opts.revision, opts.predecessor)
-            written = write_outputs(volume, result, out_dir, series_number_base=opts.series_number_base,
-                                    parallel=opts.parallel_writers, uids=uids)
+            if opts.findings_only:
+                written = WrittenOutputs(outputs={}, timings={}, volume=volume)
+            else:
+                uids = ResultUids.for_analysis(volume, result, opts.revision, opts.predecessor)
+                written = write_outputs(volume, result, out_dir, series_number_base=opts.series_number_base,
+                                        parallel=opts.parallel_writers, uids=uids)
     except InputRejected as exc:
         # reasons name series by number and description (free text): result.json has them
         logger.info("analysis rejected (reason in result.json)")
@@ -145,4 +157,9 @@ def analyze_folder(input_dir: Path, out_dir: Path, options: AnalyzeOptions | Non
     doc.revision = opts.revision
     doc.predecessor_sr = opts.predecessor.sop_instance_uid if opts.predecessor else None
     write_result(doc, out_dir)
+    if opts.priors is not None:
+        try:
+            opts.priors.record(volume, result)
+        except Exception as exc:  # noqa: BLE001 - the results stand; only a later comparison misses this one
+            logger.warning("this study was not added to the patient history (%s)", type(exc).__name__)
     return doc

@@ -363,6 +363,23 @@ class RetentionSection(_Model):
         return self
 
 
+class PriorsSection(_Model):
+    """Comparison with the patient's prior study (docs/reporting.md, "Comparison with the prior
+    study"); each ``analyse`` rule says whether to compare (``prior``)."""
+
+    #: a prior taken longer ago than this is not compared
+    max_interval_days: float = Field(730.0, gt=0, le=36500)
+    #: mixed into the patient key of the history (a SHA-256 of PatientID and issuer) so that the
+    #: table alone does not let anyone test candidate IDs; every host of a node needs the same
+    patient_key_salt: Optional[SecretStr] = Field(None, repr=False)
+    #: the node forgets a study's findings this many days after analysing it; null = never
+    history_days: Optional[float] = Field(3650.0, gt=0, le=36500)
+    #: query the PACS: the DIMSE timeouts of the C-FIND and C-GET
+    query_timeout_s: float = Field(60.0, gt=0, le=3600)
+    #: query the PACS: the most instances a prior series may have to be retrieved
+    max_prior_instances: int = Field(2000, ge=1, le=100000)
+
+
 # -- destinations ---------------------------------------------------------------
 
 class _Credentials(_Model):
@@ -704,6 +721,12 @@ class ActionSpec(_Model):
     #: urgent work (an emergency department) is taken before normal, normal before
     #: background (a retrospective batch); waiting raises a job's rank (queue.priority_aging_s)
     priority: Literal["urgent", "normal", "background"] = "normal"
+    #: analyse only: compare with the patient's prior study - off; history: a study this node
+    #: analysed before; query: also ask ``prior_source`` (C-FIND) and retrieve (C-GET) and
+    #: analyse a prior it holds. Default history
+    prior: Optional[Literal["off", "history", "query"]] = None
+    #: analyse with prior query: the DICOM destination (kind dicom) asked for priors
+    prior_source: Optional[Name] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -717,15 +740,21 @@ class ActionSpec(_Model):
                 data["lungs"] = DEFAULT_LUNGS
             if data.get("notify_not_analysed") is None:
                 data["notify_not_analysed"] = True
+            if data.get("prior") is None:
+                data["prior"] = "history"
         return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "ActionSpec":
         errors: list[tuple[tuple[str | int, ...], str]] = []
         if self.action != "analyse":
-            for field in ("pipeline", "lungs", "notify_not_analysed"):
+            for field in ("pipeline", "lungs", "notify_not_analysed", "prior", "prior_source"):
                 if getattr(self, field) is not None:
                     errors.append(((field,), f"only for action analyse, not {self.action}"))
+        if self.prior == "query" and self.prior_source is None:
+            errors.append((("prior_source",), "prior query needs the DICOM destination to ask (prior_source)"))
+        if self.prior_source is not None and self.prior != "query":
+            errors.append((("prior_source",), f"only with prior: query, not {self.prior}"))
         if self.action == "forward" and not self.destinations:
             errors.append((("destinations",), "a forward rule needs at least one destination"))
         if self.action == "discard" and self.destinations:
@@ -852,6 +881,7 @@ class NodeConfig(_Model):
     queue: QueueSection = QueueSection()
     retry: RetrySection = RetrySection()
     retention: RetentionSection = RetentionSection()
+    priors: PriorsSection = PriorsSection()
     destinations: list[Destination] = []
     routing: RoutingSection = RoutingSection()
     rules: list[Rule] = []
@@ -880,6 +910,11 @@ class NodeConfig(_Model):
             for j, name in enumerate(spec.destinations):
                 if name not in known:
                     errors.append(((*loc, "destinations", j), f"unknown destination {name!r} (destinations: {listed})"))
+            if spec.prior_source is not None:
+                dicom = [d.name for d in self.destinations if d.kind == "dicom"]
+                if spec.prior_source not in dicom:
+                    errors.append(((*loc, "prior_source"), f"{spec.prior_source!r} is not a destination of kind dicom "
+                                                           f"(those: {', '.join(dicom) or 'none defined'})"))
         if errors:
             _raise_at("NodeConfig", errors)
         return self

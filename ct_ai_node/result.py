@@ -48,6 +48,35 @@ class CategorySuggestionResult(BaseModel):
     features: list[str] = Field(default_factory=list)
 
 
+class StudyFindingsResult(BaseModel):
+    """One study's findings as a comparison saw them."""
+
+    study_instance_uid: str
+    study_date: str | None  # YYYY-MM-DD
+    ct_severity_score: int | None
+    involvement_percent: float
+    lesion_volume_ml: float
+    case_class: str | None = None
+    #: each lobe's 0-5 grade, right upper .. left lower; empty without lobes
+    lobe_severities: list[int] = Field(default_factory=list)
+
+
+class ComparisonResult(BaseModel):
+    """This study against the patient's prior study (docs/reporting.md: the rule)."""
+
+    change: Literal["improved", "stable", "worse"]
+    interval_days: int
+    #: history: the node analysed the prior before; pacs: found by C-FIND, retrieved, analysed
+    source: Literal["history", "pacs"]
+    reason: str
+    #: the sentence the SR and the PDF carry
+    text: str
+    ct_severity_score_change: int | None
+    involvement_change_pp: float
+    prior: StudyFindingsResult
+    current: StudyFindingsResult
+
+
 class ResultDocument(BaseModel):
     status: Literal["done", "rejected", "failed"]
     reason: str | None = None
@@ -97,6 +126,30 @@ class ResultDocument(BaseModel):
     #: the lobes' severities added up, 0-25; None without lobes
     ct_severity_score: int | None = None
     category_suggestion: CategorySuggestionResult | None = None
+    #: against the patient's prior study; None without one
+    comparison: ComparisonResult | None = None
+
+
+def _findings_result(f) -> StudyFindingsResult:
+    return StudyFindingsResult(
+        study_instance_uid=f.study_instance_uid,
+        study_date=f.study_datetime.strftime("%Y-%m-%d") if f.study_datetime else None,
+        ct_severity_score=f.ct_severity_score, involvement_percent=round(f.involvement_percent, 2),
+        lesion_volume_ml=round(f.lesion_volume_ml, 2), case_class=f.case_class,
+        lobe_severities=list(f.lobe_severities))
+
+
+def comparison_result(c) -> ComparisonResult:
+    """result.json's ``comparison`` from a ``PriorComparison``."""
+    from ct_ai_node.pipeline.comparison import comparison_text
+
+    scores = (c.prior.ct_severity_score, c.current.ct_severity_score)
+    return ComparisonResult(
+        change=c.change, interval_days=c.interval_days, source=c.source, reason=c.reason,
+        text=comparison_text(c),
+        ct_severity_score_change=None if None in scores else scores[1] - scores[0],
+        involvement_change_pp=round(c.current.involvement_percent - c.prior.involvement_percent, 2),
+        prior=_findings_result(c.prior), current=_findings_result(c.current))
 
 
 def _instance_numbers(volume: Volume, zs) -> list[int]:
@@ -169,6 +222,7 @@ def result_document(volume: Volume, result: AnalysisResult, outputs: dict[str, s
         ct_severity_score=result.ct_severity_score,
         category_suggestion=None if result.category is None else CategorySuggestionResult(
             co_rads=result.category.co_rads, rsna=result.category.rsna, features=list(result.category.features)),
+        comparison=None if result.comparison is None else comparison_result(result.comparison),
     )
 
 
@@ -202,6 +256,10 @@ def summarize_result(doc: dict) -> dict:
     out["outputs"] = len(doc.get("outputs") or {})
     if doc.get("study_instance_uid"):
         out["study_instance_uid"] = doc["study_instance_uid"]
+    comparison = doc.get("comparison") or {}
+    if comparison.get("change"):
+        out["prior_change"] = comparison["change"]
+        out["prior_interval_days"] = comparison.get("interval_days")
     return out
 
 
@@ -218,4 +276,6 @@ def result_line(result: dict | None) -> str:
         parts.append(f"P {result['probability']:.2f}")
     if result.get("lesion_volume_ml") is not None:
         parts.append(f"{result['lesion_volume_ml']:.0f} ml")
+    if result.get("prior_change"):
+        parts.append(f"{result['prior_change']} vs prior ({result.get('prior_interval_days')} d)")
     return ", ".join(parts)

@@ -148,7 +148,8 @@ def _config(mode: str, fallback: dict | None = None):
 def test_mode_first_takes_the_first_match():
     cfg = _config("first")
     decision = route(cfg.rules, cfg.routing, FACTS)
-    assert decision.actions == [RoutedAction("chest-ct", "analyse", "radlogics", "classical", ("pacs",))]
+    assert decision.actions == [RoutedAction("chest-ct", "analyse", "radlogics", "classical", ("pacs",),
+                                             prior="history")]
     assert decision.matched and decision.work == decision.actions
     assert decision.explanation == [
         "rule scouts: not matched (1 of 1 conditions false)",
@@ -199,7 +200,7 @@ def test_matching_discard_rule_wins_in_first_mode():
 def test_rule_without_conditions_matches_everything():
     cfg = parse_config({"rules": [{"name": "all", "action": "analyse"}]})
     decision = route(cfg.rules, cfg.routing, SeriesFacts())
-    assert decision.actions == [RoutedAction("all", "analyse", "radlogics", "unet", ())]
+    assert decision.actions == [RoutedAction("all", "analyse", "radlogics", "unet", (), prior="history")]
     assert decision.explanation[1] == "  (no conditions: matches every series)"
 
 

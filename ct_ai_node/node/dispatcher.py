@@ -97,6 +97,8 @@ def _job_payload(rec: SeriesRecord, action: RoutedAction) -> dict:
         "study_uid": rec.study_instance_uid,
         "series_uid": rec.series_instance_uid,
         "priority": action.priority,
+        "prior": action.prior,
+        "prior_source": action.prior_source,
     }
 
 

@@ -216,6 +216,19 @@ class Node:
             self.retention.run_once()
         except Exception:  # the timer must keep running
             logger.exception("retention pass failed")
+        days = self.config.priors.history_days
+        if days is None:
+            return
+        try:
+            from ct_ai_node.jobqueue.factory import shared_target
+            from ct_ai_node.node.history import PatientHistory
+
+            forgotten = PatientHistory(shared_target(self.config), self.config.queue.reconnect_s).forget_older_than(
+                days * 86400)
+            if forgotten:
+                logger.info("retention: %d study finding(s) older than priors.history_days forgotten", forgotten)
+        except Exception:  # noqa: BLE001 - as above
+            logger.exception("history pruning failed")
 
     def tick_now(self) -> None:
         self._tick()

@@ -33,6 +33,7 @@ from typing import Callable
 from ct_ai_node.config import DEFAULT_LUNGS, DEFAULT_PIPELINE, NodeConfig
 from ct_ai_node.jobqueue import Job, JobState, LeaseLost
 from ct_ai_node.logs import configure_logging, series_ref
+from ct_ai_node.node.history import PatientHistory
 from ct_ai_node.node.revisions import RevisionLog, instance_fingerprint
 from ct_ai_node.stop_signals import StopSignals
 
@@ -115,6 +116,7 @@ class Worker:
         self.queue = queue or open_queue(config)
         self.source = SeriesSource(config, spool)
         self.revisions = RevisionLog(shared_target(config), config.queue.reconnect_s)
+        self.history = PatientHistory(shared_target(config), config.queue.reconnect_s)
         self.outbox = Path(st.outbox_dir)
         self.lane = worker_lane(config)
         self.lease_s = float(config.workers.lease_s)
@@ -293,6 +295,7 @@ class Worker:
         out = self.outbox / f"job-{job.id}"
         _clear_outbox(out)  # a half-written earlier attempt; a notice on its way stays
         scratch = self.outbox / f"fetched-{job.id}"
+        prior_scratch = self.outbox / f"prior-{job.id}"
         try:
             source, _, uids = self._open_series(job, scratch)
             options = self._options(job.payload.get("pipeline"), job.payload.get("lungs"))
@@ -300,11 +303,13 @@ class Worker:
             fingerprint = instance_fingerprint(uids)
             plan = self.revisions.plan(key, options.pipeline, fingerprint)
             options.revision, options.predecessor = plan.revision, plan.predecessor
+            options.priors = self._prior_lookup(job, options, prior_scratch)
             start = time.perf_counter()
             doc = analyze_folder(source, out, options, models=self.models())
             seconds = time.perf_counter() - start
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(prior_scratch, ignore_errors=True)
         self._keep_summary(job)
         if doc.status == "done":
             self.revisions.record(key, options.pipeline, plan.revision, fingerprint, _report_in(out), job.id)
@@ -322,6 +327,44 @@ class Worker:
         logger.info("job %d: analysis done in %.1f s: %s, p=%.3f, %d objects, revision %d", job.id, seconds,
                     doc.label, doc.probability or 0.0, len(doc.outputs), plan.revision)
         self._start_deliveries(job, [out / name for name in doc.outputs])
+
+    def _prior_lookup(self, job: Job, options, scratch: Path):
+        """The job's comparison with a prior study (its rule's ``prior``; jobs queued before
+        rules had it: none)."""
+        from dataclasses import replace
+
+        from ct_ai_node.analyze import analyze_folder
+        from ct_ai_node.node.priors import PriorLookup
+
+        mode = job.payload.get("prior") or "off"
+        if mode == "off":
+            return None
+        settings = self.config.priors
+        if mode == "history":
+            return PriorLookup(self.history, settings, options.pipeline, job_id=job.id)
+        try:
+            peer = self.config.destination(job.payload.get("prior_source") or "")
+        except KeyError:
+            peer = None
+        if peer is None or peer.kind != "dicom":  # removed from the configuration since the job was queued
+            logger.warning("job %d: prior source %r is not a DICOM destination now; history only", job.id,
+                           job.payload.get("prior_source"))
+            return PriorLookup(self.history, settings, options.pipeline, job_id=job.id)
+        from ct_ai_node.egress.dicom import client_tls
+        from ct_ai_node.ingress.prior_retrieve import PacsQuery
+
+        tls = None if peer.tls is None else client_tls(peer.tls.ca, peer.tls.cert, peer.tls.key,
+                                                       peer.tls.check_hostname)
+        query = PacsQuery(peer.host, peer.port, peer.ae_title, peer.calling_ae(self.config.node.ae_title),
+                          settings.query_timeout_s, tls=tls)
+        # the prior: the same networks, no result objects, no comparison of its own
+        prior_options = replace(options, priors=None, findings_only=True, revision=1, predecessor=None)
+
+        def analyse_prior(folder: Path):
+            return analyze_folder(folder, scratch / "result", prior_options, models=self.models())
+
+        return PriorLookup(self.history, settings, options.pipeline, "query", query, analyse_prior, scratch,
+                           job.id)
 
     def _keep_summary(self, job: Job) -> None:
         """The result's summary in the shared database: the ingress node's web app shows it

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import numpy as np
 
@@ -48,6 +49,42 @@ class CategorySuggestion:
     rsna: str  # "typical", "indeterminate", "atypical" or "negative"
     #: the features that led to it, in words, most telling first
     features: tuple[str, ...] = ()
+
+
+#: how a study changed since its prior (``pipeline.comparison``)
+CHANGES = ("improved", "stable", "worse")
+
+
+@dataclass(frozen=True)
+class StudyFindings:
+    """What a comparison needs of one analysed study: this one or a prior."""
+
+    study_instance_uid: str
+    #: StudyDate + StudyTime (midnight without a time); None when the header has no date
+    study_datetime: datetime | None
+    involvement_percent: float
+    lesion_volume_ml: float
+    #: 0-25; None when the analysis had no lobes
+    ct_severity_score: int | None = None
+    case_class: str | None = None
+    #: each lobe's 0-5 grade in LOBES order; empty without lobes
+    lobe_severities: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class PriorComparison:
+    """This study against the patient's prior study (``pipeline.comparison``)."""
+
+    prior: StudyFindings
+    current: StudyFindings
+    #: whole days from the prior's study date/time to this one's
+    interval_days: int
+    change: str  # one of CHANGES
+    #: "history" (the node analysed the prior before) or "pacs" (found by a query, retrieved
+    #: and analysed for this comparison)
+    source: str
+    #: why this change, in words ("CT severity score up 12 points")
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -108,6 +145,8 @@ class AnalysisResult:
     #: sum of the lobes' severities, 0-25 (None without lobes)
     ct_severity_score: int | None = None
     category: CategorySuggestion | None = None
+    #: against the patient's prior study; None without one (or when not asked for)
+    comparison: PriorComparison | None = None
 
     @property
     def is_positive(self) -> bool:

@@ -99,6 +99,10 @@ class RoutedAction:
     notify_not_analysed: bool = True
     #: urgent, normal or background: the order workers take the jobs in
     priority: str = "normal"
+    #: analyse: compare with the prior study - off, history or query (``prior_source`` asked);
+    #: an analyse rule's default is history (config)
+    prior: str = "off"
+    prior_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -338,7 +342,8 @@ def check_condition(condition: Condition, facts: SeriesFacts) -> tuple[bool, str
 def _routed(name: str, spec: ActionSpec) -> RoutedAction:
     return RoutedAction(rule=name, action=spec.action, pipeline=spec.pipeline, lungs=spec.lungs,
                         destinations=tuple(spec.destinations),
-                        notify_not_analysed=spec.notify_not_analysed is not False, priority=spec.priority)
+                        notify_not_analysed=spec.notify_not_analysed is not False, priority=spec.priority,
+                        prior=spec.prior or "off", prior_source=spec.prior_source)
 
 
 def describe_action(action: RoutedAction) -> str:
@@ -346,7 +351,9 @@ def describe_action(action: RoutedAction) -> str:
     text = action.action
     if action.action == "analyse":
         notice = "" if action.notify_not_analysed else ", no not-analysed notice"
-        text += f" (pipeline {action.pipeline}, lungs {action.lungs}{notice})"
+        prior = {"off": ", no prior comparison", "history": "",
+                 "query": f", priors from {action.prior_source}"}.get(action.prior, "")
+        text += f" (pipeline {action.pipeline}, lungs {action.lungs}{notice}{prior})"
     if action.destinations:
         text += " -> " + ", ".join(action.destinations)
     if action.priority != "normal" and action.action != "discard":

@@ -250,10 +250,12 @@ def write_truth(phantom: Phantom, out_dir: str | Path, files: list[Path] | None 
     return npz, js
 
 
-def copy_as_new_study(source: str | Path, folder: str | Path) -> str:
+def copy_as_new_study(source: str | Path, folder: str | Path, **attributes) -> str:
     """Copy the series in ``source`` into ``folder`` (created) as a different study: new
-    Study, Series and SOP Instance UIDs, pixels and everything else unchanged. For tests and
-    benchmarks that need several studies of one sample. Returns the Study Instance UID."""
+    Study, Series and SOP Instance UIDs, pixels and everything else unchanged except the
+    ``attributes`` given by keyword (``PatientID="P1", StudyDate="20210301"``: studies of one
+    patient). For tests and benchmarks that need several studies of one sample. Returns the
+    Study Instance UID."""
     import pydicom
     from pydicom.uid import generate_uid
 
@@ -264,5 +266,7 @@ def copy_as_new_study(source: str | Path, folder: str | Path) -> str:
         ds = pydicom.dcmread(path)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        for keyword, value in attributes.items():
+            setattr(ds, keyword, value)
         ds.save_as(folder / path.name)
     return study

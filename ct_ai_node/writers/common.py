@@ -443,6 +443,10 @@ def caption_for(result: AnalysisResult, z: int, key: tuple[int, int] | None = No
         if opacities is not None:
             second += f"  {opacities}"
         top = [headline(result), second, numbers_line(result)]
+    if result.comparison is not None:
+        from ct_ai_node.pipeline.comparison import caption_text
+
+        top.append(caption_text(result.comparison))
     if key is not None:
         top.append(f"Key image {key[0]}/{key[1]}: highest AI slice score")
     bottom = list(provenance_lines(result))

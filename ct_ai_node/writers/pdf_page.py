@@ -209,6 +209,8 @@ def build_pdf(volume: Volume, result: AnalysisResult, uids: common.ResultUids, *
     page.text(common.case_class_text(result) or result.label, 13, "B", width=text_width, height=6.5)
     for line in result_lines(volume, result):
         page.text(line, 10, width=text_width, height=5.5)
+    if result.comparison is not None:  # beside the key image, where the column has room
+        _comparison(page, result.comparison, text_width)
     bottom = pdf.get_y()
     if image is not None:
         rgb, line = image
@@ -242,6 +244,18 @@ def build_pdf(volume: Volume, result: AnalysisResult, uids: common.ResultUids, *
         ("Software", f"{common.MANUFACTURER} {common.SOFTWARE_VERSION}"),
     ], label_width=40)
     return bytes(pdf.output())
+
+
+def _comparison(page: _Page, comparison, width: float) -> None:
+    """The change since the prior study: the verdict, the sentence, where the prior came from."""
+    from ct_ai_node.pipeline.comparison import comparison_text
+
+    page.pdf.ln(1.5)
+    page.text(f"Compared with the prior study: {comparison.change.upper()}", 10.5, "B", width=width, height=5.5)
+    page.text(comparison_text(comparison), 9, width=width, height=4.3)
+    source = ("analysed by this node before" if comparison.source == "history"
+              else "retrieved from the PACS and analysed for this comparison")
+    page.text(f"Prior study {source}, with the same pipeline.", 8, colour=_GREY, width=width, height=4)
 
 
 def _lobe_table(page: _Page, result: AnalysisResult) -> None:

@@ -112,6 +112,15 @@ LOBE_SEVERITY = CodedConcept("LOBE-SEVERITY", common.LOCAL_SCHEME, "CT severity 
 CT_SEVERITY = CodedConcept("CT-SEVERITY", common.LOCAL_SCHEME, "CT severity score (0-25)")
 CO_RADS = CodedConcept("CO-RADS-AI", common.LOCAL_SCHEME, "CO-RADS category suggested by AI")
 RSNA_CATEGORY = CodedConcept("RSNA-CAT-AI", common.LOCAL_SCHEME, "RSNA category suggested by AI")
+#: the comparison with the prior study (pipeline/comparison.py; local codes: docs/reporting.md)
+PRIOR_CHANGE = CodedConcept("PRIOR-CHANGE", common.LOCAL_SCHEME, "Change since prior study")
+PRIOR_CHANGE_CODES = {c: CodedConcept(f"PRIOR-{c.upper()}", common.LOCAL_SCHEME, c.capitalize())
+                      for c in ("improved", "stable", "worse")}
+PRIOR_INTERVAL = CodedConcept("PRIOR-INTERVAL", common.LOCAL_SCHEME, "Interval since prior study")
+PRIOR_CT_SEVERITY = CodedConcept("PRIOR-SEVERITY", common.LOCAL_SCHEME, "CT severity score of prior study (0-25)")
+PRIOR_INVOLVEMENT = CodedConcept("PRIOR-INVOLVED", common.LOCAL_SCHEME, "Percentage of lung involved in prior study")
+INVOLVEMENT = CodedConcept("LUNG-INVOLVED", common.LOCAL_SCHEME, "Percentage of lung involved")
+DAYS = CodedConcept("d", "UCUM", "day")
 #: code values stay within the 16 characters of (0008,0100) Code Value
 RSNA_CODES = {"typical": "RSNA-TYPICAL", "indeterminate": "RSNA-INDETERM", "atypical": "RSNA-ATYPICAL",
               "negative": "RSNA-NEGATIVE"}
@@ -329,6 +338,31 @@ def _lobe_groups(
     return groups
 
 
+def _comparison_groups(result: AnalysisResult, algorithm_id, uids: common.ResultUids) -> list:
+    """The comparison with the prior study: the change (coded), the interval, the CT severity
+    score and the involvement then and now; its tracking identifier (the text viewers list)
+    says it in words. Empty without a prior."""
+    c = result.comparison
+    if c is None:
+        return []
+    when = c.prior.study_datetime.strftime("%Y-%m-%d") if c.prior.study_datetime else "unknown date"
+    measurements = [_measurement(PRIOR_INTERVAL, c.interval_days, DAYS)]
+    if c.prior.ct_severity_score is not None and c.current.ct_severity_score is not None:
+        measurements += [_measurement(PRIOR_CT_SEVERITY, c.prior.ct_severity_score, SCORE_UNIT),
+                         _measurement(CT_SEVERITY, c.current.ct_severity_score, SCORE_UNIT)]
+    measurements += [_measurement(PRIOR_INVOLVEMENT, c.prior.involvement_percent, PERCENT),
+                     _measurement(INVOLVEMENT, c.current.involvement_percent, PERCENT)]
+    return [hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(f"AI comparison with prior study of {when} ({c.interval_days} days "
+                                      f"earlier): {c.change}", uids),
+        finding_type=COVID_19,
+        finding_sites=[hd.sr.FindingSite(seg_writer.LUNG)],
+        algorithm_id=algorithm_id,
+        measurements=measurements,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(PRIOR_CHANGE, PRIOR_CHANGE_CODES[c.change])],
+    )]
+
+
 def _category_evaluations(result: AnalysisResult) -> list[hd.sr.QualitativeEvaluation]:
     """The suggested CO-RADS and RSNA categories (AI suggestions); empty without one."""
     cat = result.category
@@ -505,6 +539,7 @@ def build_sr(
             *_opacity_groups(volume, result, seg_dataset, algorithm_id, uids),
             *_lobe_groups(volume, result, lobe_seg, algorithm_id, uids),
             *_summary_groups(result, algorithm_id, uids),
+            *_comparison_groups(result, algorithm_id, uids),
             _planar_group(volume, result, region, algorithm_id, uids),
         ]
         report = hd.sr.MeasurementReport(
