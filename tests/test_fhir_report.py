@@ -185,6 +185,7 @@ class FhirServer:
         self.requests: list[dict] = []
         self.stored: list[dict] = []
         self.fail_with: int | None = None
+        self.token: str | None = None
         self.lock = threading.Lock()
         server = self
 
@@ -201,6 +202,14 @@ class FhirServer:
                     self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(body)
+
+            def do_GET(self):  # the CapabilityStatement; with ``server.token`` set, only for it
+                if server.token and self.headers.get("Authorization") != f"Bearer {server.token}":
+                    self._answer(401)
+                elif self.path == "/fhir/metadata":
+                    self._answer(200, {"resourceType": "CapabilityStatement", "status": "active"})
+                else:
+                    self._answer(404)
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -406,3 +415,15 @@ def test_web_editor_masks_the_token():
     with pytest.raises(ConfigError) as info:
         config_edit.with_section({}, "destinations", config_edit.parse_section(text, "destinations"))
     assert info.value.problems == ["destinations.0.token: type the token (no saved one for 'ehr')"]
+
+
+def test_web_test_button_asks_the_capability_statement_with_the_token(fhir_server):
+    from ct_ai_node.egress.probe import probe_destination
+
+    fhir_server.token = "s3cret-token"
+    config = {"destinations": [{"name": "ehr", "kind": "fhir", "url": fhir_server.url, "token": "s3cret-token"}]}
+    result = probe_destination(parse_config(config), "ehr", timeout_s=5)
+    assert result.ok and "/fhir/metadata answered HTTP 200" in result.message, result
+    config["destinations"][0]["token"] = "wrong"
+    result = probe_destination(parse_config(config), "ehr", timeout_s=5)
+    assert not result.ok and "refused the credentials (HTTP 401)" in result.message, result

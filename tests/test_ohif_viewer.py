@@ -4,6 +4,9 @@ by ``make test`` into ``.ohif/``) is served on the same origin as an Orthanc pro
 headless Debian Chromium driven by ``playwright-core`` opens each result series in a
 fresh page, as a PACS link would (``initialSeriesInstanceUID``).
 
+The results are those of an analysis with everything a report holds: lobes, CT severity
+score, category suggestion and the comparison with a prior study (analysed first).
+
 Checked: the display SR opens on the CT image it references, with its region drawn and
 its area label, and no error; the SEG overlay lands on the lesion slice with the pixel
 counts and centroids of our SEG; both Secondary Capture series display; the PDF report
@@ -27,7 +30,12 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from ct_ai_node.analyze import AnalyzeOptions, analyze_folder
+from ct_ai_node.config import PriorsSection
+from ct_ai_node.node.history import PatientHistory
+from ct_ai_node.node.priors import PriorLookup
 from ct_ai_node.peers import ORTHANC_PLUGIN_DIRS, Orthanc
+from ct_ai_node.pipeline.methods import DEFAULT_PIPELINE
+from ct_ai_node.synthetic import copy_as_new_study
 
 from ohif.server import ViewerServer
 
@@ -37,6 +45,7 @@ DIST = OHIF / "app" / "dist"
 PLAYWRIGHT = OHIF / "node_modules" / "playwright-core"
 INSPECT = Path(__file__).resolve().parent / "ohif" / "inspect_viewer.mjs"
 SOURCE = REPO / "sample_series" / "covid_like"
+PRIOR = REPO / "sample_series" / "normal"
 ARTIFACTS = REPO / "out" / "test-artifacts" / "ohif"
 PAGE_TIMEOUT_S = 90
 #: what OHIF shows (toast or error page) when loading a series fails
@@ -114,7 +123,18 @@ def _expected(out: Path) -> dict:
         "segment_stats": stats,
         "counts": {"heatmap": len(list(out.glob("heatmap_*.dcm"))), "key_images": len(list(out.glob("key_*.dcm")))},
         "pdf_report": pydicom.dcmread(out / "report_pdf.dcm", stop_before_pixels=True),
+        "report_concepts": _concepts(pydicom.dcmread(out / "sr.dcm").ContentSequence, set()),
     }
+
+
+def _concepts(items, found: set[str]) -> set[str]:
+    """Every concept name code value in an SR content tree."""
+    for item in items:
+        if "ConceptNameCodeSequence" in item:
+            found.add(str(item.ConceptNameCodeSequence[0].CodeValue))
+        if "ContentSequence" in item:
+            _concepts(item.ContentSequence, found)
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +143,18 @@ def viewer(peers_present, tmp_path_factory):
     (page facts by name, expected values)."""
     work = tmp_path_factory.mktemp("ohif")
     out = work / "results"
-    doc = analyze_folder(SOURCE, out, AnalyzeOptions(device="cpu"))
+    # a prior study of the same patient two weeks earlier, analysed first: the results then
+    # carry everything a report can hold (lobes, scores, category and the comparison)
+    history = PatientHistory(work / "history.db")
+    header = pydicom.dcmread(sorted(SOURCE.glob("*.dcm"))[0], stop_before_pixels=True)
+    copy_as_new_study(PRIOR, work / "prior", PatientID=header.PatientID, StudyDate="20210301")
+    lookup = PriorLookup(history, PriorsSection(), DEFAULT_PIPELINE)
+    prior = analyze_folder(work / "prior", work / "prior_out", AnalyzeOptions(device="cpu", findings_only=True,
+                                                                             priors=lookup))
+    assert prior.status == "done", f"analysis of the prior failed: {prior.reason}"
+    doc = analyze_folder(SOURCE, out, AnalyzeOptions(device="cpu", priors=lookup))
     assert doc.status == "done", f"analysis of the phantom failed: {doc.reason}"
+    assert doc.comparison is not None and doc.lobes and doc.category_suggestion is not None
     expected = _expected(out)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with Orthanc(work / "orthanc").start() as orthanc, ViewerServer(DIST, orthanc.http_port) as server:
@@ -228,10 +258,13 @@ def test_pdf_report_is_listed_in_the_series_panel(viewer):
 
 
 def test_full_report_still_trips_ohif_3_13(viewer):
-    """Control: the full TID 1500 report (volumetric SEG findings, classification) is
-    what OHIF 3.13's SR loader throws on, which is why the display SR exists. It also
-    shows that the error checks above see OHIF's errors. If a newer OHIF opens it,
-    this fails: then the display SR may no longer be needed."""
+    """Control: the full TID 1500 report (volumetric SEG findings, classification, and here
+    the lobes, the scores, the category and the comparison with the prior) is what OHIF
+    3.13's SR loader throws on, which is why the display SR exists. It also shows that the
+    error checks above see OHIF's errors. If a newer OHIF opens it, this fails: then the
+    display SR may no longer be needed."""
+    concepts = viewer[1]["report_concepts"]
+    assert {"LOBE-SEVERITY", "CT-SEVERITY", "CO-RADS-AI", "RSNA-CAT-AI", "PRIOR-CHANGE", "PRIOR-SEVERITY"} <= concepts
     page = viewer[0]["sr_full_report"]
     assert _errors(page), (
         f"OHIF opened the full report without error ({page['screenshot']}): the pinned OHIF changed?")

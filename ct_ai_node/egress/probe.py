@@ -26,7 +26,11 @@ def probe_destination(config: NodeConfig, name: str, timeout_s: float = 10.0) ->
     dest = config.destination(name)
     if isinstance(dest, DicomDestination):
         return _echo(dest, dest.calling_ae(config.node.ae_title), timeout_s)
-    return _http(dest.url, dest.username, dest.password.get_secret_value() if dest.password else None, timeout_s)
+    password = dest.password.get_secret_value() if dest.password else None
+    if dest.kind == "fhir":  # a FHIR server answers its CapabilityStatement at /metadata
+        token = dest.token.get_secret_value() if dest.token else None
+        return _http(dest.url.rstrip("/") + "/metadata", dest.username, password, timeout_s, token)
+    return _http(dest.url, dest.username, password, timeout_s)
 
 
 def _echo(dest: DicomDestination, calling_ae: str, timeout_s: float) -> ProbeResult:
@@ -71,10 +75,12 @@ def _echo(dest: DicomDestination, calling_ae: str, timeout_s: float) -> ProbeRes
         ae.shutdown()
 
 
-def _http(url: str, username: str | None, password: str | None, timeout_s: float) -> ProbeResult:
+def _http(url: str, username: str | None, password: str | None, timeout_s: float,
+          token: str | None = None) -> ProbeResult:
     auth = (username, password) if username else None
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        rsp = httpx.get(url, auth=auth, timeout=timeout_s, follow_redirects=False)
+        rsp = httpx.get(url, auth=auth, headers=headers, timeout=timeout_s, follow_redirects=False)
     except httpx.HTTPError as exc:
         return ProbeResult(False, f"HTTP: cannot reach {url} ({type(exc).__name__}: {exc})")
     if rsp.status_code in (401, 403):
