@@ -123,7 +123,12 @@ def analyze_folder(input_dir: Path, out_dir: Path, options: AnalyzeOptions | Non
                                     loaded.infection, loaded.lobes)
         if opts.priors is not None:
             with _stage(timings, "prior", report):
-                result.comparison, notes = opts.priors.compare(volume, result)
+                try:
+                    result.comparison, notes = opts.priors.compare(volume, result)
+                except Exception as exc:  # noqa: BLE001 - the analysis stands without a comparison
+                    logger.warning("no comparison with a prior study (%s)", type(exc).__name__)
+                    result.comparison, notes = None, [f"no comparison with a prior study: {type(exc).__name__}: "
+                                                      + " ".join(str(exc).split())[:200]]
                 result.warnings.extend(notes)
         with _stage(timings, "outputs", report):
             if opts.findings_only:

@@ -151,3 +151,47 @@ def test_rule_prior_settings_and_their_errors():
         with pytest.raises(ConfigError) as info:
             parse_config(data)
         assert expected in info.value.problems, info.value.problems
+
+
+def _analysed(patient_id: str | None, study_uid: str, day: str, involvement: float, score: int):
+    """A volume header and an analysis result as PriorLookup sees them."""
+    from types import SimpleNamespace
+
+    from pydicom.dataset import Dataset
+
+    header = Dataset()
+    if patient_id is not None:
+        header.PatientID = patient_id
+    header.StudyDate = day
+    volume = SimpleNamespace(datasets=[header], study_instance_uid=study_uid, series_instance_uid=study_uid + ".1")
+    lobes = [SimpleNamespace(severity=score // 5)] * 5
+    result = SimpleNamespace(involvement_percent=involvement, lesion_volume_ml=involvement * 40,
+                             ct_severity_score=score, case_class="covid_like", lobes=lobes)
+    return volume, result
+
+
+def test_lookup_compares_with_the_history_when_the_pacs_is_away(tmp_path):
+    from ct_ai_node.ingress.prior_retrieve import PacsQuery
+    from ct_ai_node.node.priors import PriorLookup
+    from ct_ai_node.peers import free_port
+
+    history = PatientHistory(tmp_path / "node.db")
+    settings = PriorsSection()
+    first = PriorLookup(history, settings, "radlogics", job_id=1)
+    assert first.compare(*_analysed("P-9", "1.1", "20210301", 2.0, 3)) == (None, [])  # no prior yet
+    first.record(*_analysed("P-9", "1.1", "20210301", 2.0, 3))
+
+    nobody = PacsQuery("127.0.0.1", free_port(), "PACS", "CTAI", timeout_s=2)
+    lookup = PriorLookup(history, settings, "radlogics", "query", nobody, analyse_prior=lambda folder: None,
+                         scratch=tmp_path / "scratch", job_id=2)
+    comparison, notes = lookup.compare(*_analysed("P-9", "1.2", "20210305", 12.0, 10))
+    assert comparison is not None and (comparison.change, comparison.source, comparison.interval_days) == (
+        "worse", "history", 4)
+    assert len(notes) == 1 and notes[0].startswith("no prior study from the PACS: association with PACS@127.0.0.1")
+
+    assert first.compare(*_analysed(None, "1.3", "20210306", 1.0, 1)) == (
+        None, ["no comparison with a prior study: the series has no PatientID"])
+    assert first.compare(*_analysed("P-9", "1.3", "", 1.0, 1)) == (
+        None, ["no comparison with a prior study: the study has no StudyDate"])
+    # another patient: nothing
+    assert first.compare(*_analysed("P-10", "2.1", "20210306", 1.0, 1)) == (None, [])

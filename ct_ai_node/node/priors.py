@@ -77,7 +77,11 @@ class PriorLookup:
                 fetched = self._from_pacs(key, header, current, known, prior)
             except PriorQueryError as exc:
                 fetched = None
-                notes.append(f"prior study not looked for in the PACS: {exc}")
+                notes.append(f"no prior study from the PACS: {exc}")
+            except Exception as exc:  # noqa: BLE001 - a network or TLS failure: compare with the history
+                fetched = None
+                logger.warning("prior query failed (%s)", type(exc).__name__)
+                notes.append(f"no prior study from the PACS: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
             if fetched is not None:
                 prior, source = fetched, "pacs"
         if prior is None:
