@@ -41,6 +41,8 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 DEFAULT_PIPELINE = "radlogics"
 DEFAULT_LUNGS = "unet"
 DESTINATION_KINDS = ("dicom", "stow", "orthanc", "fhir")
+#: the destination kinds a rule's prior query can ask (C-FIND/C-GET; QIDO-RS/WADO-RS)
+PRIOR_SOURCE_KINDS = ("dicom", "stow")
 ACTIONS = ("analyse", "forward", "discard")
 OPERATORS = ("equals", "in", "regex", "range", "exists", "contains")
 #: condition targets besides ``tag`` (facts of the series and its association)
@@ -725,7 +727,8 @@ class ActionSpec(_Model):
     #: analysed before; query: also ask ``prior_source`` (C-FIND) and retrieve (C-GET) and
     #: analyse a prior it holds. Default history
     prior: Optional[Literal["off", "history", "query"]] = None
-    #: analyse with prior query: the DICOM destination (kind dicom) asked for priors
+    #: analyse with prior query: the destination asked for priors - kind dicom (C-FIND, C-GET)
+    #: or stow (its DICOMweb root: QIDO-RS, WADO-RS)
     prior_source: Optional[Name] = None
 
     @model_validator(mode="before")
@@ -752,7 +755,7 @@ class ActionSpec(_Model):
                 if getattr(self, field) is not None:
                     errors.append(((field,), f"only for action analyse, not {self.action}"))
         if self.prior == "query" and self.prior_source is None:
-            errors.append((("prior_source",), "prior query needs the DICOM destination to ask (prior_source)"))
+            errors.append((("prior_source",), "prior query needs the destination to ask (prior_source)"))
         if self.prior_source is not None and self.prior != "query":
             errors.append((("prior_source",), f"only with prior: query, not {self.prior}"))
         if self.action == "forward" and not self.destinations:
@@ -911,10 +914,10 @@ class NodeConfig(_Model):
                 if name not in known:
                     errors.append(((*loc, "destinations", j), f"unknown destination {name!r} (destinations: {listed})"))
             if spec.prior_source is not None:
-                dicom = [d.name for d in self.destinations if d.kind == "dicom"]
-                if spec.prior_source not in dicom:
+                askable = [d.name for d in self.destinations if d.kind in PRIOR_SOURCE_KINDS]
+                if spec.prior_source not in askable:
                     errors.append(((*loc, "prior_source"), f"{spec.prior_source!r} is not a destination of kind dicom "
-                                                           f"(those: {', '.join(dicom) or 'none defined'})"))
+                                                           f"or stow (those: {', '.join(askable) or 'none defined'})"))
         if errors:
             _raise_at("NodeConfig", errors)
         return self

@@ -120,7 +120,8 @@ def test_history_keeps_the_latest_series_per_study_and_forgets_old_rows(tmp_path
 
 _CONFIG = {
     "destinations": [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": 104, "ae_title": "PACS"},
-                     {"name": "web", "kind": "stow", "url": "http://127.0.0.1:8042/dicom-web"}],
+                     {"name": "web", "kind": "stow", "url": "http://127.0.0.1:8042/dicom-web"},
+                     {"name": "rest", "kind": "orthanc", "url": "http://127.0.0.1:8042"}],
     "rules": [],
 }
 
@@ -133,15 +134,16 @@ def test_rule_prior_settings_and_their_errors():
     config = parse_config(_rule())
     assert config.rules[0].prior == "history" and config.rules[0].prior_source is None
     assert isinstance(config.priors, PriorsSection) and config.priors.max_interval_days == 730
+    assert parse_config(_rule(prior="query", prior_source="web")).rules[0].prior_source == "web"  # DICOMweb
     action = _routed("chest", parse_config(_rule(prior="query", prior_source="pacs")).rules[0])
     assert (action.prior, action.prior_source) == ("query", "pacs")
     assert "priors from pacs" in describe_action(action)
     assert "no prior comparison" in describe_action(_routed("chest", parse_config(_rule(prior="off")).rules[0]))
     cases = [
-        (_rule(prior="query"), "rules.0.prior_source: prior query needs the DICOM destination to ask (prior_source)"),
+        (_rule(prior="query"), "rules.0.prior_source: prior query needs the destination to ask (prior_source)"),
         (_rule(prior="history", prior_source="pacs"), "rules.0.prior_source: only with prior: query, not history"),
-        (_rule(prior="query", prior_source="web"),
-         "rules.0.prior_source: 'web' is not a destination of kind dicom (those: pacs)"),
+        (_rule(prior="query", prior_source="rest"),
+         "rules.0.prior_source: 'rest' is not a destination of kind dicom or stow (those: pacs, web)"),
         (_rule(prior="sometimes"), "rules.0.prior: Input should be 'off', 'history' or 'query'"),
         ({**_CONFIG, "rules": [{"name": "fwd", "action": "forward", "destinations": ["pacs"], "prior": "history"}]},
          "rules.0.prior: only for action analyse, not forward"),

@@ -3,8 +3,9 @@
 * own history: two studies of one patient (the second with more disease) reach the node in
   turn through Orthanc (its /changes feed); the second SR states "worse" with both CT severity
   scores and the interval;
-* query the PACS: a prior that only Orthanc holds is found (C-FIND), retrieved (C-GET) and
-  analysed before the new study, which is then compared with it; nothing is sent for the prior.
+* query the PACS: a prior that only Orthanc holds is found (C-FIND, or QIDO-RS), retrieved
+  (C-GET, or WADO-RS) and analysed before the new study, which is then compared with it; nothing
+  is sent for the prior.
 """
 
 from __future__ import annotations
@@ -123,7 +124,10 @@ def test_second_study_of_a_patient_is_compared_with_the_first_through_orthanc(tm
             node.stop()
 
 
-def test_prior_only_in_the_pacs_is_found_retrieved_and_analysed_first(tmp_path):
+@pytest.mark.parametrize("source", ["pacs", "pacs-web"])
+def test_prior_only_in_the_pacs_is_found_retrieved_and_analysed_first(tmp_path, source):
+    """``pacs``: C-FIND + C-GET at Orthanc's DICOM port; ``pacs-web``: QIDO-RS + WADO-RS at its
+    DICOMweb root."""
     port = free_port()
     # Orthanc lets the node query and retrieve: it knows its AE title
     with Orthanc(tmp_path / "orthanc", modalities={"ctai": ("CTAI", "127.0.0.1", port)}).start() as orthanc:
@@ -139,8 +143,9 @@ def test_prior_only_in_the_pacs_is_found_retrieved_and_analysed_first(tmp_path):
         config = node_config(
             port,
             destinations=[{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": orthanc.dicom_port,
-                           "ae_title": orthanc.ae_title}],
-            rules=[{**CHEST_RULE, "destinations": ["pacs"], "prior": "query", "prior_source": "pacs"}],
+                           "ae_title": orthanc.ae_title},
+                          {"name": "pacs-web", "kind": "stow", "url": orthanc.dicomweb_url}],
+            rules=[{**CHEST_RULE, "destinations": ["pacs"], "prior": "query", "prior_source": source}],
         )
         node = NodeProcess(tmp_path / "node", config).start()
         try:

@@ -1,4 +1,5 @@
-"""Finding and retrieving a patient's prior CT study from a PACS: C-FIND, then C-GET.
+"""Finding and retrieving a patient's prior CT study from a PACS: C-FIND, then C-GET
+(``PacsQuery``), or QIDO-RS, then WADO-RS (``DicomwebQuery``, a DICOMweb archive).
 
 Study Root Query/Retrieve. C-GET, not C-MOVE: the instances come back on the node's own
 association, so the PACS needs no route to the node's listener and the prior never enters
@@ -56,6 +57,26 @@ class SeriesMatch:
     description: str
 
 
+def _study_matches(found: list[Dataset]) -> list[StudyMatch]:
+    return [StudyMatch(str(d.get("StudyInstanceUID", "")), str(d.get("StudyDate", "") or ""),
+                       str(d.get("StudyTime", "") or ""), str(d.get("IssuerOfPatientID", "") or ""))
+            for d in found if d.get("StudyInstanceUID")]
+
+
+def _series_matches(found: list[Dataset]) -> list[SeriesMatch]:
+    out = []
+    for d in found:
+        if not d.get("SeriesInstanceUID"):
+            continue
+        try:
+            count = int(d.get("NumberOfSeriesRelatedInstances"))
+        except (TypeError, ValueError):
+            count = None
+        out.append(SeriesMatch(str(d.SeriesInstanceUID), str(d.get("Modality", "") or ""), count,
+                               str(d.get("SeriesDescription", "") or "")))
+    return out
+
+
 class PacsQuery:
     """C-FIND / C-GET against one DICOM peer (a ``destinations`` entry of kind dicom)."""
 
@@ -107,9 +128,7 @@ class PacsQuery:
         query.StudyDate = f"-{up_to_date}" if up_to_date else ""
         query.StudyTime = ""
         query.ModalitiesInStudy = "CT"
-        return [StudyMatch(str(d.get("StudyInstanceUID", "")), str(d.get("StudyDate", "") or ""),
-                           str(d.get("StudyTime", "") or ""), str(d.get("IssuerOfPatientID", "") or ""))
-                for d in self._find(query) if d.get("StudyInstanceUID")]
+        return _study_matches(self._find(query))
 
     def find_series(self, study_uid: str) -> list[SeriesMatch]:
         """The CT series of one study."""
@@ -120,17 +139,7 @@ class PacsQuery:
         query.Modality = "CT"
         query.SeriesDescription = ""
         query.NumberOfSeriesRelatedInstances = ""
-        out = []
-        for d in self._find(query):
-            if not d.get("SeriesInstanceUID"):
-                continue
-            try:
-                count = int(d.get("NumberOfSeriesRelatedInstances"))
-            except (TypeError, ValueError):
-                count = None
-            out.append(SeriesMatch(str(d.SeriesInstanceUID), str(d.get("Modality", "") or ""), count,
-                                   str(d.get("SeriesDescription", "") or "")))
-        return out
+        return _series_matches(self._find(query))
 
     def get_series(self, study_uid: str, series_uid: str, into: Path) -> list[Path]:
         """C-GET one series into ``into`` (created), one Part-10 file per instance, as sent."""
@@ -167,4 +176,72 @@ class PacsQuery:
             raise PriorQueryError(f"C-GET at {self.ae_title} ended with status "
                                   f"{'none' if last is None else f'0x{last:04X}'} and {len(files)} instance(s)")
         logger.info("prior series: %d instance(s) retrieved from %s", len(files), self.ae_title)
+        return files
+
+
+class DicomwebQuery:
+    """QIDO-RS / WADO-RS against a DICOMweb root (a ``destinations`` entry of kind stow: its
+    ``url``, ``username``/``password``), for archives reached over HTTP only."""
+
+    def __init__(self, url: str, username: str | None = None, password: str | None = None,
+                 timeout_s: float = 60.0):
+        self.url, self.timeout_s = url.rstrip("/"), float(timeout_s)
+        self.auth = (username, password or "") if username else None
+        self.ae_title = self.url  # how messages name the archive
+
+    def _get(self, path: str, params: dict | None = None, accept: str = "application/dicom+json"):
+        import httpx
+
+        try:
+            with httpx.Client(timeout=httpx.Timeout(self.timeout_s, connect=10.0), auth=self.auth) as client:
+                answer = client.get(self.url + path, params=params, headers={"Accept": accept})
+        except httpx.HTTPError as exc:
+            raise PriorQueryError(f"{self.url} cannot be reached ({type(exc).__name__})") from exc
+        if answer.status_code == 204:
+            return None
+        if answer.status_code != 200:
+            raise PriorQueryError(f"{self.url}{path.split('?')[0]} answered HTTP {answer.status_code}")
+        return answer
+
+    def _qido(self, path: str, params: dict) -> list[Dataset]:
+        answer = self._get(path, params)
+        if answer is None:
+            return []
+        try:
+            return [Dataset.from_json(item) for item in answer.json()]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise PriorQueryError(f"QIDO-RS at {self.url}: not a DICOM JSON answer ({type(exc).__name__})") from exc
+
+    def find_studies(self, patient_id: str, up_to_date: str | None) -> list[StudyMatch]:
+        params = {"PatientID": patient_id, "ModalitiesInStudy": "CT",
+                  "includefield": ["00080020", "00080030", "00100021"]}
+        if up_to_date:
+            params["StudyDate"] = f"-{up_to_date}"
+        return _study_matches(self._qido("/studies", params))
+
+    def find_series(self, study_uid: str) -> list[SeriesMatch]:
+        return _series_matches(self._qido(f"/studies/{study_uid}/series",
+                                          {"Modality": "CT", "includefield": ["00201209", "0008103E"]}))
+
+    def get_series(self, study_uid: str, series_uid: str, into: Path) -> list[Path]:
+        """WADO-RS of one series into ``into`` (created), one Part-10 file per instance."""
+        from ct_ai_node.ingress.stow import StowRequestError, parse_multipart_related
+
+        answer = self._get(f"/studies/{study_uid}/series/{series_uid}",
+                           accept='multipart/related; type="application/dicom"')
+        if answer is None:
+            raise PriorQueryError(f"WADO-RS at {self.url}: the series has no instances")
+        try:
+            parts = parse_multipart_related(answer.headers.get("content-type", ""), answer.content)
+        except StowRequestError as exc:
+            raise PriorQueryError(f"WADO-RS at {self.url}: not a DICOM multipart answer ({exc})") from exc
+        into.mkdir(parents=True, exist_ok=True)
+        files = []
+        for i, (_, data) in enumerate(parts):
+            path = into / f"{i:06d}.dcm"
+            path.write_bytes(data)
+            files.append(path)
+        if not files:
+            raise PriorQueryError(f"WADO-RS at {self.url}: the series has no instances")
+        logger.info("prior series: %d instance(s) retrieved from %s", len(files), self.url)
         return files

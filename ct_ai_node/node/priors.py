@@ -6,8 +6,9 @@ the PDF and result.json then state the change); ``record`` adds this study to th
 once its results are written.
 
 Modes (a rule's ``prior``): ``history`` looks only at studies the node analysed before
-(``node/history.py``); ``query`` also asks the rule's ``prior_source`` (C-FIND) for a more
-recent prior CT, retrieves its largest CT series (C-GET), analyses it first with the same
+(``node/history.py``); ``query`` also asks the rule's ``prior_source`` (C-FIND, or QIDO-RS
+for a DICOMweb archive) for a more recent prior CT, retrieves its largest CT series (C-GET,
+or WADO-RS), analyses it first with the same
 pipeline (no outputs, nothing sent) and keeps its findings in the history. A failure to find
 or retrieve a prior never fails the analysis: it becomes a warning in result.json.
 """
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ct_ai_node.config import PriorsSection
-from ct_ai_node.ingress.prior_retrieve import PacsQuery, PriorQueryError
+from ct_ai_node.ingress.prior_retrieve import DicomwebQuery, PacsQuery, PriorQueryError
 from ct_ai_node.node.history import PatientHistory, patient_key
 from ct_ai_node.pipeline.comparison import choose_prior, compare, findings_of, study_datetime
 from ct_ai_node.pipeline.types import AnalysisResult, PriorComparison, StudyFindings
@@ -40,7 +41,7 @@ def _text(ds, keyword: str) -> str:
 
 class PriorLookup:
     def __init__(self, history: PatientHistory, settings: PriorsSection, pipeline: str, mode: str = "history",
-                 query: PacsQuery | None = None, analyse_prior: AnalysePrior | None = None,
+                 query: PacsQuery | DicomwebQuery | None = None, analyse_prior: AnalysePrior | None = None,
                  scratch: Path | None = None, job_id: int | None = None):
         if mode not in ("history", "query"):
             raise ValueError(f"prior mode {mode!r}: history or query")
