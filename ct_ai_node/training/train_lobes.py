@@ -10,13 +10,14 @@ phantom-only; docs/models.md says so.
 Training slices: up to ``slices_per_case`` lung slices of each phantom, spread over the
 lungs' height, prepared exactly as inference prepares them (``lobe_inputs``), once with the
 phantom's true lungs as the mask channels and once with the lungs the node's own lung U-Net
-finds (``lung_masks: both``). Trained on true masks alone, the network leant on their exact
-outline: on the dev set (90300-90319) the right middle lobe's Dice fell from 0.92 with the true
-lungs to 0.71-0.80 with the U-Net's, although the true lobes inside the U-Net's lungs would
-have scored 0.99 - the masks' boundary, not their extent or the lungs' height, misled it. With
-a predicted mask the target of a mask pixel outside the true lungs is its nearest true lobe. Evaluation: the whole pipeline's way, the lobe
-U-Net on every lung slice of held-out phantoms at full resolution, with the true lungs and
-with the lung U-Net's lungs, Dice per lobe.
+finds (``lung_masks: both``); with a predicted mask, a mask pixel outside the true lungs is
+taught its nearest true lobe. Trained on true masks alone, the network leant on them: on the
+dev set (90300-90319) the right middle lobe's Dice fell from 0.92 with the true lungs to 0.82
+with the U-Net's (whose right/left split and outline differ), although the true lobes inside
+the U-Net's lungs would have scored 0.99 (docs/models.md).
+
+Evaluation: the whole pipeline's way, the lobe U-Net on every lung slice of held-out phantoms
+at full resolution, with the true lungs and with the lung U-Net's lungs, Dice per lobe.
 """
 
 from __future__ import annotations
