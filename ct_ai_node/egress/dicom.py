@@ -152,6 +152,14 @@ class _ReplyLost(Exception):
     """The association died or the reply never came: safe to send the instance again."""
 
 
+def client_ae(ae_title: str, timeout_s: float) -> AE:
+    """An AE for calling a peer: every timeout (connect, ACSE, DIMSE, network) ``timeout_s``."""
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.connection_timeout = timeout_s
+    return ae
+
+
 def client_tls(ca: Path | None = None, cert: Path | None = None, key: Path | None = None,
                check_hostname: bool = True) -> ssl.SSLContext:
     """The TLS context the node calls a destination with: TLS 1.2 or later, the peer's
@@ -218,9 +226,7 @@ class DicomDestination:
         return DestinationError(message, retryable=retryable, destination=self.name)
 
     def _associate(self, contexts: list) -> Association:
-        ae = AE(ae_title=self.calling_ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
-        ae.connection_timeout = self.timeout_s
+        ae = client_ae(self.calling_ae_title, self.timeout_s)
         tls_args = (self.tls, self.host) if self.tls is not None else None
         assoc = ae.associate(self.host, self.port, contexts, ae_title=self.ae_title,
                              max_pdu=self.max_pdu, evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay)],

@@ -34,9 +34,7 @@ def probe_destination(config: NodeConfig, name: str, timeout_s: float = 10.0) ->
 
 
 def _echo(dest: DicomDestination, calling_ae: str, timeout_s: float) -> ProbeResult:
-    from pynetdicom import AE
-
-    from ct_ai_node.egress.dicom import client_tls, tls_problem
+    from ct_ai_node.egress.dicom import client_ae, client_tls, tls_problem
 
     where = f"{dest.ae_title} at {dest.host}:{dest.port}{' (TLS)' if dest.tls else ''}"
     tls_args = None
@@ -49,9 +47,7 @@ def _echo(dest: DicomDestination, calling_ae: str, timeout_s: float) -> ProbeRes
         if problem is not None:
             return ProbeResult(False, f"C-ECHO: {problem}")
         tls_args = (ctx, dest.host)
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    ae.connection_timeout = timeout_s
+    ae = client_ae(calling_ae, timeout_s)
     ae.add_requested_context(VERIFICATION)
     start = time.perf_counter()
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)

@@ -86,10 +86,9 @@ class PacsQuery:
         self.calling_ae_title, self.timeout_s, self.tls = calling_ae_title, float(timeout_s), tls
 
     def _ae(self) -> AE:
-        ae = AE(ae_title=self.calling_ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
-        ae.connection_timeout = self.timeout_s
-        return ae
+        from ct_ai_node.egress.dicom import client_ae
+
+        return client_ae(self.calling_ae_title, self.timeout_s)
 
     def _associate(self, ae: AE, **kwargs):
         tls_args = (self.tls, self.host) if self.tls is not None else None
@@ -245,3 +244,17 @@ class DicomwebQuery:
             raise PriorQueryError(f"WADO-RS at {self.url}: the series has no instances")
         logger.info("prior series: %d instance(s) retrieved from %s", len(files), self.url)
         return files
+
+
+def prior_source(peer, node_ae_title: str, timeout_s: float) -> PacsQuery | DicomwebQuery:
+    """The query/retrieve side of a ``destinations`` entry (a rule's ``prior_source``): kind
+    dicom -> ``PacsQuery`` (its calling AE title, TLS), kind stow -> ``DicomwebQuery``."""
+    if peer.kind == "stow":
+        return DicomwebQuery(peer.url, peer.username, peer.password.get_secret_value() if peer.password else None,
+                             timeout_s)
+    if peer.kind != "dicom":
+        raise ValueError(f"destination {peer.name!r} (kind {peer.kind}) cannot be asked for priors")
+    from ct_ai_node.egress.dicom import client_tls
+
+    tls = None if peer.tls is None else client_tls(peer.tls.ca, peer.tls.cert, peer.tls.key, peer.tls.check_hostname)
+    return PacsQuery(peer.host, peer.port, peer.ae_title, peer.calling_ae(node_ae_title), timeout_s, tls=tls)

@@ -342,25 +342,18 @@ class Worker:
         settings = self.config.priors
         if mode == "history":
             return PriorLookup(self.history, settings, options.pipeline, job_id=job.id)
+        from ct_ai_node.config import PRIOR_SOURCE_KINDS
+        from ct_ai_node.ingress.prior_retrieve import prior_source
+
         try:
             peer = self.config.destination(job.payload.get("prior_source") or "")
         except KeyError:
             peer = None
-        if peer is None or peer.kind not in ("dicom", "stow"):  # changed since the job was queued
+        if peer is None or peer.kind not in PRIOR_SOURCE_KINDS:  # changed since the job was queued
             logger.warning("job %d: prior source %r is no DICOM or DICOMweb destination now; history only", job.id,
                            job.payload.get("prior_source"))
             return PriorLookup(self.history, settings, options.pipeline, job_id=job.id)
-        from ct_ai_node.egress.dicom import client_tls
-        from ct_ai_node.ingress.prior_retrieve import DicomwebQuery, PacsQuery
-
-        if peer.kind == "stow":
-            query = DicomwebQuery(peer.url, peer.username,
-                                  peer.password.get_secret_value() if peer.password else None, settings.query_timeout_s)
-        else:
-            tls = None if peer.tls is None else client_tls(peer.tls.ca, peer.tls.cert, peer.tls.key,
-                                                           peer.tls.check_hostname)
-            query = PacsQuery(peer.host, peer.port, peer.ae_title, peer.calling_ae(self.config.node.ae_title),
-                              settings.query_timeout_s, tls=tls)
+        query = prior_source(peer, self.config.node.ae_title, settings.query_timeout_s)
         # the prior: the same networks, no result objects, no comparison of its own
         prior_options = replace(options, priors=None, findings_only=True, revision=1, predecessor=None)
 

@@ -112,17 +112,21 @@ def _score(findings: StudyFindings) -> str:
     return "-" if findings.ct_severity_score is None else str(findings.ct_severity_score)
 
 
+def prior_date(c: PriorComparison) -> str:
+    """The prior's study date as ``YYYY-MM-DD``."""
+    return c.prior.study_datetime.strftime("%Y-%m-%d") if c.prior.study_datetime else "unknown date"
+
+
 def comparison_text(c: PriorComparison) -> str:
     """One sentence for the SR, the PDF and result.json: "Worse than the prior study of
     2021-03-01 (14 days earlier): CT severity score 2 -> 14 of 25, involvement 1.2 % -> 22.0 %
     (CT severity score up 12 points)." ASCII only (DICOM text, burned-in captions)."""
-    when = c.prior.study_datetime.strftime("%Y-%m-%d") if c.prior.study_datetime else "unknown date"
     parts = []
     if c.prior.ct_severity_score is not None or c.current.ct_severity_score is not None:
         parts.append(f"CT severity score {_score(c.prior)} -> {_score(c.current)} of 25")
     parts.append(f"involvement {c.prior.involvement_percent:.1f} % -> {c.current.involvement_percent:.1f} %")
-    return (f"{c.change.capitalize()} than the prior study of {when} ({_days(c.interval_days)} earlier): "
-            f"{', '.join(parts)} ({c.reason}).")
+    return (f"{c.change.capitalize()} than the prior study of {prior_date(c)} "
+            f"({_days(c.interval_days)} earlier): {', '.join(parts)} ({c.reason}).")
 
 
 def caption_text(c: PriorComparison) -> str:

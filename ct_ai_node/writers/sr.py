@@ -345,7 +345,8 @@ def _comparison_groups(result: AnalysisResult, algorithm_id, uids: common.Result
     c = result.comparison
     if c is None:
         return []
-    when = c.prior.study_datetime.strftime("%Y-%m-%d") if c.prior.study_datetime else "unknown date"
+    from ct_ai_node.pipeline.comparison import prior_date
+
     measurements = [_measurement(PRIOR_INTERVAL, c.interval_days, DAYS)]
     if c.prior.ct_severity_score is not None and c.current.ct_severity_score is not None:
         measurements += [_measurement(PRIOR_CT_SEVERITY, c.prior.ct_severity_score, SCORE_UNIT),
@@ -353,8 +354,8 @@ def _comparison_groups(result: AnalysisResult, algorithm_id, uids: common.Result
     measurements += [_measurement(PRIOR_INVOLVEMENT, c.prior.involvement_percent, PERCENT),
                      _measurement(INVOLVEMENT, c.current.involvement_percent, PERCENT)]
     return [hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(f"AI comparison with prior study of {when} ({c.interval_days} days "
-                                      f"earlier): {c.change}", uids),
+        tracking_identifier=_tracking(f"AI comparison with prior study of {prior_date(c)} "
+                                      f"({c.interval_days} days earlier): {c.change}", uids),
         finding_type=COVID_19,
         finding_sites=[hd.sr.FindingSite(seg_writer.LUNG)],
         algorithm_id=algorithm_id,
