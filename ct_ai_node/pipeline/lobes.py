@@ -5,11 +5,11 @@ on thick slices) and where the slice lies between the lung's apex and base: the 
 fissure runs from high at the back to low at the front, so the same in-plane position is
 upper lobe near the apex and lower lobe near the base. The network therefore sees four
 channels: the slice in the lung window, the right and the left lung masks (from the lung
-stage, so that a lobe never crosses the midline), and the slice's height within the lungs
-(0 at the lowest lung slice, 1 at the highest). Its six outputs (background and
-:data:`~ct_ai_node.pipeline.types.LOBES`) are read per lung: a right-lung voxel takes the
-likeliest right lobe, a left-lung voxel the likeliest left lobe, so every lung voxel gets a
-lobe of its own side.
+stage), and the slice's height within the lungs (0 at the lowest lung slice, 1 at the
+highest). Of its six outputs (background and :data:`~ct_ai_node.pipeline.types.LOBES`) every
+lung voxel takes the likeliest lobe, of either side: trained with the lung stage's masks as
+well as true ones, the network judges the side better than the lung stage's right/left split
+(see :func:`labels_from_probabilities`).
 
 The network runs at ``work_size`` pixels on slices about ``z_step_mm`` apart (lobes change
 slowly along z); the probabilities of the slices between are interpolated.
