@@ -197,3 +197,26 @@ def test_lookup_compares_with_the_history_when_the_pacs_is_away(tmp_path):
         None, ["no comparison with a prior study: the study has no StudyDate"])
     # another patient: nothing
     assert first.compare(*_analysed("P-10", "2.1", "20210306", 1.0, 1)) == (None, [])
+
+
+def test_the_retention_pass_forgets_old_findings(tmp_path):
+    """priors.history_days: the node's retention pass deletes findings analysed longer ago,
+    with one history connection kept from pass to pass."""
+    import logging
+    import time
+
+    from ct_ai_node.config import NodeConfig
+    from ct_ai_node.node import Node
+
+    config = NodeConfig.model_validate({
+        "storage": {"root": str(tmp_path / "var"), "min_free_mb": 0}, "workers": {"count": 0},
+        "priors": {"history_days": 1 / 86400}})  # one second
+    node = Node(config, log_level=logging.WARNING)
+    history = PatientHistory(config.storage.db_path)
+    history.record(patient_key("P-1"), "1.1.1", "radlogics", _study("1.1", "20210301", 3.0, 4), "spool")
+    node._retain()
+    assert len(history.studies(patient_key("P-1"), "radlogics")) == 1  # not a second old yet
+    opened = node._history
+    time.sleep(1.2)
+    node._retain()
+    assert history.studies(patient_key("P-1"), "radlogics") == [] and node._history is opened

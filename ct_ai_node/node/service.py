@@ -68,6 +68,8 @@ class Node:
         self.web = None
         self.notifier = None
         self._scheduler = None
+        #: the patient history, for forgetting old findings (node/history.py); opened by _retain
+        self._history = None
         self.workers = WorkerPool(config, self.n_workers, log_level)
         self._stopping = threading.Event()
 
@@ -220,11 +222,12 @@ class Node:
         if days is None:
             return
         try:
-            from ct_ai_node.jobqueue.factory import shared_target
-            from ct_ai_node.node.history import PatientHistory
+            if self._history is None:  # opened once, on the first pass (a connection of its own)
+                from ct_ai_node.jobqueue.factory import shared_target
+                from ct_ai_node.node.history import PatientHistory
 
-            forgotten = PatientHistory(shared_target(self.config), self.config.queue.reconnect_s).forget_older_than(
-                days * 86400)
+                self._history = PatientHistory(shared_target(self.config), self.config.queue.reconnect_s)
+            forgotten = self._history.forget_older_than(days * 86400)
             if forgotten:
                 logger.info("retention: %d study finding(s) older than priors.history_days forgotten", forgotten)
         except Exception:  # noqa: BLE001 - as above

@@ -118,8 +118,8 @@ PRIOR_CHANGE_CODES = {c: CodedConcept(f"PRIOR-{c.upper()}", common.LOCAL_SCHEME,
                       for c in ("improved", "stable", "worse")}
 PRIOR_INTERVAL = CodedConcept("PRIOR-INTERVAL", common.LOCAL_SCHEME, "Interval since prior study")
 PRIOR_CT_SEVERITY = CodedConcept("PRIOR-SEVERITY", common.LOCAL_SCHEME, "CT severity score of prior study (0-25)")
-PRIOR_INVOLVEMENT = CodedConcept("PRIOR-INVOLVED", common.LOCAL_SCHEME, "Percentage of lung involved in prior study")
-INVOLVEMENT = CodedConcept("LUNG-INVOLVED", common.LOCAL_SCHEME, "Percentage of lung involved")
+PRIOR_INVOLVEMENT = CodedConcept("PRIOR-INVOLVED", common.LOCAL_SCHEME,
+                                 "Percentage of lung volume involved in prior study")
 DAYS = CodedConcept("d", "UCUM", "day")
 #: code values stay within the 16 characters of (0008,0100) Code Value
 RSNA_CODES = {"typical": "RSNA-TYPICAL", "indeterminate": "RSNA-INDETERM", "atypical": "RSNA-ATYPICAL",
@@ -352,7 +352,7 @@ def _comparison_groups(result: AnalysisResult, algorithm_id, uids: common.Result
         measurements += [_measurement(PRIOR_CT_SEVERITY, c.prior.ct_severity_score, SCORE_UNIT),
                          _measurement(CT_SEVERITY, c.current.ct_severity_score, SCORE_UNIT)]
     measurements += [_measurement(PRIOR_INVOLVEMENT, c.prior.involvement_percent, PERCENT),
-                     _measurement(INVOLVEMENT, c.current.involvement_percent, PERCENT)]
+                     _measurement(LUNG_INVOLVEMENT, c.current.involvement_percent, PERCENT)]
     return [hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(f"AI comparison with prior study of {prior_date(c)} "
                                       f"({c.interval_days} days earlier): {c.change}", uids),
